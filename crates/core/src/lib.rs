@@ -1,0 +1,24 @@
+//! Switchyard's routing core: vhosts, exchanges (direct, fanout, topic, headers),
+//! queues, bindings, consumers, acknowledgements and the memory alarm.
+//!
+//! It must not know any protocol, open a socket or touch a file: protocol adapters
+//! convert their frames into calls on [`vhost::VHost`] and [`queue::Queue`], and
+//! take deliveries from a [`consumer::Outbox`]. Everything here is synchronous and
+//! holds locks only briefly, so it can be called from any async task.
+
+pub mod auth;
+pub mod broker;
+pub mod consumer;
+pub mod error;
+pub mod exchange;
+pub mod field;
+pub mod memory;
+pub mod message;
+pub mod queue;
+pub mod topic;
+pub mod vhost;
+
+pub use broker::Broker;
+pub use error::{CoreError, CoreResult, ErrorKind};
+pub use field::{FieldTable, FieldValue};
+pub use message::{Message, Properties};

@@ -1,0 +1,84 @@
+//! The one canonical message every protocol converts to and from.
+//!
+//! The AMQP 0-9-1 basic properties are the superset of what the three protocols
+//! carry; protocol-only facts that must survive a hop (MQTT retain flag, response
+//! topic, user properties) live in `headers` as INTEROP.md says. The body is a
+//! `Bytes`, shared by every queue and subscriber a message is routed to.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::field::FieldTable;
+
+/// AMQP `delivery-mode` 2: the message should survive a broker restart when it
+/// sits in a durable queue.
+pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
+
+/// The basic properties of a message, all optional.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Properties {
+    pub content_type: Option<String>,
+    pub content_encoding: Option<String>,
+    pub headers: Option<FieldTable>,
+    pub delivery_mode: Option<u8>,
+    pub priority: Option<u8>,
+    pub correlation_id: Option<String>,
+    pub reply_to: Option<String>,
+    /// Per-message TTL in milliseconds, as a decimal string (AMQP's choice).
+    pub expiration: Option<String>,
+    pub message_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+    /// AMQP's `type` property.
+    pub kind: Option<String>,
+    pub user_id: Option<String>,
+    pub app_id: Option<String>,
+    /// Deprecated in 0-9-1 but still on the wire.
+    pub cluster_id: Option<String>,
+}
+
+impl Properties {
+    pub fn is_persistent(&self) -> bool {
+        self.delivery_mode == Some(DELIVERY_MODE_PERSISTENT)
+    }
+
+    /// The per-message TTL in milliseconds, if the `expiration` property holds a
+    /// valid one. An invalid value is refused at publish time by the adapters.
+    pub fn expiration_ms(&self) -> Option<u64> {
+        self.expiration.as_deref().and_then(|s| s.parse().ok())
+    }
+}
+
+/// A message as published: where it was sent and what it carries. Immutable once
+/// built; shared as `Arc<Message>` by every queue it is routed to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The exchange it was published to (`""` is the default exchange).
+    pub exchange: String,
+    pub routing_key: String,
+    pub properties: Properties,
+    pub body: Bytes,
+}
+
+impl Message {
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        properties: Properties,
+        body: Bytes,
+    ) -> Arc<Self> {
+        Arc::new(Message {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            properties,
+            body,
+        })
+    }
+
+    /// Bytes this message accounts for in queue length limits and memory: the body
+    /// (RabbitMQ's `x-max-length-bytes` counts bodies only).
+    pub fn body_size(&self) -> usize {
+        self.body.len()
+    }
+}
