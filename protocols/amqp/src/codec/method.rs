@@ -27,7 +27,6 @@
 //! written back; a server sends their defaults (zero / empty).
 
 use bytes::{Bytes, BytesMut};
-#[allow(unused_imports)] // used by the field types the table expands to
 use switchyard_core::field::FieldTable;
 
 use super::types::{Reader, Writer};

@@ -299,8 +299,10 @@ pub fn encode_content(
         .max(1);
     let body_frames = body.len().div_ceil(chunk);
     // One reservation for the whole message: the body and each frame's overhead,
-    // plus a guess for the method and header frames.
-    buf.reserve(body.len() + body_frames * FRAME_OVERHEAD as usize + 256);
+    // plus a guess for the method and header frames. Saturating, because only
+    // the hint would overflow, not the frames.
+    let overhead = body_frames.saturating_mul(FRAME_OVERHEAD as usize);
+    buf.reserve(body.len().saturating_add(overhead).saturating_add(256));
     encode_method(buf, channel, method);
     let body_size = u64::try_from(body.len()).unwrap_or(u64::MAX);
     encode_header(buf, channel, method.class_id(), body_size, properties);
@@ -324,4 +326,18 @@ pub fn encode_frame(buf: &mut BytesMut, frame: &Frame) {
             put_frame(buf, FRAME_HEARTBEAT, *channel, |_| {});
         }
     }
+}
+
+/// Decodes the entries of a field table that comes without its 4-byte length
+/// prefix: the AMQPLAIN response to connection.start-ok is such a table.
+pub fn decode_table_body(body: &Bytes) -> Result<switchyard_core::FieldTable, CodecError> {
+    let len = u32::try_from(body.len()).map_err(|_| CodecError::Syntax { offset: 0, what: "table too long" })?;
+    let mut framed = BytesMut::with_capacity(body.len() + 4);
+    framed.put_u32(len);
+    framed.put_slice(body);
+    let framed = framed.freeze();
+    let mut reader = Reader::new(&framed);
+    let table = reader.table()?;
+    reader.finish()?;
+    Ok(table)
 }

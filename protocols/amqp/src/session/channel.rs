@@ -1,0 +1,740 @@
+//! One AMQP channel: its methods (exchange, queue, basic, confirm, tx), the
+//! message being assembled from content frames, its consumers and its unacked
+//! deliveries.
+//!
+//! A channel gets everything connection-wide through a [`Ctx`] of borrowed
+//! session fields, so it never needs the whole session and the borrow checker
+//! can see that a channel and the connection's output are disjoint.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use switchyard_core::auth::{Access, Resource};
+use switchyard_core::consumer::{Consumer, ConsumerOptions, Credit, Delivery, Outbox};
+use switchyard_core::exchange::ExchangeOptions;
+use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
+use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, VHost, DIRECT_REPLY_TO};
+use switchyard_core::{Broker, Message, Properties};
+
+use super::{ConnError, MethodError};
+use crate::codec::{self, reply_code, Method};
+use crate::AmqpSettings;
+
+/// The connection-wide state a channel method may use or change.
+pub(crate) struct Ctx<'a> {
+    pub broker: &'a Arc<Broker>,
+    pub vhost: &'a Arc<VHost>,
+    pub user: &'a str,
+    pub connection: u64,
+    pub out: &'a mut BytesMut,
+    pub outbox: &'a Arc<Outbox>,
+    pub frame_max: u32,
+    pub exclusive_queues: &'a mut Vec<Arc<Queue>>,
+    pub write_allowed: &'a mut HashMap<String, bool>,
+    pub has_published: &'a mut bool,
+}
+
+impl Ctx<'_> {
+    fn check(&self, access: Access, resource: Resource, name: &str) -> Result<(), MethodError> {
+        self.broker.auth.check(self.user, &self.vhost.name, access, resource, name).map_err(MethodError::from)
+    }
+
+    /// Write permission on an exchange, cached: permissions change only with the
+    /// config, and a regex match per publish would dominate small messages.
+    fn check_publish(&mut self, exchange: &str) -> Result<(), MethodError> {
+        if self.write_allowed.get(exchange) == Some(&true) {
+            return Ok(());
+        }
+        let result = self.check(Access::Write, Resource::Exchange, exchange);
+        if self.write_allowed.len() < 1024 {
+            self.write_allowed.insert(exchange.to_owned(), result.is_ok());
+        }
+        result
+    }
+
+    fn send(&mut self, channel: u16, method: impl Into<Method>) {
+        codec::encode_method(self.out, channel, &method.into());
+    }
+}
+
+/// A message whose content frames are still arriving.
+#[derive(Debug)]
+struct Content {
+    publish: codec::BasicPublish,
+    /// Set once the content header has arrived.
+    header: Option<(u64, Properties)>,
+    body: BytesMut,
+    /// The common single-frame body, kept as the read buffer's slice (no copy).
+    single: Option<Bytes>,
+}
+
+/// A delivered message waiting for ack, nack or reject.
+#[derive(Debug)]
+struct Unacked {
+    tag: u64,
+    queue: Arc<Queue>,
+    message: QueuedMessage,
+    /// None for basic.get, whose deliveries hold no prefetch credit.
+    consumer: Option<Arc<Consumer>>,
+}
+
+/// A consumer on this channel.
+#[derive(Debug)]
+struct ConsumerEntry {
+    consumer: Arc<Consumer>,
+    queue: Arc<Queue>,
+    /// The reply address when this is the direct reply-to consumer.
+    reply_to: Option<String>,
+}
+
+/// An operation deferred by a transaction until tx.commit.
+#[derive(Debug)]
+enum TxOp {
+    Publish { message: Arc<Message>, mandatory: bool },
+    Settle { tag: u64, multiple: bool, requeue: Option<bool> },
+}
+
+pub(crate) struct Channel {
+    id: u16,
+    closing: bool,
+    content: Option<Content>,
+    next_tag: u64,
+    /// In delivery-tag order (tags only grow).
+    unacked: VecDeque<Unacked>,
+    consumers: HashMap<String, ConsumerEntry>,
+    /// basic.qos global=false: the prefetch of consumers created from now on.
+    consumer_prefetch: u32,
+    /// basic.qos global=true: the channel-wide limit all its consumers share.
+    shared_credit: Arc<Credit>,
+    confirm: bool,
+    /// Sequence number of the last publish in confirm mode.
+    publish_seq: u64,
+    /// Highest sequence number confirmed to the client.
+    confirmed: u64,
+    tx: Option<Vec<TxOp>>,
+    /// The last queue declared: what an empty queue name refers to.
+    last_queue: Option<String>,
+    /// This channel's direct reply-to address, if it consumes one.
+    reply_to: Option<String>,
+}
+
+/// What completing a content-bearing publish yields.
+pub(crate) type Published = (codec::BasicPublish, Properties, Bytes);
+
+impl Channel {
+    pub(crate) fn new(id: u16) -> Self {
+        Channel {
+            id,
+            closing: false,
+            content: None,
+            next_tag: 1,
+            unacked: VecDeque::new(),
+            consumers: HashMap::new(),
+            consumer_prefetch: 0,
+            shared_credit: Arc::new(Credit::new(0)),
+            confirm: false,
+            publish_seq: 0,
+            confirmed: 0,
+            tx: None,
+            last_queue: None,
+            reply_to: None,
+        }
+    }
+
+    pub(crate) fn id(&self) -> u16 {
+        self.id
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    pub(crate) fn set_closing(&mut self) {
+        self.closing = true;
+    }
+
+    pub(crate) fn expecting_content(&self) -> bool {
+        self.content.is_some()
+    }
+
+    pub(crate) fn has_consumer(&self, consumer: &Arc<Consumer>) -> bool {
+        !self.closing
+            && self.consumers.get(consumer.tag()).is_some_and(|e| Arc::ptr_eq(&e.consumer, consumer))
+    }
+
+    /// Drops a consumer the broker cancelled. Returns whether it was still known.
+    pub(crate) fn forget_consumer(&mut self, consumer: &Arc<Consumer>) -> bool {
+        if self.has_consumer(consumer) {
+            self.consumers.remove(consumer.tag());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Asks every queue this channel consumes from to dispatch again (credit was
+    /// freed).
+    pub(crate) fn redispatch(&self) {
+        for e in self.consumers.values() {
+            e.queue.dispatch();
+        }
+    }
+
+    // ---- content ----
+
+    pub(crate) fn handle_header(
+        &mut self,
+        class_id: u16,
+        body_size: u64,
+        properties: Properties,
+        settings: &AmqpSettings,
+    ) -> Result<Option<Published>, MethodError> {
+        let Some(content) = self.content.as_mut().filter(|c| c.header.is_none()) else {
+            return Err(ConnError::unexpected_frame(format!(
+                "expected method frame, got non method frame instead on channel {}",
+                self.id
+            ))
+            .into());
+        };
+        if class_id != codec::BASIC_CLASS_ID {
+            return Err(ConnError::unexpected_frame(format!("content header for class {class_id} instead of 60")).into());
+        }
+        let max = u64::try_from(settings.max_message_size).unwrap_or(u64::MAX);
+        if body_size > max {
+            self.content = None;
+            // The body frames still to come are dropped by the closing channel.
+            return Err(MethodError::precondition(format!(
+                "message size {body_size} is larger than configured max size {max}"
+            )));
+        }
+        content.header = Some((body_size, properties));
+        if body_size == 0 {
+            return Ok(self.take_content());
+        }
+        Ok(None)
+    }
+
+    pub(crate) fn handle_body(&mut self, payload: Bytes) -> Result<Option<Published>, MethodError> {
+        let Some(content) = self.content.as_mut() else {
+            return Err(ConnError::unexpected_frame(format!(
+                "expected method frame, got non method frame instead on channel {}",
+                self.id
+            ))
+            .into());
+        };
+        let Some((size, _)) = content.header.as_ref() else {
+            return Err(ConnError::unexpected_frame("expected content header for class 60, got non content header frame instead").into());
+        };
+        let size = usize::try_from(*size).unwrap_or(usize::MAX);
+        let have = content.body.len() + content.single.as_ref().map_or(0, Bytes::len);
+        if have.saturating_add(payload.len()) > size {
+            return Err(ConnError::unexpected_frame(format!(
+                "body frames carry more than the {size} bytes announced"
+            ))
+            .into());
+        }
+        if have == 0 && payload.len() == size {
+            content.single = Some(payload);
+        } else {
+            if let Some(first) = content.single.take() {
+                content.body.reserve(size);
+                content.body.extend_from_slice(&first);
+            }
+            if content.body.is_empty() {
+                content.body.reserve(size);
+            }
+            content.body.extend_from_slice(&payload);
+        }
+        let have = content.body.len() + content.single.as_ref().map_or(0, Bytes::len);
+        Ok(if have == size { self.take_content() } else { None })
+    }
+
+    fn take_content(&mut self) -> Option<Published> {
+        let c = self.content.take()?;
+        let (_, properties) = c.header?;
+        let body = c.single.unwrap_or_else(|| c.body.freeze());
+        Some((c.publish, properties, body))
+    }
+
+    /// Routes a complete message (or defers it to tx.commit).
+    pub(crate) fn publish(&mut self, ctx: &mut Ctx<'_>, (publish, mut properties, body): Published) -> Result<(), MethodError> {
+        *ctx.has_published = true;
+        ctx.check_publish(&publish.exchange)?;
+        if let Some(user_id) = properties.user_id.as_deref() {
+            if user_id != ctx.user {
+                return Err(MethodError::precondition(format!(
+                    "user_id property set to '{user_id}' but authenticated user was '{}'",
+                    ctx.user
+                )));
+            }
+        }
+        if let Some(exp) = properties.expiration.as_deref() {
+            if exp.parse::<u64>().is_err() {
+                return Err(MethodError::precondition(format!("invalid expiration '{exp}'")));
+            }
+        }
+        if properties.reply_to.as_deref() == Some(DIRECT_REPLY_TO) {
+            let address = self
+                .reply_to
+                .clone()
+                .ok_or_else(|| MethodError::precondition("fast reply consumer does not exist"))?;
+            properties.reply_to = Some(address);
+        }
+        let message = Message::new(publish.exchange, publish.routing_key, properties, body);
+        if let Some(ops) = self.tx.as_mut() {
+            // The exchange must exist now, though the routing happens at commit.
+            ctx.vhost.exchange(&message.exchange).map_err(MethodError::from)?;
+            ops.push(TxOp::Publish { message, mandatory: publish.mandatory });
+            return Ok(());
+        }
+        self.route(ctx, message, publish.mandatory)?;
+        if self.confirm {
+            self.publish_seq += 1;
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, mandatory: bool) -> Result<(), MethodError> {
+        let routed = ctx.vhost.publish(message.clone()).map_err(MethodError::from)?;
+        if routed.queues == 0 && mandatory {
+            let ret = codec::BasicReturn {
+                reply_code: reply_code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+            };
+            codec::encode_content(ctx.out, self.id, &Method::from(ret), &message.properties, &message.body, ctx.frame_max);
+        }
+        Ok(())
+    }
+
+    /// Sends the confirms earned since the last call in one basic.ack.
+    pub(crate) fn flush_confirms(&mut self, out: &mut BytesMut) {
+        if self.confirm && self.publish_seq > self.confirmed && !self.closing {
+            let ack = codec::BasicAck { delivery_tag: self.publish_seq, multiple: self.publish_seq > self.confirmed + 1 };
+            codec::encode_method(out, self.id, &Method::from(ack));
+            self.confirmed = self.publish_seq;
+        }
+    }
+
+    // ---- deliveries ----
+
+    pub(crate) fn write_delivery(&mut self, out: &mut BytesMut, d: Delivery, frame_max: u32) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let msg = &d.message.message;
+        let deliver = codec::BasicDeliver {
+            consumer_tag: d.consumer.tag().to_owned(),
+            delivery_tag: tag,
+            redelivered: d.message.redelivered,
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+        };
+        codec::encode_content(out, self.id, &Method::from(deliver), &msg.properties, &msg.body, frame_max);
+        if !d.consumer.no_ack() {
+            self.unacked.push_back(Unacked { tag, queue: d.queue, message: d.message, consumer: Some(d.consumer) });
+        }
+    }
+
+    /// Takes the unacked entries an ack/nack/reject names.
+    fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, MethodError> {
+        if multiple {
+            let n = if tag == 0 { self.unacked.len() } else { self.unacked.partition_point(|u| u.tag <= tag) };
+            if n == 0 && tag != 0 {
+                return Err(MethodError::precondition(format!("unknown delivery tag {tag}")));
+            }
+            return Ok(self.unacked.drain(..n).collect());
+        }
+        let pos = self
+            .unacked
+            .binary_search_by_key(&tag, |u| u.tag)
+            .map_err(|_| MethodError::precondition(format!("unknown delivery tag {tag}")))?;
+        Ok(self.unacked.remove(pos).into_iter().collect())
+    }
+
+    /// Acks (`requeue` None), or nacks/rejects with or without requeue.
+    fn settle(&mut self, tag: u64, multiple: bool, requeue: Option<bool>) -> Result<(), MethodError> {
+        let entries = self.take_unacked(tag, multiple)?;
+        settle_entries(entries, requeue.unwrap_or(false), requeue.is_none());
+        self.redispatch();
+        Ok(())
+    }
+
+    /// Gives back everything the channel holds: unacked messages return to their
+    /// queues as redelivered, consumers are cancelled.
+    pub(crate) fn release(&mut self, vhost: Option<&VHost>) {
+        self.content = None;
+        self.tx = None;
+        let entries: Vec<Unacked> = self.unacked.drain(..).collect();
+        settle_entries(entries, true, false);
+        for (_, e) in self.consumers.drain() {
+            e.consumer.deactivate();
+            match (&e.reply_to, vhost) {
+                (Some(address), Some(v)) => v.close_reply_to(address),
+                (None, Some(v)) => v.cancel_consumer(&e.queue, e.consumer.id),
+                _ => {
+                    e.queue.remove_consumer(e.consumer.id);
+                }
+            }
+        }
+        self.reply_to = None;
+    }
+
+    // ---- methods ----
+
+    pub(crate) fn handle(&mut self, ctx: &mut Ctx<'_>, method: Method) -> Result<(), MethodError> {
+        let id = self.id;
+        match method {
+            Method::BasicPublish(m) => {
+                // The exchange is checked when the content is complete (as RabbitMQ).
+                self.content = Some(Content { publish: m, header: None, body: BytesMut::new(), single: None });
+                Ok(())
+            }
+            Method::BasicAck(m) => self.ack_or_defer(m.delivery_tag, m.multiple, None),
+            Method::BasicNack(m) => self.ack_or_defer(m.delivery_tag, m.multiple, Some(m.requeue)),
+            Method::BasicReject(m) => self.ack_or_defer(m.delivery_tag, false, Some(m.requeue)),
+            Method::BasicQos(m) => {
+                if m.prefetch_size != 0 {
+                    return Err(ConnError::not_implemented(format!("prefetch_size!=0 ({})", m.prefetch_size)).into());
+                }
+                if m.global {
+                    self.shared_credit.set_limit(u32::from(m.prefetch_count));
+                    self.redispatch();
+                } else {
+                    self.consumer_prefetch = u32::from(m.prefetch_count);
+                }
+                ctx.send(id, codec::BasicQosOk {});
+                Ok(())
+            }
+            Method::BasicConsume(m) => self.consume(ctx, m),
+            Method::BasicCancel(m) => {
+                if let Some(e) = self.consumers.remove(&m.consumer_tag) {
+                    e.consumer.deactivate();
+                    match e.reply_to {
+                        Some(address) => {
+                            ctx.vhost.close_reply_to(&address);
+                            self.reply_to = None;
+                        }
+                        None => ctx.vhost.cancel_consumer(&e.queue, e.consumer.id),
+                    }
+                }
+                if !m.no_wait {
+                    ctx.send(id, codec::BasicCancelOk { consumer_tag: m.consumer_tag });
+                }
+                Ok(())
+            }
+            Method::BasicGet(m) => self.get(ctx, m),
+            Method::BasicRecover(m) => {
+                self.recover(m.requeue)?;
+                ctx.send(id, codec::BasicRecoverOk {});
+                Ok(())
+            }
+            Method::BasicRecoverAsync(m) => self.recover(m.requeue),
+            Method::ExchangeDeclare(m) => self.exchange_declare(ctx, m),
+            Method::ExchangeDelete(m) => {
+                ctx.check(Access::Configure, Resource::Exchange, &m.exchange)?;
+                ctx.vhost.delete_exchange(&m.exchange, m.if_unused)?;
+                if !m.no_wait {
+                    ctx.send(id, codec::ExchangeDeleteOk {});
+                }
+                Ok(())
+            }
+            Method::ExchangeBind(m) => {
+                ctx.check(Access::Write, Resource::Exchange, &m.destination)?;
+                ctx.check(Access::Read, Resource::Exchange, &m.source)?;
+                ctx.vhost.bind_exchange(&m.destination, &m.source, &m.routing_key, m.arguments)?;
+                if !m.no_wait {
+                    ctx.send(id, codec::ExchangeBindOk {});
+                }
+                Ok(())
+            }
+            Method::ExchangeUnbind(m) => {
+                ctx.check(Access::Write, Resource::Exchange, &m.destination)?;
+                ctx.check(Access::Read, Resource::Exchange, &m.source)?;
+                ctx.vhost.unbind_exchange(&m.destination, &m.source, &m.routing_key, &m.arguments)?;
+                if !m.no_wait {
+                    ctx.send(id, codec::ExchangeUnbindOk {});
+                }
+                Ok(())
+            }
+            Method::QueueDeclare(m) => self.queue_declare(ctx, m),
+            Method::QueueBind(m) => {
+                let queue = self.queue_name(&m.queue)?;
+                ctx.check(Access::Write, Resource::Queue, &queue)?;
+                ctx.check(Access::Read, Resource::Exchange, &m.exchange)?;
+                ctx.vhost.bind_queue(&queue, &m.exchange, &m.routing_key, m.arguments, ctx.connection)?;
+                if !m.no_wait {
+                    ctx.send(id, codec::QueueBindOk {});
+                }
+                Ok(())
+            }
+            Method::QueueUnbind(m) => {
+                let queue = self.queue_name(&m.queue)?;
+                ctx.check(Access::Write, Resource::Queue, &queue)?;
+                ctx.check(Access::Read, Resource::Exchange, &m.exchange)?;
+                ctx.vhost.unbind_queue(&queue, &m.exchange, &m.routing_key, &m.arguments, ctx.connection)?;
+                ctx.send(id, codec::QueueUnbindOk {});
+                Ok(())
+            }
+            Method::QueuePurge(m) => {
+                let queue = self.queue_name(&m.queue)?;
+                ctx.check(Access::Read, Resource::Queue, &queue)?;
+                let n = ctx.vhost.purge_queue(&queue, ctx.connection)?;
+                if !m.no_wait {
+                    ctx.send(id, codec::QueuePurgeOk { message_count: count(n) });
+                }
+                Ok(())
+            }
+            Method::QueueDelete(m) => {
+                let queue = self.queue_name(&m.queue)?;
+                ctx.check(Access::Configure, Resource::Queue, &queue)?;
+                let n = ctx.vhost.delete_queue(&queue, m.if_unused, m.if_empty, ctx.connection)?;
+                ctx.exclusive_queues.retain(|q| q.name != queue);
+                if !m.no_wait {
+                    ctx.send(id, codec::QueueDeleteOk { message_count: count(n) });
+                }
+                Ok(())
+            }
+            Method::ConfirmSelect(m) => {
+                if self.tx.is_some() {
+                    return Err(MethodError::precondition("cannot switch from tx to confirm mode"));
+                }
+                self.confirm = true;
+                if !m.no_wait {
+                    ctx.send(id, codec::ConfirmSelectOk {});
+                }
+                Ok(())
+            }
+            Method::TxSelect(_) => {
+                if self.confirm {
+                    return Err(MethodError::precondition("cannot switch from confirm to tx mode"));
+                }
+                self.tx.get_or_insert_with(Vec::new);
+                ctx.send(id, codec::TxSelectOk {});
+                Ok(())
+            }
+            Method::TxCommit(_) => {
+                let ops = self.tx.replace(Vec::new()).ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
+                for op in ops {
+                    match op {
+                        TxOp::Publish { message, mandatory } => self.route(ctx, message, mandatory)?,
+                        TxOp::Settle { tag, multiple, requeue } => self.settle(tag, multiple, requeue)?,
+                    }
+                }
+                ctx.send(id, codec::TxCommitOk {});
+                Ok(())
+            }
+            Method::TxRollback(_) => {
+                let ops = self.tx.as_mut().ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
+                ops.clear();
+                ctx.send(id, codec::TxRollbackOk {});
+                Ok(())
+            }
+            Method::ChannelFlow(m) => {
+                if !m.active {
+                    return Err(ConnError::not_implemented("active=false").into());
+                }
+                ctx.send(id, codec::ChannelFlowOk { active: true });
+                Ok(())
+            }
+            Method::AccessRequest(_) => {
+                ctx.send(id, codec::AccessRequestOk { ticket: 1 });
+                Ok(())
+            }
+            other => Err(ConnError::command_invalid(format!(
+                "method '{}' is not valid from a client on channel {id}",
+                other.name()
+            ))
+            .into()),
+        }
+    }
+
+    fn ack_or_defer(&mut self, tag: u64, multiple: bool, requeue: Option<bool>) -> Result<(), MethodError> {
+        match self.tx.as_mut() {
+            Some(ops) => {
+                ops.push(TxOp::Settle { tag, multiple, requeue });
+                Ok(())
+            }
+            None => self.settle(tag, multiple, requeue),
+        }
+    }
+
+    fn recover(&mut self, requeue: bool) -> Result<(), MethodError> {
+        if !requeue {
+            return Err(ConnError::not_implemented("requeue=false").into());
+        }
+        let entries: Vec<Unacked> = self.unacked.drain(..).collect();
+        settle_entries(entries, true, false);
+        Ok(())
+    }
+
+    /// An empty queue name means the channel's last declared queue.
+    fn queue_name(&self, name: &str) -> Result<String, MethodError> {
+        if !name.is_empty() {
+            return Ok(name.to_owned());
+        }
+        self.last_queue
+            .clone()
+            .ok_or_else(|| MethodError::not_found("no previously declared queue"))
+    }
+
+    fn exchange_declare(&mut self, ctx: &mut Ctx<'_>, m: codec::ExchangeDeclare) -> Result<(), MethodError> {
+        if m.exchange.is_empty() && !m.passive {
+            return Err(MethodError::access_refused("operation not permitted on the default exchange"));
+        }
+        if !m.passive {
+            ctx.check(Access::Configure, Resource::Exchange, &m.exchange)?;
+        }
+        if let Some(ae) = m.arguments.get_str("alternate-exchange") {
+            // Publishing through the alternate exchange needs write on it.
+            ctx.check(Access::Write, Resource::Exchange, ae)?;
+        }
+        ctx.vhost.declare_exchange(ExchangeDeclare {
+            name: m.exchange,
+            kind: m.kind,
+            passive: m.passive,
+            options: ExchangeOptions { durable: m.durable, auto_delete: m.auto_delete, internal: m.internal, arguments: m.arguments },
+        })?;
+        if !m.no_wait {
+            ctx.send(self.id, codec::ExchangeDeclareOk {});
+        }
+        Ok(())
+    }
+
+    fn queue_declare(&mut self, ctx: &mut Ctx<'_>, m: codec::QueueDeclare) -> Result<(), MethodError> {
+        if m.passive && m.queue == DIRECT_REPLY_TO {
+            ctx.send(self.id, codec::QueueDeclareOk { queue: m.queue, message_count: 0, consumer_count: 0 });
+            return Ok(());
+        }
+        let mut req = QueueDeclare {
+            name: m.queue,
+            passive: m.passive,
+            options: QueueOptions { durable: m.durable, exclusive: m.exclusive, auto_delete: m.auto_delete, arguments: m.arguments },
+            connection: ctx.connection,
+        };
+        if req.name.is_empty() && !req.passive {
+            req.name = VHost::generate_name("amq.gen-");
+        }
+        if req.passive {
+            req.name = self.queue_name(&req.name)?;
+        } else {
+            ctx.check(Access::Configure, Resource::Queue, &req.name)?;
+        }
+        let exclusive = req.options.exclusive && !req.passive;
+        let declared = ctx.vhost.declare_queue(req)?;
+        let queue = declared.queue;
+        if exclusive && !ctx.exclusive_queues.iter().any(|q| Arc::ptr_eq(q, &queue)) {
+            ctx.exclusive_queues.push(queue.clone());
+        }
+        self.last_queue = Some(queue.name.clone());
+        if !m.no_wait {
+            ctx.send(
+                self.id,
+                codec::QueueDeclareOk {
+                    queue: queue.name.clone(),
+                    message_count: count(declared.message_count),
+                    consumer_count: count(declared.consumer_count),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, ctx: &mut Ctx<'_>, m: codec::BasicConsume) -> Result<(), MethodError> {
+        let tag = if m.consumer_tag.is_empty() { VHost::generate_name("amq.ctag-") } else { m.consumer_tag.clone() };
+        if self.consumers.contains_key(&tag) {
+            return Err(ConnError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")).into());
+        }
+        let options = ConsumerOptions {
+            tag: tag.clone(),
+            channel: self.id,
+            no_ack: m.no_ack,
+            exclusive: m.exclusive,
+            prefetch: self.consumer_prefetch,
+            arguments: m.arguments,
+        };
+        let consumer = Consumer::new(ctx.broker.next_id(), options, self.shared_credit.clone(), ctx.outbox.clone());
+        let entry = if m.queue == DIRECT_REPLY_TO {
+            if !m.no_ack {
+                return Err(MethodError::precondition("reply consumer cannot acknowledge"));
+            }
+            if self.reply_to.is_some() {
+                return Err(MethodError::precondition("reply consumer already set"));
+            }
+            // Reply before the queue can deliver: the reply address exists once the
+            // client has consume-ok.
+            let (address, queue) = ctx.vhost.open_reply_to(consumer.clone())?;
+            self.reply_to = Some(address.clone());
+            ConsumerEntry { consumer, queue, reply_to: Some(address) }
+        } else {
+            let name = self.queue_name(&m.queue)?;
+            ctx.check(Access::Read, Resource::Queue, &name)?;
+            let queue = ctx.vhost.queue(&name)?;
+            ctx.vhost.check_owner(&queue, ctx.connection)?;
+            // consume-ok must precede the first delivery; deliveries go through the
+            // outbox, which is written after this method's reply.
+            queue.add_consumer(consumer.clone())?;
+            ConsumerEntry { consumer, queue, reply_to: None }
+        };
+        self.consumers.insert(tag.clone(), entry);
+        if !m.no_wait {
+            ctx.send(self.id, codec::BasicConsumeOk { consumer_tag: tag });
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, ctx: &mut Ctx<'_>, m: codec::BasicGet) -> Result<(), MethodError> {
+        let name = self.queue_name(&m.queue)?;
+        ctx.check(Access::Read, Resource::Queue, &name)?;
+        let queue = ctx.vhost.queue(&name)?;
+        ctx.vhost.check_owner(&queue, ctx.connection)?;
+        let Some(got) = queue.get(m.no_ack) else {
+            ctx.send(self.id, codec::BasicGetEmpty { cluster_id: String::new() });
+            return Ok(());
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let msg = &got.message.message;
+        let ok = codec::BasicGetOk {
+            delivery_tag: tag,
+            redelivered: got.message.redelivered,
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
+            message_count: count(got.remaining),
+        };
+        codec::encode_content(ctx.out, self.id, &Method::from(ok), &msg.properties, &msg.body, ctx.frame_max);
+        if !m.no_ack {
+            self.unacked.push_back(Unacked { tag, queue, message: got.message, consumer: None });
+        }
+        Ok(())
+    }
+}
+
+/// Settles unacked entries: `ack` removes them for good; otherwise `requeue`
+/// puts them back (redelivered) or drops them.
+fn settle_entries(entries: Vec<Unacked>, requeue: bool, ack: bool) {
+    // Group per queue so each queue is locked once for the batch.
+    let mut by_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    for e in entries {
+        if let Some(c) = &e.consumer {
+            c.release(1);
+        }
+        match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &e.queue)) {
+            Some((_, list)) => list.push(e.message),
+            None => by_queue.push((e.queue, vec![e.message])),
+        }
+    }
+    for (queue, messages) in by_queue {
+        if requeue && !ack {
+            queue.requeue(messages);
+        } else {
+            // Acked, or rejected without requeue (dead-lettering hooks in here).
+            queue.settle(&messages);
+        }
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,794 @@
+//! The AMQP 0-9-1 connection state machine: frames in, core calls and frames out.
+//!
+//! No sockets and no clocks here (quinn-proto's rule): the connection task hands
+//! in the bytes it read ([`Session::handle_input`]) and the deliveries its outbox
+//! collected ([`Session::handle_outbox`]); the session appends the frames to send
+//! to [`Session::output`] and says through [`Session::is_closed`] when the socket
+//! should be closed. The negotiation (start, tune, open) and connection-level
+//! errors live here; channel methods are in [`channel`].
+//!
+//! Errors follow the spec's split, as RabbitMQ applies it: soft errors (403, 404,
+//! 405, 406) close the channel with channel.close; hard errors (5xx, 530) close
+//! the connection with connection.close. Either way only this connection is
+//! affected and the reply text is RabbitMQ's (`NOT_FOUND - no queue 'q' in vhost
+//! '/'`).
+
+mod channel;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use switchyard_core::consumer::{Outbox, Outgoing};
+use switchyard_core::queue::Queue;
+use switchyard_core::vhost::VHost;
+use switchyard_core::{Broker, CoreError, ErrorKind, FieldTable, FieldValue};
+
+use crate::codec::{self, reply_code, CodecError, Frame, Method};
+use crate::AmqpSettings;
+use channel::Channel;
+
+/// How many deliveries may wait in a connection's outbox before queues hold back
+/// (on top of prefetch): bounds the memory a slow reader can pin.
+pub const OUTBOX_CAPACITY: usize = 4096;
+
+/// Where the handshake is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for the 8-byte protocol header.
+    Header,
+    /// connection.start sent, waiting for start-ok.
+    StartOk,
+    /// connection.tune sent, waiting for tune-ok.
+    TuneOk,
+    /// Waiting for connection.open.
+    Open,
+    /// Ready for channels.
+    Running,
+    /// We sent connection.close and wait for close-ok; everything else is ignored.
+    Closing,
+    /// The socket should be closed once the output is written.
+    Closed,
+}
+
+/// What the client said it understands (client-properties.capabilities).
+#[derive(Debug, Default, Clone, Copy)]
+struct ClientCapabilities {
+    consumer_cancel_notify: bool,
+    connection_blocked: bool,
+    authentication_failure_close: bool,
+}
+
+/// A connection-level error: connection.close with this code and text.
+#[derive(Debug)]
+pub(crate) struct ConnError {
+    code: u16,
+    text: String,
+    class_id: u16,
+    method_id: u16,
+}
+
+impl ConnError {
+    fn new(code: u16, name: &str, text: impl std::fmt::Display) -> Self {
+        ConnError { code, text: format!("{name} - {text}"), class_id: 0, method_id: 0 }
+    }
+
+    fn during(mut self, method: &Method) -> Self {
+        self.class_id = method.class_id();
+        self.method_id = method.method_id();
+        self
+    }
+
+    pub(crate) fn unexpected_frame(text: impl std::fmt::Display) -> Self {
+        ConnError::new(reply_code::UNEXPECTED_FRAME, "UNEXPECTED_FRAME", text)
+    }
+
+    pub(crate) fn channel_error(text: impl std::fmt::Display) -> Self {
+        ConnError::new(reply_code::CHANNEL_ERROR, "CHANNEL_ERROR", text)
+    }
+
+    pub(crate) fn command_invalid(text: impl std::fmt::Display) -> Self {
+        ConnError::new(reply_code::COMMAND_INVALID, "COMMAND_INVALID", text)
+    }
+
+    pub(crate) fn not_implemented(text: impl std::fmt::Display) -> Self {
+        ConnError::new(reply_code::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", text)
+    }
+
+    pub(crate) fn not_allowed(text: impl std::fmt::Display) -> Self {
+        ConnError::new(reply_code::NOT_ALLOWED, "NOT_ALLOWED", text)
+    }
+}
+
+/// An error while handling a channel's method: soft ones close the channel, hard
+/// ones the connection.
+#[derive(Debug)]
+pub(crate) enum MethodError {
+    Channel { code: u16, text: String },
+    Connection(ConnError),
+}
+
+impl MethodError {
+    pub(crate) fn precondition(text: impl std::fmt::Display) -> Self {
+        MethodError::Channel { code: reply_code::PRECONDITION_FAILED, text: format!("PRECONDITION_FAILED - {text}") }
+    }
+    pub(crate) fn not_found(text: impl std::fmt::Display) -> Self {
+        MethodError::Channel { code: reply_code::NOT_FOUND, text: format!("NOT_FOUND - {text}") }
+    }
+    pub(crate) fn access_refused(text: impl std::fmt::Display) -> Self {
+        MethodError::Channel { code: reply_code::ACCESS_REFUSED, text: format!("ACCESS_REFUSED - {text}") }
+    }
+}
+
+impl From<ConnError> for MethodError {
+    fn from(e: ConnError) -> Self {
+        MethodError::Connection(e)
+    }
+}
+
+/// The reply code of a core error, and whether it is a hard (connection) error.
+impl From<CoreError> for MethodError {
+    fn from(e: CoreError) -> Self {
+        let text = e.to_string();
+        let code = match e.kind {
+            ErrorKind::NotFound => reply_code::NOT_FOUND,
+            ErrorKind::AccessRefused => reply_code::ACCESS_REFUSED,
+            ErrorKind::ResourceLocked => reply_code::RESOURCE_LOCKED,
+            ErrorKind::PreconditionFailed => reply_code::PRECONDITION_FAILED,
+            ErrorKind::CommandInvalid => return ConnError { code: reply_code::COMMAND_INVALID, text, class_id: 0, method_id: 0 }.into(),
+            ErrorKind::NotAllowed => return ConnError { code: reply_code::NOT_ALLOWED, text, class_id: 0, method_id: 0 }.into(),
+            ErrorKind::ResourceError => return ConnError { code: reply_code::RESOURCE_ERROR, text, class_id: 0, method_id: 0 }.into(),
+            ErrorKind::NotImplemented => return ConnError { code: reply_code::NOT_IMPLEMENTED, text, class_id: 0, method_id: 0 }.into(),
+        };
+        MethodError::Channel { code, text }
+    }
+}
+
+/// One AMQP connection's protocol state.
+pub struct Session {
+    broker: Arc<Broker>,
+    settings: Arc<AmqpSettings>,
+    peer: SocketAddr,
+    /// Broker-wide id: owner of exclusive queues.
+    id: u64,
+    state: State,
+    /// Frames to write, appended in order.
+    out: BytesMut,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: u16,
+    capabilities: ClientCapabilities,
+    user: String,
+    vhost: Option<Arc<VHost>>,
+    channels: HashMap<u16, Channel>,
+    outbox: Arc<Outbox>,
+    /// Exclusive queues this connection declared: deleted when it closes.
+    exclusive_queues: Vec<Arc<Queue>>,
+    /// Cache of write permission per exchange: permissions only change with the
+    /// config, and a regex match per publish would dominate small messages.
+    write_allowed: HashMap<String, bool>,
+    /// Whether this connection has published (the memory alarm blocks publishers).
+    has_published: bool,
+    /// Whether connection.blocked was sent and not yet unblocked.
+    blocked_sent: bool,
+    /// Why the connection ended, for the log.
+    close_reason: Option<String>,
+}
+
+impl Session {
+    pub fn new(broker: Arc<Broker>, settings: Arc<AmqpSettings>, peer: SocketAddr) -> Self {
+        let id = broker.next_id();
+        Session {
+            broker,
+            settings,
+            peer,
+            id,
+            state: State::Header,
+            out: BytesMut::with_capacity(8 * 1024),
+            frame_max: codec::FRAME_MIN_SIZE,
+            channel_max: 0,
+            heartbeat: 0,
+            capabilities: ClientCapabilities::default(),
+            user: String::new(),
+            vhost: None,
+            channels: HashMap::new(),
+            outbox: Outbox::new(OUTBOX_CAPACITY),
+            exclusive_queues: Vec::new(),
+            write_allowed: HashMap::new(),
+            has_published: false,
+            blocked_sent: false,
+            close_reason: None,
+        }
+    }
+
+    /// The bytes to write next. The caller writes and clears them.
+    pub fn output(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
+    }
+
+    /// The socket should be closed once the output is flushed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// connection.open-ok has been sent: the handshake timeout no longer applies.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Running)
+    }
+
+    /// We sent connection.close and wait for the peer's close-ok.
+    pub fn is_closing(&self) -> bool {
+        self.state == State::Closing
+    }
+
+    /// The negotiated heartbeat interval in seconds (0 = none).
+    pub fn heartbeat(&self) -> u16 {
+        self.heartbeat
+    }
+
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close_reason.as_deref()
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Whether the memory alarm should stop reading from this connection: it
+    /// blocks publishers only, as RabbitMQ does, so consumers keep draining.
+    pub fn blocks_on_alarm(&self) -> bool {
+        self.has_published && self.state == State::Running
+    }
+
+    /// Tells a blocked-aware client it is blocked or unblocked (alarm changes).
+    pub fn set_blocked(&mut self, blocked: bool) {
+        if !self.capabilities.connection_blocked || blocked == self.blocked_sent || self.state != State::Running {
+            return;
+        }
+        self.blocked_sent = blocked;
+        let method = if blocked {
+            Method::from(codec::ConnectionBlocked { reason: "low on memory".into() })
+        } else {
+            Method::from(codec::ConnectionUnblocked {})
+        };
+        codec::encode_method(&mut self.out, 0, &method);
+    }
+
+    /// Feeds bytes read from the socket. Whole frames are consumed from `input`;
+    /// a partial frame stays for the next call.
+    pub fn handle_input(&mut self, input: &mut BytesMut) {
+        while !matches!(self.state, State::Closed) {
+            if self.state == State::Header {
+                match codec::decode_protocol_header(input) {
+                    Ok(None) => return,
+                    Ok(Some(_)) => self.send_start(),
+                    Err(e) => {
+                        // The spec's answer to a header we do not speak: ours, then close.
+                        self.out.extend_from_slice(&codec::PROTOCOL_HEADER);
+                        self.finish(format!("{e}"));
+                        return;
+                    }
+                }
+                continue;
+            }
+            let limit = if self.state == State::Running || self.state == State::Closing {
+                self.frame_max
+            } else {
+                codec::FRAME_MIN_SIZE
+            };
+            match codec::decode_frame(input, limit) {
+                Ok(None) => break,
+                Ok(Some(frame)) => {
+                    if let Err(e) = self.handle_frame(frame) {
+                        self.close_connection(e);
+                    }
+                }
+                Err(e) => {
+                    self.codec_error(&e);
+                    return;
+                }
+            }
+        }
+        self.flush_confirms();
+    }
+
+    fn codec_error(&mut self, e: &CodecError) {
+        let name = match e.reply_code() {
+            reply_code::SYNTAX_ERROR => "SYNTAX_ERROR",
+            reply_code::NOT_IMPLEMENTED => "NOT_IMPLEMENTED",
+            _ => "FRAME_ERROR",
+        };
+        self.close_connection(ConnError::new(e.reply_code(), name, e));
+        // The stream position is lost: nothing more can be read, so do not wait
+        // for a close-ok that could not be parsed.
+        self.finish(format!("{e}"));
+    }
+
+    /// Sends connection.close and waits for close-ok (ignoring all else).
+    fn close_connection(&mut self, e: ConnError) {
+        if matches!(self.state, State::Closing | State::Closed) {
+            return;
+        }
+        tracing::warn!(peer = %self.peer, user = %self.user, code = e.code, text = %e.text, "closing AMQP connection");
+        let close = codec::ConnectionClose { reply_code: e.code, reply_text: e.text.clone(), class_id: e.class_id, method_id: e.method_id };
+        codec::encode_method(&mut self.out, 0, &Method::from(close));
+        self.close_reason = Some(e.text);
+        self.release_resources();
+        // Before the connection is open the client may not answer close-ok; close
+        // the socket after writing (RabbitMQ does the same for handshake errors).
+        self.state = if self.vhost.is_some() { State::Closing } else { State::Closed };
+    }
+
+    /// The broker is shutting down: close with 320 CONNECTION_FORCED.
+    pub fn shutdown(&mut self) {
+        if self.state == State::Running {
+            self.close_connection(ConnError::new(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED", "broker forced connection closure with reason 'shutdown'"));
+        } else {
+            self.finish("broker shutdown".into());
+        }
+    }
+
+    /// A heartbeat timeout or socket error ended the connection.
+    pub fn finish(&mut self, reason: String) {
+        if self.close_reason.is_none() {
+            self.close_reason = Some(reason);
+        }
+        self.release_resources();
+        self.state = State::Closed;
+    }
+
+    fn handle_frame(&mut self, frame: Frame) -> Result<(), ConnError> {
+        match self.state {
+            State::Closing => {
+                // Only close-ok (or a crossing close) matters now.
+                if let Frame::Method { channel: 0, method } = frame {
+                    if matches!(method, Method::ConnectionCloseOk(_) | Method::ConnectionClose(_)) {
+                        if matches!(method, Method::ConnectionClose(_)) {
+                            codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionCloseOk {}));
+                        }
+                        self.state = State::Closed;
+                    }
+                }
+                return Ok(());
+            }
+            State::Closed | State::Header => return Ok(()),
+            _ => {}
+        }
+        match frame {
+            Frame::Heartbeat { channel: 0 } => Ok(()),
+            Frame::Heartbeat { channel } => Err(ConnError::new(
+                reply_code::FRAME_ERROR,
+                "FRAME_ERROR",
+                format!("heartbeat frame on channel {channel}"),
+            )),
+            Frame::Method { channel: 0, method } => self.handle_connection_method(method),
+            Frame::Method { channel, method } => {
+                if self.state != State::Running {
+                    return Err(ConnError::command_invalid(format!(
+                        "expected connection method, got '{}' on channel {channel}",
+                        method.name()
+                    ))
+                    .during(&method));
+                }
+                self.handle_channel_method(channel, method)
+            }
+            Frame::Header { channel, class_id, body_size, properties } => {
+                self.handle_content(channel, |ch, settings| ch.handle_header(class_id, body_size, properties, settings))
+            }
+            Frame::Body { channel, payload } => self.handle_content(channel, |ch, _| ch.handle_body(payload)),
+        }
+    }
+
+    /// A content header or body frame: completes a publish when the last piece
+    /// arrives.
+    fn handle_content(
+        &mut self,
+        id: u16,
+        piece: impl FnOnce(&mut Channel, &AmqpSettings) -> Result<Option<channel::Published>, MethodError>,
+    ) -> Result<(), ConnError> {
+        if self.state != State::Running || id == 0 {
+            return Err(ConnError::unexpected_frame(format!("content frame on channel {id}")));
+        }
+        let Some(ch) = self.channels.get_mut(&id) else {
+            return Err(ConnError::channel_error(format!("expected 'channel.open' on channel {id}")));
+        };
+        if ch.is_closing() {
+            return Ok(());
+        }
+        let result = match piece(ch, &self.settings) {
+            Ok(Some(published)) => self.with_channel(id, |ch, ctx| ch.publish(ctx, published)),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.method_result(id, result, codec::BasicPublish::CLASS_ID, codec::BasicPublish::METHOD_ID)
+    }
+
+    /// Runs `f` on channel `id` with the connection-wide context.
+    fn with_channel(
+        &mut self,
+        id: u16,
+        f: impl FnOnce(&mut Channel, &mut channel::Ctx<'_>) -> Result<(), MethodError>,
+    ) -> Result<(), MethodError> {
+        let vhost = self.vhost.as_ref().ok_or_else(|| ConnError::command_invalid("connection not open"))?;
+        let ch = self
+            .channels
+            .get_mut(&id)
+            .ok_or_else(|| ConnError::channel_error(format!("expected 'channel.open' on channel {id}")))?;
+        let mut ctx = channel::Ctx {
+            broker: &self.broker,
+            vhost,
+            user: &self.user,
+            connection: self.id,
+            out: &mut self.out,
+            outbox: &self.outbox,
+            frame_max: self.frame_max,
+            exclusive_queues: &mut self.exclusive_queues,
+            write_allowed: &mut self.write_allowed,
+            has_published: &mut self.has_published,
+        };
+        f(ch, &mut ctx)
+    }
+
+    /// Turns a channel method's error into channel.close (soft) or a connection
+    /// error (hard).
+    fn method_result(&mut self, id: u16, result: Result<(), MethodError>, class_id: u16, method_id: u16) -> Result<(), ConnError> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(MethodError::Connection(mut e)) => {
+                if e.class_id == 0 {
+                    e.class_id = class_id;
+                    e.method_id = method_id;
+                }
+                Err(e)
+            }
+            Err(MethodError::Channel { code, text }) => {
+                tracing::debug!(channel = id, code, %text, "closing AMQP channel");
+                self.close_channel(id, code, text, class_id, method_id);
+                Ok(())
+            }
+        }
+    }
+
+    // ---- negotiation ----
+
+    fn send_start(&mut self) {
+        let s = |v: &str| FieldValue::string(v);
+        let capabilities: FieldTable = [
+            "publisher_confirms",
+            "exchange_exchange_bindings",
+            "basic.nack",
+            "consumer_cancel_notify",
+            "connection.blocked",
+            "authentication_failure_close",
+            "per_consumer_qos",
+            "direct_reply_to",
+        ]
+        .into_iter()
+        .map(|c| (c.to_owned(), FieldValue::Bool(true)))
+        .collect();
+        let server_properties: FieldTable = vec![
+            ("capabilities".to_owned(), FieldValue::Table(capabilities)),
+            ("cluster_name".to_owned(), s("switchyard")),
+            ("copyright".to_owned(), s("Switchyard contributors")),
+            ("information".to_owned(), s("Switchyard: one broker for AMQP 0-9-1, MQTT and STOMP")),
+            ("platform".to_owned(), s("Rust")),
+            ("product".to_owned(), s("Switchyard")),
+            ("version".to_owned(), s(env!("CARGO_PKG_VERSION"))),
+        ]
+        .into_iter()
+        .collect();
+        let start = codec::ConnectionStart {
+            version_major: 0,
+            version_minor: 9,
+            server_properties,
+            mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+            locales: Bytes::from_static(b"en_US"),
+        };
+        codec::encode_method(&mut self.out, 0, &Method::from(start));
+        self.state = State::StartOk;
+    }
+
+    fn handle_connection_method(&mut self, method: Method) -> Result<(), ConnError> {
+        match (self.state, method) {
+            (State::StartOk, Method::ConnectionStartOk(m)) => self.handle_start_ok(m),
+            (State::TuneOk, Method::ConnectionTuneOk(m)) => self.handle_tune_ok(m),
+            (State::Open, Method::ConnectionOpen(m)) => self.handle_open(m),
+            (State::Running, Method::ConnectionClose(_)) => {
+                codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionCloseOk {}));
+                self.finish("client closed the connection".into());
+                Ok(())
+            }
+            (_, Method::ConnectionClose(_)) => {
+                self.finish("client closed the connection during the handshake".into());
+                Ok(())
+            }
+            (State::Running, Method::ConnectionUpdateSecret(_)) => {
+                // Only PLAIN/AMQPLAIN logins exist, so there is no token to refresh;
+                // acknowledging keeps OAuth-minded clients working.
+                codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionUpdateSecretOk {}));
+                Ok(())
+            }
+            (State::Running, Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_)) => Ok(()),
+            (_, m) => Err(ConnError::command_invalid(format!("unexpected method '{}' on channel 0", m.name())).during(&m)),
+        }
+    }
+
+    fn handle_start_ok(&mut self, m: codec::ConnectionStartOk) -> Result<(), ConnError> {
+        if let Some(caps) = m.client_properties.get("capabilities").and_then(FieldValue::as_table) {
+            let on = |name: &str| caps.get_bool(name).unwrap_or(false);
+            self.capabilities = ClientCapabilities {
+                consumer_cancel_notify: on("consumer_cancel_notify"),
+                connection_blocked: on("connection.blocked"),
+                authentication_failure_close: on("authentication_failure_close"),
+            };
+        }
+        let credentials = match m.mechanism.as_str() {
+            "PLAIN" => parse_plain(&m.response),
+            "AMQPLAIN" => parse_amqplain(&m.response),
+            other => {
+                return Err(ConnError::command_invalid(format!("unknown authentication mechanism '{other}'")));
+            }
+        };
+        let login = credentials.ok_or_else(|| "malformed credentials".to_owned()).and_then(|(user, pass)| {
+            self.broker
+                .auth
+                .login(&user, &pass, Some(self.peer.ip()))
+                .map(|u| u.name.clone())
+                .map_err(|e| e.to_string())
+        });
+        match login {
+            Ok(user) => {
+                self.user = user;
+                let tune = codec::ConnectionTune {
+                    channel_max: self.settings.channel_max,
+                    frame_max: self.settings.frame_max,
+                    heartbeat: self.settings.heartbeat,
+                };
+                codec::encode_method(&mut self.out, 0, &Method::from(tune));
+                self.state = State::TuneOk;
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(peer = %self.peer, mechanism = %m.mechanism, "AMQP login refused: {why}");
+                let text = format!(
+                    "Login was refused using authentication mechanism {}. For details see the broker logfile.",
+                    m.mechanism
+                );
+                if self.capabilities.authentication_failure_close {
+                    self.close_connection(ConnError::new(reply_code::ACCESS_REFUSED, "ACCESS_REFUSED", text));
+                }
+                self.finish(format!("login refused: {why}"));
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_tune_ok(&mut self, m: codec::ConnectionTuneOk) -> Result<(), ConnError> {
+        let server_max = self.settings.frame_max;
+        let frame_max = if m.frame_max == 0 { server_max } else { m.frame_max };
+        if frame_max < codec::FRAME_MIN_SIZE {
+            return Err(ConnError::not_allowed(format!(
+                "frame_max={frame_max} < {} min size",
+                codec::FRAME_MIN_SIZE
+            )));
+        }
+        if frame_max > server_max {
+            return Err(ConnError::not_allowed(format!("frame_max={frame_max} > {server_max} max size")));
+        }
+        let server_channels = self.settings.channel_max;
+        let channel_max = if m.channel_max == 0 { server_channels } else { m.channel_max };
+        if channel_max > server_channels {
+            return Err(ConnError::not_allowed(format!(
+                "negotiated channel_max = {channel_max} is higher than the maximum allowed value ({server_channels})"
+            )));
+        }
+        self.frame_max = frame_max;
+        self.channel_max = channel_max;
+        // The client's value is final (it may disable heartbeats with 0).
+        self.heartbeat = m.heartbeat;
+        self.state = State::Open;
+        Ok(())
+    }
+
+    fn handle_open(&mut self, m: codec::ConnectionOpen) -> Result<(), ConnError> {
+        let name = m.virtual_host;
+        let vhost = self
+            .broker
+            .vhost(&name)
+            .map_err(|_| ConnError::not_allowed(format!("vhost {name} not found")))?;
+        self.broker.auth.check_vhost(&self.user, &name).map_err(|e| ConnError::not_allowed(e.text))?;
+        self.vhost = Some(vhost);
+        codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionOpenOk { known_hosts: String::new() }));
+        self.state = State::Running;
+        tracing::debug!(peer = %self.peer, user = %self.user, vhost = %name, "AMQP connection open");
+        Ok(())
+    }
+
+    // ---- channels ----
+
+    fn handle_channel_method(&mut self, id: u16, method: Method) -> Result<(), ConnError> {
+        if id > self.channel_max {
+            return Err(ConnError::channel_error(format!(
+                "channel {id} exceeds the negotiated channel_max {}",
+                self.channel_max
+            ))
+            .during(&method));
+        }
+        if let Method::ChannelOpen(_) = method {
+            if self.channels.contains_key(&id) {
+                return Err(ConnError::channel_error(format!("second 'channel.open' seen on channel {id}")).during(&method));
+            }
+            self.channels.insert(id, Channel::new(id));
+            codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelOpenOk { channel_id: Bytes::new() }));
+            return Ok(());
+        }
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return Err(ConnError::channel_error(format!("expected 'channel.open' on channel {id}")).during(&method));
+        };
+        if channel.is_closing() {
+            // After our channel.close only close-ok (or a crossing close) counts.
+            match method {
+                Method::ChannelCloseOk(_) => {
+                    self.channels.remove(&id);
+                }
+                Method::ChannelClose(_) => {
+                    codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelCloseOk {}));
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if channel.expecting_content() {
+            return Err(ConnError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .during(&method));
+        }
+        match method {
+            Method::ChannelClose(_) => {
+                if let Some(mut ch) = self.channels.remove(&id) {
+                    ch.release(self.vhost.as_deref());
+                }
+                codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelCloseOk {}));
+                Ok(())
+            }
+            Method::ChannelCloseOk(_) => Ok(()),
+            method => {
+                let (class_id, method_id) = (method.class_id(), method.method_id());
+                let result = self.with_channel(id, |ch, ctx| ch.handle(ctx, method));
+                self.method_result(id, result, class_id, method_id)
+            }
+        }
+    }
+
+    /// Sends channel.close for a soft error and releases the channel's resources;
+    /// the channel stays (closing) until the client's close-ok.
+    fn close_channel(&mut self, id: u16, code: u16, text: String, class_id: u16, method_id: u16) {
+        let vhost = self.vhost.clone();
+        if let Some(ch) = self.channels.get_mut(&id) {
+            ch.release(vhost.as_deref());
+            ch.set_closing();
+        }
+        let close = codec::ChannelClose { reply_code: code, reply_text: text, class_id, method_id };
+        codec::encode_method(&mut self.out, id, &Method::from(close));
+    }
+
+    // ---- deliveries ----
+
+    /// Encodes what queues put in the outbox, and lets queues that were held back
+    /// for lack of outbox room dispatch again.
+    pub fn handle_outbox(&mut self) {
+        let items = self.outbox.drain();
+        for item in items {
+            match item {
+                Outgoing::Deliver(d) => {
+                    let live = self.channels.get(&d.consumer.options.channel).is_some_and(|ch| ch.has_consumer(&d.consumer));
+                    if !live || self.state != State::Running {
+                        // Cancelled or closed while the delivery was in flight: put it back.
+                        if !d.consumer.no_ack() {
+                            d.consumer.release(1);
+                            d.queue.requeue(vec![d.message]);
+                        }
+                        continue;
+                    }
+                    let frame_max = self.frame_max;
+                    if let Some(ch) = self.channels.get_mut(&d.consumer.options.channel) {
+                        ch.write_delivery(&mut self.out, d, frame_max);
+                    }
+                }
+                Outgoing::Cancelled(consumer) => {
+                    let notify = self.capabilities.consumer_cancel_notify;
+                    if let Some(ch) = self.channels.get_mut(&consumer.options.channel) {
+                        if ch.forget_consumer(&consumer) && notify && self.state == State::Running {
+                            let cancel = codec::BasicCancel { consumer_tag: consumer.tag().to_owned(), no_wait: true };
+                            codec::encode_method(&mut self.out, ch.id(), &Method::from(cancel));
+                        }
+                    }
+                }
+            }
+        }
+        if self.outbox.take_starved() {
+            // Room again: let the queues that were held back dispatch.
+            for ch in self.channels.values() {
+                ch.redispatch();
+            }
+        }
+    }
+
+    /// Sends the publisher confirms earned by the frames just handled: one
+    /// basic.ack (multiple) per channel per read batch.
+    fn flush_confirms(&mut self) {
+        if self.state != State::Running {
+            return;
+        }
+        for ch in self.channels.values_mut() {
+            ch.flush_confirms(&mut self.out);
+        }
+    }
+
+    /// Releases everything the connection holds: unacked messages go back to
+    /// their queues (redelivered), consumers are cancelled, exclusive queues
+    /// deleted.
+    fn release_resources(&mut self) {
+        let vhost = self.vhost.clone();
+        for (_, mut ch) in self.channels.drain() {
+            ch.release(vhost.as_deref());
+        }
+        if let Some(vhost) = vhost.as_deref() {
+            for q in self.exclusive_queues.drain(..) {
+                vhost.remove_queue(&q);
+            }
+        }
+        // Deliveries already in the outbox go back to their queues too.
+        for item in self.outbox.drain() {
+            if let Outgoing::Deliver(d) = item {
+                if !d.consumer.no_ack() {
+                    d.consumer.release(1);
+                    d.queue.requeue(vec![d.message]);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.release_resources();
+    }
+}
+
+/// PLAIN: `authzid \0 authcid \0 password` (authzid ignored).
+fn parse_plain(response: &[u8]) -> Option<(String, Vec<u8>)> {
+    let mut parts = response.splitn(3, |b| *b == 0);
+    let _authzid = parts.next()?;
+    let user = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let pass = parts.next()?.to_vec();
+    Some((user, pass))
+}
+
+/// AMQPLAIN: a field table without its length prefix, holding LOGIN and PASSWORD.
+fn parse_amqplain(response: &Bytes) -> Option<(String, Vec<u8>)> {
+    let table = codec::decode_table_body(response).ok()?;
+    let user = table.get_str("LOGIN")?.to_owned();
+    let pass = match table.get("PASSWORD")? {
+        FieldValue::LongStr(b) | FieldValue::ByteArray(b) => b.to_vec(),
+        _ => return None,
+    };
+    Some((user, pass))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_response_parses() {
+        assert_eq!(parse_plain(b"\0guest\0pw"), Some(("guest".into(), b"pw".to_vec())));
+        assert_eq!(parse_plain(b"guest"), None);
+    }
+}
