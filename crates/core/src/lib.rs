@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod broker;
 pub mod consumer;
+pub mod deadletter;
 pub mod error;
 pub mod exchange;
 pub mod field;

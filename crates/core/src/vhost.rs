@@ -11,12 +11,13 @@ use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
 use crate::consumer::Consumer;
+use crate::deadletter::{self, DeathReason};
 use crate::error::{CoreError, CoreResult};
 use crate::exchange::{Destination, DestinationName, Exchange, ExchangeKind, ExchangeOptions};
 use crate::field::{FieldTable, FieldValue};
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
-use crate::queue::{Queue, QueueOptions};
+use crate::queue::{Queue, QueueOptions, QueuedMessage};
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -586,6 +587,32 @@ impl VHost {
             }
         }
         Ok(out)
+    }
+
+    /// Dead-letters messages a queue gives up on to its dead-letter exchange (if
+    /// it has one), then settles them in the queue.
+    pub fn dead_letter(
+        &self,
+        queue: &Queue,
+        messages: &[QueuedMessage],
+        reason: DeathReason,
+        now_secs: u64,
+    ) {
+        if let Some((exchange, routing_key)) = deadletter::target(queue) {
+            for m in messages {
+                let copy = deadletter::dead_lettered(
+                    &m.message,
+                    &queue.name,
+                    reason,
+                    exchange,
+                    routing_key,
+                    now_secs,
+                );
+                // A missing dead-letter exchange drops the message, as in RabbitMQ.
+                let _ = self.publish(copy);
+            }
+        }
+        queue.settle(messages);
     }
 
     // ---- direct reply-to ----

@@ -48,8 +48,13 @@ const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serves one AMQP connection until it closes or `shutdown` fires (then the
 /// client gets connection.close 320 CONNECTION_FORCED).
-pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, settings: Arc<AmqpSettings>, shutdown: CancellationToken)
-where
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    settings: Arc<AmqpSettings>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -87,7 +92,14 @@ where
         if input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
-        let timer = next_timer(&session, started, handshake_deadline, last_read, last_write, closing_deadline);
+        let timer = next_timer(
+            &session,
+            started,
+            handshake_deadline,
+            last_read,
+            last_write,
+            closing_deadline,
+        );
 
         tokio::select! {
             written = writer.write_buf(&mut output), if !output.is_empty() => match written {

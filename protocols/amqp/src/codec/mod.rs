@@ -331,7 +331,10 @@ pub fn encode_frame(buf: &mut BytesMut, frame: &Frame) {
 /// Decodes the entries of a field table that comes without its 4-byte length
 /// prefix: the AMQPLAIN response to connection.start-ok is such a table.
 pub fn decode_table_body(body: &Bytes) -> Result<switchyard_core::FieldTable, CodecError> {
-    let len = u32::try_from(body.len()).map_err(|_| CodecError::Syntax { offset: 0, what: "table too long" })?;
+    let len = u32::try_from(body.len()).map_err(|_| CodecError::Syntax {
+        offset: 0,
+        what: "table too long",
+    })?;
     let mut framed = BytesMut::with_capacity(body.len() + 4);
     framed.put_u32(len);
     framed.put_slice(body);

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use switchyard_core::auth::{Access, Resource};
 use switchyard_core::consumer::{Consumer, ConsumerOptions, Credit, Delivery, Outbox};
+use switchyard_core::deadletter::DeathReason;
 use switchyard_core::exchange::ExchangeOptions;
 use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
 use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, VHost, DIRECT_REPLY_TO};
@@ -37,7 +38,10 @@ pub(crate) struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn check(&self, access: Access, resource: Resource, name: &str) -> Result<(), MethodError> {
-        self.broker.auth.check(self.user, &self.vhost.name, access, resource, name).map_err(MethodError::from)
+        self.broker
+            .auth
+            .check(self.user, &self.vhost.name, access, resource, name)
+            .map_err(MethodError::from)
     }
 
     /// Write permission on an exchange, cached: permissions change only with the
@@ -48,7 +52,8 @@ impl Ctx<'_> {
         }
         let result = self.check(Access::Write, Resource::Exchange, exchange);
         if self.write_allowed.len() < 1024 {
-            self.write_allowed.insert(exchange.to_owned(), result.is_ok());
+            self.write_allowed
+                .insert(exchange.to_owned(), result.is_ok());
         }
         result
     }
@@ -91,8 +96,15 @@ struct ConsumerEntry {
 /// An operation deferred by a transaction until tx.commit.
 #[derive(Debug)]
 enum TxOp {
-    Publish { message: Arc<Message>, mandatory: bool },
-    Settle { tag: u64, multiple: bool, requeue: Option<bool> },
+    Publish {
+        message: Arc<Message>,
+        mandatory: bool,
+    },
+    Settle {
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    },
 }
 
 pub(crate) struct Channel {
@@ -160,7 +172,10 @@ impl Channel {
 
     pub(crate) fn has_consumer(&self, consumer: &Arc<Consumer>) -> bool {
         !self.closing
-            && self.consumers.get(consumer.tag()).is_some_and(|e| Arc::ptr_eq(&e.consumer, consumer))
+            && self
+                .consumers
+                .get(consumer.tag())
+                .is_some_and(|e| Arc::ptr_eq(&e.consumer, consumer))
     }
 
     /// Drops a consumer the broker cancelled. Returns whether it was still known.
@@ -198,7 +213,10 @@ impl Channel {
             .into());
         };
         if class_id != codec::BASIC_CLASS_ID {
-            return Err(ConnError::unexpected_frame(format!("content header for class {class_id} instead of 60")).into());
+            return Err(ConnError::unexpected_frame(format!(
+                "content header for class {class_id} instead of 60"
+            ))
+            .into());
         }
         let max = u64::try_from(settings.max_message_size).unwrap_or(u64::MAX);
         if body_size > max {
@@ -224,7 +242,10 @@ impl Channel {
             .into());
         };
         let Some((size, _)) = content.header.as_ref() else {
-            return Err(ConnError::unexpected_frame("expected content header for class 60, got non content header frame instead").into());
+            return Err(ConnError::unexpected_frame(
+                "expected content header for class 60, got non content header frame instead",
+            )
+            .into());
         };
         let size = usize::try_from(*size).unwrap_or(usize::MAX);
         let have = content.body.len() + content.single.as_ref().map_or(0, Bytes::len);
@@ -247,7 +268,11 @@ impl Channel {
             content.body.extend_from_slice(&payload);
         }
         let have = content.body.len() + content.single.as_ref().map_or(0, Bytes::len);
-        Ok(if have == size { self.take_content() } else { None })
+        Ok(if have == size {
+            self.take_content()
+        } else {
+            None
+        })
     }
 
     fn take_content(&mut self) -> Option<Published> {
@@ -258,7 +283,11 @@ impl Channel {
     }
 
     /// Routes a complete message (or defers it to tx.commit).
-    pub(crate) fn publish(&mut self, ctx: &mut Ctx<'_>, (publish, mut properties, body): Published) -> Result<(), MethodError> {
+    pub(crate) fn publish(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        (publish, mut properties, body): Published,
+    ) -> Result<(), MethodError> {
         *ctx.has_published = true;
         ctx.check_publish(&publish.exchange)?;
         if let Some(user_id) = properties.user_id.as_deref() {
@@ -271,7 +300,9 @@ impl Channel {
         }
         if let Some(exp) = properties.expiration.as_deref() {
             if exp.parse::<u64>().is_err() {
-                return Err(MethodError::precondition(format!("invalid expiration '{exp}'")));
+                return Err(MethodError::precondition(format!(
+                    "invalid expiration '{exp}'"
+                )));
             }
         }
         if properties.reply_to.as_deref() == Some(DIRECT_REPLY_TO) {
@@ -284,8 +315,13 @@ impl Channel {
         let message = Message::new(publish.exchange, publish.routing_key, properties, body);
         if let Some(ops) = self.tx.as_mut() {
             // The exchange must exist now, though the routing happens at commit.
-            ctx.vhost.exchange(&message.exchange).map_err(MethodError::from)?;
-            ops.push(TxOp::Publish { message, mandatory: publish.mandatory });
+            ctx.vhost
+                .exchange(&message.exchange)
+                .map_err(MethodError::from)?;
+            ops.push(TxOp::Publish {
+                message,
+                mandatory: publish.mandatory,
+            });
             return Ok(());
         }
         self.route(ctx, message, publish.mandatory)?;
@@ -295,8 +331,16 @@ impl Channel {
         Ok(())
     }
 
-    fn route(&mut self, ctx: &mut Ctx<'_>, message: Arc<Message>, mandatory: bool) -> Result<(), MethodError> {
-        let routed = ctx.vhost.publish(message.clone()).map_err(MethodError::from)?;
+    fn route(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        message: Arc<Message>,
+        mandatory: bool,
+    ) -> Result<(), MethodError> {
+        let routed = ctx
+            .vhost
+            .publish(message.clone())
+            .map_err(MethodError::from)?;
         if routed.queues == 0 && mandatory {
             let ret = codec::BasicReturn {
                 reply_code: reply_code::NO_ROUTE,
@@ -304,7 +348,14 @@ impl Channel {
                 exchange: message.exchange.clone(),
                 routing_key: message.routing_key.clone(),
             };
-            codec::encode_content(ctx.out, self.id, &Method::from(ret), &message.properties, &message.body, ctx.frame_max);
+            codec::encode_content(
+                ctx.out,
+                self.id,
+                &Method::from(ret),
+                &message.properties,
+                &message.body,
+                ctx.frame_max,
+            );
         }
         Ok(())
     }
@@ -312,7 +363,10 @@ impl Channel {
     /// Sends the confirms earned since the last call in one basic.ack.
     pub(crate) fn flush_confirms(&mut self, out: &mut BytesMut) {
         if self.confirm && self.publish_seq > self.confirmed && !self.closing {
-            let ack = codec::BasicAck { delivery_tag: self.publish_seq, multiple: self.publish_seq > self.confirmed + 1 };
+            let ack = codec::BasicAck {
+                delivery_tag: self.publish_seq,
+                multiple: self.publish_seq > self.confirmed + 1,
+            };
             codec::encode_method(out, self.id, &Method::from(ack));
             self.confirmed = self.publish_seq;
         }
@@ -331,18 +385,36 @@ impl Channel {
             exchange: msg.exchange.clone(),
             routing_key: msg.routing_key.clone(),
         };
-        codec::encode_content(out, self.id, &Method::from(deliver), &msg.properties, &msg.body, frame_max);
+        codec::encode_content(
+            out,
+            self.id,
+            &Method::from(deliver),
+            &msg.properties,
+            &msg.body,
+            frame_max,
+        );
         if !d.consumer.no_ack() {
-            self.unacked.push_back(Unacked { tag, queue: d.queue, message: d.message, consumer: Some(d.consumer) });
+            self.unacked.push_back(Unacked {
+                tag,
+                queue: d.queue,
+                message: d.message,
+                consumer: Some(d.consumer),
+            });
         }
     }
 
     /// Takes the unacked entries an ack/nack/reject names.
     fn take_unacked(&mut self, tag: u64, multiple: bool) -> Result<Vec<Unacked>, MethodError> {
         if multiple {
-            let n = if tag == 0 { self.unacked.len() } else { self.unacked.partition_point(|u| u.tag <= tag) };
+            let n = if tag == 0 {
+                self.unacked.len()
+            } else {
+                self.unacked.partition_point(|u| u.tag <= tag)
+            };
             if n == 0 && tag != 0 {
-                return Err(MethodError::precondition(format!("unknown delivery tag {tag}")));
+                return Err(MethodError::precondition(format!(
+                    "unknown delivery tag {tag}"
+                )));
             }
             return Ok(self.unacked.drain(..n).collect());
         }
@@ -354,9 +426,15 @@ impl Channel {
     }
 
     /// Acks (`requeue` None), or nacks/rejects with or without requeue.
-    fn settle(&mut self, tag: u64, multiple: bool, requeue: Option<bool>) -> Result<(), MethodError> {
+    fn settle(
+        &mut self,
+        vhost: &VHost,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Result<(), MethodError> {
         let entries = self.take_unacked(tag, multiple)?;
-        settle_entries(entries, requeue.unwrap_or(false), requeue.is_none());
+        settle_entries(entries, Outcome::of(requeue), Some(vhost));
         self.redispatch();
         Ok(())
     }
@@ -367,7 +445,7 @@ impl Channel {
         self.content = None;
         self.tx = None;
         let entries: Vec<Unacked> = self.unacked.drain(..).collect();
-        settle_entries(entries, true, false);
+        settle_entries(entries, Outcome::Requeue, vhost);
         for (_, e) in self.consumers.drain() {
             e.consumer.deactivate();
             match (&e.reply_to, vhost) {
@@ -388,15 +466,28 @@ impl Channel {
         match method {
             Method::BasicPublish(m) => {
                 // The exchange is checked when the content is complete (as RabbitMQ).
-                self.content = Some(Content { publish: m, header: None, body: BytesMut::new(), single: None });
+                self.content = Some(Content {
+                    publish: m,
+                    header: None,
+                    body: BytesMut::new(),
+                    single: None,
+                });
                 Ok(())
             }
-            Method::BasicAck(m) => self.ack_or_defer(m.delivery_tag, m.multiple, None),
-            Method::BasicNack(m) => self.ack_or_defer(m.delivery_tag, m.multiple, Some(m.requeue)),
-            Method::BasicReject(m) => self.ack_or_defer(m.delivery_tag, false, Some(m.requeue)),
+            Method::BasicAck(m) => self.ack_or_defer(ctx.vhost, m.delivery_tag, m.multiple, None),
+            Method::BasicNack(m) => {
+                self.ack_or_defer(ctx.vhost, m.delivery_tag, m.multiple, Some(m.requeue))
+            }
+            Method::BasicReject(m) => {
+                self.ack_or_defer(ctx.vhost, m.delivery_tag, false, Some(m.requeue))
+            }
             Method::BasicQos(m) => {
                 if m.prefetch_size != 0 {
-                    return Err(ConnError::not_implemented(format!("prefetch_size!=0 ({})", m.prefetch_size)).into());
+                    return Err(ConnError::not_implemented(format!(
+                        "prefetch_size!=0 ({})",
+                        m.prefetch_size
+                    ))
+                    .into());
                 }
                 if m.global {
                     self.shared_credit.set_limit(u32::from(m.prefetch_count));
@@ -420,7 +511,12 @@ impl Channel {
                     }
                 }
                 if !m.no_wait {
-                    ctx.send(id, codec::BasicCancelOk { consumer_tag: m.consumer_tag });
+                    ctx.send(
+                        id,
+                        codec::BasicCancelOk {
+                            consumer_tag: m.consumer_tag,
+                        },
+                    );
                 }
                 Ok(())
             }
@@ -443,7 +539,8 @@ impl Channel {
             Method::ExchangeBind(m) => {
                 ctx.check(Access::Write, Resource::Exchange, &m.destination)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.source)?;
-                ctx.vhost.bind_exchange(&m.destination, &m.source, &m.routing_key, m.arguments)?;
+                ctx.vhost
+                    .bind_exchange(&m.destination, &m.source, &m.routing_key, m.arguments)?;
                 if !m.no_wait {
                     ctx.send(id, codec::ExchangeBindOk {});
                 }
@@ -452,7 +549,12 @@ impl Channel {
             Method::ExchangeUnbind(m) => {
                 ctx.check(Access::Write, Resource::Exchange, &m.destination)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.source)?;
-                ctx.vhost.unbind_exchange(&m.destination, &m.source, &m.routing_key, &m.arguments)?;
+                ctx.vhost.unbind_exchange(
+                    &m.destination,
+                    &m.source,
+                    &m.routing_key,
+                    &m.arguments,
+                )?;
                 if !m.no_wait {
                     ctx.send(id, codec::ExchangeUnbindOk {});
                 }
@@ -463,7 +565,13 @@ impl Channel {
                 let queue = self.queue_name(&m.queue)?;
                 ctx.check(Access::Write, Resource::Queue, &queue)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.exchange)?;
-                ctx.vhost.bind_queue(&queue, &m.exchange, &m.routing_key, m.arguments, ctx.connection)?;
+                ctx.vhost.bind_queue(
+                    &queue,
+                    &m.exchange,
+                    &m.routing_key,
+                    m.arguments,
+                    ctx.connection,
+                )?;
                 if !m.no_wait {
                     ctx.send(id, codec::QueueBindOk {});
                 }
@@ -473,7 +581,13 @@ impl Channel {
                 let queue = self.queue_name(&m.queue)?;
                 ctx.check(Access::Write, Resource::Queue, &queue)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.exchange)?;
-                ctx.vhost.unbind_queue(&queue, &m.exchange, &m.routing_key, &m.arguments, ctx.connection)?;
+                ctx.vhost.unbind_queue(
+                    &queue,
+                    &m.exchange,
+                    &m.routing_key,
+                    &m.arguments,
+                    ctx.connection,
+                )?;
                 ctx.send(id, codec::QueueUnbindOk {});
                 Ok(())
             }
@@ -482,23 +596,37 @@ impl Channel {
                 ctx.check(Access::Read, Resource::Queue, &queue)?;
                 let n = ctx.vhost.purge_queue(&queue, ctx.connection)?;
                 if !m.no_wait {
-                    ctx.send(id, codec::QueuePurgeOk { message_count: count(n) });
+                    ctx.send(
+                        id,
+                        codec::QueuePurgeOk {
+                            message_count: count(n),
+                        },
+                    );
                 }
                 Ok(())
             }
             Method::QueueDelete(m) => {
                 let queue = self.queue_name(&m.queue)?;
                 ctx.check(Access::Configure, Resource::Queue, &queue)?;
-                let n = ctx.vhost.delete_queue(&queue, m.if_unused, m.if_empty, ctx.connection)?;
+                let n = ctx
+                    .vhost
+                    .delete_queue(&queue, m.if_unused, m.if_empty, ctx.connection)?;
                 ctx.exclusive_queues.retain(|q| q.name != queue);
                 if !m.no_wait {
-                    ctx.send(id, codec::QueueDeleteOk { message_count: count(n) });
+                    ctx.send(
+                        id,
+                        codec::QueueDeleteOk {
+                            message_count: count(n),
+                        },
+                    );
                 }
                 Ok(())
             }
             Method::ConfirmSelect(m) => {
                 if self.tx.is_some() {
-                    return Err(MethodError::precondition("cannot switch from tx to confirm mode"));
+                    return Err(MethodError::precondition(
+                        "cannot switch from tx to confirm mode",
+                    ));
                 }
                 self.confirm = true;
                 if !m.no_wait {
@@ -508,25 +636,39 @@ impl Channel {
             }
             Method::TxSelect(_) => {
                 if self.confirm {
-                    return Err(MethodError::precondition("cannot switch from confirm to tx mode"));
+                    return Err(MethodError::precondition(
+                        "cannot switch from confirm to tx mode",
+                    ));
                 }
                 self.tx.get_or_insert_with(Vec::new);
                 ctx.send(id, codec::TxSelectOk {});
                 Ok(())
             }
             Method::TxCommit(_) => {
-                let ops = self.tx.replace(Vec::new()).ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
+                let ops = self
+                    .tx
+                    .replace(Vec::new())
+                    .ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
                 for op in ops {
                     match op {
-                        TxOp::Publish { message, mandatory } => self.route(ctx, message, mandatory)?,
-                        TxOp::Settle { tag, multiple, requeue } => self.settle(tag, multiple, requeue)?,
+                        TxOp::Publish { message, mandatory } => {
+                            self.route(ctx, message, mandatory)?
+                        }
+                        TxOp::Settle {
+                            tag,
+                            multiple,
+                            requeue,
+                        } => self.settle(ctx.vhost, tag, multiple, requeue)?,
                     }
                 }
                 ctx.send(id, codec::TxCommitOk {});
                 Ok(())
             }
             Method::TxRollback(_) => {
-                let ops = self.tx.as_mut().ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
+                let ops = self
+                    .tx
+                    .as_mut()
+                    .ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
                 ops.clear();
                 ctx.send(id, codec::TxRollbackOk {});
                 Ok(())
@@ -550,13 +692,23 @@ impl Channel {
         }
     }
 
-    fn ack_or_defer(&mut self, tag: u64, multiple: bool, requeue: Option<bool>) -> Result<(), MethodError> {
+    fn ack_or_defer(
+        &mut self,
+        vhost: &VHost,
+        tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Result<(), MethodError> {
         match self.tx.as_mut() {
             Some(ops) => {
-                ops.push(TxOp::Settle { tag, multiple, requeue });
+                ops.push(TxOp::Settle {
+                    tag,
+                    multiple,
+                    requeue,
+                });
                 Ok(())
             }
-            None => self.settle(tag, multiple, requeue),
+            None => self.settle(vhost, tag, multiple, requeue),
         }
     }
 
@@ -565,7 +717,7 @@ impl Channel {
             return Err(ConnError::not_implemented("requeue=false").into());
         }
         let entries: Vec<Unacked> = self.unacked.drain(..).collect();
-        settle_entries(entries, true, false);
+        settle_entries(entries, Outcome::Requeue, None);
         Ok(())
     }
 
@@ -579,9 +731,15 @@ impl Channel {
             .ok_or_else(|| MethodError::not_found("no previously declared queue"))
     }
 
-    fn exchange_declare(&mut self, ctx: &mut Ctx<'_>, m: codec::ExchangeDeclare) -> Result<(), MethodError> {
+    fn exchange_declare(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        m: codec::ExchangeDeclare,
+    ) -> Result<(), MethodError> {
         if m.exchange.is_empty() && !m.passive {
-            return Err(MethodError::access_refused("operation not permitted on the default exchange"));
+            return Err(MethodError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
         }
         if !m.passive {
             ctx.check(Access::Configure, Resource::Exchange, &m.exchange)?;
@@ -594,7 +752,12 @@ impl Channel {
             name: m.exchange,
             kind: m.kind,
             passive: m.passive,
-            options: ExchangeOptions { durable: m.durable, auto_delete: m.auto_delete, internal: m.internal, arguments: m.arguments },
+            options: ExchangeOptions {
+                durable: m.durable,
+                auto_delete: m.auto_delete,
+                internal: m.internal,
+                arguments: m.arguments,
+            },
         })?;
         if !m.no_wait {
             ctx.send(self.id, codec::ExchangeDeclareOk {});
@@ -602,15 +765,31 @@ impl Channel {
         Ok(())
     }
 
-    fn queue_declare(&mut self, ctx: &mut Ctx<'_>, m: codec::QueueDeclare) -> Result<(), MethodError> {
+    fn queue_declare(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        m: codec::QueueDeclare,
+    ) -> Result<(), MethodError> {
         if m.passive && m.queue == DIRECT_REPLY_TO {
-            ctx.send(self.id, codec::QueueDeclareOk { queue: m.queue, message_count: 0, consumer_count: 0 });
+            ctx.send(
+                self.id,
+                codec::QueueDeclareOk {
+                    queue: m.queue,
+                    message_count: 0,
+                    consumer_count: 0,
+                },
+            );
             return Ok(());
         }
         let mut req = QueueDeclare {
             name: m.queue,
             passive: m.passive,
-            options: QueueOptions { durable: m.durable, exclusive: m.exclusive, auto_delete: m.auto_delete, arguments: m.arguments },
+            options: QueueOptions {
+                durable: m.durable,
+                exclusive: m.exclusive,
+                auto_delete: m.auto_delete,
+                arguments: m.arguments,
+            },
             connection: ctx.connection,
         };
         if req.name.is_empty() && !req.passive {
@@ -642,9 +821,15 @@ impl Channel {
     }
 
     fn consume(&mut self, ctx: &mut Ctx<'_>, m: codec::BasicConsume) -> Result<(), MethodError> {
-        let tag = if m.consumer_tag.is_empty() { VHost::generate_name("amq.ctag-") } else { m.consumer_tag.clone() };
+        let tag = if m.consumer_tag.is_empty() {
+            VHost::generate_name("amq.ctag-")
+        } else {
+            m.consumer_tag.clone()
+        };
         if self.consumers.contains_key(&tag) {
-            return Err(ConnError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")).into());
+            return Err(
+                ConnError::not_allowed(format!("attempt to reuse consumer tag '{tag}'")).into(),
+            );
         }
         let options = ConsumerOptions {
             tag: tag.clone(),
@@ -654,10 +839,17 @@ impl Channel {
             prefetch: self.consumer_prefetch,
             arguments: m.arguments,
         };
-        let consumer = Consumer::new(ctx.broker.next_id(), options, self.shared_credit.clone(), ctx.outbox.clone());
+        let consumer = Consumer::new(
+            ctx.broker.next_id(),
+            options,
+            self.shared_credit.clone(),
+            ctx.outbox.clone(),
+        );
         let entry = if m.queue == DIRECT_REPLY_TO {
             if !m.no_ack {
-                return Err(MethodError::precondition("reply consumer cannot acknowledge"));
+                return Err(MethodError::precondition(
+                    "reply consumer cannot acknowledge",
+                ));
             }
             if self.reply_to.is_some() {
                 return Err(MethodError::precondition("reply consumer already set"));
@@ -666,7 +858,11 @@ impl Channel {
             // client has consume-ok.
             let (address, queue) = ctx.vhost.open_reply_to(consumer.clone())?;
             self.reply_to = Some(address.clone());
-            ConsumerEntry { consumer, queue, reply_to: Some(address) }
+            ConsumerEntry {
+                consumer,
+                queue,
+                reply_to: Some(address),
+            }
         } else {
             let name = self.queue_name(&m.queue)?;
             ctx.check(Access::Read, Resource::Queue, &name)?;
@@ -675,7 +871,11 @@ impl Channel {
             // consume-ok must precede the first delivery; deliveries go through the
             // outbox, which is written after this method's reply.
             queue.add_consumer(consumer.clone())?;
-            ConsumerEntry { consumer, queue, reply_to: None }
+            ConsumerEntry {
+                consumer,
+                queue,
+                reply_to: None,
+            }
         };
         self.consumers.insert(tag.clone(), entry);
         if !m.no_wait {
@@ -690,7 +890,12 @@ impl Channel {
         let queue = ctx.vhost.queue(&name)?;
         ctx.vhost.check_owner(&queue, ctx.connection)?;
         let Some(got) = queue.get(m.no_ack) else {
-            ctx.send(self.id, codec::BasicGetEmpty { cluster_id: String::new() });
+            ctx.send(
+                self.id,
+                codec::BasicGetEmpty {
+                    cluster_id: String::new(),
+                },
+            );
             return Ok(());
         };
         let tag = self.next_tag;
@@ -703,17 +908,49 @@ impl Channel {
             routing_key: msg.routing_key.clone(),
             message_count: count(got.remaining),
         };
-        codec::encode_content(ctx.out, self.id, &Method::from(ok), &msg.properties, &msg.body, ctx.frame_max);
+        codec::encode_content(
+            ctx.out,
+            self.id,
+            &Method::from(ok),
+            &msg.properties,
+            &msg.body,
+            ctx.frame_max,
+        );
         if !m.no_ack {
-            self.unacked.push_back(Unacked { tag, queue, message: got.message, consumer: None });
+            self.unacked.push_back(Unacked {
+                tag,
+                queue,
+                message: got.message,
+                consumer: None,
+            });
         }
         Ok(())
     }
 }
 
-/// Settles unacked entries: `ack` removes them for good; otherwise `requeue`
-/// puts them back (redelivered) or drops them.
-fn settle_entries(entries: Vec<Unacked>, requeue: bool, ack: bool) {
+/// What to do with delivered messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Acked: gone for good.
+    Ack,
+    /// Back to the queue, marked redelivered.
+    Requeue,
+    /// Rejected without requeue: dead-lettered if the queue says so, else dropped.
+    Reject,
+}
+
+impl Outcome {
+    fn of(requeue: Option<bool>) -> Self {
+        match requeue {
+            None => Outcome::Ack,
+            Some(true) => Outcome::Requeue,
+            Some(false) => Outcome::Reject,
+        }
+    }
+}
+
+/// Settles unacked entries, one queue lock per queue for the batch.
+fn settle_entries(entries: Vec<Unacked>, outcome: Outcome, vhost: Option<&VHost>) {
     // Group per queue so each queue is locked once for the batch.
     let mut by_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
     for e in entries {
@@ -726,13 +963,21 @@ fn settle_entries(entries: Vec<Unacked>, requeue: bool, ack: bool) {
         }
     }
     for (queue, messages) in by_queue {
-        if requeue && !ack {
-            queue.requeue(messages);
-        } else {
-            // Acked, or rejected without requeue (dead-lettering hooks in here).
-            queue.settle(&messages);
+        match (outcome, vhost) {
+            (Outcome::Requeue, _) => queue.requeue(messages),
+            (Outcome::Reject, Some(vhost)) => {
+                vhost.dead_letter(&queue, &messages, DeathReason::Rejected, unix_now())
+            }
+            (Outcome::Ack | Outcome::Reject, _) => queue.settle(&messages),
         }
     }
+}
+
+/// Seconds since the Unix epoch, for `x-death` times.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn count(n: usize) -> u32 {

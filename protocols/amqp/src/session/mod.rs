@@ -71,7 +71,12 @@ pub(crate) struct ConnError {
 
 impl ConnError {
     fn new(code: u16, name: &str, text: impl std::fmt::Display) -> Self {
-        ConnError { code, text: format!("{name} - {text}"), class_id: 0, method_id: 0 }
+        ConnError {
+            code,
+            text: format!("{name} - {text}"),
+            class_id: 0,
+            method_id: 0,
+        }
     }
 
     fn during(mut self, method: &Method) -> Self {
@@ -111,13 +116,22 @@ pub(crate) enum MethodError {
 
 impl MethodError {
     pub(crate) fn precondition(text: impl std::fmt::Display) -> Self {
-        MethodError::Channel { code: reply_code::PRECONDITION_FAILED, text: format!("PRECONDITION_FAILED - {text}") }
+        MethodError::Channel {
+            code: reply_code::PRECONDITION_FAILED,
+            text: format!("PRECONDITION_FAILED - {text}"),
+        }
     }
     pub(crate) fn not_found(text: impl std::fmt::Display) -> Self {
-        MethodError::Channel { code: reply_code::NOT_FOUND, text: format!("NOT_FOUND - {text}") }
+        MethodError::Channel {
+            code: reply_code::NOT_FOUND,
+            text: format!("NOT_FOUND - {text}"),
+        }
     }
     pub(crate) fn access_refused(text: impl std::fmt::Display) -> Self {
-        MethodError::Channel { code: reply_code::ACCESS_REFUSED, text: format!("ACCESS_REFUSED - {text}") }
+        MethodError::Channel {
+            code: reply_code::ACCESS_REFUSED,
+            text: format!("ACCESS_REFUSED - {text}"),
+        }
     }
 }
 
@@ -136,10 +150,42 @@ impl From<CoreError> for MethodError {
             ErrorKind::AccessRefused => reply_code::ACCESS_REFUSED,
             ErrorKind::ResourceLocked => reply_code::RESOURCE_LOCKED,
             ErrorKind::PreconditionFailed => reply_code::PRECONDITION_FAILED,
-            ErrorKind::CommandInvalid => return ConnError { code: reply_code::COMMAND_INVALID, text, class_id: 0, method_id: 0 }.into(),
-            ErrorKind::NotAllowed => return ConnError { code: reply_code::NOT_ALLOWED, text, class_id: 0, method_id: 0 }.into(),
-            ErrorKind::ResourceError => return ConnError { code: reply_code::RESOURCE_ERROR, text, class_id: 0, method_id: 0 }.into(),
-            ErrorKind::NotImplemented => return ConnError { code: reply_code::NOT_IMPLEMENTED, text, class_id: 0, method_id: 0 }.into(),
+            ErrorKind::CommandInvalid => {
+                return ConnError {
+                    code: reply_code::COMMAND_INVALID,
+                    text,
+                    class_id: 0,
+                    method_id: 0,
+                }
+                .into()
+            }
+            ErrorKind::NotAllowed => {
+                return ConnError {
+                    code: reply_code::NOT_ALLOWED,
+                    text,
+                    class_id: 0,
+                    method_id: 0,
+                }
+                .into()
+            }
+            ErrorKind::ResourceError => {
+                return ConnError {
+                    code: reply_code::RESOURCE_ERROR,
+                    text,
+                    class_id: 0,
+                    method_id: 0,
+                }
+                .into()
+            }
+            ErrorKind::NotImplemented => {
+                return ConnError {
+                    code: reply_code::NOT_IMPLEMENTED,
+                    text,
+                    class_id: 0,
+                    method_id: 0,
+                }
+                .into()
+            }
         };
         MethodError::Channel { code, text }
     }
@@ -247,12 +293,17 @@ impl Session {
 
     /// Tells a blocked-aware client it is blocked or unblocked (alarm changes).
     pub fn set_blocked(&mut self, blocked: bool) {
-        if !self.capabilities.connection_blocked || blocked == self.blocked_sent || self.state != State::Running {
+        if !self.capabilities.connection_blocked
+            || blocked == self.blocked_sent
+            || self.state != State::Running
+        {
             return;
         }
         self.blocked_sent = blocked;
         let method = if blocked {
-            Method::from(codec::ConnectionBlocked { reason: "low on memory".into() })
+            Method::from(codec::ConnectionBlocked {
+                reason: "low on memory".into(),
+            })
         } else {
             Method::from(codec::ConnectionUnblocked {})
         };
@@ -315,19 +366,32 @@ impl Session {
             return;
         }
         tracing::warn!(peer = %self.peer, user = %self.user, code = e.code, text = %e.text, "closing AMQP connection");
-        let close = codec::ConnectionClose { reply_code: e.code, reply_text: e.text.clone(), class_id: e.class_id, method_id: e.method_id };
+        let close = codec::ConnectionClose {
+            reply_code: e.code,
+            reply_text: e.text.clone(),
+            class_id: e.class_id,
+            method_id: e.method_id,
+        };
         codec::encode_method(&mut self.out, 0, &Method::from(close));
         self.close_reason = Some(e.text);
         self.release_resources();
         // Before the connection is open the client may not answer close-ok; close
         // the socket after writing (RabbitMQ does the same for handshake errors).
-        self.state = if self.vhost.is_some() { State::Closing } else { State::Closed };
+        self.state = if self.vhost.is_some() {
+            State::Closing
+        } else {
+            State::Closed
+        };
     }
 
     /// The broker is shutting down: close with 320 CONNECTION_FORCED.
     pub fn shutdown(&mut self) {
         if self.state == State::Running {
-            self.close_connection(ConnError::new(reply_code::CONNECTION_FORCED, "CONNECTION_FORCED", "broker forced connection closure with reason 'shutdown'"));
+            self.close_connection(ConnError::new(
+                reply_code::CONNECTION_FORCED,
+                "CONNECTION_FORCED",
+                "broker forced connection closure with reason 'shutdown'",
+            ));
         } else {
             self.finish("broker shutdown".into());
         }
@@ -347,9 +411,16 @@ impl Session {
             State::Closing => {
                 // Only close-ok (or a crossing close) matters now.
                 if let Frame::Method { channel: 0, method } = frame {
-                    if matches!(method, Method::ConnectionCloseOk(_) | Method::ConnectionClose(_)) {
+                    if matches!(
+                        method,
+                        Method::ConnectionCloseOk(_) | Method::ConnectionClose(_)
+                    ) {
                         if matches!(method, Method::ConnectionClose(_)) {
-                            codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionCloseOk {}));
+                            codec::encode_method(
+                                &mut self.out,
+                                0,
+                                &Method::from(codec::ConnectionCloseOk {}),
+                            );
                         }
                         self.state = State::Closed;
                     }
@@ -377,10 +448,17 @@ impl Session {
                 }
                 self.handle_channel_method(channel, method)
             }
-            Frame::Header { channel, class_id, body_size, properties } => {
-                self.handle_content(channel, |ch, settings| ch.handle_header(class_id, body_size, properties, settings))
+            Frame::Header {
+                channel,
+                class_id,
+                body_size,
+                properties,
+            } => self.handle_content(channel, |ch, settings| {
+                ch.handle_header(class_id, body_size, properties, settings)
+            }),
+            Frame::Body { channel, payload } => {
+                self.handle_content(channel, |ch, _| ch.handle_body(payload))
             }
-            Frame::Body { channel, payload } => self.handle_content(channel, |ch, _| ch.handle_body(payload)),
         }
     }
 
@@ -389,13 +467,20 @@ impl Session {
     fn handle_content(
         &mut self,
         id: u16,
-        piece: impl FnOnce(&mut Channel, &AmqpSettings) -> Result<Option<channel::Published>, MethodError>,
+        piece: impl FnOnce(
+            &mut Channel,
+            &AmqpSettings,
+        ) -> Result<Option<channel::Published>, MethodError>,
     ) -> Result<(), ConnError> {
         if self.state != State::Running || id == 0 {
-            return Err(ConnError::unexpected_frame(format!("content frame on channel {id}")));
+            return Err(ConnError::unexpected_frame(format!(
+                "content frame on channel {id}"
+            )));
         }
         let Some(ch) = self.channels.get_mut(&id) else {
-            return Err(ConnError::channel_error(format!("expected 'channel.open' on channel {id}")));
+            return Err(ConnError::channel_error(format!(
+                "expected 'channel.open' on channel {id}"
+            )));
         };
         if ch.is_closing() {
             return Ok(());
@@ -405,7 +490,12 @@ impl Session {
             Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
-        self.method_result(id, result, codec::BasicPublish::CLASS_ID, codec::BasicPublish::METHOD_ID)
+        self.method_result(
+            id,
+            result,
+            codec::BasicPublish::CLASS_ID,
+            codec::BasicPublish::METHOD_ID,
+        )
     }
 
     /// Runs `f` on channel `id` with the connection-wide context.
@@ -414,11 +504,13 @@ impl Session {
         id: u16,
         f: impl FnOnce(&mut Channel, &mut channel::Ctx<'_>) -> Result<(), MethodError>,
     ) -> Result<(), MethodError> {
-        let vhost = self.vhost.as_ref().ok_or_else(|| ConnError::command_invalid("connection not open"))?;
-        let ch = self
-            .channels
-            .get_mut(&id)
-            .ok_or_else(|| ConnError::channel_error(format!("expected 'channel.open' on channel {id}")))?;
+        let vhost = self
+            .vhost
+            .as_ref()
+            .ok_or_else(|| ConnError::command_invalid("connection not open"))?;
+        let ch = self.channels.get_mut(&id).ok_or_else(|| {
+            ConnError::channel_error(format!("expected 'channel.open' on channel {id}"))
+        })?;
         let mut ctx = channel::Ctx {
             broker: &self.broker,
             vhost,
@@ -436,7 +528,13 @@ impl Session {
 
     /// Turns a channel method's error into channel.close (soft) or a connection
     /// error (hard).
-    fn method_result(&mut self, id: u16, result: Result<(), MethodError>, class_id: u16, method_id: u16) -> Result<(), ConnError> {
+    fn method_result(
+        &mut self,
+        id: u16,
+        result: Result<(), MethodError>,
+        class_id: u16,
+        method_id: u16,
+    ) -> Result<(), ConnError> {
         match result {
             Ok(()) => Ok(()),
             Err(MethodError::Connection(mut e)) => {
@@ -475,7 +573,10 @@ impl Session {
             ("capabilities".to_owned(), FieldValue::Table(capabilities)),
             ("cluster_name".to_owned(), s("switchyard")),
             ("copyright".to_owned(), s("Switchyard contributors")),
-            ("information".to_owned(), s("Switchyard: one broker for AMQP 0-9-1, MQTT and STOMP")),
+            (
+                "information".to_owned(),
+                s("Switchyard: one broker for AMQP 0-9-1, MQTT and STOMP"),
+            ),
             ("platform".to_owned(), s("Rust")),
             ("product".to_owned(), s("Switchyard")),
             ("version".to_owned(), s(env!("CARGO_PKG_VERSION"))),
@@ -510,16 +611,30 @@ impl Session {
             (State::Running, Method::ConnectionUpdateSecret(_)) => {
                 // Only PLAIN/AMQPLAIN logins exist, so there is no token to refresh;
                 // acknowledging keeps OAuth-minded clients working.
-                codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionUpdateSecretOk {}));
+                codec::encode_method(
+                    &mut self.out,
+                    0,
+                    &Method::from(codec::ConnectionUpdateSecretOk {}),
+                );
                 Ok(())
             }
-            (State::Running, Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_)) => Ok(()),
-            (_, m) => Err(ConnError::command_invalid(format!("unexpected method '{}' on channel 0", m.name())).during(&m)),
+            (State::Running, Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_)) => {
+                Ok(())
+            }
+            (_, m) => Err(ConnError::command_invalid(format!(
+                "unexpected method '{}' on channel 0",
+                m.name()
+            ))
+            .during(&m)),
         }
     }
 
     fn handle_start_ok(&mut self, m: codec::ConnectionStartOk) -> Result<(), ConnError> {
-        if let Some(caps) = m.client_properties.get("capabilities").and_then(FieldValue::as_table) {
+        if let Some(caps) = m
+            .client_properties
+            .get("capabilities")
+            .and_then(FieldValue::as_table)
+        {
             let on = |name: &str| caps.get_bool(name).unwrap_or(false);
             self.capabilities = ClientCapabilities {
                 consumer_cancel_notify: on("consumer_cancel_notify"),
@@ -531,16 +646,20 @@ impl Session {
             "PLAIN" => parse_plain(&m.response),
             "AMQPLAIN" => parse_amqplain(&m.response),
             other => {
-                return Err(ConnError::command_invalid(format!("unknown authentication mechanism '{other}'")));
+                return Err(ConnError::command_invalid(format!(
+                    "unknown authentication mechanism '{other}'"
+                )));
             }
         };
-        let login = credentials.ok_or_else(|| "malformed credentials".to_owned()).and_then(|(user, pass)| {
-            self.broker
-                .auth
-                .login(&user, &pass, Some(self.peer.ip()))
-                .map(|u| u.name.clone())
-                .map_err(|e| e.to_string())
-        });
+        let login = credentials
+            .ok_or_else(|| "malformed credentials".to_owned())
+            .and_then(|(user, pass)| {
+                self.broker
+                    .auth
+                    .login(&user, &pass, Some(self.peer.ip()))
+                    .map(|u| u.name.clone())
+                    .map_err(|e| e.to_string())
+            });
         match login {
             Ok(user) => {
                 self.user = user;
@@ -560,7 +679,11 @@ impl Session {
                     m.mechanism
                 );
                 if self.capabilities.authentication_failure_close {
-                    self.close_connection(ConnError::new(reply_code::ACCESS_REFUSED, "ACCESS_REFUSED", text));
+                    self.close_connection(ConnError::new(
+                        reply_code::ACCESS_REFUSED,
+                        "ACCESS_REFUSED",
+                        text,
+                    ));
                 }
                 self.finish(format!("login refused: {why}"));
                 Ok(())
@@ -570,7 +693,11 @@ impl Session {
 
     fn handle_tune_ok(&mut self, m: codec::ConnectionTuneOk) -> Result<(), ConnError> {
         let server_max = self.settings.frame_max;
-        let frame_max = if m.frame_max == 0 { server_max } else { m.frame_max };
+        let frame_max = if m.frame_max == 0 {
+            server_max
+        } else {
+            m.frame_max
+        };
         if frame_max < codec::FRAME_MIN_SIZE {
             return Err(ConnError::not_allowed(format!(
                 "frame_max={frame_max} < {} min size",
@@ -578,10 +705,16 @@ impl Session {
             )));
         }
         if frame_max > server_max {
-            return Err(ConnError::not_allowed(format!("frame_max={frame_max} > {server_max} max size")));
+            return Err(ConnError::not_allowed(format!(
+                "frame_max={frame_max} > {server_max} max size"
+            )));
         }
         let server_channels = self.settings.channel_max;
-        let channel_max = if m.channel_max == 0 { server_channels } else { m.channel_max };
+        let channel_max = if m.channel_max == 0 {
+            server_channels
+        } else {
+            m.channel_max
+        };
         if channel_max > server_channels {
             return Err(ConnError::not_allowed(format!(
                 "negotiated channel_max = {channel_max} is higher than the maximum allowed value ({server_channels})"
@@ -601,9 +734,18 @@ impl Session {
             .broker
             .vhost(&name)
             .map_err(|_| ConnError::not_allowed(format!("vhost {name} not found")))?;
-        self.broker.auth.check_vhost(&self.user, &name).map_err(|e| ConnError::not_allowed(e.text))?;
+        self.broker
+            .auth
+            .check_vhost(&self.user, &name)
+            .map_err(|e| ConnError::not_allowed(e.text))?;
         self.vhost = Some(vhost);
-        codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionOpenOk { known_hosts: String::new() }));
+        codec::encode_method(
+            &mut self.out,
+            0,
+            &Method::from(codec::ConnectionOpenOk {
+                known_hosts: String::new(),
+            }),
+        );
         self.state = State::Running;
         tracing::debug!(peer = %self.peer, user = %self.user, vhost = %name, "AMQP connection open");
         Ok(())
@@ -621,14 +763,26 @@ impl Session {
         }
         if let Method::ChannelOpen(_) = method {
             if self.channels.contains_key(&id) {
-                return Err(ConnError::channel_error(format!("second 'channel.open' seen on channel {id}")).during(&method));
+                return Err(ConnError::channel_error(format!(
+                    "second 'channel.open' seen on channel {id}"
+                ))
+                .during(&method));
             }
             self.channels.insert(id, Channel::new(id));
-            codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelOpenOk { channel_id: Bytes::new() }));
+            codec::encode_method(
+                &mut self.out,
+                id,
+                &Method::from(codec::ChannelOpenOk {
+                    channel_id: Bytes::new(),
+                }),
+            );
             return Ok(());
         }
         let Some(channel) = self.channels.get_mut(&id) else {
-            return Err(ConnError::channel_error(format!("expected 'channel.open' on channel {id}")).during(&method));
+            return Err(ConnError::channel_error(format!(
+                "expected 'channel.open' on channel {id}"
+            ))
+            .during(&method));
         };
         if channel.is_closing() {
             // After our channel.close only close-ok (or a crossing close) counts.
@@ -637,7 +791,11 @@ impl Session {
                     self.channels.remove(&id);
                 }
                 Method::ChannelClose(_) => {
-                    codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelCloseOk {}));
+                    codec::encode_method(
+                        &mut self.out,
+                        id,
+                        &Method::from(codec::ChannelCloseOk {}),
+                    );
                 }
                 _ => {}
             }
@@ -674,7 +832,12 @@ impl Session {
             ch.release(vhost.as_deref());
             ch.set_closing();
         }
-        let close = codec::ChannelClose { reply_code: code, reply_text: text, class_id, method_id };
+        let close = codec::ChannelClose {
+            reply_code: code,
+            reply_text: text,
+            class_id,
+            method_id,
+        };
         codec::encode_method(&mut self.out, id, &Method::from(close));
     }
 
@@ -687,7 +850,10 @@ impl Session {
         for item in items {
             match item {
                 Outgoing::Deliver(d) => {
-                    let live = self.channels.get(&d.consumer.options.channel).is_some_and(|ch| ch.has_consumer(&d.consumer));
+                    let live = self
+                        .channels
+                        .get(&d.consumer.options.channel)
+                        .is_some_and(|ch| ch.has_consumer(&d.consumer));
                     if !live || self.state != State::Running {
                         // Cancelled or closed while the delivery was in flight: put it back.
                         if !d.consumer.no_ack() {
@@ -705,7 +871,10 @@ impl Session {
                     let notify = self.capabilities.consumer_cancel_notify;
                     if let Some(ch) = self.channels.get_mut(&consumer.options.channel) {
                         if ch.forget_consumer(&consumer) && notify && self.state == State::Running {
-                            let cancel = codec::BasicCancel { consumer_tag: consumer.tag().to_owned(), no_wait: true };
+                            let cancel = codec::BasicCancel {
+                                consumer_tag: consumer.tag().to_owned(),
+                                no_wait: true,
+                            };
                             codec::encode_method(&mut self.out, ch.id(), &Method::from(cancel));
                         }
                     }
@@ -788,7 +957,10 @@ mod tests {
 
     #[test]
     fn plain_response_parses() {
-        assert_eq!(parse_plain(b"\0guest\0pw"), Some(("guest".into(), b"pw".to_vec())));
+        assert_eq!(
+            parse_plain(b"\0guest\0pw"),
+            Some(("guest".into(), b"pw".to_vec()))
+        );
         assert_eq!(parse_plain(b"guest"), None);
     }
 }

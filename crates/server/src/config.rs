@@ -1,0 +1,557 @@
+//! The configuration file, exactly as the shipped `config.toml` documents it.
+//!
+//! Every key has the default written next to it in `config.toml`; a key left out
+//! takes that default. Two rules need a word:
+//! - `[listeners]`: a listener runs only if its key is present, because removing the
+//!   key is how a listener is switched off. The built-in file (used when no
+//!   `--config` is given) names the default addresses.
+//! - `[[users]]` left out entirely means the default user `guest` as shipped, and
+//!   `[[permissions]]` left out entirely means guest's full rights on `/` when a user
+//!   `guest` exists (and none otherwise), so a file that only changes `[limits]`
+//!   behaves like the shipped one. Writing either list replaces its default.
+//!
+//! Errors name the file, the line and the key (`limits.frame_max`), on one line, so
+//! they can be printed as they are.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use switchyard_core::auth::Auth;
+
+/// The shipped `config.toml`, built into the binary and used when no `--config`
+/// is given.
+pub const EMBEDDED_CONFIG: &str = include_str!("../../../config.toml");
+
+/// Where the built-in configuration says it comes from in error messages.
+pub const EMBEDDED_ORIGIN: &str = "built-in config.toml";
+
+/// A configuration that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// `origin` is the file name (or [`EMBEDDED_ORIGIN`]); `message` names the key.
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where durable state lives; created at startup if missing.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub listeners: Listeners,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default = "default_vhosts")]
+    pub vhosts: Vec<VHostConfig>,
+    /// `None` when the file has no `[[users]]`: see the module docs.
+    #[serde(default)]
+    users: Option<Vec<UserConfig>>,
+    /// `None` when the file has no `[[permissions]]`: see the module docs.
+    #[serde(default)]
+    permissions: Option<Vec<PermissionConfig>>,
+    /// Where this configuration came from, for error messages.
+    #[serde(skip)]
+    origin: String,
+}
+
+/// `[listeners]`: one address per protocol; an absent key switches it off.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// AMQP 0-9-1 over TCP.
+    #[serde(default)]
+    pub amqp: Option<SocketAddr>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub frame_max: u32,
+    pub channel_max: u32,
+    pub heartbeat_secs: u64,
+    pub max_connections: usize,
+    pub max_message_size: usize,
+    pub handshake_timeout_secs: u64,
+    pub memory_high_watermark_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat_secs: 60,
+            max_connections: 65_536,
+            max_message_size: 134_217_728,
+            handshake_timeout_secs: 10,
+            memory_high_watermark_bytes: 1_073_741_824,
+        }
+    }
+}
+
+impl Limits {
+    /// The handshake timeout as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+}
+
+/// One `[[vhosts]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VHostConfig {
+    pub name: String,
+}
+
+/// One `[[users]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// RabbitMQ's `base64(salt ++ sha256(salt ++ password))`.
+    pub password_hash: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub loopback_only: bool,
+}
+
+/// One `[[permissions]]` entry: three regexes over resource names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionConfig {
+    pub user: String,
+    pub vhost: String,
+    #[serde(default)]
+    pub configure: String,
+    #[serde(default)]
+    pub write: String,
+    #[serde(default)]
+    pub read: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+fn default_vhosts() -> Vec<VHostConfig> {
+    vec![VHostConfig { name: "/".into() }]
+}
+
+const GUEST: &str = "guest";
+/// The hash of `guest` shipped in config.toml.
+const GUEST_HASH: &str = "kI3GCrswBLNZQzHJJ95QLoyfAVooYhnvf7jbqiW9BjOYUloe";
+
+fn default_users() -> Vec<UserConfig> {
+    vec![UserConfig {
+        name: GUEST.into(),
+        password_hash: GUEST_HASH.into(),
+        tags: vec!["administrator".into()],
+        loopback_only: true,
+    }]
+}
+
+fn guest_permissions() -> PermissionConfig {
+    PermissionConfig {
+        user: GUEST.into(),
+        vhost: "/".into(),
+        configure: ".*".into(),
+        write: ".*".into(),
+        read: ".*".into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Config::from_str(&text, &path.display().to_string())
+    }
+
+    /// The built-in configuration (the shipped `config.toml`).
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::from_str(EMBEDDED_CONFIG, EMBEDDED_ORIGIN)
+    }
+
+    /// Parses and validates `text`; `origin` names it in error messages.
+    pub fn from_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message: describe_toml_error(text, &e),
+        })?;
+        config.origin = origin.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Where this configuration came from ("" if built in code).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The users, with the default applied when the file has none.
+    pub fn users(&self) -> Vec<UserConfig> {
+        self.users.clone().unwrap_or_else(default_users)
+    }
+
+    /// Replaces the user list.
+    pub fn set_users(&mut self, users: Vec<UserConfig>) {
+        self.users = Some(users);
+    }
+
+    /// The permissions, with the default applied when the file has none.
+    pub fn permissions(&self) -> Vec<PermissionConfig> {
+        match &self.permissions {
+            Some(p) => p.clone(),
+            None if self.users().iter().any(|u| u.name == GUEST) => vec![guest_permissions()],
+            None => Vec::new(),
+        }
+    }
+
+    /// Replaces the permission list.
+    pub fn set_permissions(&mut self, permissions: Vec<PermissionConfig>) {
+        self.permissions = Some(permissions);
+    }
+
+    /// The vhost names, `/` included.
+    pub fn vhost_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.vhosts.iter().map(|v| v.name.clone()).collect();
+        if !names.iter().any(|n| n == "/") {
+            names.push("/".into());
+        }
+        names
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: if self.origin.is_empty() {
+                "config".into()
+            } else {
+                self.origin.clone()
+            },
+            message,
+        }
+    }
+
+    /// Checks every rule the types cannot express. [`crate::start`] calls it again,
+    /// since a `Config` may have been changed in code after it was loaded.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.frame_max < 4096 {
+            return Err(self.invalid(format!(
+                "invalid value {} for key limits.frame_max: must be at least 4096",
+                l.frame_max
+            )));
+        }
+        if !(1..=65535).contains(&l.channel_max) {
+            return Err(self.invalid(format!(
+                "invalid value {} for key limits.channel_max: must be 1..=65535",
+                l.channel_max
+            )));
+        }
+        if u16::try_from(l.heartbeat_secs).is_err() {
+            return Err(self.invalid(format!(
+                "invalid value {} for key limits.heartbeat_secs: must be at most 65535",
+                l.heartbeat_secs
+            )));
+        }
+        if l.max_connections == 0 || l.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(self.invalid(format!(
+                "invalid value {} for key limits.max_connections: must be 1..={}",
+                l.max_connections,
+                tokio::sync::Semaphore::MAX_PERMITS
+            )));
+        }
+        if l.handshake_timeout_secs == 0 {
+            return Err(self.invalid(
+                "invalid value 0 for key limits.handshake_timeout_secs: must be at least 1".into(),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(
+                self.invalid("invalid value \"\" for key data_dir: must not be empty".into())
+            );
+        }
+        for v in &self.vhosts {
+            if v.name.is_empty() {
+                return Err(self.invalid("invalid value \"\" for key vhosts.name".into()));
+            }
+        }
+        self.auth().map(|_| ())
+    }
+
+    /// The user database the config describes; errors name the user.
+    pub fn auth(&self) -> Result<Auth, ConfigError> {
+        let mut auth = Auth::new();
+        let mut seen = HashSet::new();
+        for user in self.users() {
+            if user.name.is_empty() {
+                return Err(self.invalid("invalid value \"\" for key users.name".into()));
+            }
+            if !seen.insert(user.name.clone()) {
+                return Err(self.invalid(format!("user '{}' is defined twice", user.name)));
+            }
+            auth.add_user(
+                &user.name,
+                &user.password_hash,
+                user.tags.clone(),
+                user.loopback_only,
+            )
+            .map_err(|e| self.invalid(e))?;
+        }
+        let vhosts = self.vhost_names();
+        for p in self.permissions() {
+            if !seen.contains(&p.user) {
+                return Err(self.invalid(format!(
+                    "permissions for vhost '{}' name user '{}', which is not in [[users]]",
+                    p.vhost, p.user
+                )));
+            }
+            if !vhosts.contains(&p.vhost) {
+                return Err(self.invalid(format!(
+                    "permissions of user '{}' name vhost '{}', which is not in [[vhosts]]",
+                    p.user, p.vhost
+                )));
+            }
+            auth.set_permissions(&p.user, &p.vhost, &p.configure, &p.write, &p.read)
+                .map_err(|e| self.invalid(e))?;
+        }
+        Ok(auth)
+    }
+}
+
+/// Turns toml's multi-line error into one line naming the line and the key.
+///
+/// toml gives the message (e.g. "unknown field `x`, expected one of ...") and the
+/// byte span it is about; the key path is recovered from the text: the nearest
+/// table header above the span, and the key on the span's line.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim().replace('\n', " ");
+    let Some(span) = err.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text
+        .get(line_start..)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or("");
+    // The nearest table header at or above the span's line, as written
+    // (`[limits]`, `[[users]]`).
+    let header = text
+        .get(..line_start + line.len())
+        .unwrap_or("")
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(header_of);
+    let table = header
+        .as_ref()
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    // The key of the span's line, unless the line is itself a table header.
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_owned())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+
+    let mut out = format!("line {line_no}: ");
+    if message.starts_with("unknown field") {
+        // "unknown field `x`, expected ..." -> "unknown field `x` in [limits], expected ..."
+        let (head, tail) = message.split_once(", ").unwrap_or((&message, ""));
+        out.push_str(head);
+        match &header {
+            Some(h) => {
+                let _ = write!(out, " in {h}");
+            }
+            None => out.push_str(" at the top level"),
+        }
+        if !tail.is_empty() {
+            let _ = write!(out, ", {tail}");
+        }
+        return out;
+    }
+    let path = match (&table, &key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k.clone()),
+        (_, None) => None,
+    };
+    match (path, &header) {
+        (Some(p), _) => {
+            let _ = write!(out, "{message} (key {p})");
+        }
+        (None, Some(h)) => {
+            let _ = write!(out, "{message} in {h}");
+        }
+        (None, None) => out.push_str(&message),
+    }
+    out
+}
+
+/// `[limits]` from `[limits] # comment`, `[[users]]` from `[[users]]`.
+fn header_of(line: &str) -> String {
+    let close = if line.starts_with("[[") { "]]" } else { "]" };
+    match line.find(close) {
+        Some(end) => line.get(..end + close.len()).unwrap_or(line).to_owned(),
+        None => line.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::from_str(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_shipped_config_parses_with_its_documented_values() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        assert_eq!(c.listeners.amqp, Some("0.0.0.0:5672".parse().unwrap()));
+        let d = Limits::default();
+        assert_eq!(c.limits.frame_max, d.frame_max);
+        assert_eq!(c.limits.channel_max, d.channel_max);
+        assert_eq!(c.limits.heartbeat_secs, d.heartbeat_secs);
+        assert_eq!(c.limits.max_connections, d.max_connections);
+        assert_eq!(c.limits.max_message_size, d.max_message_size);
+        assert_eq!(c.limits.handshake_timeout_secs, d.handshake_timeout_secs);
+        assert_eq!(
+            c.limits.memory_high_watermark_bytes,
+            d.memory_high_watermark_bytes
+        );
+        assert_eq!(c.vhost_names(), vec!["/".to_string()]);
+        let users = c.users();
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].name, "guest");
+        assert!(users[0].loopback_only);
+        assert_eq!(users[0].tags, vec!["administrator".to_string()]);
+        let auth = c.auth().unwrap();
+        assert!(auth
+            .login("guest", b"guest", Some("127.0.0.1".parse().unwrap()))
+            .is_ok());
+        assert!(auth.check_vhost("guest", "/").is_ok());
+    }
+
+    #[test]
+    fn missing_keys_take_their_defaults() {
+        let c = Config::from_str("[limits]\nframe_max = 8192\n", "t").unwrap();
+        assert_eq!(c.limits.frame_max, 8192);
+        assert_eq!(c.limits.channel_max, 2047);
+        assert_eq!(c.limits.heartbeat_secs, 60);
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        // An absent listener key is an absent listener.
+        assert_eq!(c.listeners.amqp, None);
+        // No [[users]] / [[permissions]]: the shipped guest.
+        assert_eq!(c.users()[0].name, "guest");
+        assert_eq!(c.permissions()[0].user, "guest");
+        let empty = Config::from_str("", "t").unwrap();
+        assert_eq!(empty.limits.max_connections, 65_536);
+        assert_eq!(empty.vhost_names(), vec!["/".to_string()]);
+    }
+
+    #[test]
+    fn writing_users_replaces_the_default_guest_and_its_permissions() {
+        let hash = switchyard_core::auth::hash_password("pw", [1, 2, 3, 4]);
+        let c = Config::from_str(
+            &format!("[[users]]\nname = \"app\"\npassword_hash = \"{hash}\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.users().len(), 1);
+        assert!(c.permissions().is_empty());
+        assert!(c.auth().unwrap().login("guest", b"guest", None).is_err());
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_table_and_line() {
+        let e = err("[limits]\nframe_max = 8192\nheartbeat = 5\n");
+        assert!(e.starts_with("test.toml: line 3: "), "{e}");
+        assert!(e.contains("unknown field `heartbeat` in [limits]"), "{e}");
+        assert!(e.contains("heartbeat_secs"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = err("datadir = \"x\"\n");
+        assert!(
+            e.contains("unknown field `datadir` at the top level"),
+            "{e}"
+        );
+        let e = err("[[users]]\nname = \"bob\"\n");
+        assert!(
+            e.contains("missing field `password_hash` in [[users]]"),
+            "{e}"
+        );
+        let e = err("[listeners]\nmqtt = \"0.0.0.0:1883\"\n");
+        assert!(e.contains("unknown field `mqtt` in [listeners]"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let e = err("[limits]\nframe_max = 1024\n");
+        assert!(e.contains("key limits.frame_max"), "{e}");
+        let e = err("[limits]\nframe_max = \"big\"\n");
+        assert!(e.contains("limits.frame_max"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = err("[limits]\nchannel_max = 0\n");
+        assert!(e.contains("limits.channel_max"), "{e}");
+        let e = err("[limits]\nchannel_max = 65536\n");
+        assert!(e.contains("limits.channel_max"), "{e}");
+        let e = err("[limits]\nheartbeat_secs = 70000\n");
+        assert!(e.contains("limits.heartbeat_secs"), "{e}");
+        let e = err("[listeners]\namqp = \"localhost\"\n");
+        assert!(e.contains("listeners.amqp"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_hash_or_regex_names_the_user() {
+        let e = err("[[users]]\nname = \"bob\"\npassword_hash = \"not-base64!\"\n");
+        assert!(e.contains("'bob'"), "{e}");
+        let e = err("[[users]]\nname = \"bob\"\npassword_hash = \"AAAA\"\n");
+        assert!(e.contains("'bob'") && e.contains("36 bytes"), "{e}");
+        let e = err(
+            "[[permissions]]\nuser = \"guest\"\nvhost = \"/\"\nconfigure = \"(\"\nwrite = \"\"\nread = \"\"\n",
+        );
+        assert!(e.contains("'guest'") && e.contains("configure"), "{e}");
+    }
+
+    #[test]
+    fn permissions_must_name_known_users_and_vhosts() {
+        let e = err("[[permissions]]\nuser = \"nobody\"\nvhost = \"/\"\n");
+        assert!(e.contains("'nobody'"), "{e}");
+        let e = err("[[permissions]]\nuser = \"guest\"\nvhost = \"/prod\"\n");
+        assert!(e.contains("'/prod'"), "{e}");
+        let ok = Config::from_str(
+            "[[vhosts]]\nname = \"/prod\"\n[[permissions]]\nuser = \"guest\"\nvhost = \"/prod\"\nread = \".*\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.vhost_names(), vec!["/prod".to_string(), "/".to_string()]);
+        assert!(ok.auth().unwrap().check_vhost("guest", "/prod").is_ok());
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/switchyard.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/nonexistent/switchyard.toml: "), "{e}");
+    }
+}

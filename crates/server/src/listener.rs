@@ -1,0 +1,111 @@
+//! The TCP accept loop, one per listener (after mini-redis `server.rs`).
+//!
+//! - A semaphore caps the connections open at once. Over the cap a connection is
+//!   accepted and closed at once, with a warning: leaving it in the kernel's backlog
+//!   would make the client hang instead of failing fast.
+//! - An accept error (EMFILE, ENOBUFS, a connection reset before accept) backs off
+//!   exponentially from 1 ms to 1 s and tries again; it never ends the listener.
+//! - Each connection runs in its own task with a child cancellation token; whatever
+//!   happens to it (error or panic) stays in that task.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_amqp::AmqpSettings;
+use switchyard_core::Broker;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+const BACKOFF_START: Duration = Duration::from_millis(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What a listener serves; one variant per protocol adapter.
+#[derive(Clone)]
+pub(crate) enum Protocol {
+    Amqp(Arc<AmqpSettings>),
+}
+
+impl Protocol {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Protocol::Amqp(_) => "amqp",
+        }
+    }
+}
+
+/// One bound listener and what its connections share.
+pub(crate) struct Listener {
+    pub(crate) protocol: Protocol,
+    pub(crate) listener: TcpListener,
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) connections: TaskTracker,
+}
+
+impl Listener {
+    /// Accepts until `shutdown` is cancelled.
+    pub(crate) async fn run(self) {
+        let name = self.protocol.name();
+        let mut backoff = BACKOFF_START;
+        loop {
+            let accepted = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (socket, peer) = match accepted {
+                Ok(accepted) => {
+                    backoff = BACKOFF_START;
+                    accepted
+                }
+                Err(e) => {
+                    warn!(protocol = name, error = %e, ?backoff, "accept failed; retrying");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                warn!(protocol = name, %peer, "connection limit reached; closing new connection");
+                drop(socket);
+                continue;
+            };
+            if let Err(e) = socket.set_nodelay(true) {
+                // Not fatal: the connection works, only small writes may wait.
+                debug!(protocol = name, %peer, error = %e, "cannot set TCP_NODELAY");
+            }
+            debug!(protocol = name, %peer, "connection accepted");
+            let token = self.shutdown.child_token();
+            let broker = self.broker.clone();
+            let span = tracing::info_span!("conn", protocol = name, %peer);
+            match &self.protocol {
+                Protocol::Amqp(settings) => {
+                    let settings = settings.clone();
+                    self.connections.spawn(
+                        async move {
+                            switchyard_amqp::serve(socket, peer, broker, settings, token).await;
+                            drop(permit);
+                            debug!("connection ended");
+                        }
+                        .instrument(span),
+                    );
+                }
+            }
+        }
+        info!(protocol = name, "listener stopped");
+    }
+}
+
+/// Binds `addr`; port 0 picks a free port.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
