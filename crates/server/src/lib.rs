@@ -9,6 +9,7 @@
 
 pub mod config;
 mod listener;
+pub mod ws;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
