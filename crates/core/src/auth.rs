@@ -239,9 +239,10 @@ impl Auth {
         if pattern.is_some_and(|re| re.is_match(name)) {
             Ok(())
         } else {
+            // RabbitMQ's wording does not say which of the three was missing.
+            let _ = access.name();
             Err(CoreError::access_refused(format!(
-                "{} access to {} '{}' in vhost '{}' refused for user '{}'",
-                access.name(),
+                "access to {} '{}' in vhost '{}' refused for user '{}'",
                 resource.name(),
                 name,
                 vhost,

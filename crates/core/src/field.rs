@@ -42,6 +42,29 @@ impl FieldValue {
         FieldValue::LongStr(Bytes::from(s.into()))
     }
 
+    /// RabbitMQ's name of the value's type, as its error texts show it.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            FieldValue::Bool(_) => "bool",
+            FieldValue::I8(_) => "byte",
+            FieldValue::U8(_) => "unsignedbyte",
+            FieldValue::I16(_) => "short",
+            FieldValue::U16(_) => "unsignedshort",
+            FieldValue::I32(_) => "signedint",
+            FieldValue::U32(_) => "unsignedint",
+            FieldValue::I64(_) => "long",
+            FieldValue::F32(_) => "float",
+            FieldValue::F64(_) => "double",
+            FieldValue::Decimal { .. } => "decimal",
+            FieldValue::LongStr(_) => "longstr",
+            FieldValue::Array(_) => "array",
+            FieldValue::Timestamp(_) => "timestamp",
+            FieldValue::Table(_) => "table",
+            FieldValue::Void => "void",
+            FieldValue::ByteArray(_) => "binary",
+        }
+    }
+
     /// The value as an integer, whatever its integer width (RabbitMQ accepts any
     /// integer type for numeric arguments such as `x-message-ttl`).
     pub fn as_i64(&self) -> Option<i64> {

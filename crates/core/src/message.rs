@@ -59,6 +59,15 @@ pub struct Message {
     pub routing_key: String,
     pub properties: Properties,
     pub body: Bytes,
+    /// An adapter-defined id of the session that published it (MQTT's no-local
+    /// option needs to know a message came from the subscriber itself). `None`
+    /// when the adapter does not track it.
+    pub origin: Option<u64>,
+    /// When the broker received it, in milliseconds since the Unix epoch, if the
+    /// adapter recorded it: lets an adapter tell how much of a per-message
+    /// expiry is left (MQTT 5 Message Expiry Interval). The core takes no time
+    /// itself.
+    pub received_ms: Option<u64>,
 }
 
 impl Message {
@@ -73,6 +82,8 @@ impl Message {
             routing_key: routing_key.into(),
             properties,
             body,
+            origin: None,
+            received_ms: None,
         })
     }
 

@@ -50,7 +50,13 @@ impl Ctx<'_> {
         if self.write_allowed.get(exchange) == Some(&true) {
             return Ok(());
         }
-        let result = self.check(Access::Write, Resource::Exchange, exchange);
+        // Permissions name the default exchange `amq.default`, as RabbitMQ does.
+        let name = if exchange.is_empty() {
+            "amq.default"
+        } else {
+            exchange
+        };
+        let result = self.check(Access::Write, Resource::Exchange, name);
         if self.write_allowed.len() < 1024 {
             self.write_allowed
                 .insert(exchange.to_owned(), result.is_ok());
@@ -494,6 +500,10 @@ impl Channel {
                     self.redispatch();
                 } else {
                     self.consumer_prefetch = u32::from(m.prefetch_count);
+                    // RabbitMQ (rabbit_channel's unlimit_prefetch): a per-consumer
+                    // qos lifts the channel-wide limit. Clients rely on it.
+                    self.shared_credit.set_limit(0);
+                    self.redispatch();
                 }
                 ctx.send(id, codec::BasicQosOk {});
                 Ok(())
@@ -771,12 +781,13 @@ impl Channel {
         m: codec::QueueDeclare,
     ) -> Result<(), MethodError> {
         if m.passive && m.queue == DIRECT_REPLY_TO {
+            // RabbitMQ answers a consumer count of 1, so clients that check for one proceed.
             ctx.send(
                 self.id,
                 codec::QueueDeclareOk {
                     queue: m.queue,
                     message_count: 0,
-                    consumer_count: 0,
+                    consumer_count: 1,
                 },
             );
             return Ok(());
@@ -791,9 +802,12 @@ impl Channel {
                 arguments: m.arguments,
             },
             connection: ctx.connection,
+            server_named: false,
         };
         if req.name.is_empty() && !req.passive {
+            // Named here so that the configure permission is checked on the real name.
             req.name = VHost::generate_name("amq.gen-");
+            req.server_named = true;
         }
         if req.passive {
             req.name = self.queue_name(&req.name)?;
