@@ -24,16 +24,6 @@ pub enum Access {
     Read,
 }
 
-impl Access {
-    fn name(self) -> &'static str {
-        match self {
-            Access::Configure => "configure",
-            Access::Write => "write",
-            Access::Read => "read",
-        }
-    }
-}
-
 /// The kind of resource a permission check names, for the error text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resource {
@@ -240,7 +230,6 @@ impl Auth {
             Ok(())
         } else {
             // RabbitMQ's wording does not say which of the three was missing.
-            let _ = access.name();
             Err(CoreError::access_refused(format!(
                 "access to {} '{}' in vhost '{}' refused for user '{}'",
                 resource.name(),
@@ -325,7 +314,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.text,
-            "configure access to queue 'other' in vhost '/' refused for user 'app'"
+            "access to queue 'other' in vhost '/' refused for user 'app'"
         );
         a.set_permissions("app", "/", "", ".*", ".*").unwrap();
         assert!(a
