@@ -13,72 +13,124 @@
 //!
 //! `AMQP_ADDR` (default `127.0.0.1:5672`) points it at another broker, RabbitMQ
 //! included: the example uses nothing RabbitMQ lacks.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, BasicRejectArguments, Channel,
-    ConfirmSelectArguments, QueueDeclareArguments,
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
+    BasicRejectArguments, Channel, ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 
-const STAGES: [(&str, &str); 3] = [("payments", "inventory"), ("inventory", "shipping"), ("shipping", "")];
+const STAGES: [(&str, &str); 3] = [
+    ("payments", "inventory"),
+    ("inventory", "shipping"),
+    ("shipping", ""),
+];
 const WORKERS_PER_STAGE: usize = 2;
 
 async fn connect() -> Connection {
     let addr = std::env::var("AMQP_ADDR").unwrap_or_else(|_| "127.0.0.1:5672".into());
     let (host, port) = addr.rsplit_once(':').expect("AMQP_ADDR is host:port");
-    Connection::open(&OpenConnectionArguments::new(host, port.parse().expect("port"), "guest", "guest"))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e} (is the broker running?)"))
+    Connection::open(&OpenConnectionArguments::new(
+        host,
+        port.parse().expect("port"),
+        "guest",
+        "guest",
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e} (is the broker running?)"))
 }
 
 fn persistent() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2).with_content_type("text/plain").finish()
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("text/plain")
+        .finish()
 }
 
 /// Declares the durable queues; payments dead-letters to `orders.failed`.
 async fn declare_topology(ch: &Channel) {
     let mut dlx = FieldTable::new();
-    dlx.insert("x-dead-letter-exchange".try_into().unwrap(), FieldValue::S("".try_into().unwrap()));
-    dlx.insert("x-dead-letter-routing-key".try_into().unwrap(), FieldValue::S("orders.failed".try_into().unwrap()));
-    ch.queue_declare(QueueDeclareArguments::new("payments").durable(true).arguments(dlx).finish()).await.unwrap();
+    dlx.insert(
+        "x-dead-letter-exchange".try_into().unwrap(),
+        FieldValue::S("".try_into().unwrap()),
+    );
+    dlx.insert(
+        "x-dead-letter-routing-key".try_into().unwrap(),
+        FieldValue::S("orders.failed".try_into().unwrap()),
+    );
+    ch.queue_declare(
+        QueueDeclareArguments::new("payments")
+            .durable(true)
+            .arguments(dlx)
+            .finish(),
+    )
+    .await
+    .unwrap();
     for q in ["inventory", "shipping", "shipped", "orders.failed"] {
-        ch.queue_declare(QueueDeclareArguments::new(q).durable(true).finish()).await.unwrap();
+        ch.queue_declare(QueueDeclareArguments::new(q).durable(true).finish())
+            .await
+            .unwrap();
     }
 }
 
 /// A worker of one stage: takes an order, does the work, hands it on, acks.
 async fn worker(conn: &Connection, stage: &'static str, next: &'static str, id: usize) {
     let ch = conn.open_channel(None).await.unwrap();
-    ch.basic_qos(BasicQosArguments::new(0, 5, false)).await.unwrap();
+    ch.basic_qos(BasicQosArguments::new(0, 5, false))
+        .await
+        .unwrap();
     let tag = format!("{stage}-{id}");
-    let (_ctag, mut rx) = ch.basic_consume_rx(BasicConsumeArguments::new(stage, &tag).manual_ack(true).finish()).await.unwrap();
+    let (_ctag, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(stage, &tag)
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            let (Some(deliver), Some(body)) = (msg.deliver, msg.content) else { break };
+            let (Some(deliver), Some(body)) = (msg.deliver, msg.content) else {
+                break;
+            };
             let order = String::from_utf8_lossy(&body).to_string();
             let number: usize = order.trim_start_matches("order-").parse().unwrap_or(0);
             tokio::time::sleep(Duration::from_millis(5)).await; // the "work"
             if stage == "payments" && number % 7 == 3 {
                 println!("  {tag}: payment declined for {order}");
-                ch.basic_reject(BasicRejectArguments::new(deliver.delivery_tag(), false)).await.unwrap();
+                ch.basic_reject(BasicRejectArguments::new(deliver.delivery_tag(), false))
+                    .await
+                    .unwrap();
                 continue;
             }
             let to = if next.is_empty() { "shipped" } else { next };
-            ch.basic_publish(persistent(), body, BasicPublishArguments::new("", to)).await.unwrap();
-            ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false)).await.unwrap();
+            ch.basic_publish(persistent(), body, BasicPublishArguments::new("", to))
+                .await
+                .unwrap();
+            ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false))
+                .await
+                .unwrap();
         }
     });
 }
 
 #[tokio::main]
 async fn main() {
-    let orders: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(20);
+    let orders: usize = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20);
     let conn = connect().await;
     let setup = conn.open_channel(None).await.unwrap();
     declare_topology(&setup).await;
@@ -90,10 +142,20 @@ async fn main() {
     }
     println!("workers: {WORKERS_PER_STAGE} per stage on payments -> inventory -> shipping");
 
-    setup.confirm_select(ConfirmSelectArguments::default()).await.unwrap();
+    setup
+        .confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
     for n in 0..orders {
         let body = format!("order-{n}").into_bytes();
-        setup.basic_publish(persistent(), body, BasicPublishArguments::new("", "payments")).await.unwrap();
+        setup
+            .basic_publish(
+                persistent(),
+                body,
+                BasicPublishArguments::new("", "payments"),
+            )
+            .await
+            .unwrap();
     }
     println!("placed {orders} orders (persistent, confirmed)");
 
@@ -102,8 +164,14 @@ async fn main() {
     let shipped = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let out = conn.open_channel(None).await.unwrap();
-    let (_t, mut done) = out.basic_consume_rx(BasicConsumeArguments::new("shipped", "tally").finish()).await.unwrap();
-    let (_t, mut dead) = out.basic_consume_rx(BasicConsumeArguments::new("orders.failed", "clerk").finish()).await.unwrap();
+    let (_t, mut done) = out
+        .basic_consume_rx(BasicConsumeArguments::new("shipped", "tally").finish())
+        .await
+        .unwrap();
+    let (_t, mut dead) = out
+        .basic_consume_rx(BasicConsumeArguments::new("orders.failed", "clerk").finish())
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while shipped.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < orders {
         tokio::select! {

@@ -1,12 +1,17 @@
 //! End-to-end AMQP tests with the two Rust clients users pick, amqprs and lapin,
 //! each against its own broker on port 0.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments, ExchangeDeclareArguments,
-    QueueBindArguments, QueueDeclareArguments,
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments,
+    ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::BasicProperties;
@@ -16,7 +21,14 @@ use tokio::time::timeout;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn amqprs_connect(port: u16) -> Connection {
-    Connection::open(&OpenConnectionArguments::new("127.0.0.1", port, "guest", "guest")).await.unwrap()
+    Connection::open(&OpenConnectionArguments::new(
+        "127.0.0.1",
+        port,
+        "guest",
+        "guest",
+    ))
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,34 +36,84 @@ async fn amqprs_publish_consume_ack_through_topic_exchange() {
     let broker = start_broker().await;
     let conn = amqprs_connect(broker.amqp_addr().port()).await;
     let ch = conn.open_channel(None).await.unwrap();
-    ch.exchange_declare(ExchangeDeclareArguments::new("readings", "topic").durable(true).finish()).await.unwrap();
-    let (queue, _, _) = ch.queue_declare(QueueDeclareArguments::new("temps").durable(true).finish()).await.unwrap().unwrap();
-    ch.queue_bind(QueueBindArguments::new(&queue, "readings", "sensors.*.temp")).await.unwrap();
-    ch.confirm_select(ConfirmSelectArguments::default()).await.unwrap();
+    ch.exchange_declare(
+        ExchangeDeclareArguments::new("readings", "topic")
+            .durable(true)
+            .finish(),
+    )
+    .await
+    .unwrap();
+    let (queue, _, _) = ch
+        .queue_declare(QueueDeclareArguments::new("temps").durable(true).finish())
+        .await
+        .unwrap()
+        .unwrap();
+    ch.queue_bind(QueueBindArguments::new(
+        &queue,
+        "readings",
+        "sensors.*.temp",
+    ))
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
 
-    let props = BasicProperties::default().with_delivery_mode(2).with_content_type("text/plain").finish();
-    for (key, body) in [("sensors.room1.temp", "21.5"), ("sensors.room1.humidity", "40"), ("sensors.room2.temp", "19.0")] {
-        ch.basic_publish(props.clone(), body.as_bytes().to_vec(), BasicPublishArguments::new("readings", key)).await.unwrap();
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("text/plain")
+        .finish();
+    for (key, body) in [
+        ("sensors.room1.temp", "21.5"),
+        ("sensors.room1.humidity", "40"),
+        ("sensors.room2.temp", "19.0"),
+    ] {
+        ch.basic_publish(
+            props.clone(),
+            body.as_bytes().to_vec(),
+            BasicPublishArguments::new("readings", key),
+        )
+        .await
+        .unwrap();
     }
 
-    let (_tag, mut rx) =
-        ch.basic_consume_rx(BasicConsumeArguments::new(&queue, "c1").manual_ack(true).finish()).await.unwrap();
+    let (_tag, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&queue, "c1")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
     let mut got = Vec::new();
     for _ in 0..2 {
-        let msg = timeout(WAIT, rx.recv()).await.expect("delivery").expect("channel open");
+        let msg = timeout(WAIT, rx.recv())
+            .await
+            .expect("delivery")
+            .expect("channel open");
         let deliver = msg.deliver.unwrap();
         let props = msg.basic_properties.unwrap();
         assert_eq!(props.delivery_mode(), Some(2));
         assert_eq!(props.content_type().map(String::as_str), Some("text/plain"));
-        got.push((deliver.routing_key().clone(), String::from_utf8(msg.content.unwrap()).unwrap()));
-        ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false)).await.unwrap();
+        got.push((
+            deliver.routing_key().clone(),
+            String::from_utf8(msg.content.unwrap()).unwrap(),
+        ));
+        ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false))
+            .await
+            .unwrap();
     }
     assert_eq!(
         got,
-        [("sensors.room1.temp".to_owned(), "21.5".to_owned()), ("sensors.room2.temp".to_owned(), "19.0".to_owned())]
+        [
+            ("sensors.room1.temp".to_owned(), "21.5".to_owned()),
+            ("sensors.room2.temp".to_owned(), "19.0".to_owned())
+        ]
     );
     // The humidity reading matched no binding.
-    assert!(timeout(Duration::from_millis(200), rx.recv()).await.is_err());
+    assert!(timeout(Duration::from_millis(200), rx.recv())
+        .await
+        .is_err());
     conn.close().await.unwrap();
 }
 
@@ -60,10 +122,25 @@ async fn amqprs_large_message_is_split_by_frame_max_and_reassembled() {
     let broker = start_broker().await;
     let conn = amqprs_connect(broker.amqp_addr().port()).await;
     let ch = conn.open_channel(None).await.unwrap();
-    let (queue, _, _) = ch.queue_declare(QueueDeclareArguments::new("big").finish()).await.unwrap().unwrap();
-    let body: Vec<u8> = (0..12 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
-    ch.basic_publish(BasicProperties::default(), body.clone(), BasicPublishArguments::new("", &queue)).await.unwrap();
-    let (_tag, mut rx) = ch.basic_consume_rx(BasicConsumeArguments::new(&queue, "big").finish()).await.unwrap();
+    let (queue, _, _) = ch
+        .queue_declare(QueueDeclareArguments::new("big").finish())
+        .await
+        .unwrap()
+        .unwrap();
+    let body: Vec<u8> = (0..12 * 1024 * 1024)
+        .map(|i: u32| (i % 251) as u8)
+        .collect();
+    ch.basic_publish(
+        BasicProperties::default(),
+        body.clone(),
+        BasicPublishArguments::new("", &queue),
+    )
+    .await
+    .unwrap();
+    let (_tag, mut rx) = ch
+        .basic_consume_rx(BasicConsumeArguments::new(&queue, "big").finish())
+        .await
+        .unwrap();
     let msg = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     assert_eq!(msg.content.unwrap(), body);
     conn.close().await.unwrap();
@@ -75,9 +152,24 @@ async fn unacked_messages_are_redelivered_when_the_connection_dies() {
     let port = broker.amqp_addr().port();
     let first = amqprs_connect(port).await;
     let ch = first.open_channel(None).await.unwrap();
-    ch.queue_declare(QueueDeclareArguments::new("work").durable(true).finish()).await.unwrap();
-    ch.basic_publish(BasicProperties::default(), b"job".to_vec(), BasicPublishArguments::new("", "work")).await.unwrap();
-    let (_t, mut rx) = ch.basic_consume_rx(BasicConsumeArguments::new("work", "w1").manual_ack(true).finish()).await.unwrap();
+    ch.queue_declare(QueueDeclareArguments::new("work").durable(true).finish())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        BasicProperties::default(),
+        b"job".to_vec(),
+        BasicPublishArguments::new("", "work"),
+    )
+    .await
+    .unwrap();
+    let (_t, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new("work", "w1")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
     let msg = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
     assert!(!msg.deliver.unwrap().redelivered());
     drop(rx);
@@ -85,9 +177,19 @@ async fn unacked_messages_are_redelivered_when_the_connection_dies() {
 
     let second = amqprs_connect(port).await;
     let ch = second.open_channel(None).await.unwrap();
-    let (_t, mut rx) = ch.basic_consume_rx(BasicConsumeArguments::new("work", "w2").manual_ack(true).finish()).await.unwrap();
+    let (_t, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new("work", "w2")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
     let msg = timeout(WAIT, rx.recv()).await.unwrap().unwrap();
-    assert!(msg.deliver.unwrap().redelivered(), "redelivered flag set on the second delivery");
+    assert!(
+        msg.deliver.unwrap().redelivered(),
+        "redelivered flag set on the second delivery"
+    );
     assert_eq!(msg.content.unwrap(), b"job");
     second.close().await.unwrap();
 }
@@ -104,12 +206,23 @@ mod lapin_client {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lapin_confirms_every_publish_and_consumes_in_order() {
         let broker = start_broker().await;
-        let conn = Connection::connect(&broker.amqp_url(), ConnectionProperties::default()).await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        ch.queue_declare("orders".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        let conn = Connection::connect(&broker.amqp_url(), ConnectionProperties::default())
             .await
             .unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            "orders".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         for i in 0..500u32 {
             let confirm = ch
                 .basic_publish(
@@ -126,11 +239,23 @@ mod lapin_client {
             assert!(confirm.is_ack(), "publish {i} confirmed");
         }
         let mut consumer = ch
-            .basic_consume("orders".into(), "c".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+            .basic_consume(
+                "orders".into(),
+                "c".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
         for i in 0..500u32 {
-            let delivery = timeout(WAIT, consumer.next()).await.unwrap().unwrap().unwrap();
+            let delivery = timeout(WAIT, consumer.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             assert_eq!(delivery.data, i.to_string().as_bytes());
         }
         conn.close(200, "bye".into()).await.unwrap();
@@ -139,17 +264,35 @@ mod lapin_client {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lapin_sees_404_for_a_missing_queue_and_the_connection_survives() {
         let broker = start_broker().await;
-        let conn = Connection::connect(&broker.amqp_url(), ConnectionProperties::default()).await.unwrap();
+        let conn = Connection::connect(&broker.amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
         let ch = conn.create_channel().await.unwrap();
         let err = ch
-            .queue_declare("nope".into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                "nope".into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
             .await
             .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("NOT_FOUND - no queue 'nope' in vhost '/'"), "{text}");
+        assert!(
+            text.contains("NOT_FOUND - no queue 'nope' in vhost '/'"),
+            "{text}"
+        );
         // Only the channel closed: a new one works.
         let ch2 = conn.create_channel().await.unwrap();
-        ch2.queue_declare("yes".into(), QueueDeclareOptions::default(), FieldTable::default()).await.unwrap();
+        ch2.queue_declare(
+            "yes".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
         conn.close(200, "bye".into()).await.unwrap();
     }
 }
