@@ -86,7 +86,12 @@ def broker_factory(request, tmp_path):
                                                         permissions, limits, extra_toml))
             started.append(proc)
             _attach_logs(request, proc)
-            host, port = proc.start()
+            try:
+                host, port = proc.start()
+            except BaseException:
+                started.remove(proc)  # already reported with its log; just make sure it is gone
+                proc.stop()
+                raise
             b = Broker(host, port, log_path=proc.log_path)
         brokers.append(b)
         return b

@@ -291,9 +291,10 @@ def record_reply(kind: str, code: int, text: str) -> None:
                                 "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\n")
 
 
-def assert_closed(exc, code: int, text_prefix: str, kind: str = "channel") -> None:
+def assert_closed(exc, code: int, text_prefix, kind: str = "channel") -> None:
     """exc: a pika ChannelClosedByBroker / ConnectionClosedByBroker (or anything with
-    reply_code/reply_text)."""
+    reply_code/reply_text). text_prefix: a string, or a tuple of accepted prefixes where
+    RabbitMQ versions differ."""
     record_reply(kind, exc.reply_code, exc.reply_text)
     assert exc.reply_code == code, f"reply code {exc.reply_code} ({exc.reply_text!r}), want {code}"
     assert exc.reply_text.startswith(text_prefix), \
@@ -378,3 +379,24 @@ def expect_channel_error(fn, code: int, text_prefix: str):
         fn()
     assert_closed(ei.value, code, text_prefix)
     return ei.value
+
+
+class _Close:
+    def __init__(self, code, text):
+        self.reply_code, self.reply_text = code, text
+
+    def __repr__(self):
+        return f"<close {self.reply_code} {self.reply_text!r}>"
+
+
+def parse_wrapped_close(exc) -> "_Close":
+    """pika wraps a connection.close received during the handshake in
+    ProbableAccessDeniedError/ProbableAuthenticationError as a string like
+    "ConnectionClosedByBroker: (530) 'NOT_ALLOWED - ...'"; dig the code and text out."""
+    import ast
+    import re
+    text = " ".join(str(a) for a in exc.args)
+    m = re.search(r"ConnectionClosedByBroker: \((\d+)\) ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")",
+                  text)
+    assert m, f"no broker connection.close in {exc!r}"
+    return _Close(int(m.group(1)), ast.literal_eval(m.group(2)))
