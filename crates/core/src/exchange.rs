@@ -54,7 +54,7 @@ pub enum Destination {
 }
 
 /// A destination's identity within a vhost.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DestinationName {
     Queue(String),
     Exchange(String),
@@ -92,7 +92,7 @@ struct Bindings {
 }
 
 /// Properties fixed at declaration; compared on re-declaration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExchangeOptions {
     pub durable: bool,
     pub auto_delete: bool,

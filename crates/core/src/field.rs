@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 /// One typed value of a field table or array. The variants are RabbitMQ's type
 /// tags (`t b B s u I i l f d D S A T F V x`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum FieldValue {
     Bool(bool),
     I8(i8),
@@ -105,7 +105,7 @@ impl FieldValue {
 }
 
 /// An ordered table of named values. Names are AMQP short strings (at most 255 bytes).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FieldTable(pub Vec<(String, FieldValue)>);
 
 impl FieldTable {

@@ -15,6 +15,7 @@ pub mod exchange;
 pub mod field;
 pub mod memory;
 pub mod message;
+pub mod persist;
 pub mod queue;
 pub mod topic;
 pub mod vhost;

@@ -16,7 +16,7 @@ use crate::field::FieldTable;
 pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
 
 /// The basic properties of a message, all optional.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Properties {
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
@@ -52,7 +52,7 @@ impl Properties {
 
 /// A message as published: where it was sent and what it carries. Immutable once
 /// built; shared as `Arc<Message>` by every queue it is routed to.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     /// The exchange it was published to (`""` is the default exchange).
     pub exchange: String,

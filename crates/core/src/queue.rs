@@ -17,6 +17,7 @@ use crate::error::{CoreError, CoreResult};
 use crate::field::FieldTable;
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
+use crate::persist::{RecoveredMessage, Store, StoredRef};
 
 /// A message in a queue, with what the queue knows of its history.
 #[derive(Debug, Clone)]
@@ -26,10 +27,13 @@ pub struct QueuedMessage {
     pub message: Arc<Message>,
     /// Delivered before (and not acknowledged).
     pub redelivered: bool,
+    /// Where the message sits in the store, when it is persistent and the queue
+    /// durable.
+    pub stored: Option<StoredRef>,
 }
 
 /// Properties fixed at declaration; compared on re-declaration.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct QueueOptions {
     pub durable: bool,
     pub exclusive: bool,
@@ -63,6 +67,8 @@ pub struct Queue {
     pub owner: Option<u64>,
     state: Mutex<QueueState>,
     memory: Arc<MemoryMonitor>,
+    /// The store and this queue's id in it, for a durable queue.
+    durable: Option<(Arc<dyn Store>, u64)>,
 }
 
 /// What `basic.get` takes from a queue.
@@ -88,16 +94,48 @@ impl Queue {
             owner,
             state: Mutex::new(QueueState::default()),
             memory,
+            durable: None,
         })
+    }
+
+    /// A queue whose persistent messages the store keeps under `id`.
+    pub fn new_durable(
+        name: String,
+        vhost: String,
+        options: QueueOptions,
+        memory: Arc<MemoryMonitor>,
+        store: Arc<dyn Store>,
+        id: u64,
+    ) -> Arc<Self> {
+        Arc::new(Queue {
+            name,
+            vhost,
+            options,
+            owner: None,
+            state: Mutex::new(QueueState::default()),
+            memory,
+            durable: Some((store, id)),
+        })
+    }
+
+    /// The queue's id in the store, if it is durable and a store is in use.
+    pub fn store_id(&self) -> Option<u64> {
+        self.durable.as_ref().map(|(_, id)| *id)
     }
 
     /// Appends a message and hands out what can be handed out.
     pub fn publish(self: &Arc<Self>, message: Arc<Message>) {
+        self.publish_stored(message, None);
+    }
+
+    /// Appends a message the store already holds for this queue (`stored`).
+    pub fn publish_stored(self: &Arc<Self>, message: Arc<Message>, stored: Option<StoredRef>) {
         self.memory.add(message.body_size());
         let mut st = self.state.lock();
         if st.deleted {
             drop(st);
             self.memory.sub(message.body_size());
+            self.forget_stored(stored.iter());
             return;
         }
         let id = st.next_id;
@@ -106,8 +144,43 @@ impl Queue {
             id,
             message,
             redelivered: false,
+            stored,
         });
         self.dispatch_locked(&mut st);
+    }
+
+    /// Puts messages recovered from the store back, in order, before any new one.
+    pub fn restore(self: &Arc<Self>, messages: Vec<RecoveredMessage>) {
+        let mut st = self.state.lock();
+        for m in messages {
+            self.memory.add(m.message.body_size());
+            let id = st.next_id;
+            st.next_id += 1;
+            st.ready.push_back(QueuedMessage {
+                id,
+                message: m.message,
+                redelivered: m.redelivered,
+                stored: Some(m.stored),
+            });
+        }
+    }
+
+    /// Tells the store these messages left the queue for good.
+    fn forget_stored<'a>(&self, stored: impl Iterator<Item = &'a StoredRef>) {
+        if let Some((store, queue_id)) = &self.durable {
+            for s in stored {
+                store.append_ack(*queue_id, *s);
+            }
+        }
+    }
+
+    /// Tells the store a message was handed out, so a restart marks it redelivered.
+    fn note_delivered(&self, message: &QueuedMessage) {
+        if let (Some((store, queue_id)), Some(stored), false) =
+            (&self.durable, message.stored, message.redelivered)
+        {
+            store.append_delivered(*queue_id, stored);
+        }
     }
 
     /// Hands ready messages to consumers with credit, round robin, until either
@@ -137,8 +210,10 @@ impl Queue {
             };
             if consumer.no_ack() {
                 self.memory.sub(message.message.body_size());
+                self.forget_stored(message.stored.iter());
             } else {
                 st.unacked += 1;
+                self.note_delivered(&message);
             }
             consumer.deliver(Delivery {
                 consumer: consumer.clone(),
@@ -198,8 +273,10 @@ impl Queue {
         let message = st.ready.pop_front()?;
         if no_ack {
             self.memory.sub(message.message.body_size());
+            self.forget_stored(message.stored.iter());
         } else {
             st.unacked += 1;
+            self.note_delivered(&message);
         }
         Some(Got {
             message,
@@ -218,6 +295,7 @@ impl Queue {
             st.unacked = st.unacked.saturating_sub(messages.len());
         }
         self.memory.sub(bytes);
+        self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
     }
 
     /// Puts delivered messages back at their original positions, marked
@@ -232,6 +310,7 @@ impl Queue {
             drop(st);
             self.memory
                 .sub(messages.iter().map(|m| m.message.body_size()).sum());
+            self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
             return;
         }
         for mut m in messages {
@@ -248,6 +327,7 @@ impl Queue {
         let dropped = std::mem::take(&mut self.state.lock().ready);
         self.memory
             .sub(dropped.iter().map(|m| m.message.body_size()).sum());
+        self.forget_stored(dropped.iter().filter_map(|m| m.stored.as_ref()));
         dropped.len()
     }
 
@@ -280,6 +360,8 @@ impl Queue {
         };
         self.memory
             .sub(dropped.iter().map(|m| m.message.body_size()).sum());
+        // Acks let the store reclaim the space of a deleted queue's messages.
+        self.forget_stored(dropped.iter().filter_map(|m| m.stored.as_ref()));
         for c in &consumers {
             c.notify_cancelled();
         }

@@ -17,6 +17,7 @@ use crate::exchange::{Destination, DestinationName, Exchange, ExchangeKind, Exch
 use crate::field::{FieldTable, FieldValue};
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
+use crate::persist::{BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store};
 use crate::queue::{Queue, QueueOptions, QueuedMessage};
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
@@ -67,6 +68,10 @@ pub struct ExchangeDeclare {
 pub struct Routed {
     /// Number of queues (and direct reply-to consumers) that received the message.
     pub queues: usize,
+    /// The store position that must be synced before the message counts as safe
+    /// (0: nothing to wait for, the message went to no durable queue or is
+    /// transient).
+    pub durable_at: u64,
 }
 
 #[derive(Debug)]
@@ -77,6 +82,7 @@ pub struct VHost {
     /// Direct reply-to: generated reply address -> its private queue.
     reply_to: Mutex<HashMap<String, Arc<Queue>>>,
     memory: Arc<MemoryMonitor>,
+    store: Option<Arc<dyn Store>>,
 }
 
 fn opts(durable: bool) -> ExchangeOptions {
@@ -171,7 +177,11 @@ fn inequivalent_arg<'a>(
 }
 
 impl VHost {
-    pub fn new(name: impl Into<String>, memory: Arc<MemoryMonitor>) -> Arc<Self> {
+    pub fn new(
+        name: impl Into<String>,
+        memory: Arc<MemoryMonitor>,
+        store: Option<Arc<dyn Store>>,
+    ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         exchanges.insert(
             String::new(),
@@ -189,7 +199,88 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             reply_to: Mutex::new(HashMap::new()),
             memory,
+            store,
         })
+    }
+
+    /// Runs a metadata write on the store, if there is one. A failed write refuses
+    /// the operation: a durable entity the broker would forget on restart must not
+    /// be acknowledged to the client.
+    fn persist(
+        &self,
+        what: &str,
+        write: impl FnOnce(&dyn Store) -> std::io::Result<()>,
+    ) -> CoreResult<()> {
+        match &self.store {
+            Some(store) => write(store.as_ref()).map_err(|e| {
+                tracing::error!(vhost = %self.name, what, error = %e, "cannot write metadata");
+                CoreError::new(
+                    crate::error::ErrorKind::ResourceError,
+                    format!("cannot store {what}: {e}"),
+                )
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The stored form of a binding, when both of its ends are durable (RabbitMQ's
+    /// rule: only such bindings survive a restart).
+    fn binding_record(
+        &self,
+        source: &Exchange,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Option<BindingRecord> {
+        let durable_dest = match destination {
+            Destination::Queue(q) => q.store_id().is_some(),
+            Destination::Exchange(name) => self
+                .exchanges
+                .read()
+                .get(name)
+                .is_some_and(|x| x.options.durable),
+        };
+        (self.store.is_some() && source.options.durable && durable_dest).then(|| BindingRecord {
+            vhost: self.name.clone(),
+            source: source.name.clone(),
+            destination: destination.name(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments.clone(),
+        })
+    }
+
+    /// Adds a binding, storing it when durable.
+    fn add_binding(
+        &self,
+        source: &Exchange,
+        destination: Destination,
+        routing_key: &str,
+        arguments: FieldTable,
+    ) -> CoreResult<()> {
+        if let Some(record) = self.binding_record(source, &destination, routing_key, &arguments) {
+            if !source.has_binding(&record.destination, routing_key, &arguments) {
+                self.persist("binding", |s| s.save_binding(&record))?;
+            }
+        }
+        source.bind(destination, routing_key, arguments);
+        Ok(())
+    }
+
+    /// Removes a binding, from the store too when durable.
+    fn remove_binding(
+        &self,
+        source: &Exchange,
+        destination: Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) {
+        let name = destination.name();
+        if source.unbind(&name, routing_key, arguments) {
+            if let Some(record) = self.binding_record(source, &destination, routing_key, arguments)
+            {
+                let _ = self.persist("binding", |s| s.delete_binding(&record));
+            }
+        }
     }
 
     fn no_exchange(&self, name: &str) -> CoreError {
@@ -272,6 +363,15 @@ impl VHost {
                 req.name
             )));
         }
+        if req.options.durable {
+            let record = ExchangeRecord {
+                vhost: self.name.clone(),
+                name: req.name.clone(),
+                kind: kind.as_str().to_owned(),
+                options: req.options.clone(),
+            };
+            self.persist("exchange", |s| s.save_exchange(&record))?;
+        }
         let exchange = Arc::new(Exchange::new(req.name.clone(), kind, req.options));
         exchanges.insert(req.name, exchange.clone());
         Ok(exchange)
@@ -299,6 +399,9 @@ impl VHost {
                 "exchange '{}' in vhost '{}' in use",
                 name, self.name
             )));
+        }
+        if exchange.options.durable {
+            self.persist("exchange", |s| s.delete_exchange(&self.name, name))?;
         }
         exchanges.remove(name);
         // Bindings that lead to the deleted exchange go with it.
@@ -374,13 +477,39 @@ impl VHost {
             return Ok(answer(existing));
         }
         let owner = req.options.exclusive.then_some(req.connection);
-        let queue = Queue::new(
-            req.name.clone(),
-            self.name.clone(),
-            req.options,
-            owner,
-            self.memory.clone(),
-        );
+        // Exclusive queues die with their connection, so storing them is pointless.
+        let queue = match (&self.store, req.options.durable && !req.options.exclusive) {
+            (Some(store), true) => {
+                let id = store.new_queue_id().map_err(|e| {
+                    CoreError::new(
+                        crate::error::ErrorKind::ResourceError,
+                        format!("cannot store queue: {e}"),
+                    )
+                })?;
+                let record = QueueRecord {
+                    vhost: self.name.clone(),
+                    name: req.name.clone(),
+                    id,
+                    options: req.options.clone(),
+                };
+                self.persist("queue", |s| s.save_queue(&record))?;
+                Queue::new_durable(
+                    req.name.clone(),
+                    self.name.clone(),
+                    req.options,
+                    self.memory.clone(),
+                    store.clone(),
+                    id,
+                )
+            }
+            _ => Queue::new(
+                req.name.clone(),
+                self.name.clone(),
+                req.options,
+                owner,
+                self.memory.clone(),
+            ),
+        };
         queues.insert(req.name, queue.clone());
         Ok(answer(&queue))
     }
@@ -423,6 +552,13 @@ impl VHost {
                 }
                 _ => return 0,
             }
+        }
+        if queue.store_id().is_some() {
+            // Not fatal here: the queue is already gone for clients. A failed
+            // delete leaves a record that the next start would revive, so say so.
+            let _ = self.persist("queue deletion", |s| {
+                s.delete_queue(&self.name, &queue.name)
+            });
         }
         let count = queue.mark_deleted();
         let sources = self.exchanges();
@@ -467,8 +603,7 @@ impl VHost {
         self.check_owner(&q, connection)?;
         let x = self.check_bindable_source(exchange)?;
         validate_binding(&x, &arguments)?;
-        x.bind(Destination::Queue(q), routing_key, arguments);
-        Ok(())
+        self.add_binding(&x, Destination::Queue(q), routing_key, arguments)
     }
 
     pub fn unbind_queue(
@@ -493,11 +628,7 @@ impl VHost {
         let Ok(x) = self.exchange(exchange) else {
             return Ok(());
         };
-        x.unbind(
-            &DestinationName::Queue(q.name.clone()),
-            routing_key,
-            arguments,
-        );
+        self.remove_binding(&x, Destination::Queue(q), routing_key, arguments);
         self.maybe_auto_delete(&x);
         Ok(())
     }
@@ -511,12 +642,12 @@ impl VHost {
     ) -> CoreResult<()> {
         let src = self.check_bindable_source(source)?;
         self.check_bindable_source(destination)?;
-        src.bind(
+        self.add_binding(
+            &src,
             Destination::Exchange(destination.to_owned()),
             routing_key,
             arguments,
-        );
-        Ok(())
+        )
     }
 
     pub fn unbind_exchange(
@@ -534,8 +665,9 @@ impl VHost {
         let Ok(src) = self.exchange(source) else {
             return Ok(());
         };
-        src.unbind(
-            &DestinationName::Exchange(destination.to_owned()),
+        self.remove_binding(
+            &src,
+            Destination::Exchange(destination.to_owned()),
             routing_key,
             arguments,
         );
@@ -555,11 +687,28 @@ impl VHost {
     /// the exchange does not exist or is internal.
     pub fn publish(&self, message: Arc<Message>) -> CoreResult<Routed> {
         let queues = self.route(&message)?;
+        let mut durable_at = 0;
+        let stored = match &self.store {
+            Some(store) if message.properties.is_persistent() => {
+                let ids: SmallVec<[u64; 4]> = queues.iter().filter_map(|q| q.store_id()).collect();
+                if ids.is_empty() {
+                    None
+                } else {
+                    // One record for all durable queues: fan-out writes the body once.
+                    let (stored, at) = store.append_message(&ids, &message);
+                    durable_at = at;
+                    Some(stored)
+                }
+            }
+            _ => None,
+        };
         for q in &queues {
-            q.publish(message.clone());
+            let stored = stored.filter(|_| q.store_id().is_some());
+            q.publish_stored(message.clone(), stored);
         }
         Ok(Routed {
             queues: queues.len(),
+            durable_at,
         })
     }
 
@@ -643,6 +792,58 @@ impl VHost {
             }
         }
         queue.settle(messages);
+    }
+
+    // ---- recovery ----
+
+    /// Re-creates what the store recovered for this vhost, without writing it back.
+    /// Called once at start, before any connection exists.
+    pub fn restore(&self, recovered: &mut Recovered) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        for record in recovered.exchanges.iter().filter(|r| r.vhost == self.name) {
+            let Some(kind) = ExchangeKind::parse(&record.kind) else {
+                continue;
+            };
+            self.exchanges
+                .write()
+                .entry(record.name.clone())
+                .or_insert_with(|| {
+                    Arc::new(Exchange::new(
+                        record.name.clone(),
+                        kind,
+                        record.options.clone(),
+                    ))
+                });
+        }
+        for record in recovered.queues.iter().filter(|r| r.vhost == self.name) {
+            let queue = Queue::new_durable(
+                record.name.clone(),
+                self.name.clone(),
+                record.options.clone(),
+                self.memory.clone(),
+                store.clone(),
+                record.id,
+            );
+            if let Some(messages) = recovered.messages.remove(&record.id) {
+                queue.restore(messages);
+            }
+            self.queues.write().insert(record.name.clone(), queue);
+        }
+        for record in recovered.bindings.iter().filter(|r| r.vhost == self.name) {
+            let Ok(source) = self.exchange(&record.source) else {
+                continue;
+            };
+            let destination = match &record.destination {
+                DestinationName::Queue(name) => match self.queue(name) {
+                    Ok(q) => Destination::Queue(q),
+                    Err(_) => continue,
+                },
+                DestinationName::Exchange(name) => Destination::Exchange(name.clone()),
+            };
+            source.bind(destination, &record.routing_key, record.arguments.clone());
+        }
     }
 
     // ---- direct reply-to ----

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use switchyard_amqp::AmqpSettings;
 use switchyard_core::Broker;
+use switchyard_store::DiskStore;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -42,6 +43,11 @@ pub enum ServerError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error("cannot open the store in {path}: {error}")]
+    Store {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("cannot listen for {protocol} on {addr}: {error}")]
     Bind {
         protocol: &'static str,
@@ -60,6 +66,7 @@ pub struct RunningServer {
     connections: TaskTracker,
     limit: Arc<Semaphore>,
     max_connections: usize,
+    store: Arc<DiskStore>,
     /// Cancels `shutdown` when the server is dropped without `shutdown()`.
     _cancel_on_drop: DropGuard,
 }
@@ -77,6 +84,69 @@ pub fn amqp_settings(config: &Config) -> AmqpSettings {
     }
 }
 
+/// The STOMP adapter's settings from `[stomp]` and `[limits]`.
+pub fn stomp_settings(config: &Config) -> switchyard_stomp::StompSettings {
+    let st = &config.stomp;
+    let default_login =
+        (!st.default_user.is_empty()).then(|| (st.default_user.clone(), st.default_pass.clone()));
+    switchyard_stomp::StompSettings {
+        limits: switchyard_stomp::codec::Limits {
+            max_headers: st.max_headers,
+            max_header_length: st.max_header_length,
+            max_body: st.max_frame_size.min(config.limits.max_message_size),
+        },
+        default_vhost: st.default_vhost.clone(),
+        default_login,
+        heartbeat_min: Duration::from_millis(st.heartbeat_min_ms),
+        handshake_timeout: config.limits.handshake_timeout(),
+    }
+}
+
+/// The WebSocket endpoint of STOMP: its path, the STOMP subprotocols in order of
+/// preference, and a message limit that leaves room for a whole frame's head.
+fn stomp_ws_options(config: &Config) -> ws::WsOptions {
+    let limits = stomp_settings(config).limits;
+    ws::WsOptions {
+        path: config.stomp.ws_path.clone(),
+        subprotocols: vec!["v12.stomp", "v11.stomp", "v10.stomp"],
+        max_message_size: limits
+            .max_body
+            .saturating_add(limits.max_headers.saturating_mul(limits.max_header_length))
+            .saturating_add(64),
+    }
+}
+
+/// The MQTT adapter's settings from `[mqtt]` and `[limits]`.
+pub fn mqtt_settings(config: &Config) -> switchyard_mqtt::MqttSettings {
+    let m = &config.mqtt;
+    switchyard_mqtt::MqttSettings {
+        exchange: m.exchange.clone(),
+        default_vhost: m.default_vhost.clone(),
+        lossless_vhosts: m.lossless_topic_vhosts.clone(),
+        allow_anonymous: m.allow_anonymous,
+        anonymous_user: m.anonymous_user.clone(),
+        max_packet_size: m.max_packet_size,
+        max_packet_size_unauthenticated: m.max_packet_size_unauthenticated,
+        max_keep_alive_secs: m.max_keep_alive_secs,
+        max_session_expiry_secs: m.max_session_expiry_secs,
+        receive_maximum: m.receive_maximum,
+        max_inflight: m.max_inflight,
+        topic_alias_maximum: m.topic_alias_maximum,
+        handshake_timeout: config.limits.handshake_timeout(),
+    }
+}
+
+/// The WebSocket endpoint of MQTT: its path, the subprotocols MQTT clients
+/// offer (`mqtt` for 3.1.1/5.0, `mqttv3.1` for 3.1), and a message limit of one
+/// whole packet (a packet may still span several messages).
+fn mqtt_ws_options(config: &Config) -> ws::WsOptions {
+    ws::WsOptions {
+        path: config.mqtt.ws_path.clone(),
+        subprotocols: vec!["mqtt", "mqttv3.1"],
+        max_message_size: config.mqtt.max_packet_size.saturating_add(16),
+    }
+}
+
 /// Builds the broker from `config`, creates `data_dir` and binds every configured
 /// listener. Must be called inside a tokio runtime; the accept loops run on it.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
@@ -87,15 +157,54 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     })?;
 
     let auth = config.auth()?;
-    let broker = Broker::new(
+    let store_dir = config.data_dir.join("store");
+    let (store, recovered, report) =
+        DiskStore::open(&store_dir).map_err(|error| ServerError::Store {
+            path: store_dir.clone(),
+            error,
+        })?;
+    info!(
+        path = %store_dir.display(),
+        exchanges = report.exchanges,
+        queues = report.queues,
+        bindings = report.bindings,
+        messages = report.messages,
+        truncated_segments = report.truncated_segments,
+        "store opened"
+    );
+    let broker = Broker::with_store(
         auth,
         &config.vhost_names(),
         config.limits.memory_high_watermark_bytes,
+        Some((store.clone(), recovered)),
     );
 
     let mut wanted: Vec<(Protocol, SocketAddr)> = Vec::new();
     if let Some(addr) = config.listeners.amqp {
         wanted.push((Protocol::Amqp(Arc::new(amqp_settings(&config))), addr));
+    }
+    // One MQTT state for TCP and WebSocket: a client id is one session whichever
+    // way the client comes in.
+    let mqtt_state = switchyard_mqtt::MqttState::new();
+    let mqtt_enabled = config.listeners.mqtt.is_some() || config.listeners.mqtt_ws.is_some();
+    if let Some(addr) = config.listeners.mqtt {
+        let settings = Arc::new(mqtt_settings(&config));
+        wanted.push((Protocol::Mqtt(settings, mqtt_state.clone()), addr));
+    }
+    if let Some(addr) = config.listeners.mqtt_ws {
+        let settings = Arc::new(mqtt_settings(&config));
+        let ws = Arc::new(mqtt_ws_options(&config));
+        wanted.push((Protocol::MqttWs(settings, mqtt_state.clone(), ws), addr));
+    }
+    if let Some(addr) = config.listeners.stomp {
+        wanted.push((Protocol::Stomp(Arc::new(stomp_settings(&config))), addr));
+    }
+    if let Some(addr) = config.listeners.stomp_ws {
+        let ws = Arc::new(stomp_ws_options(&config));
+        wanted.push((
+            Protocol::StompWs(Arc::new(stomp_settings(&config)), ws),
+            addr,
+        ));
     }
     if wanted.is_empty() {
         warn!("no listener is configured: nobody can connect");
@@ -133,6 +242,15 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         };
         accept_loops.push(tokio::spawn(l.run()));
     }
+    if mqtt_enabled {
+        // Will delays, session expiry and retained-message expiry; stops with
+        // the listeners on shutdown.
+        accept_loops.push(tokio::spawn(
+            mqtt_state
+                .clone()
+                .run_timers(broker.clone(), shutdown.clone()),
+        ));
+    }
 
     Ok(RunningServer {
         broker,
@@ -143,6 +261,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         connections,
         limit,
         max_connections: config.limits.max_connections,
+        store,
     })
 }
 
@@ -197,6 +316,8 @@ impl RunningServer {
                 "connections still open after the shutdown grace period"
             );
         }
+        // Whatever was appended is written and synced before the process ends.
+        self.store.close();
         finished
     }
 }
@@ -208,6 +329,9 @@ mod tests {
     fn local_config(dir: &std::path::Path) -> Config {
         let mut c = Config::embedded().unwrap();
         c.listeners.amqp = Some("127.0.0.1:0".parse().unwrap());
+        // The shipped ports of the other listeners may be taken on a test machine.
+        c.listeners.stomp = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.stomp_ws = Some("127.0.0.1:0".parse().unwrap());
         c.data_dir = dir.join("data");
         c
     }

@@ -130,6 +130,10 @@ pub(crate) struct Channel {
     publish_seq: u64,
     /// Highest sequence number confirmed to the client.
     confirmed: u64,
+    /// Persistent publishes (sequence number, store position) not yet synced.
+    awaiting_sync: VecDeque<(u64, u64)>,
+    /// tx.commit-ok replies held until the store has synced this position.
+    commits_awaiting_sync: VecDeque<u64>,
     tx: Option<Vec<TxOp>>,
     /// The last queue declared: what an empty queue name refers to.
     last_queue: Option<String>,
@@ -154,6 +158,8 @@ impl Channel {
             confirm: false,
             publish_seq: 0,
             confirmed: 0,
+            awaiting_sync: VecDeque::new(),
+            commits_awaiting_sync: VecDeque::new(),
             tx: None,
             last_queue: None,
             reply_to: None,
@@ -330,19 +336,24 @@ impl Channel {
             });
             return Ok(());
         }
-        self.route(ctx, message, publish.mandatory)?;
+        let durable_at = self.route(ctx, message, publish.mandatory)?;
         if self.confirm {
             self.publish_seq += 1;
+            if durable_at > 0 {
+                // Confirmed only once the store has synced it (group commit).
+                self.awaiting_sync.push_back((self.publish_seq, durable_at));
+            }
         }
         Ok(())
     }
 
+    /// Routes a message; returns the store position it needs synced (0: none).
     fn route(
         &mut self,
         ctx: &mut Ctx<'_>,
         message: Arc<Message>,
         mandatory: bool,
-    ) -> Result<(), MethodError> {
+    ) -> Result<u64, MethodError> {
         let routed = ctx
             .vhost
             .publish(message.clone())
@@ -363,18 +374,45 @@ impl Channel {
                 ctx.frame_max,
             );
         }
-        Ok(())
+        Ok(routed.durable_at)
     }
 
-    /// Sends the confirms earned since the last call in one basic.ack.
-    pub(crate) fn flush_confirms(&mut self, out: &mut BytesMut) {
-        if self.confirm && self.publish_seq > self.confirmed && !self.closing {
+    /// Whether confirms wait for the store to sync.
+    pub(crate) fn awaits_sync(&self) -> bool {
+        !self.awaiting_sync.is_empty() || !self.commits_awaiting_sync.is_empty()
+    }
+
+    /// Sends the confirms earned so far in one basic.ack: every publish up to the
+    /// first one whose store position is beyond `synced`.
+    pub(crate) fn flush_confirms(&mut self, out: &mut BytesMut, synced: u64) {
+        while self
+            .commits_awaiting_sync
+            .front()
+            .is_some_and(|&at| at <= synced)
+        {
+            self.commits_awaiting_sync.pop_front();
+            if !self.closing {
+                codec::encode_method(out, self.id, &Method::from(codec::TxCommitOk {}));
+            }
+        }
+        while self
+            .awaiting_sync
+            .front()
+            .is_some_and(|&(_, at)| at <= synced)
+        {
+            self.awaiting_sync.pop_front();
+        }
+        let confirmable = match self.awaiting_sync.front() {
+            Some(&(seq, _)) => seq - 1,
+            None => self.publish_seq,
+        };
+        if self.confirm && confirmable > self.confirmed && !self.closing {
             let ack = codec::BasicAck {
-                delivery_tag: self.publish_seq,
-                multiple: self.publish_seq > self.confirmed + 1,
+                delivery_tag: confirmable,
+                multiple: confirmable > self.confirmed + 1,
             };
             codec::encode_method(out, self.id, &Method::from(ack));
-            self.confirmed = self.publish_seq;
+            self.confirmed = confirmable;
         }
     }
 
@@ -659,10 +697,11 @@ impl Channel {
                     .tx
                     .replace(Vec::new())
                     .ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
+                let mut durable_at = 0;
                 for op in ops {
                     match op {
                         TxOp::Publish { message, mandatory } => {
-                            self.route(ctx, message, mandatory)?
+                            durable_at = durable_at.max(self.route(ctx, message, mandatory)?);
                         }
                         TxOp::Settle {
                             tag,
@@ -671,7 +710,12 @@ impl Channel {
                         } => self.settle(ctx.vhost, tag, multiple, requeue)?,
                     }
                 }
-                ctx.send(id, codec::TxCommitOk {});
+                if durable_at > 0 {
+                    // commit-ok promises the messages are safe: wait for the sync.
+                    self.commits_awaiting_sync.push_back(durable_at);
+                } else {
+                    ctx.send(id, codec::TxCommitOk {});
+                }
                 Ok(())
             }
             Method::TxRollback(_) => {

@@ -24,6 +24,7 @@ use switchyard_core::consumer::{Outbox, Outgoing};
 use switchyard_core::queue::Queue;
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, CoreError, ErrorKind, FieldTable, FieldValue};
+use tokio::sync::watch;
 
 use crate::codec::{self, reply_code, CodecError, Frame, Method};
 use crate::AmqpSettings;
@@ -220,11 +221,14 @@ pub struct Session {
     blocked_sent: bool,
     /// Why the connection ended, for the log.
     close_reason: Option<String>,
+    /// The store's synced position (None: no store, nothing to wait for).
+    synced: Option<watch::Receiver<u64>>,
 }
 
 impl Session {
     pub fn new(broker: Arc<Broker>, settings: Arc<AmqpSettings>, peer: SocketAddr) -> Self {
         let id = broker.next_id();
+        let synced = broker.synced();
         Session {
             broker,
             settings,
@@ -245,12 +249,18 @@ impl Session {
             has_published: false,
             blocked_sent: false,
             close_reason: None,
+            synced,
         }
     }
 
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
         &mut self.out
+    }
+
+    /// A receiver of the store's synced position, for the connection task.
+    pub fn synced(&self) -> Option<watch::Receiver<u64>> {
+        self.synced.clone()
     }
 
     pub fn outbox(&self) -> Arc<Outbox> {
@@ -891,13 +901,20 @@ impl Session {
 
     /// Sends the publisher confirms earned by the frames just handled: one
     /// basic.ack (multiple) per channel per read batch.
-    fn flush_confirms(&mut self) {
+    pub fn flush_confirms(&mut self) {
         if self.state != State::Running {
             return;
         }
+        let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
         for ch in self.channels.values_mut() {
-            ch.flush_confirms(&mut self.out);
+            ch.flush_confirms(&mut self.out, synced);
         }
+    }
+
+    /// Some confirm or commit waits for the store: the connection task should
+    /// call [`Session::flush_confirms`] when the synced position moves.
+    pub fn awaits_sync(&self) -> bool {
+        self.channels.values().any(Channel::awaits_sync)
     }
 
     /// Releases everything the connection holds: unacked messages go back to

@@ -1,0 +1,101 @@
+//! What the core asks of durable storage, as a trait: the core decides *what* must
+//! survive a restart (durable exchanges, queues and bindings; persistent messages
+//! in durable queues), a store decides *how* (crates/store writes files).
+//!
+//! Metadata calls are rare and synchronous: they return once the change is on
+//! disk. Message calls only append to the store's buffer and return at once; a
+//! message is durable when the store's synced position ([`Store::synced`]) has
+//! passed the position its append returned. Publisher confirms (and MQTT PUBACK,
+//! STOMP RECEIPT) wait for that, so one fsync covers every message that arrived
+//! while the previous one ran (group commit).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::exchange::{DestinationName, ExchangeOptions};
+use crate::field::FieldTable;
+use crate::message::Message;
+use crate::queue::QueueOptions;
+
+/// A durable exchange as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExchangeRecord {
+    pub vhost: String,
+    pub name: String,
+    pub kind: String,
+    pub options: ExchangeOptions,
+}
+
+/// A durable queue as stored. `id` names it in the message log: a queue deleted
+/// and declared again gets a new id, so records of the old one are ignored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRecord {
+    pub vhost: String,
+    pub name: String,
+    pub id: u64,
+    pub options: QueueOptions,
+}
+
+/// A binding between durable ends, as stored.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BindingRecord {
+    pub vhost: String,
+    pub source: String,
+    pub destination: DestinationName,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+/// Where a persisted message is: its id in the log and the segment holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredRef {
+    pub id: u64,
+    pub segment: u32,
+}
+
+/// A message recovered for one queue, in queue order.
+#[derive(Debug, Clone)]
+pub struct RecoveredMessage {
+    pub stored: StoredRef,
+    pub message: Arc<Message>,
+    /// It had been delivered before the restart (and not acknowledged).
+    pub redelivered: bool,
+}
+
+/// Everything a store recovered at start.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub exchanges: Vec<ExchangeRecord>,
+    pub queues: Vec<QueueRecord>,
+    pub bindings: Vec<BindingRecord>,
+    /// By queue id.
+    pub messages: HashMap<u64, Vec<RecoveredMessage>>,
+}
+
+/// Durable storage for the core.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    fn save_exchange(&self, record: &ExchangeRecord) -> io::Result<()>;
+    /// Deletes the exchange and every stored binding from or to it.
+    fn delete_exchange(&self, vhost: &str, name: &str) -> io::Result<()>;
+    fn save_queue(&self, record: &QueueRecord) -> io::Result<()>;
+    /// Deletes the queue and every stored binding to it.
+    fn delete_queue(&self, vhost: &str, name: &str) -> io::Result<()>;
+    fn save_binding(&self, record: &BindingRecord) -> io::Result<()>;
+    fn delete_binding(&self, record: &BindingRecord) -> io::Result<()>;
+    /// A fresh queue id, never handed out before.
+    fn new_queue_id(&self) -> io::Result<u64>;
+
+    /// Appends a persistent message for the given durable queues. Returns where it
+    /// is and the log position after it (durable once [`Store::synced`] reaches it).
+    fn append_message(&self, queues: &[u64], message: &Message) -> (StoredRef, u64);
+    /// The message left the queue for good (acked, dropped, dead-lettered).
+    fn append_ack(&self, queue: u64, stored: StoredRef);
+    /// The message was handed to a consumer: after a restart it comes back with
+    /// `redelivered` set.
+    fn append_delivered(&self, queue: u64, stored: StoredRef);
+    /// The log position known to be on disk.
+    fn synced(&self) -> watch::Receiver<u64>;
+}

@@ -1,0 +1,195 @@
+//! Durable metadata (exchanges, queues, bindings, counters) in an embedded ACID
+//! database (redb), one file in the data directory.
+//!
+//! Every change is its own committed transaction: metadata changes are rare
+//! (declare, bind, delete), and a client's declare-ok must mean the entity survives
+//! a crash. Values are postcard-encoded records from the core's `persist` module.
+
+use std::io;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use switchyard_core::exchange::DestinationName;
+use switchyard_core::persist::{BindingRecord, ExchangeRecord, QueueRecord};
+
+/// `vhost \0 name` -> ExchangeRecord
+const EXCHANGES: TableDefinition<&str, &[u8]> = TableDefinition::new("exchanges");
+/// `vhost \0 name` -> QueueRecord
+const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
+/// encoded BindingRecord (its own identity) -> ()
+const BINDINGS: TableDefinition<&[u8], ()> = TableDefinition::new("bindings");
+/// name -> counter value
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn key(vhost: &str, name: &str) -> String {
+    format!("{vhost}\0{name}")
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(io_err)
+}
+
+fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> io::Result<T> {
+    postcard::from_bytes(bytes).map_err(io_err)
+}
+
+#[derive(Debug)]
+pub struct MetaStore {
+    db: Database,
+}
+
+impl MetaStore {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let db = Database::create(path).map_err(io_err)?;
+        // Create the tables so that reads of a fresh database find them.
+        let txn = db.begin_write().map_err(io_err)?;
+        txn.open_table(EXCHANGES).map_err(io_err)?;
+        txn.open_table(QUEUES).map_err(io_err)?;
+        txn.open_table(BINDINGS).map_err(io_err)?;
+        txn.open_table(COUNTERS).map_err(io_err)?;
+        txn.commit().map_err(io_err)?;
+        Ok(MetaStore { db })
+    }
+
+    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> io::Result<()>) -> io::Result<()> {
+        let txn = self.db.begin_write().map_err(io_err)?;
+        f(&txn)?;
+        txn.commit().map_err(io_err)
+    }
+
+    pub fn save_exchange(&self, r: &ExchangeRecord) -> io::Result<()> {
+        let value = encode(r)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(EXCHANGES).map_err(io_err)?;
+            t.insert(key(&r.vhost, &r.name).as_str(), value.as_slice())
+                .map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    pub fn save_queue(&self, r: &QueueRecord) -> io::Result<()> {
+        let value = encode(r)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(QUEUES).map_err(io_err)?;
+            t.insert(key(&r.vhost, &r.name).as_str(), value.as_slice())
+                .map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    pub fn save_binding(&self, r: &BindingRecord) -> io::Result<()> {
+        let k = encode(r)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(BINDINGS).map_err(io_err)?;
+            t.insert(k.as_slice(), ()).map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    pub fn delete_binding(&self, r: &BindingRecord) -> io::Result<()> {
+        let k = encode(r)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(BINDINGS).map_err(io_err)?;
+            t.remove(k.as_slice()).map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    /// Deletes an exchange and the bindings from or to it, in one transaction.
+    pub fn delete_exchange(&self, vhost: &str, name: &str) -> io::Result<()> {
+        let dest = DestinationName::Exchange(name.to_owned());
+        self.write(|txn| {
+            txn.open_table(EXCHANGES)
+                .map_err(io_err)?
+                .remove(key(vhost, name).as_str())
+                .map_err(io_err)?;
+            remove_bindings(txn, |b| {
+                b.vhost == vhost && (b.source == name || b.destination == dest)
+            })
+        })
+    }
+
+    /// Deletes a queue and the bindings to it, in one transaction.
+    pub fn delete_queue(&self, vhost: &str, name: &str) -> io::Result<()> {
+        let dest = DestinationName::Queue(name.to_owned());
+        self.write(|txn| {
+            txn.open_table(QUEUES)
+                .map_err(io_err)?
+                .remove(key(vhost, name).as_str())
+                .map_err(io_err)?;
+            remove_bindings(txn, |b| b.vhost == vhost && b.destination == dest)
+        })
+    }
+
+    /// Increments and returns a named counter.
+    pub fn next(&self, counter: &str) -> io::Result<u64> {
+        let mut value = 0;
+        self.write(|txn| {
+            let mut t = txn.open_table(COUNTERS).map_err(io_err)?;
+            let current = t.get(counter).map_err(io_err)?.map_or(0, |v| v.value());
+            value = current.saturating_add(1);
+            t.insert(counter, value).map_err(io_err)?;
+            Ok(())
+        })?;
+        Ok(value)
+    }
+
+    /// Everything stored, for recovery.
+    pub fn load(&self) -> io::Result<(Vec<ExchangeRecord>, Vec<QueueRecord>, Vec<BindingRecord>)> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let mut exchanges = Vec::new();
+        for entry in txn
+            .open_table(EXCHANGES)
+            .map_err(io_err)?
+            .iter()
+            .map_err(io_err)?
+        {
+            let (_, v) = entry.map_err(io_err)?;
+            exchanges.push(decode(v.value())?);
+        }
+        let mut queues = Vec::new();
+        for entry in txn
+            .open_table(QUEUES)
+            .map_err(io_err)?
+            .iter()
+            .map_err(io_err)?
+        {
+            let (_, v) = entry.map_err(io_err)?;
+            queues.push(decode(v.value())?);
+        }
+        let mut bindings = Vec::new();
+        for entry in txn
+            .open_table(BINDINGS)
+            .map_err(io_err)?
+            .iter()
+            .map_err(io_err)?
+        {
+            let (k, _) = entry.map_err(io_err)?;
+            bindings.push(decode(k.value())?);
+        }
+        Ok((exchanges, queues, bindings))
+    }
+}
+
+fn remove_bindings(
+    txn: &redb::WriteTransaction,
+    doomed: impl Fn(&BindingRecord) -> bool,
+) -> io::Result<()> {
+    let mut t = txn.open_table(BINDINGS).map_err(io_err)?;
+    let mut keys = Vec::new();
+    for entry in t.iter().map_err(io_err)? {
+        let (k, _) = entry.map_err(io_err)?;
+        let record: BindingRecord = decode(k.value())?;
+        if doomed(&record) {
+            keys.push(k.value().to_vec());
+        }
+    }
+    for k in keys {
+        t.remove(k.as_slice()).map_err(io_err)?;
+    }
+    Ok(())
+}
