@@ -44,6 +44,8 @@ const KIND_MESSAGE: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_DELIVERED: u8 = 3;
 const HEADER: usize = 8;
+/// Written by a clean shutdown after the last sync; removed at open.
+const CLEAN_MARKER: &str = "clean-shutdown";
 
 /// Records appended but not yet handed to the writer.
 #[derive(Debug, Default)]
@@ -215,6 +217,15 @@ impl MessageLog {
         queues: &HashSet<u64>,
     ) -> io::Result<(Self, LogRecovery)> {
         fs::create_dir_all(dir)?;
+        // After a crash, delivered records that were not yet synced are lost, so a
+        // message may have reached a consumer without the log knowing: mark every
+        // recovered message redelivered (at-least-once's signal). After a clean
+        // shutdown every record was synced and the exact state is known.
+        let marker = dir.join(CLEAN_MARKER);
+        let clean = marker.exists();
+        if clean {
+            fs::remove_file(&marker)?;
+        }
         let segments = list_segments(dir)?;
         let mut messages: HashMap<u64, (u32, Arc<Message>)> = HashMap::new();
         let mut order: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -268,7 +279,7 @@ impl MessageLog {
                         segment: *segment,
                     },
                     message: message.clone(),
-                    redelivered: delivered.contains(&(queue, id)),
+                    redelivered: !clean || delivered.contains(&(queue, id)),
                 });
             }
         }
@@ -399,7 +410,14 @@ impl MessageLog {
         self.shared.pending.lock().shutdown = true;
         self.shared.wake.notify_one();
         if let Some(writer) = self.writer.lock().take() {
-            let _ = writer.join();
+            if writer.join().is_ok() {
+                let marked = File::create(self.shared.dir.join(CLEAN_MARKER))
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| File::open(&self.shared.dir)?.sync_all());
+                if let Err(e) = marked {
+                    tracing::warn!(error = %e, "cannot mark the message log cleanly closed");
+                }
+            }
         }
     }
 }

@@ -23,6 +23,17 @@ fn msg(body: &str) -> Message {
         .clone()
 }
 
+/// The first segment file of the log.
+fn first_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segs: Vec<_> = std::fs::read_dir(dir.join("messages"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    segs.remove(0)
+}
+
 fn queue(id: u64, name: &str) -> QueueRecord {
     QueueRecord {
         vhost: "/".into(),
@@ -94,13 +105,36 @@ fn synced_messages_come_back_in_order_and_acked_ones_do_not() {
         ("m2".to_owned(), true),
         "delivered before the restart: redelivered"
     );
-    assert_eq!(got_a[1], ("m3".to_owned(), false));
+    assert_eq!(
+        got_a[1],
+        ("m3".to_owned(), false),
+        "clean shutdown: exact delivered state"
+    );
     assert_eq!(got_a.last().unwrap().0, "last");
     let got_b = bodies(b);
     assert_eq!(got_b.len(), 9);
     assert_eq!(got_b[0].0, "m0");
     assert_eq!(got_b[8].0, "m8");
     assert_eq!(report.messages, 18);
+}
+
+#[test]
+fn after_a_crash_every_recovered_message_is_marked_redelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let q;
+    {
+        let (store, _, _) = DiskStore::open(dir.path()).unwrap();
+        q = store.new_queue_id().unwrap();
+        store.save_queue(&queue(q, "q")).unwrap();
+        let (_, p) = store.append_message(&[q], &msg("m"));
+        wait_synced(&store, p);
+        store.close();
+    }
+    // As after kill -9: no clean-shutdown marker.
+    std::fs::remove_file(dir.path().join("messages").join("clean-shutdown")).unwrap();
+    {}
+    let (_, recovered, _) = DiskStore::open(dir.path()).unwrap();
+    assert!(recovered.messages[&q][0].redelivered);
 }
 
 #[test]
@@ -119,12 +153,7 @@ fn torn_tail_is_truncated_and_the_rest_survives() {
         store.close();
     }
     // Power loss mid-append: half a record, then garbage after a valid one.
-    let seg = std::fs::read_dir(dir.path().join("messages"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = first_segment(dir.path());
     let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
     f.write_all(&[0, 0, 1, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3])
         .unwrap();
@@ -158,12 +187,7 @@ fn corrupted_record_is_never_returned_as_a_message() {
         wait_synced(&store, p);
         store.close();
     }
-    let seg = std::fs::read_dir(dir.path().join("messages"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let seg = first_segment(dir.path());
     let mut bytes = std::fs::read(&seg).unwrap();
     let last = bytes.len() - 3;
     bytes[last] ^= 0xff; // flip a byte inside the last record's body
@@ -194,6 +218,13 @@ fn consumed_segments_are_deleted_from_the_head() {
     let segments = || {
         std::fs::read_dir(dir.path().join("messages"))
             .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
             .count()
     };
     assert!(segments() >= 10, "{} segments", segments());
