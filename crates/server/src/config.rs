@@ -53,6 +53,8 @@ pub struct Config {
     pub listeners: Listeners,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub stomp: StompConfig,
     #[serde(default = "default_vhosts")]
     pub vhosts: Vec<VHostConfig>,
     /// `None` when the file has no `[[users]]`: see the module docs.
@@ -73,6 +75,49 @@ pub struct Listeners {
     /// AMQP 0-9-1 over TCP.
     #[serde(default)]
     pub amqp: Option<SocketAddr>,
+    /// STOMP 1.0/1.1/1.2 over TCP.
+    #[serde(default)]
+    pub stomp: Option<SocketAddr>,
+    /// STOMP over WebSocket (path `[stomp] ws_path`).
+    #[serde(default)]
+    pub stomp_ws: Option<SocketAddr>,
+}
+
+/// `[stomp]`: the STOMP adapter (TCP and WebSocket alike).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StompConfig {
+    /// The vhost of a CONNECT whose `host` header names no existing vhost.
+    pub default_vhost: String,
+    /// The login for a CONNECT without one (RabbitMQ's `stomp.default_user`);
+    /// empty: CONNECT must carry a login.
+    pub default_user: String,
+    pub default_pass: String,
+    /// Largest frame body accepted; also capped by `limits.max_message_size`.
+    pub max_frame_size: usize,
+    /// Header lines per frame.
+    pub max_headers: usize,
+    /// Bytes per header line (and command line).
+    pub max_header_length: usize,
+    /// The shortest heart-beat interval agreed to, either way (ms).
+    pub heartbeat_min_ms: u64,
+    /// The HTTP path of STOMP over WebSocket.
+    pub ws_path: String,
+}
+
+impl Default for StompConfig {
+    fn default() -> Self {
+        StompConfig {
+            default_vhost: "/".into(),
+            default_user: "guest".into(),
+            default_pass: "guest".into(),
+            max_frame_size: 134_217_728,
+            max_headers: 1000,
+            max_header_length: 102_400,
+            heartbeat_min_ms: 1000,
+            ws_path: "/ws".into(),
+        }
+    }
 }
 
 /// `[limits]`.
@@ -292,6 +337,29 @@ impl Config {
             if v.name.is_empty() {
                 return Err(self.invalid("invalid value \"\" for key vhosts.name".into()));
             }
+        }
+        let st = &self.stomp;
+        if !self.vhost_names().contains(&st.default_vhost) {
+            return Err(self.invalid(format!(
+                "invalid value {:?} for key stomp.default_vhost: no such vhost in [[vhosts]]",
+                st.default_vhost
+            )));
+        }
+        if st.max_headers == 0 {
+            return Err(self
+                .invalid("invalid value 0 for key stomp.max_headers: must be at least 1".into()));
+        }
+        if st.max_header_length < 256 {
+            return Err(self.invalid(format!(
+                "invalid value {} for key stomp.max_header_length: must be at least 256",
+                st.max_header_length
+            )));
+        }
+        if !st.ws_path.starts_with('/') {
+            return Err(self.invalid(format!(
+                "invalid value {:?} for key stomp.ws_path: must start with '/'",
+                st.ws_path
+            )));
         }
         self.auth().map(|_| ())
     }

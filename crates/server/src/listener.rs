@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_amqp::AmqpSettings;
+use switchyard_stomp::StompSettings;
 use switchyard_core::Broker;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -27,12 +28,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(crate) enum Protocol {
     Amqp(Arc<AmqpSettings>),
+    Stomp(Arc<StompSettings>),
+    /// STOMP over WebSocket: the upgrade, then the same STOMP session.
+    StompWs(Arc<StompSettings>, Arc<crate::ws::WsOptions>),
 }
 
 impl Protocol {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Protocol::Amqp(_) => "amqp",
+            Protocol::Stomp(_) => "stomp",
+            Protocol::StompWs(..) => "stomp_ws",
         }
     }
 }
@@ -91,6 +97,40 @@ impl Listener {
                     self.connections.spawn(
                         async move {
                             switchyard_amqp::serve(socket, peer, broker, settings, token).await;
+                            drop(permit);
+                            debug!("connection ended");
+                        }
+                        .instrument(span),
+                    );
+                }
+                Protocol::Stomp(settings) => {
+                    let settings = settings.clone();
+                    self.connections.spawn(
+                        async move {
+                            switchyard_stomp::serve(socket, peer, broker, settings, token).await;
+                            drop(permit);
+                            debug!("connection ended");
+                        }
+                        .instrument(span),
+                    );
+                }
+                Protocol::StompWs(settings, ws) => {
+                    let (settings, ws) = (settings.clone(), ws.clone());
+                    self.connections.spawn(
+                        async move {
+                            // The upgrade counts against the handshake timeout too.
+                            let upgrade = tokio::time::timeout(
+                                settings.handshake_timeout,
+                                crate::ws::accept(socket, &ws),
+                            );
+                            match upgrade.await {
+                                Ok(Ok(stream)) => {
+                                    switchyard_stomp::serve(stream, peer, broker, settings, token)
+                                        .await;
+                                }
+                                Ok(Err(e)) => debug!(error = %e, "WebSocket upgrade failed"),
+                                Err(_) => debug!("WebSocket upgrade timed out"),
+                            }
                             drop(permit);
                             debug!("connection ended");
                         }

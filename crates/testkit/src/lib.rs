@@ -22,6 +22,8 @@ use tokio::net::TcpStream;
 
 pub use switchyard_server::config;
 
+pub mod stomp;
+
 /// How long [`RawClient::read_exact`] waits before failing the test.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -46,6 +48,8 @@ pub async fn start_broker_with(configure: impl FnOnce(&mut Config)) -> TestBroke
     let data_dir = tempfile::tempdir().expect("testkit: cannot create a temporary directory");
     let mut config = Config::embedded().expect("testkit: the built-in config.toml is invalid");
     config.listeners.amqp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listeners.stomp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listeners.stomp_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.data_dir = data_dir.path().join("data");
     configure(&mut config);
     let server = switchyard_server::start(config)
@@ -66,6 +70,24 @@ impl TestBroker {
     /// The address of the AMQP listener.
     pub fn amqp_addr(&self) -> SocketAddr {
         self.amqp
+    }
+
+    /// The address of the STOMP (TCP) listener.
+    pub fn stomp_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("stomp")
+            .expect("testkit: the configuration has no STOMP listener")
+    }
+
+    /// The address of the STOMP-over-WebSocket listener.
+    pub fn stomp_ws_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("stomp_ws")
+            .expect("testkit: the configuration has no STOMP WebSocket listener")
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`, for client libraries.

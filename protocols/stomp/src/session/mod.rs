@@ -1,0 +1,833 @@
+//! The STOMP connection state machine: frames in, core calls and frames out.
+//!
+//! No sockets and no clocks here (quinn-proto's rule): the connection task hands
+//! in the bytes it read ([`Session::handle_input`]) and the deliveries its outbox
+//! collected ([`Session::handle_outbox`]); the session appends the frames to send
+//! to [`Session::output`] and says through [`Session::is_closed`] when the socket
+//! should be closed. TCP and WebSocket connections run the same session.
+//!
+//! Every refusal is an ERROR frame (`message` header, readable body, `receipt-id`
+//! when the offending frame asked for a receipt) followed by the end of the
+//! connection, as the spec says; only this connection is affected. A connection
+//! that ends for any reason gives back what it holds: unacknowledged messages go
+//! back to their queues (redelivered), consumers are cancelled, open transactions
+//! are dropped, and the exclusive queues it made (topic subscriptions, temp
+//! queues) are deleted.
+
+mod error;
+mod subscribe;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use switchyard_core::auth::{Access, Resource};
+use switchyard_core::consumer::{Consumer, Credit, Outbox, Outgoing};
+use switchyard_core::deadletter::DeathReason;
+use switchyard_core::queue::{Queue, QueuedMessage};
+use switchyard_core::vhost::VHost;
+use switchyard_core::{Broker, Message};
+
+use crate::codec::{Command, Decoder, Frame, FrameWriter, Version};
+use crate::mapping::{self, Destination};
+use crate::StompSettings;
+
+pub use error::FrameError;
+
+/// How many deliveries may wait in a connection's outbox before queues hold back
+/// (on top of prefetch): bounds what a slow reader with `ack:auto` can pin.
+pub const OUTBOX_CAPACITY: usize = 4096;
+
+/// The `server` header of CONNECTED.
+const SERVER: &str = concat!("Switchyard/", env!("CARGO_PKG_VERSION"));
+
+/// Where the connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for CONNECT or STOMP.
+    Connecting,
+    /// CONNECTED sent.
+    Open,
+    /// The socket should be closed once the output is written.
+    Closed,
+}
+
+/// A subscription's `ack` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AckMode {
+    /// Settled when sent.
+    Auto,
+    /// An ACK settles the message and every earlier one of the subscription.
+    Client,
+    /// An ACK settles that message only.
+    ClientIndividual,
+}
+
+/// One SUBSCRIBE.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub(crate) consumer: Arc<Consumer>,
+    pub(crate) queue: Arc<Queue>,
+    pub(crate) ack: AckMode,
+    /// A durable topic subscription: its queue outlives the connection and is
+    /// deleted only by an UNSUBSCRIBE that says `durable:true`.
+    pub(crate) durable: bool,
+}
+
+/// A delivered message waiting for ACK or NACK.
+#[derive(Debug)]
+struct Unacked {
+    /// The MESSAGE's `ack` / `message-id`.
+    id: u64,
+    subscription: String,
+    consumer: Arc<Consumer>,
+    queue: Arc<Queue>,
+    message: QueuedMessage,
+}
+
+/// What becomes of settled messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ack,
+    /// NACK with `requeue` (the default): back to the queue, redelivered.
+    Requeue,
+    /// NACK with `requeue:false`: dead-lettered if the queue says so, else dropped.
+    Reject,
+}
+
+/// An operation a transaction holds until COMMIT.
+#[derive(Debug)]
+enum TxOp {
+    Send(Arc<Message>),
+    Settle { id: u64, outcome: Outcome },
+}
+
+/// One STOMP connection's protocol state.
+pub struct Session {
+    broker: Arc<Broker>,
+    settings: Arc<StompSettings>,
+    peer: SocketAddr,
+    /// Broker-wide id: owner of the exclusive queues this connection declares.
+    id: u64,
+    state: State,
+    decoder: Decoder,
+    version: Version,
+    out: BytesMut,
+    user: String,
+    vhost: Option<Arc<VHost>>,
+    outbox: Arc<Outbox>,
+    /// STOMP has no connection-wide prefetch; the core's shared credit is unlimited.
+    shared_credit: Arc<Credit>,
+    subscriptions: HashMap<String, Subscription>,
+    /// In delivery order (ids only grow).
+    unacked: VecDeque<Unacked>,
+    next_message_id: u64,
+    transactions: HashMap<String, Vec<TxOp>>,
+    /// `/temp-queue/<id>` -> the private queue behind it.
+    temp_queues: HashMap<String, Arc<Queue>>,
+    /// Exclusive queues this connection declared: deleted when it ends.
+    owned_queues: Vec<Arc<Queue>>,
+    /// Write permission per exchange, cached: permissions change only with the
+    /// config, and a regex match per SEND would dominate small messages.
+    write_allowed: HashMap<String, bool>,
+    has_published: bool,
+    heartbeat_out: Duration,
+    heartbeat_in: Duration,
+    close_reason: Option<String>,
+}
+
+impl Session {
+    pub fn new(broker: Arc<Broker>, settings: Arc<StompSettings>, peer: SocketAddr) -> Self {
+        let id = broker.next_id();
+        let decoder = Decoder::new(settings.limits);
+        Session {
+            broker,
+            settings,
+            peer,
+            id,
+            state: State::Connecting,
+            decoder,
+            version: Version::V1_0,
+            out: BytesMut::with_capacity(8 * 1024),
+            user: String::new(),
+            vhost: None,
+            outbox: Outbox::new(OUTBOX_CAPACITY),
+            shared_credit: Arc::new(Credit::new(0)),
+            subscriptions: HashMap::new(),
+            unacked: VecDeque::new(),
+            next_message_id: 1,
+            transactions: HashMap::new(),
+            temp_queues: HashMap::new(),
+            owned_queues: Vec::new(),
+            write_allowed: HashMap::new(),
+            has_published: false,
+            heartbeat_out: Duration::ZERO,
+            heartbeat_in: Duration::ZERO,
+            close_reason: None,
+        }
+    }
+
+    /// The bytes to write next. The caller writes and clears them.
+    pub fn output(&mut self) -> &mut BytesMut {
+        &mut self.out
+    }
+
+    pub fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
+    }
+
+    /// The socket should be closed once the output is flushed.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// CONNECTED has been sent: the handshake timeout no longer applies.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// The negotiated version (1.0 until CONNECT).
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// How often the server must send something (zero: never).
+    pub fn heartbeat_out(&self) -> Duration {
+        self.heartbeat_out
+    }
+
+    /// How often the client promised to send something (zero: no promise).
+    pub fn heartbeat_in(&self) -> Duration {
+        self.heartbeat_in
+    }
+
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close_reason.as_deref()
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Whether the memory alarm should stop reading from this connection: it
+    /// blocks publishers only (as RabbitMQ does), so consumers keep draining.
+    pub fn blocks_on_alarm(&self) -> bool {
+        self.has_published && self.state == State::Open
+    }
+
+    /// Feeds bytes read from the socket. Whole frames are consumed from `input`;
+    /// a partial frame stays for the next call (the decoder remembers how far it
+    /// looked).
+    pub fn handle_input(&mut self, input: &mut BytesMut) {
+        while self.state != State::Closed {
+            match self.decoder.decode(input) {
+                Ok(None) => break,
+                Ok(Some(frame)) => self.handle_frame(frame),
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "bad STOMP frame");
+                    self.fail(FrameError::from(e), None);
+                }
+            }
+        }
+    }
+
+    /// The broker is shutting down.
+    pub fn shutdown(&mut self) {
+        if self.state == State::Open {
+            self.fail(
+                FrameError::new("server shutdown", "The broker is shutting down."),
+                None,
+            );
+        } else {
+            self.finish("broker shutdown".into());
+        }
+    }
+
+    /// The connection ended without an ERROR frame (socket closed, missed
+    /// heart-beats, handshake timeout).
+    pub fn finish(&mut self, reason: String) {
+        if self.close_reason.is_none() {
+            self.close_reason = Some(reason);
+        }
+        self.release_resources();
+        self.state = State::Closed;
+    }
+
+    /// Sends ERROR and ends the connection.
+    fn fail(&mut self, e: FrameError, receipt: Option<&str>) {
+        if self.state == State::Closed {
+            return;
+        }
+        tracing::debug!(peer = %self.peer, user = %self.user, message = %e.message, detail = %e.detail, "STOMP ERROR");
+        let mut w = FrameWriter::start(&mut self.out, Command::Error, self.version);
+        w.header("message", &e.message);
+        if let Some(r) = receipt {
+            w.header("receipt-id", r);
+        }
+        for (k, v) in &e.headers {
+            w.header(k, v);
+        }
+        w.header("content-type", "text/plain");
+        w.header("content-length", &e.detail.len().to_string());
+        w.finish(e.detail.as_bytes());
+        self.finish(format!("{}: {}", e.message, e.detail));
+    }
+
+    fn receipt(&mut self, receipt: Option<&str>) {
+        if let Some(r) = receipt {
+            let mut w = FrameWriter::start(&mut self.out, Command::Receipt, self.version);
+            w.header("receipt-id", r);
+            w.finish(b"");
+        }
+    }
+
+    fn handle_frame(&mut self, frame: Frame) {
+        let receipt = frame.get("receipt").map(str::to_owned);
+        let result = match (self.state, frame.command) {
+            (State::Closed, _) => return,
+            (State::Connecting, Command::Connect | Command::Stomp) => {
+                // CONNECT carries no receipt (the spec lists none; CONNECTED is the answer).
+                if let Err(e) = self.connect(&frame) {
+                    self.fail(e, None);
+                }
+                return;
+            }
+            (State::Connecting, other) => Err(FrameError::new(
+                "not connected",
+                format!(
+                    "the first frame must be CONNECT or STOMP, not {}",
+                    other.as_str()
+                ),
+            )),
+            (State::Open, Command::Connect | Command::Stomp) => Err(FrameError::new(
+                "already connected",
+                "CONNECT was sent twice on one connection",
+            )),
+            (State::Open, Command::Send) => self.send(frame),
+            (State::Open, Command::Subscribe) => self.subscribe(&frame),
+            (State::Open, Command::Unsubscribe) => self.unsubscribe(&frame),
+            (State::Open, Command::Ack) => self.ack(&frame, Command::Ack),
+            (State::Open, Command::Nack) => self.ack(&frame, Command::Nack),
+            (State::Open, Command::Begin) => self.begin(&frame),
+            (State::Open, Command::Commit) => self.commit(&frame),
+            (State::Open, Command::Abort) => self.abort(&frame),
+            (State::Open, Command::Disconnect) => {
+                self.receipt(receipt.as_deref());
+                self.finish("client sent DISCONNECT".into());
+                return;
+            }
+            (
+                State::Open,
+                c @ (Command::Connected | Command::Message | Command::Receipt | Command::Error),
+            ) => Err(FrameError::new(
+                "unexpected frame",
+                format!("{} is a server frame; a client may not send it", c.as_str()),
+            )),
+        };
+        match result {
+            Ok(()) => self.receipt(receipt.as_deref()),
+            Err(e) => self.fail(e, receipt.as_deref()),
+        }
+    }
+
+    // ---- CONNECT ----
+
+    fn connect(&mut self, frame: &Frame) -> Result<(), FrameError> {
+        let version = negotiate(frame.get("accept-version"))?;
+        self.version = version;
+        let (cx, cy) = parse_heartbeat(frame.get("heart-beat"))?;
+        let (login, passcode) = match (frame.get("login"), &self.settings.default_login) {
+            (Some(login), _) => (
+                login.to_owned(),
+                frame.get("passcode").unwrap_or_default().to_owned(),
+            ),
+            (None, Some((login, passcode))) => (login.clone(), passcode.clone()),
+            (None, None) => {
+                return Err(FrameError::new(
+                    "access refused",
+                    "CONNECT has no login header and the broker has no default STOMP user",
+                ))
+            }
+        };
+        let user = match self
+            .broker
+            .auth
+            .login(&login, passcode.as_bytes(), Some(self.peer.ip()))
+        {
+            Ok(u) => u.name.clone(),
+            Err(why) => {
+                tracing::warn!(peer = %self.peer, "STOMP login refused: {why}");
+                return Err(FrameError::new(
+                    "access refused",
+                    format!("Login refused for user '{login}'."),
+                ));
+            }
+        };
+        // `host` names the vhost when such a vhost exists; many clients send the
+        // server's host name there, which then means the default vhost.
+        let vhost_name = frame
+            .get("host")
+            .filter(|h| self.broker.has_vhost(h))
+            .unwrap_or(&self.settings.default_vhost)
+            .to_owned();
+        let vhost = self.broker.vhost(&vhost_name)?;
+        self.broker
+            .auth
+            .check_vhost(&user, &vhost_name)
+            .map_err(|e| FrameError::new("access refused", e.to_string()))?;
+        // Heart-beats (spec: max of what one side can do and the other wants; 0 on
+        // either side means none). `heartbeat_min` keeps a client from making the
+        // broker send or expect a beat every millisecond.
+        let min = self.settings.heartbeat_min;
+        let bound = |ms: u64| {
+            if ms == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(ms).max(min)
+            }
+        };
+        self.heartbeat_out = bound(cy);
+        self.heartbeat_in = bound(cx);
+        self.user = user;
+        self.vhost = Some(vhost);
+        self.decoder.set_version(version);
+        self.state = State::Open;
+        let mut w = FrameWriter::start(&mut self.out, Command::Connected, version);
+        w.header("version", version.as_str());
+        w.header("session", &format!("session-{}", self.id));
+        w.header("server", SERVER);
+        w.header(
+            "heart-beat",
+            &format!(
+                "{},{}",
+                self.heartbeat_out.as_millis(),
+                self.heartbeat_in.as_millis()
+            ),
+        );
+        w.finish(b"");
+        tracing::debug!(peer = %self.peer, user = %self.user, vhost = %vhost_name, version = version.as_str(), "STOMP connection open");
+        Ok(())
+    }
+
+    fn vhost(&self) -> Result<Arc<VHost>, FrameError> {
+        self.vhost
+            .clone()
+            .ok_or_else(|| FrameError::new("not connected", "no CONNECT yet"))
+    }
+
+    fn check(&self, access: Access, resource: Resource, name: &str) -> Result<(), FrameError> {
+        let vhost = self.vhost()?;
+        self.broker
+            .auth
+            .check(&self.user, &vhost.name, access, resource, name)
+            .map_err(FrameError::from)
+    }
+
+    /// Write permission on an exchange, cached (see `write_allowed`).
+    fn check_publish(&mut self, exchange: &str) -> Result<(), FrameError> {
+        if self.write_allowed.get(exchange) == Some(&true) {
+            return Ok(());
+        }
+        let result = self.check(Access::Write, Resource::Exchange, exchange);
+        if self.write_allowed.len() < 1024 {
+            self.write_allowed
+                .insert(exchange.to_owned(), result.is_ok());
+        }
+        result
+    }
+
+    // ---- SEND ----
+
+    fn send(&mut self, frame: Frame) -> Result<(), FrameError> {
+        let dest = frame
+            .get("destination")
+            .ok_or_else(|| FrameError::missing_header("SEND", "destination"))?;
+        let destination = Destination::parse(dest)?;
+        let mut properties = mapping::properties_from_headers(&frame.headers)?;
+        if let Some(user_id) = properties.user_id.as_deref() {
+            if user_id != self.user {
+                return Err(FrameError::new(
+                    "PRECONDITION_FAILED",
+                    format!(
+                        "user-id header set to '{user_id}' but authenticated user was '{}'",
+                        self.user
+                    ),
+                ));
+            }
+        }
+        if let Some(reply_to) = properties.reply_to.take() {
+            properties.reply_to = Some(self.reply_to_property(&reply_to)?);
+        }
+        let (exchange, key) = match destination {
+            Destination::Queue(q) => {
+                self.ensure_queue(&q, &frame.headers)?;
+                (String::new(), q)
+            }
+            Destination::AmqQueue(q) | Destination::ReplyQueue(q) => (String::new(), q),
+            Destination::Topic(key) => (mapping::TOPIC_EXCHANGE.to_owned(), key),
+            Destination::Exchange { exchange, key } => (exchange, key),
+            Destination::TempQueue(id) => (String::new(), self.temp_queue(&id)?.name.clone()),
+        };
+        self.check_publish(&exchange)?;
+        self.has_published = true;
+        let tx = frame.get("transaction").map(str::to_owned);
+        let message = Message::new(exchange, key, properties, frame.body);
+        if let Some(tx) = tx.as_deref() {
+            // The exchange must exist now, though the routing happens at COMMIT.
+            self.vhost()?.exchange(&message.exchange)?;
+            self.transactions
+                .get_mut(tx)
+                .ok_or_else(|| unknown_transaction(tx))?
+                .push(TxOp::Send(message));
+            return Ok(());
+        }
+        self.publish(message)
+    }
+
+    /// Routes a message. A RECEIPT asked for by the SEND follows when this returns.
+    ///
+    /// A persistent message's RECEIPT must follow the fsync that stores it
+    /// (INTEROP.md). There is no store yet (a later issue), so "stored" is
+    /// "routed to its queues" and the receipt goes out at once. When the store
+    /// lands, publishing will yield the log position to wait for, and the session
+    /// will hold `(position, receipt-id)` pairs and write each RECEIPT from a
+    /// `handle_stored(position)` call made by the connection task, in order, the
+    /// way AMQP publisher confirms will wait.
+    fn publish(&mut self, message: Arc<Message>) -> Result<(), FrameError> {
+        self.vhost()?.publish(message)?;
+        Ok(())
+    }
+
+    /// `reply-to` as the property carries it: `/temp-queue/<id>` becomes the real
+    /// name of this session's reply queue (created and subscribed on first use),
+    /// `/reply-queue/<q>` becomes `<q>`, anything else stays (mapping.rs).
+    fn reply_to_property(&mut self, reply_to: &str) -> Result<String, FrameError> {
+        if let Some(id) = reply_to.strip_prefix("/temp-queue/") {
+            if id.is_empty() {
+                return Err(mapping::Destination::parse(reply_to)
+                    .err()
+                    .map(FrameError::from)
+                    .unwrap_or_else(|| FrameError::new("invalid destination", reply_to)));
+            }
+            return Ok(self.temp_queue(id)?.name.clone());
+        }
+        Ok(mapping::reply_to_property(reply_to)
+            .unwrap_or(reply_to)
+            .to_owned())
+    }
+
+    // ---- ACK / NACK ----
+
+    fn ack(&mut self, frame: &Frame, command: Command) -> Result<(), FrameError> {
+        // 1.2 names the message by `id` (the MESSAGE's `ack`); 1.0 and 1.1 by
+        // `message-id`. Both carry the same value here, so either is accepted.
+        let name = if self.version == Version::V1_2 {
+            "id"
+        } else {
+            "message-id"
+        };
+        let value = frame
+            .get(name)
+            .or_else(|| frame.get("id"))
+            .or_else(|| frame.get("message-id"))
+            .ok_or_else(|| FrameError::missing_header(command.as_str(), name))?;
+        let id: u64 = value.parse().map_err(|_| unknown_message(value))?;
+        let outcome = match command {
+            Command::Nack if frame.get("requeue") == Some("false") => Outcome::Reject,
+            Command::Nack => Outcome::Requeue,
+            _ => Outcome::Ack,
+        };
+        if self.unacked.binary_search_by_key(&id, |u| u.id).is_err() {
+            return Err(unknown_message(value));
+        }
+        if let Some(tx) = frame.get("transaction") {
+            self.transactions
+                .get_mut(tx)
+                .ok_or_else(|| unknown_transaction(tx))?
+                .push(TxOp::Settle { id, outcome });
+            return Ok(());
+        }
+        self.settle(id, outcome)
+    }
+
+    /// Settles message `id` (and, for `ack:client`, every earlier one of its
+    /// subscription: client acks are cumulative).
+    fn settle(&mut self, id: u64, outcome: Outcome) -> Result<(), FrameError> {
+        let pos = self
+            .unacked
+            .binary_search_by_key(&id, |u| u.id)
+            .map_err(|_| unknown_message(&id.to_string()))?;
+        let cumulative = self
+            .unacked
+            .get(pos)
+            .and_then(|u| self.subscriptions.get(&u.subscription))
+            .is_some_and(|s| s.ack == AckMode::Client);
+        let taken: Vec<Unacked> = if cumulative {
+            let sub = self
+                .unacked
+                .get(pos)
+                .map(|u| u.subscription.clone())
+                .unwrap_or_default();
+            let mut taken = Vec::new();
+            let mut kept = VecDeque::with_capacity(self.unacked.len());
+            for u in self.unacked.drain(..) {
+                if u.id <= id && u.subscription == sub {
+                    taken.push(u);
+                } else {
+                    kept.push_back(u);
+                }
+            }
+            self.unacked = kept;
+            taken
+        } else {
+            self.unacked.remove(pos).into_iter().collect()
+        };
+        let vhost = self.vhost.clone();
+        settle_entries(taken, outcome, vhost.as_deref());
+        Ok(())
+    }
+
+    // ---- transactions ----
+
+    fn transaction_name<'f>(frame: &'f Frame, command: &str) -> Result<&'f str, FrameError> {
+        frame
+            .get("transaction")
+            .ok_or_else(|| FrameError::missing_header(command, "transaction"))
+    }
+
+    fn begin(&mut self, frame: &Frame) -> Result<(), FrameError> {
+        let tx = Self::transaction_name(frame, "BEGIN")?;
+        if self.transactions.contains_key(tx) {
+            return Err(FrameError::new(
+                "transaction error",
+                format!("transaction '{tx}' is already open"),
+            ));
+        }
+        self.transactions.insert(tx.to_owned(), Vec::new());
+        Ok(())
+    }
+
+    fn commit(&mut self, frame: &Frame) -> Result<(), FrameError> {
+        let tx = Self::transaction_name(frame, "COMMIT")?;
+        let ops = self
+            .transactions
+            .remove(tx)
+            .ok_or_else(|| unknown_transaction(tx))?;
+        for op in ops {
+            match op {
+                TxOp::Send(message) => self.publish(message)?,
+                TxOp::Settle { id, outcome } => self.settle(id, outcome)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, frame: &Frame) -> Result<(), FrameError> {
+        let tx = Self::transaction_name(frame, "ABORT")?;
+        self.transactions
+            .remove(tx)
+            .map(|_| ())
+            .ok_or_else(|| unknown_transaction(tx))
+    }
+
+    // ---- deliveries ----
+
+    /// Encodes what queues put in the outbox as MESSAGE frames, and lets queues
+    /// that were held back for lack of outbox room dispatch again.
+    pub fn handle_outbox(&mut self) {
+        for item in self.outbox.drain() {
+            match item {
+                Outgoing::Deliver(d) => {
+                    let live = self.state == State::Open
+                        && self
+                            .subscriptions
+                            .get(d.consumer.tag())
+                            .is_some_and(|s| Arc::ptr_eq(&s.consumer, &d.consumer));
+                    if !live {
+                        // Unsubscribed or closed while the delivery was in flight.
+                        if !d.consumer.no_ack() {
+                            d.consumer.release(1);
+                            d.queue.requeue(vec![d.message]);
+                        }
+                        continue;
+                    }
+                    let id = self.next_message_id;
+                    self.next_message_id += 1;
+                    self.write_message(id, d.consumer.tag(), &d.message);
+                    if !d.consumer.no_ack() {
+                        self.unacked.push_back(Unacked {
+                            id,
+                            subscription: d.consumer.tag().to_owned(),
+                            consumer: d.consumer,
+                            queue: d.queue,
+                            message: d.message,
+                        });
+                    }
+                }
+                Outgoing::Cancelled(consumer) => {
+                    let tag = consumer.tag().to_owned();
+                    let live = self
+                        .subscriptions
+                        .get(&tag)
+                        .is_some_and(|s| Arc::ptr_eq(&s.consumer, &consumer));
+                    if live && self.state == State::Open {
+                        // STOMP has no way to cancel one subscription from the
+                        // server side: ERROR and close, so the client knows.
+                        self.fail(
+                            FrameError::new(
+                                "subscription cancelled",
+                                format!("the queue of subscription '{tag}' was deleted"),
+                            )
+                            .with_header("subscription", tag),
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        if self.outbox.take_starved() {
+            for s in self.subscriptions.values() {
+                s.queue.dispatch();
+            }
+        }
+    }
+
+    fn write_message(&mut self, id: u64, subscription: &str, queued: &QueuedMessage) {
+        let msg = &queued.message;
+        let id_text = id.to_string();
+        let mut w = FrameWriter::start(&mut self.out, Command::Message, self.version);
+        w.header("subscription", subscription);
+        w.header("destination", &mapping::message_destination(msg));
+        w.header("message-id", &id_text);
+        if self.version == Version::V1_2 {
+            w.header("ack", &id_text);
+        }
+        if queued.redelivered {
+            w.header("redelivered", "true");
+        }
+        mapping::write_property_headers(&mut w, &msg.properties);
+        // Always: bodies may hold NULs, and clients then need not scan for the end.
+        w.header("content-length", &msg.body.len().to_string());
+        w.finish(&msg.body);
+    }
+
+    /// Gives back everything the connection holds.
+    fn release_resources(&mut self) {
+        self.transactions.clear();
+        let vhost = self.vhost.clone();
+        let entries: Vec<Unacked> = self.unacked.drain(..).collect();
+        settle_entries(entries, Outcome::Requeue, vhost.as_deref());
+        for (_, s) in self.subscriptions.drain() {
+            s.consumer.deactivate();
+            match vhost.as_deref() {
+                Some(v) => v.cancel_consumer(&s.queue, s.consumer.id),
+                None => {
+                    s.queue.remove_consumer(s.consumer.id);
+                }
+            }
+        }
+        self.temp_queues.clear();
+        if let Some(v) = vhost.as_deref() {
+            for q in self.owned_queues.drain(..) {
+                v.remove_queue(&q);
+            }
+        }
+        // Deliveries already in the outbox go back to their queues too.
+        for item in self.outbox.drain() {
+            if let Outgoing::Deliver(d) = item {
+                if !d.consumer.no_ack() {
+                    d.consumer.release(1);
+                    d.queue.requeue(vec![d.message]);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.release_resources();
+    }
+}
+
+/// Picks the highest version both sides speak. No `accept-version` means 1.0.
+fn negotiate(accept: Option<&str>) -> Result<Version, FrameError> {
+    let Some(list) = accept else {
+        return Ok(Version::V1_0);
+    };
+    list.split(',')
+        .filter_map(Version::parse)
+        .max()
+        .ok_or_else(|| {
+            let ours = Version::ALL.map(Version::as_str).join(",");
+            FrameError::new(
+                "unsupported version",
+                format!("Supported protocol versions are {ours}; the client accepts {list}"),
+            )
+            .with_header("version", ours)
+        })
+}
+
+/// `heart-beat:<cx>,<cy>`; absent means `0,0`.
+fn parse_heartbeat(value: Option<&str>) -> Result<(u64, u64), FrameError> {
+    let Some(v) = value else { return Ok((0, 0)) };
+    let bad = || {
+        FrameError::new(
+            "invalid header",
+            format!("heart-beat '{v}' is not two non-negative integers separated by a comma"),
+        )
+    };
+    let (a, b) = v.split_once(',').ok_or_else(bad)?;
+    let a = a.trim().parse().map_err(|_| bad())?;
+    let b = b.trim().parse().map_err(|_| bad())?;
+    Ok((a, b))
+}
+
+fn unknown_transaction(tx: &str) -> FrameError {
+    FrameError::new(
+        "transaction error",
+        format!("transaction '{tx}' was not begun (or was already committed or aborted)"),
+    )
+}
+
+fn unknown_message(id: &str) -> FrameError {
+    FrameError::new(
+        "unknown message",
+        format!("no unacknowledged message with id '{id}' on this connection"),
+    )
+}
+
+/// Settles entries, one queue lock per queue for the batch, and lets the queues
+/// dispatch into the credit this frees.
+fn settle_entries(entries: Vec<Unacked>, outcome: Outcome, vhost: Option<&VHost>) {
+    let mut by_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    for e in entries {
+        e.consumer.release(1);
+        match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &e.queue)) {
+            Some((_, list)) => list.push(e.message),
+            None => by_queue.push((e.queue, vec![e.message])),
+        }
+    }
+    for (queue, messages) in by_queue {
+        match (outcome, vhost) {
+            (Outcome::Requeue, _) => queue.requeue(messages),
+            (Outcome::Reject, Some(v)) => {
+                v.dead_letter(&queue, &messages, DeathReason::Rejected, unix_now());
+                queue.dispatch();
+            }
+            (Outcome::Ack | Outcome::Reject, _) => {
+                queue.settle(&messages);
+                queue.dispatch();
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch, for `x-death` times.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
