@@ -2,7 +2,11 @@
 //! span them (declare, bind, route, delete).
 //!
 //! The exchange and queue maps sit behind `RwLock`s that publishers only read.
-//! Lock order when nesting: `exchanges`, then `queues`, then a queue's own state.
+//! Lock order when nesting: a vhost map (`exchanges`, `queues`) or an exchange's
+//! bindings may be held while a queue's state is taken (declare-ok counts, routing
+//! skips deleted queues), never the reverse. A map and an exchange's bindings are
+//! never held together: routing collects exchange destinations under the bindings
+//! lock and looks them up after releasing it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -389,11 +393,12 @@ impl VHost {
                 name, self.name
             )));
         }
-        let mut exchanges = self.exchanges.write();
-        let Some(exchange) = exchanges.get(name) else {
+        let Ok(exchange) = self.exchange(name) else {
             // RabbitMQ answers delete-ok for an exchange that does not exist.
             return Ok(());
         };
+        // Checked before the map is write-locked: no exchange's bindings lock is
+        // ever taken while the map is locked (routing takes them the other way).
         if if_unused && exchange.binding_count() > 0 {
             return Err(CoreError::precondition(format!(
                 "exchange '{}' in vhost '{}' in use",
@@ -403,6 +408,7 @@ impl VHost {
         if exchange.options.durable {
             self.persist("exchange", |s| s.delete_exchange(&self.name, name))?;
         }
+        let mut exchanges = self.exchanges.write();
         exchanges.remove(name);
         // Bindings that lead to the deleted exchange go with it.
         let dest = DestinationName::Exchange(name.to_owned());
@@ -734,13 +740,17 @@ impl VHost {
         }
         let headers = message.properties.headers.as_ref();
         let mut pending: SmallVec<[Arc<Exchange>; 2]> = SmallVec::from_elem(start, 1);
-        let mut visited: SmallVec<[String; 2]> = SmallVec::new();
+        let mut visited: SmallVec<[Arc<Exchange>; 2]> = SmallVec::new();
         while let Some(x) = pending.pop() {
-            if visited.contains(&x.name) {
+            if visited.iter().any(|v| Arc::ptr_eq(v, &x)) {
                 continue;
             }
-            visited.push(x.name.clone());
+            visited.push(x.clone());
             let mut matched = false;
+            // Exchange destinations are looked up after the bindings lock is
+            // released: taking the vhost's exchange map inside it would invert the
+            // order delete_exchange takes them in.
+            let mut next: SmallVec<[String; 2]> = SmallVec::new();
             x.route(&message.routing_key, headers, |dest| {
                 matched = true;
                 match dest {
@@ -749,13 +759,13 @@ impl VHost {
                             out.push(q.clone());
                         }
                     }
-                    Destination::Exchange(name) => {
-                        if let Some(next) = self.exchanges.read().get(name) {
-                            pending.push(next.clone());
-                        }
-                    }
+                    Destination::Exchange(name) => next.push(name.clone()),
                 }
             });
+            if !next.is_empty() {
+                let exchanges = self.exchanges.read();
+                pending.extend(next.iter().filter_map(|n| exchanges.get(n).cloned()));
+            }
             if !matched {
                 if let Some(ae) = x
                     .alternate_exchange()
