@@ -1,10 +1,13 @@
-//! The memory alarm: counts the bytes of message bodies held in queues and raises
-//! an alarm above a high watermark, so publishers can be blocked (AMQP
-//! `connection.blocked`) before the broker runs out of memory.
+//! Resource alarms: the memory alarm and the disk alarm. Either one blocks
+//! publishers (AMQP `connection.blocked`, MQTT and STOMP stop reading) until it
+//! clears, so the broker slows producers down instead of running out of memory or
+//! disk.
 //!
-//! Counting is per queue copy: a message routed to three queues counts three
-//! times. That over-estimates fan-out (the body is shared) but errs on the safe
-//! side and needs no shared bookkeeping on the publish path.
+//! Memory is counted as the bytes of message bodies held in queues, per queue copy:
+//! a message routed to three queues counts three times. That over-estimates fan-out
+//! (the body is shared) but errs on the safe side and needs no shared bookkeeping on
+//! the publish path. Disk is measured by the server (free space under `data_dir`)
+//! and reported here.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -13,9 +16,11 @@ use tokio::sync::watch;
 #[derive(Debug)]
 pub struct MemoryMonitor {
     used: AtomicUsize,
-    /// 0 = alarm off.
+    /// 0 = memory alarm off.
     high_watermark: usize,
-    alarm: AtomicBool,
+    memory_alarm: AtomicBool,
+    disk_alarm: AtomicBool,
+    /// Either alarm is set; what publishers watch.
     alarm_tx: watch::Sender<bool>,
 }
 
@@ -25,7 +30,8 @@ impl MemoryMonitor {
         MemoryMonitor {
             used: AtomicUsize::new(0),
             high_watermark,
-            alarm: AtomicBool::new(false),
+            memory_alarm: AtomicBool::new(false),
+            disk_alarm: AtomicBool::new(false),
             alarm_tx,
         }
     }
@@ -34,13 +40,24 @@ impl MemoryMonitor {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// Whether publishers are blocked now (memory or disk).
     pub fn alarm(&self) -> bool {
-        self.alarm.load(Ordering::Relaxed)
+        *self.alarm_tx.borrow()
     }
 
-    /// A receiver that sees every change of the alarm state.
+    /// A receiver that sees every change of the combined alarm state.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.alarm_tx.subscribe()
+    }
+
+    fn publish_state(&self) {
+        let on =
+            self.memory_alarm.load(Ordering::Acquire) || self.disk_alarm.load(Ordering::Acquire);
+        self.alarm_tx.send_if_modified(|state| {
+            let changed = *state != on;
+            *state = on;
+            changed
+        });
     }
 
     pub fn add(&self, bytes: usize) {
@@ -50,14 +67,14 @@ impl MemoryMonitor {
             .saturating_add(bytes);
         if self.high_watermark != 0
             && now > self.high_watermark
-            && !self.alarm.swap(true, Ordering::AcqRel)
+            && !self.memory_alarm.swap(true, Ordering::AcqRel)
         {
             tracing::warn!(
                 used = now,
                 high_watermark = self.high_watermark,
                 "memory alarm set: blocking publishers"
             );
-            self.alarm_tx.send_replace(true);
+            self.publish_state();
         }
     }
 
@@ -70,11 +87,41 @@ impl MemoryMonitor {
             .unwrap_or(0);
         let now = prev.saturating_sub(bytes);
         if now <= self.high_watermark
-            && self.alarm.load(Ordering::Acquire)
-            && self.alarm.swap(false, Ordering::AcqRel)
+            && self.memory_alarm.load(Ordering::Acquire)
+            && self.memory_alarm.swap(false, Ordering::AcqRel)
         {
-            tracing::info!(used = now, "memory alarm cleared: unblocking publishers");
-            self.alarm_tx.send_replace(false);
+            tracing::info!(used = now, "memory alarm cleared");
+            self.publish_state();
         }
+    }
+
+    /// Sets or clears the disk alarm (free space under the limit).
+    pub fn set_disk_alarm(&self, on: bool, free_bytes: u64, limit: u64) {
+        if self.disk_alarm.swap(on, Ordering::AcqRel) != on {
+            if on {
+                tracing::warn!(free_bytes, limit, "disk alarm set: blocking publishers");
+            } else {
+                tracing::info!(free_bytes, limit, "disk alarm cleared");
+            }
+            self.publish_state();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn either_alarm_blocks_and_both_must_clear() {
+        let m = MemoryMonitor::new(100);
+        let rx = m.subscribe();
+        m.add(150);
+        assert!(m.alarm() && *rx.borrow());
+        m.set_disk_alarm(true, 1, 10);
+        m.sub(100);
+        assert!(m.alarm(), "disk alarm still set");
+        m.set_disk_alarm(false, 20, 10);
+        assert!(!m.alarm());
     }
 }

@@ -54,6 +54,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
     pub stomp: StompConfig,
     #[serde(default = "default_vhosts")]
     pub vhosts: Vec<VHostConfig>,
@@ -75,6 +77,12 @@ pub struct Listeners {
     /// AMQP 0-9-1 over TCP.
     #[serde(default)]
     pub amqp: Option<SocketAddr>,
+    /// MQTT 3.1/3.1.1/5.0 over TCP.
+    #[serde(default)]
+    pub mqtt: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `[mqtt] ws_path`).
+    #[serde(default)]
+    pub mqtt_ws: Option<SocketAddr>,
     /// STOMP 1.0/1.1/1.2 over TCP.
     #[serde(default)]
     pub stomp: Option<SocketAddr>,
@@ -120,6 +128,96 @@ impl Default for StompConfig {
     }
 }
 
+/// `[mqtt]`: the MQTT adapter (TCP and WebSocket alike).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// The topic exchange MQTT publishes to and subscribes from.
+    pub exchange: String,
+    /// The vhost of a client whose user name is not `vhost:user`.
+    pub default_vhost: String,
+    /// Vhosts whose topics are mapped losslessly (`.` inside a level escaped).
+    pub lossless_topic_vhosts: Vec<String>,
+    /// Whether a CONNECT without user name logs in as `anonymous_user`.
+    pub allow_anonymous: bool,
+    pub anonymous_user: String,
+    /// Largest packet accepted from a logged-in client (bytes).
+    pub max_packet_size: usize,
+    /// Largest packet accepted before login (bounds CONNECT).
+    pub max_packet_size_unauthenticated: usize,
+    /// Highest keep-alive granted (s, MQTT 5 Server Keep Alive); 0 = any.
+    pub max_keep_alive_secs: u16,
+    /// Highest session expiry interval granted (s); bounds 3.1.1 sessions too.
+    pub max_session_expiry_secs: u32,
+    /// Our Receive Maximum: unacknowledged QoS 2 PUBLISHes a client may send.
+    pub receive_maximum: u16,
+    /// Unacknowledged QoS 1/2 messages sent to one client at most.
+    pub max_inflight: u16,
+    /// Topic aliases a client may set up towards the broker.
+    pub topic_alias_maximum: u16,
+    /// The HTTP path of MQTT over WebSocket.
+    pub ws_path: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            exchange: "amq.topic".into(),
+            default_vhost: "/".into(),
+            lossless_topic_vhosts: Vec::new(),
+            allow_anonymous: true,
+            anonymous_user: "guest".into(),
+            max_packet_size: 268_435_455,
+            max_packet_size_unauthenticated: 65_536,
+            max_keep_alive_secs: 0,
+            max_session_expiry_secs: 86_400,
+            receive_maximum: 1024,
+            max_inflight: 100,
+            topic_alias_maximum: 16,
+            ws_path: "/ws".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The `[mqtt]` rules the types cannot express.
+    fn validate_mqtt(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        if !(64..=268_435_460).contains(&m.max_packet_size) {
+            return Err(self.invalid(format!(
+                "invalid value {} for key mqtt.max_packet_size: must be 64..=268435460",
+                m.max_packet_size
+            )));
+        }
+        if m.max_packet_size_unauthenticated < 64 {
+            return Err(self.invalid(format!(
+                "invalid value {} for key mqtt.max_packet_size_unauthenticated: must be at least 64",
+                m.max_packet_size_unauthenticated
+            )));
+        }
+        if m.receive_maximum == 0 || m.max_inflight == 0 {
+            return Err(self.invalid(
+                "invalid value 0 for key mqtt.receive_maximum or mqtt.max_inflight: must be at least 1"
+                    .into(),
+            ));
+        }
+        if m.exchange.is_empty() {
+            return Err(self.invalid(
+                "invalid value \"\" for key mqtt.exchange: MQTT needs a topic exchange".into(),
+            ));
+        }
+        let vhosts = self.vhost_names();
+        for v in std::iter::once(&m.default_vhost).chain(&m.lossless_topic_vhosts) {
+            if !vhosts.contains(v) {
+                return Err(self.invalid(format!(
+                    "[mqtt] names vhost '{v}', which is not in [[vhosts]]"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -131,6 +229,7 @@ pub struct Limits {
     pub max_message_size: usize,
     pub handshake_timeout_secs: u64,
     pub memory_high_watermark_bytes: usize,
+    pub disk_free_limit_bytes: u64,
 }
 
 impl Default for Limits {
@@ -143,6 +242,7 @@ impl Default for Limits {
             max_message_size: 134_217_728,
             handshake_timeout_secs: 10,
             memory_high_watermark_bytes: 1_073_741_824,
+            disk_free_limit_bytes: 50_000_000,
         }
     }
 }
@@ -361,6 +461,7 @@ impl Config {
                 st.ws_path
             )));
         }
+        self.validate_mqtt()?;
         self.auth().map(|_| ())
     }
 
@@ -621,5 +722,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("/nonexistent/switchyard.toml: "), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod mqtt_config_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_enables_mqtt_with_its_documented_defaults() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.listeners.mqtt, Some("0.0.0.0:1883".parse().unwrap()));
+        assert_eq!(c.listeners.mqtt_ws, Some("0.0.0.0:15675".parse().unwrap()));
+        let d = MqttConfig::default();
+        assert_eq!(c.mqtt.exchange, d.exchange);
+        assert_eq!(c.mqtt.default_vhost, d.default_vhost);
+        assert_eq!(c.mqtt.lossless_topic_vhosts, d.lossless_topic_vhosts);
+        assert_eq!(c.mqtt.allow_anonymous, d.allow_anonymous);
+        assert_eq!(c.mqtt.anonymous_user, d.anonymous_user);
+        assert_eq!(c.mqtt.max_packet_size, d.max_packet_size);
+        assert_eq!(
+            c.mqtt.max_packet_size_unauthenticated,
+            d.max_packet_size_unauthenticated
+        );
+        assert_eq!(c.mqtt.max_keep_alive_secs, d.max_keep_alive_secs);
+        assert_eq!(c.mqtt.max_session_expiry_secs, d.max_session_expiry_secs);
+        assert_eq!(c.mqtt.receive_maximum, d.receive_maximum);
+        assert_eq!(c.mqtt.max_inflight, d.max_inflight);
+        assert_eq!(c.mqtt.topic_alias_maximum, d.topic_alias_maximum);
+        assert_eq!(c.mqtt.ws_path, d.ws_path);
+    }
+
+    #[test]
+    fn bad_mqtt_values_are_named() {
+        let e = Config::from_str("[mqtt]\nreceive_maximum = 0\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.receive_maximum"), "{e}");
+        let e = Config::from_str("[mqtt]\nlossless_topic_vhosts = [\"/iot\"]\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vhost '/iot'"), "{e}");
+        let ok = Config::from_str(
+            "[[vhosts]]\nname = \"/iot\"\n[mqtt]\nlossless_topic_vhosts = [\"/iot\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.mqtt.lossless_topic_vhosts, vec!["/iot".to_string()]);
     }
 }

@@ -147,6 +147,33 @@ fn mqtt_ws_options(config: &Config) -> ws::WsOptions {
     }
 }
 
+/// How often free disk space is checked.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Sets the broker's disk alarm while the file system holding `data_dir` has less
+/// than `limit` bytes free. Runs until shutdown.
+async fn watch_disk(
+    data_dir: PathBuf,
+    limit: u64,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let dir = data_dir.clone();
+        // statvfs is a blocking system call; it is quick, but keep it off the
+        // reactor threads all the same.
+        match tokio::task::spawn_blocking(move || fs4::available_space(&dir)).await {
+            Ok(Ok(free)) => broker.memory.set_disk_alarm(free < limit, free, limit),
+            Ok(Err(e)) => warn!(error = %e, "cannot read free disk space"),
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(DISK_CHECK_INTERVAL) => {}
+        }
+    }
+}
+
 /// Builds the broker from `config`, creates `data_dir` and binds every configured
 /// listener. Must be called inside a tokio runtime; the accept loops run on it.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
@@ -178,6 +205,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         config.limits.memory_high_watermark_bytes,
         Some((store.clone(), recovered)),
     );
+
+    let shutdown = CancellationToken::new();
+    if config.limits.disk_free_limit_bytes > 0 {
+        tokio::spawn(watch_disk(
+            config.data_dir.clone(),
+            config.limits.disk_free_limit_bytes,
+            broker.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let mut wanted: Vec<(Protocol, SocketAddr)> = Vec::new();
     if let Some(addr) = config.listeners.amqp {
@@ -223,7 +260,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         bound.push((protocol, tcp, local));
     }
 
-    let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
     // One cap for all listeners: it guards the process's file descriptors and memory.
     let limit = Arc::new(Semaphore::new(config.limits.max_connections));
