@@ -122,6 +122,35 @@ def broker_factory(request, tmp_path):
 
 
 @pytest.fixture
+def stomp_broker(request, tmp_path) -> Broker:
+    """A fresh managed broker with STOMP over TCP and over WebSocket on port 0
+    besides AMQP: ``.stomp`` and ``.stomp_ws`` are ``(host, port)``. STOMP tests
+    always start their own broker, so they are skipped in external mode."""
+    if EXTERNAL_URL:
+        pytest.skip("STOMP tests start their own broker")
+    workdir = tmp_path / "stomp-broker"
+    (workdir / "data").mkdir(parents=True)
+    proc = BrokerProcess(workdir, render_config(workdir / "data",
+                                                listeners=("stomp", "stomp_ws")))
+    _attach_logs(request, proc)
+    host, port = proc.start()
+    b = Broker(host, port, log_path=proc.log_path)
+
+    def addr(name: str) -> tuple:
+        h, _, p = proc.ready[name].rpartition(":")
+        return h.strip("[]"), int(p)
+
+    b.stomp = addr("stomp")
+    b.stomp_ws = addr("stomp_ws")
+    yield b
+    b.close_all()
+    early = proc.stop()
+    if early is not None:
+        pytest.fail(f"switchyard exited by itself (code {early}) during the test.\n"
+                    f"log:\n{proc.log()}", pytrace=False)
+
+
+@pytest.fixture
 def broker(broker_factory) -> Broker:
     """A broker with the default config (fresh per test), or the external one."""
     return broker_factory()

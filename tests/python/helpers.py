@@ -162,12 +162,14 @@ class Broker:
 
 def render_config(data_dir: Path, users: Iterable[User] = (), vhosts: Iterable[str] = (),
                   permissions: Iterable[Permission] = (), limits: Optional[dict] = None,
-                  extra_toml: str = "") -> str:
+                  extra_toml: str = "", listeners: Iterable[str] = ()) -> str:
+    """``listeners``: extra listener names (e.g. ``"stomp"``) to run on port 0."""
     lines = [
         f"data_dir = {toml_str(str(data_dir))}",
         "",
         "[listeners]",
         'amqp = "127.0.0.1:0"',
+        *[f'{name} = "127.0.0.1:0"' for name in listeners],
         "",
     ]
     if limits:
@@ -216,6 +218,8 @@ class BrokerProcess:
         self.log_path = workdir / "switchyard.log"
         self.config_path.write_text(config_text)
         self.proc: Optional[subprocess.Popen] = None
+        # The ready file's listener name -> "host:port" once started.
+        self.ready: dict = {}
 
     @staticmethod
     def binary() -> Path:
@@ -248,6 +252,7 @@ class BrokerProcess:
                 try:
                     ready = json.loads(self.ready_path.read_text())
                     addr = ready["amqp"]
+                    self.ready = ready
                     host, _, port = addr.rpartition(":")
                     return host.strip("[]"), int(port)
                 except (ValueError, KeyError):

@@ -78,6 +78,7 @@ pub async fn serve<S>(
     let mut session = Session::new(broker.clone(), settings.clone(), peer);
     let outbox = session.outbox();
     let mut alarm = broker.memory.subscribe();
+    let mut synced = session.synced();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::with_capacity(READ_CHUNK);
     let started = Instant::now();
@@ -125,6 +126,14 @@ pub async fn serve<S>(
                 }
             },
             () = outbox.wait(), if room => session.handle_outbox(),
+            changed = wait_synced(&mut synced), if session.awaits_sync() => {
+                if changed {
+                    session.flush_receipts();
+                } else {
+                    // The store is gone (shutting down): nothing more will sync.
+                    synced = None;
+                }
+            }
             changed = alarm.changed() => {
                 // Nothing to tell a STOMP client: reading simply pauses (above).
                 if changed.is_ok() {
@@ -166,6 +175,14 @@ pub async fn serve<S>(
     let _ = writer.shutdown().await;
     let reason = session.close_reason().unwrap_or("closed");
     tracing::debug!(%peer, user = session.user(), reason, "STOMP connection closed");
+}
+
+/// Waits for the store's synced position to move; false if it never will.
+async fn wait_synced(synced: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match synced {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// Moves what the session produced into the stream's output buffer.

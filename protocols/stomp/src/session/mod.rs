@@ -29,6 +29,7 @@ use switchyard_core::deadletter::DeathReason;
 use switchyard_core::queue::{Queue, QueuedMessage};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, Message};
+use tokio::sync::watch;
 
 use crate::codec::{Command, Decoder, Frame, FrameWriter, Version};
 use crate::mapping::{self, Destination};
@@ -136,12 +137,21 @@ pub struct Session {
     heartbeat_out: Duration,
     heartbeat_in: Duration,
     close_reason: Option<String>,
+    /// The store's synced position (None: no store, nothing to wait for).
+    synced: Option<watch::Receiver<u64>>,
+    /// RECEIPTs not yet written, in frame order, each with the store position
+    /// that must be on disk first (0: none; it still waits for those before it,
+    /// so receipts keep the order of the frames they answer).
+    pending_receipts: VecDeque<(u64, String)>,
+    /// DISCONNECT came while receipts waited: close once they are written.
+    disconnecting: bool,
 }
 
 impl Session {
     pub fn new(broker: Arc<Broker>, settings: Arc<StompSettings>, peer: SocketAddr) -> Self {
         let id = broker.next_id();
         let decoder = Decoder::new(settings.limits);
+        let synced = broker.synced();
         Session {
             broker,
             settings,
@@ -166,12 +176,47 @@ impl Session {
             heartbeat_out: Duration::ZERO,
             heartbeat_in: Duration::ZERO,
             close_reason: None,
+            synced,
+            pending_receipts: VecDeque::new(),
+            disconnecting: false,
         }
     }
 
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
         &mut self.out
+    }
+
+    /// A receiver of the store's synced position, for the connection task.
+    pub fn synced(&self) -> Option<watch::Receiver<u64>> {
+        self.synced.clone()
+    }
+
+    /// Some RECEIPT waits for the store: the connection task should call
+    /// [`Session::flush_receipts`] when the synced position moves.
+    pub fn awaits_sync(&self) -> bool {
+        !self.pending_receipts.is_empty()
+    }
+
+    /// Writes the RECEIPTs whose messages are now on disk, in order; ends the
+    /// connection if a DISCONNECT was waiting for them.
+    pub fn flush_receipts(&mut self) {
+        if self.state == State::Closed {
+            return;
+        }
+        let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
+        while self
+            .pending_receipts
+            .front()
+            .is_some_and(|(at, _)| *at <= synced)
+        {
+            if let Some((_, id)) = self.pending_receipts.pop_front() {
+                self.write_receipt(&id);
+            }
+        }
+        if self.disconnecting && self.pending_receipts.is_empty() {
+            self.finish("client sent DISCONNECT".into());
+        }
     }
 
     pub fn outbox(&self) -> Arc<Outbox> {
@@ -231,6 +276,10 @@ impl Session {
                 }
             }
         }
+        // Receipts whose messages the store synced while this batch was handled.
+        if !self.pending_receipts.is_empty() {
+            self.flush_receipts();
+        }
     }
 
     /// The broker is shutting down.
@@ -275,17 +324,30 @@ impl Session {
         self.finish(format!("{}: {}", e.message, e.detail));
     }
 
-    fn receipt(&mut self, receipt: Option<&str>) {
-        if let Some(r) = receipt {
-            let mut w = FrameWriter::start(&mut self.out, Command::Receipt, self.version);
-            w.header("receipt-id", r);
-            w.finish(b"");
+    /// Answers a frame's `receipt` header once the store has synced
+    /// `durable_at` (0: nothing to wait for) and every earlier receipt is out.
+    fn receipt(&mut self, receipt: Option<&str>, durable_at: u64) {
+        let Some(r) = receipt else { return };
+        if durable_at == 0 && self.pending_receipts.is_empty() {
+            self.write_receipt(r);
+        } else {
+            self.pending_receipts.push_back((durable_at, r.to_owned()));
         }
+    }
+
+    fn write_receipt(&mut self, id: &str) {
+        let mut w = FrameWriter::start(&mut self.out, Command::Receipt, self.version);
+        w.header("receipt-id", id);
+        w.finish(b"");
     }
 
     fn handle_frame(&mut self, frame: Frame) {
         let receipt = frame.get("receipt").map(str::to_owned);
-        let result = match (self.state, frame.command) {
+        if self.disconnecting {
+            // After DISCONNECT nothing more is processed (its receipt is pending).
+            return;
+        }
+        let result: Result<u64, FrameError> = match (self.state, frame.command) {
             (State::Closed, _) => return,
             (State::Connecting, Command::Connect | Command::Stomp) => {
                 // CONNECT carries no receipt (the spec lists none; CONNECTED is the answer).
@@ -306,16 +368,22 @@ impl Session {
                 "CONNECT was sent twice on one connection",
             )),
             (State::Open, Command::Send) => self.send(frame),
-            (State::Open, Command::Subscribe) => self.subscribe(&frame),
-            (State::Open, Command::Unsubscribe) => self.unsubscribe(&frame),
-            (State::Open, Command::Ack) => self.ack(&frame, Command::Ack),
-            (State::Open, Command::Nack) => self.ack(&frame, Command::Nack),
-            (State::Open, Command::Begin) => self.begin(&frame),
+            (State::Open, Command::Subscribe) => self.subscribe(&frame).map(|()| 0),
+            (State::Open, Command::Unsubscribe) => self.unsubscribe(&frame).map(|()| 0),
+            (State::Open, Command::Ack) => self.ack(&frame, Command::Ack).map(|()| 0),
+            (State::Open, Command::Nack) => self.ack(&frame, Command::Nack).map(|()| 0),
+            (State::Open, Command::Begin) => self.begin(&frame).map(|()| 0),
             (State::Open, Command::Commit) => self.commit(&frame),
-            (State::Open, Command::Abort) => self.abort(&frame),
+            (State::Open, Command::Abort) => self.abort(&frame).map(|()| 0),
             (State::Open, Command::Disconnect) => {
-                self.receipt(receipt.as_deref());
-                self.finish("client sent DISCONNECT".into());
+                // The receipt promises everything before it is done, stored
+                // messages included: close only once it is written.
+                self.receipt(receipt.as_deref(), 0);
+                if self.pending_receipts.is_empty() {
+                    self.finish("client sent DISCONNECT".into());
+                } else {
+                    self.disconnecting = true;
+                }
                 return;
             }
             (
@@ -327,7 +395,7 @@ impl Session {
             )),
         };
         match result {
-            Ok(()) => self.receipt(receipt.as_deref()),
+            Ok(durable_at) => self.receipt(receipt.as_deref(), durable_at),
             Err(e) => self.fail(e, receipt.as_deref()),
         }
     }
@@ -440,7 +508,8 @@ impl Session {
 
     // ---- SEND ----
 
-    fn send(&mut self, frame: Frame) -> Result<(), FrameError> {
+    /// SEND; returns the store position its receipt must wait for (0: none).
+    fn send(&mut self, frame: Frame) -> Result<u64, FrameError> {
         let dest = frame
             .get("destination")
             .ok_or_else(|| FrameError::missing_header("SEND", "destination"))?;
@@ -481,23 +550,17 @@ impl Session {
                 .get_mut(tx)
                 .ok_or_else(|| unknown_transaction(tx))?
                 .push(TxOp::Send(message));
-            return Ok(());
+            return Ok(0);
         }
         self.publish(message)
     }
 
-    /// Routes a message. A RECEIPT asked for by the SEND follows when this returns.
-    ///
-    /// A persistent message's RECEIPT must follow the fsync that stores it
-    /// (INTEROP.md). There is no store yet (a later issue), so "stored" is
-    /// "routed to its queues" and the receipt goes out at once. When the store
-    /// lands, publishing will yield the log position to wait for, and the session
-    /// will hold `(position, receipt-id)` pairs and write each RECEIPT from a
-    /// `handle_stored(position)` call made by the connection task, in order, the
-    /// way AMQP publisher confirms will wait.
-    fn publish(&mut self, message: Arc<Message>) -> Result<(), FrameError> {
-        self.vhost()?.publish(message)?;
-        Ok(())
+    /// Routes a message; returns the store position that must be synced before
+    /// a RECEIPT may say it is safe (0: transient, or no durable queue took it).
+    /// INTEROP.md: "A RECEIPT for a persistent SEND is sent after it is stored";
+    /// one fsync covers every message that arrived meanwhile (group commit).
+    fn publish(&mut self, message: Arc<Message>) -> Result<u64, FrameError> {
+        Ok(self.vhost()?.publish(message)?.durable_at)
     }
 
     /// `reply-to` as the property carries it: `/temp-queue/<id>` becomes the real
@@ -609,19 +672,21 @@ impl Session {
         Ok(())
     }
 
-    fn commit(&mut self, frame: &Frame) -> Result<(), FrameError> {
+    /// COMMIT; its receipt waits until every persistent SEND in it is stored.
+    fn commit(&mut self, frame: &Frame) -> Result<u64, FrameError> {
         let tx = Self::transaction_name(frame, "COMMIT")?;
         let ops = self
             .transactions
             .remove(tx)
             .ok_or_else(|| unknown_transaction(tx))?;
+        let mut durable_at = 0;
         for op in ops {
             match op {
-                TxOp::Send(message) => self.publish(message)?,
+                TxOp::Send(message) => durable_at = durable_at.max(self.publish(message)?),
                 TxOp::Settle { id, outcome } => self.settle(id, outcome)?,
             }
         }
-        Ok(())
+        Ok(durable_at)
     }
 
     fn abort(&mut self, frame: &Frame) -> Result<(), FrameError> {
@@ -716,6 +781,7 @@ impl Session {
     /// Gives back everything the connection holds.
     fn release_resources(&mut self) {
         self.transactions.clear();
+        self.pending_receipts.clear();
         let vhost = self.vhost.clone();
         let entries: Vec<Unacked> = self.unacked.drain(..).collect();
         settle_entries(entries, Outcome::Requeue, vhost.as_deref());
