@@ -323,3 +323,86 @@ async fn oversized_frame_is_refused_from_its_header() {
     let close = got.windows(6).any(|w| w == [0, 10, 0, 50, 0x01, 0xF5]);
     assert!(close, "expected connection.close 501, got {got:?}");
 }
+
+/// A 100 MB message (RabbitMQ's documented use of a 128 MiB max) goes through
+/// intact: split by frame_max on the way in and out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_megabyte_message_round_trips() {
+    let broker = start_broker().await;
+    let conn = amqprs_connect(broker.amqp_addr().port()).await;
+    let ch = conn.open_channel(None).await.unwrap();
+    let (queue, _, _) = ch
+        .queue_declare(QueueDeclareArguments::new("huge").finish())
+        .await
+        .unwrap()
+        .unwrap();
+    let body: Vec<u8> = (0..100 * 1024 * 1024)
+        .map(|i: u32| (i % 253) as u8)
+        .collect();
+    ch.basic_publish(
+        BasicProperties::default(),
+        body.clone(),
+        BasicPublishArguments::new("", &queue),
+    )
+    .await
+    .unwrap();
+    let (_tag, mut rx) = ch
+        .basic_consume_rx(BasicConsumeArguments::new(&queue, "huge").finish())
+        .await
+        .unwrap();
+    let msg = timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(msg.content.unwrap() == body, "body differs");
+    conn.close().await.unwrap();
+}
+
+/// A client that negotiated heartbeats and then goes silent is dropped after two
+/// missed intervals; the broker sees it as dead, not as connected forever.
+#[tokio::test]
+async fn silent_peer_is_dropped_after_two_missed_heartbeats() {
+    use bytes::{Bytes, BytesMut};
+    use switchyard_amqp::codec::{self, Method};
+
+    let broker = start_broker().await;
+    let mut raw = RawClient::connect(broker.amqp_addr()).await;
+    raw.send(b"AMQP\x00\x00\x09\x01").await;
+    let _start = raw.read_available(Duration::from_millis(500)).await;
+    let mut out = BytesMut::new();
+    let start_ok = codec::ConnectionStartOk {
+        mechanism: "PLAIN".into(),
+        response: Bytes::from_static(b"\0guest\0guest"),
+        locale: "en_US".into(),
+        ..Default::default()
+    };
+    codec::encode_method(&mut out, 0, &Method::from(start_ok));
+    raw.send(&out).await;
+    let _tune = raw.read_available(Duration::from_millis(500)).await;
+    out.clear();
+    let tune_ok = codec::ConnectionTuneOk {
+        channel_max: 10,
+        frame_max: 131072,
+        heartbeat: 1,
+    };
+    codec::encode_method(&mut out, 0, &Method::from(tune_ok));
+    let open = codec::ConnectionOpen {
+        virtual_host: "/".into(),
+        ..Default::default()
+    };
+    codec::encode_method(&mut out, 0, &Method::from(open));
+    raw.send(&out).await;
+    // From now on the client says nothing; the broker sends heartbeats, then closes.
+    let before = std::time::Instant::now();
+    let got = raw.expect_closed(Duration::from_secs(10)).await;
+    let waited = before.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "closed too early: {waited:?}"
+    );
+    let heartbeat = [8u8, 0, 0, 0, 0, 0, 0, 0xCE];
+    assert!(
+        got.windows(8).any(|w| w == heartbeat),
+        "the broker sent heartbeats before giving up"
+    );
+}
