@@ -2,6 +2,8 @@
 //! back after a reopen, in order, with its delivered state; acked messages do not;
 //! a torn tail is cut off; consumed segments are deleted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 use std::io::Write;
 use std::time::Duration;
 
