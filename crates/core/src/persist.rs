@@ -54,6 +54,8 @@ pub struct BindingRecord {
 pub struct StoredRef {
     pub id: u64,
     pub segment: u32,
+    /// Byte offset of the record in its segment, to read the body back.
+    pub offset: u64,
 }
 
 /// A message recovered for one queue, in queue order.
@@ -98,4 +100,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn append_delivered(&self, queue: u64, stored: StoredRef);
     /// The log position known to be on disk.
     fn synced(&self) -> watch::Receiver<u64>;
+    /// Reads a stored message back (for queues that keep bodies on disk only).
+    /// The record must have been synced.
+    fn read_message(&self, stored: StoredRef) -> io::Result<Message>;
 }

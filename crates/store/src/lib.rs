@@ -118,4 +118,7 @@ impl Store for DiskStore {
     fn synced(&self) -> watch::Receiver<u64> {
         self.log.synced()
     }
+    fn read_message(&self, stored: StoredRef) -> io::Result<Message> {
+        self.log.read_message(stored)
+    }
 }

@@ -176,7 +176,7 @@ fn parse_payload(p: &[u8]) -> Option<Record> {
 }
 
 /// Reads the records of one segment, truncating a torn or corrupt tail.
-fn read_segment(path: &Path, mut each: impl FnMut(Record)) -> io::Result<(usize, bool)> {
+fn read_segment(path: &Path, mut each: impl FnMut(Record, u64)) -> io::Result<(usize, bool)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut at = 0usize;
@@ -192,7 +192,7 @@ fn read_segment(path: &Path, mut each: impl FnMut(Record)) -> io::Result<(usize,
         })();
         match record {
             Some((r, size)) => {
-                each(r);
+                each(r, u64::try_from(at).unwrap_or(u64::MAX));
                 count += 1;
                 at += size;
             }
@@ -227,7 +227,7 @@ impl MessageLog {
             fs::remove_file(&marker)?;
         }
         let segments = list_segments(dir)?;
-        let mut messages: HashMap<u64, (u32, Arc<Message>)> = HashMap::new();
+        let mut messages: HashMap<u64, (u32, u64, Arc<Message>)> = HashMap::new();
         let mut order: HashMap<u64, Vec<u64>> = HashMap::new();
         let mut gone: HashSet<(u64, u64)> = HashSet::new();
         let mut delivered: HashSet<(u64, u64)> = HashSet::new();
@@ -235,7 +235,7 @@ impl MessageLog {
         let mut records = 0;
         let mut truncated = 0;
         for &segment in &segments {
-            let (n, torn) = read_segment(&segment_path(dir, segment), |r| match r {
+            let (n, torn) = read_segment(&segment_path(dir, segment), |r, offset| match r {
                 Record::Message {
                     id,
                     queues: qs,
@@ -248,7 +248,7 @@ impl MessageLog {
                         wanted = true;
                     }
                     if wanted {
-                        messages.insert(id, (segment, Arc::from(message)));
+                        messages.insert(id, (segment, offset, Arc::from(message)));
                     }
                 }
                 Record::Ack { queue, id } => {
@@ -269,7 +269,7 @@ impl MessageLog {
                 if gone.contains(&(queue, id)) {
                     continue;
                 }
-                let Some((segment, message)) = messages.get(&id) else {
+                let Some((segment, offset, message)) = messages.get(&id) else {
                     continue;
                 };
                 *live.entry(*segment).or_default() += 1;
@@ -277,6 +277,7 @@ impl MessageLog {
                     stored: StoredRef {
                         id,
                         segment: *segment,
+                        offset: *offset,
                     },
                     message: message.clone(),
                     redelivered: !clean || delivered.contains(&(queue, id)),
@@ -318,8 +319,9 @@ impl MessageLog {
         ))
     }
 
-    /// Appends a framed payload; returns its segment and the position after it.
-    fn append(&self, payload: &[u8]) -> (u32, u64) {
+    /// Appends a framed payload; returns its segment, its offset there and the
+    /// position after it.
+    fn append(&self, payload: &[u8]) -> (u32, u64, u64) {
         let mut framed = Vec::with_capacity(payload.len() + HEADER);
         frame(payload, &mut framed);
         let size = framed.len() as u64;
@@ -329,6 +331,7 @@ impl MessageLog {
             p.segment_len = 0;
         }
         let segment = p.segment;
+        let offset = p.segment_len;
         p.segment_len += size;
         p.position += size;
         let position = p.position;
@@ -341,7 +344,7 @@ impl MessageLog {
         if wake {
             self.shared.wake.notify_one();
         }
-        (segment, position)
+        (segment, offset, position)
     }
 
     /// Appends a message for `queues`; returns where it is and the position that
@@ -363,17 +366,51 @@ impl MessageLog {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode a message for the log");
-                return (StoredRef { id: 0, segment: 0 }, 0);
+                return (
+                    StoredRef {
+                        id: 0,
+                        segment: 0,
+                        offset: 0,
+                    },
+                    0,
+                );
             }
         };
-        let (segment, id, position) = self.append_with_id(payload);
+        let (stored, position) = self.append_with_id(payload);
         let refs = i64::try_from(queues.len()).unwrap_or(i64::MAX);
-        *self.shared.live.lock().entry(segment).or_default() += refs;
-        (StoredRef { id, segment }, position)
+        *self.shared.live.lock().entry(stored.segment).or_default() += refs;
+        (stored, position)
+    }
+
+    /// Reads one message record back from its segment.
+    pub fn read_message(&self, stored: StoredRef) -> io::Result<Message> {
+        use std::io::{Seek, SeekFrom};
+        let bad = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("message {}: {what}", stored.id),
+            )
+        };
+        let mut file = File::open(segment_path(&self.shared.dir, stored.segment))?;
+        file.seek(SeekFrom::Start(stored.offset))?;
+        let mut header = [0u8; HEADER];
+        file.read_exact(&mut header)?;
+        let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
+        let len =
+            usize::try_from(u32::from_be_bytes([l0, l1, l2, l3])).map_err(|_| bad("length"))?;
+        let mut payload = vec![0u8; len];
+        file.read_exact(&mut payload)?;
+        if crc32fast::hash(&payload) != u32::from_be_bytes([c0, c1, c2, c3]) {
+            return Err(bad("checksum mismatch"));
+        }
+        match parse_payload(&payload) {
+            Some(Record::Message { id, message, .. }) if id == stored.id => Ok(*message),
+            _ => Err(bad("not this message's record")),
+        }
     }
 
     /// Like `append`, writing the new message id into bytes 1..9 of the payload.
-    fn append_with_id(&self, mut payload: Vec<u8>) -> (u32, u64, u64) {
+    fn append_with_id(&self, mut payload: Vec<u8>) -> (StoredRef, u64) {
         // Take the id first so it is unique, then frame with it in place. Ids only
         // need to be unique, not in log order.
         let id = {
@@ -385,8 +422,15 @@ impl MessageLog {
         if let Some(slot) = payload.get_mut(1..9) {
             slot.copy_from_slice(&id.to_be_bytes());
         }
-        let (segment, position) = self.append(&payload);
-        (segment, id, position)
+        let (segment, offset, position) = self.append(&payload);
+        (
+            StoredRef {
+                id,
+                segment,
+                offset,
+            },
+            position,
+        )
     }
 
     pub fn append_ack(&self, queue: u64, stored: StoredRef) {

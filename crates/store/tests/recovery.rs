@@ -2,7 +2,12 @@
 //! back after a reopen, in order, with its delivered state; acked messages do not;
 //! a torn tail is cut off; consumed segments are deleted.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::io::Write;
 use std::time::Duration;
@@ -281,5 +286,39 @@ fn metadata_round_trips_and_deletes_cascade_to_bindings() {
     assert_eq!(
         recovered.bindings,
         vec![bind(DestinationName::Queue("q1".into()))]
+    );
+}
+
+#[test]
+fn stored_messages_read_back_by_reference_before_and_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = DiskStore::open_with_segment_size(dir.path(), 4096).unwrap();
+    let q = store.new_queue_id().unwrap();
+    store.save_queue(&queue(q, "q")).unwrap();
+    let mut refs = Vec::new();
+    let mut p = 0;
+    for i in 0..20 {
+        let (r, pos) = store.append_message(&[q], &msg(&format!("body-{i}-{}", "y".repeat(300))));
+        refs.push(r);
+        p = pos;
+    }
+    wait_synced(&store, p);
+    for (i, r) in refs.iter().enumerate() {
+        let m = store.read_message(*r).unwrap();
+        assert!(m.body.starts_with(format!("body-{i}-").as_bytes()));
+    }
+    store.close();
+    drop(store);
+    let (store, recovered, _) = DiskStore::open_with_segment_size(dir.path(), 4096).unwrap();
+    for m in &recovered.messages[&q] {
+        assert_eq!(store.read_message(m.stored).unwrap().body, m.message.body);
+    }
+    let wrong = switchyard_core::persist::StoredRef {
+        offset: refs[3].offset + 1,
+        ..refs[3]
+    };
+    assert!(
+        store.read_message(wrong).is_err(),
+        "a bad reference is an error, not garbage"
     );
 }
