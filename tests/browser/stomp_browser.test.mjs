@@ -64,10 +64,10 @@ async function startBroker(dir, listeners) {
   throw new Error('the broker did not write its ready file');
 }
 
-/** Serves the page and the stompjs bundle on a free port. */
-function servePage() {
+/** Serves `html` at / and the stompjs bundle on a free port. */
+function servePage(html = path.join(here, 'page', 'index.html')) {
   const files = {
-    '/': [path.join(here, 'page', 'index.html'), 'text/html'],
+    '/': [html, 'text/html'],
     '/stompjs.js': [path.join(here, 'node_modules', '@stomp', 'stompjs', 'bundles', 'stomp.umd.js'), 'text/javascript'],
   };
   const server = http.createServer((req, res) => {
@@ -101,18 +101,7 @@ function mqttConnect(port) {
   });
 }
 
-test('a page using @stomp/stompjs in Chromium talks to AMQP and MQTT clients', async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchyard-browser-'));
-  // With the MQTT adapter when this build has it; without, the MQTT parts skip.
-  let broker = await startBroker(dir, ['amqp', 'stomp_ws', 'mqtt']);
-  if (!broker.child) {
-    assert.match(broker.log, /mqtt/, `the broker failed to start:\n${broker.log}`);
-    broker = await startBroker(dir, ['amqp', 'stomp_ws']);
-    assert.ok(broker.child, `the broker failed to start:\n${broker.log}`);
-  }
-  const { addrs } = broker;
-  const hasMqtt = Boolean(addrs.mqtt);
-  const server = await servePage();
+async function launchChromium() {
   const userData = fs.mkdtempSync(path.join(os.tmpdir(), 'switchyard-chromium-'));
   const context = await chromium.launchPersistentContext(userData, {
     executablePath: '/usr/bin/chromium',
@@ -122,6 +111,28 @@ test('a page using @stomp/stompjs in Chromium talks to AMQP and MQTT clients', a
       '--disable-background-networking', '--disable-component-update', '--disable-sync',
     ],
   });
+  return { context, userData };
+}
+
+/** A broker with MQTT when this build has the adapter, else without. */
+async function startBrokerMaybeMqtt(dir, listeners) {
+  let broker = await startBroker(dir, [...listeners, 'mqtt']);
+  if (!broker.child) {
+    assert.match(broker.log, /mqtt/, `the broker failed to start:\n${broker.log}`);
+    broker = await startBroker(dir, listeners);
+    assert.ok(broker.child, `the broker failed to start:\n${broker.log}`);
+  }
+  return broker;
+}
+
+test('a page using @stomp/stompjs in Chromium talks to AMQP and MQTT clients', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchyard-browser-'));
+  // With the MQTT adapter when this build has it; without, the MQTT parts skip.
+  const broker = await startBrokerMaybeMqtt(dir, ['amqp', 'stomp_ws']);
+  const { addrs } = broker;
+  const hasMqtt = Boolean(addrs.mqtt);
+  const server = await servePage();
+  const { context, userData } = await launchChromium();
   const conn = await amqp.connect(`amqp://guest:guest@${addrs.amqp}/%2F`);
   let mqttClient = null;
   t.after(async () => {
@@ -211,4 +222,49 @@ test('a page using @stomp/stompjs in Chromium talks to AMQP and MQTT clients', a
   if (shot) await page.screenshot({ path: shot, fullPage: true });
   assert.deepEqual(await page.locator('#errors li').allTextContents(), []);
   assert.deepEqual(pageErrors, []);
+});
+
+test('the example dashboard (examples/dashboard) shows sensor readings live', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchyard-dashboard-'));
+  const broker = await startBrokerMaybeMqtt(dir, ['amqp', 'stomp_ws']);
+  const { addrs } = broker;
+  const server = await servePage(path.join(repo, 'examples', 'dashboard', 'index.html'));
+  const { context, userData } = await launchChromium();
+  const conn = await amqp.connect(`amqp://guest:guest@${addrs.amqp}/%2F`);
+  let sensor = null;
+  t.after(async () => {
+    if (sensor) sensor.end(true);
+    await conn.close().catch(() => {});
+    await context.close().catch(() => {});
+    server.close();
+    broker.child.kill('SIGTERM');
+    fs.rmSync(userData, { recursive: true, force: true });
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  await page.goto(`http://127.0.0.1:${server.address().port}/?ws=${encodeURIComponent(`ws://${addrs.stomp_ws}/ws`)}`);
+  await page.locator('#status.connected').waitFor({ timeout: WAIT });
+  // The page subscribes right after CONNECTED; publish until its table shows
+  // the reading (a reading published before the SUBSCRIBE is not kept: topics
+  // have no memory, which is what a live dashboard expects).
+  let publish;
+  if (addrs.mqtt) {
+    sensor = await mqttConnect(addrs.mqtt.split(':').pop());
+    publish = (topic, value) => sensor.publishAsync(topic.replaceAll('.', '/'), value, { qos: 1 });
+  } else {
+    const ch = await conn.createChannel();
+    publish = async (topic, value) => ch.publish('amq.topic', topic, Buffer.from(value));
+  }
+  const cell = page.locator('#room-kitchen .temp');
+  const deadline = Date.now() + WAIT;
+  while (!(await cell.count()) && Date.now() < deadline) {
+    await publish('sensors.kitchen.temp', '21.3');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  await publish('sensors.kitchen.humidity', '47');
+  await publish('sensors.lab.temp', '23.9');
+  await page.locator('#room-lab .temp', { hasText: '23.9' }).waitFor({ timeout: WAIT });
+  await page.locator('#room-kitchen .humidity', { hasText: '47' }).waitFor({ timeout: WAIT });
+  assert.equal(await cell.textContent(), '21.3');
+  const shot = process.env.SWITCHYARD_DASHBOARD_SCREENSHOT;
+  if (shot) await page.screenshot({ path: shot, fullPage: true });
 });
