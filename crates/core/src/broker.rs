@@ -11,6 +11,8 @@ use crate::auth::Auth;
 use crate::error::{CoreError, CoreResult};
 use crate::memory::MemoryMonitor;
 use crate::persist::{Recovered, Store};
+use crate::policy::Policies;
+use crate::timer::{Clock, Timers, NEVER};
 use crate::vhost::VHost;
 
 #[derive(Debug)]
@@ -21,6 +23,7 @@ pub struct Broker {
     next_id: AtomicU64,
     /// The store's synced log position, when there is a store.
     synced: Option<tokio::sync::watch::Receiver<u64>>,
+    timers: Arc<Timers>,
 }
 
 impl Broker {
@@ -37,6 +40,28 @@ impl Broker {
         memory_high_watermark: usize,
         store: Option<(Arc<dyn Store>, Recovered)>,
     ) -> Arc<Self> {
+        Self::build(
+            auth,
+            vhosts,
+            memory_high_watermark,
+            store,
+            Policies::default(),
+            Clock::System,
+        )
+    }
+
+    /// The most general constructor: with queue `policies` (applied to recovered
+    /// and new queues) and the `clock` read by calls that take no `now`.
+    pub fn build(
+        auth: Auth,
+        vhosts: &[String],
+        memory_high_watermark: usize,
+        store: Option<(Arc<dyn Store>, Recovered)>,
+        policies: Policies,
+        clock: Clock,
+    ) -> Arc<Self> {
+        let timers = Arc::new(Timers::new(clock));
+        let policies = Arc::new(policies);
         let memory = Arc::new(MemoryMonitor::new(memory_high_watermark));
         let (store, mut recovered) = match store {
             Some((s, r)) => (Some(s), r),
@@ -48,8 +73,15 @@ impl Broker {
             .map(String::as_str)
             .chain(std::iter::once("/"))
         {
-            map.entry(name.to_owned())
-                .or_insert_with(|| VHost::new(name, memory.clone(), store.clone()));
+            map.entry(name.to_owned()).or_insert_with(|| {
+                VHost::with_env(
+                    name,
+                    memory.clone(),
+                    store.clone(),
+                    timers.clone(),
+                    policies.clone(),
+                )
+            });
         }
         for vhost in map.values() {
             vhost.restore(&mut recovered);
@@ -61,7 +93,27 @@ impl Broker {
             memory,
             next_id: AtomicU64::new(1),
             synced,
+            timers,
         })
+    }
+
+    /// The clock and the earliest deadline of every queue: the server's timer
+    /// task sleeps until [`Timers::earliest`] or [`Timers::changed`].
+    pub fn timers(&self) -> &Arc<Timers> {
+        &self.timers
+    }
+
+    /// Does what is due at `now` (ms since the Unix epoch) in every vhost:
+    /// expires messages and unused queues, releases delayed messages. Returns
+    /// the next deadline (`timer::NEVER`: none). The core never sleeps; the
+    /// server calls this from one timer task.
+    pub fn tick(&self, now: u64) -> u64 {
+        self.timers.clock.advance_to(now);
+        self.timers.reset();
+        let vhosts: Vec<Arc<VHost>> = self.vhosts.read().values().cloned().collect();
+        let next = vhosts.iter().map(|v| v.tick(now)).fold(NEVER, u64::min);
+        self.timers.note(next);
+        next
     }
 
     pub fn vhost(&self, name: &str) -> CoreResult<Arc<VHost>> {

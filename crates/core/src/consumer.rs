@@ -246,6 +246,15 @@ impl Consumer {
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
     }
+
+    /// Deliveries handed to this consumer and not settled yet (0 for no-ack).
+    pub fn in_flight(&self) -> u32 {
+        if self.options.no_ack {
+            0
+        } else {
+            self.own.used()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -35,11 +35,41 @@ impl DeathReason {
     }
 }
 
-/// Where a queue dead-letters to, from its arguments.
+/// Where a queue dead-letters to: its arguments merged with its policy.
 pub fn target(queue: &Queue) -> Option<(&str, Option<&str>)> {
-    let args = &queue.options.arguments;
-    let exchange = args.get_str("x-dead-letter-exchange")?;
-    Some((exchange, args.get_str("x-dead-letter-routing-key")))
+    let s = &queue.settings;
+    let exchange = s.dead_letter_exchange.as_deref()?;
+    Some((exchange, s.dead_letter_routing_key.as_deref()))
+}
+
+/// RabbitMQ's `is_cycle` (rabbit_dead_letter): the dead-lettered `message`
+/// would enter `queue` again, and every death since it last left that queue
+/// (that one included) was automatic, i.e. none was a rejection. Such copies
+/// are dropped; a cycle with a rejection in it is a client's retry loop and
+/// goes on.
+pub fn is_cycle(message: &Message, queue: &str) -> bool {
+    let Some(FieldValue::Array(deaths)) = message
+        .properties
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("x-death"))
+    else {
+        return false;
+    };
+    let mut since = Vec::new();
+    for d in deaths {
+        let Some(t) = d.as_table() else {
+            // Something a client put there: not a fully automatic cycle.
+            return false;
+        };
+        since.push(t);
+        if t.get_str("queue") == Some(queue) {
+            return since
+                .iter()
+                .all(|t| t.get_str("reason") != Some(DeathReason::Rejected.as_str()));
+        }
+    }
+    false
 }
 
 /// The copy of `message` to publish to `exchange`: routing key replaced if the

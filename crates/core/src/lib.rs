@@ -16,7 +16,9 @@ pub mod field;
 pub mod memory;
 pub mod message;
 pub mod persist;
+pub mod policy;
 pub mod queue;
+pub mod timer;
 pub mod topic;
 pub mod vhost;
 

@@ -1,23 +1,59 @@
-//! Queues: ordered messages, their consumers, and dispatch.
+//! Queues: ordered messages, their consumers, and dispatch; and the queue
+//! policies that act on them (TTL, expiry, length limits, priorities, single
+//! active consumer, delayed messages, quorum delivery limits).
 //!
 //! All of a queue's mutable state sits behind one `parking_lot::Mutex`. Every
 //! critical section is short and synchronous (no `.await` can happen while it is
 //! held), so a blocking mutex is cheaper than an async one. Dispatch runs on
 //! whichever task made progress possible: the publisher after enqueueing, the
-//! consumer's connection after an ack. Lock order: queue state, then a consumer's
-//! outbox (taken inside `Consumer::deliver`); never the other way round.
+//! consumer's connection after an ack, the timer task after a deadline. Lock
+//! order: queue state, then a consumer's outbox (taken inside
+//! `Consumer::deliver`); never the other way round.
+//!
+//! Messages that leave the queue for good while the lock is held (expired,
+//! dropped by a length limit, over the delivery limit) are collected in the state
+//! and dead-lettered only after the lock is released ([`Queue::bury`]): the
+//! dead-letter exchange may route them back into this very queue.
+//!
+//! Expiry follows RabbitMQ: only messages at the head of the queue expire (of
+//! each priority level, in a priority queue), so a message with a short
+//! per-message TTL behind one with a long TTL waits for it. Deliveries never hand
+//! out an expired message, and a TTL of 0 means "deliver now or expire".
+//!
+//! Delayed messages (`x-delay` header, in ms) wait inside each queue they were
+//! routed to, invisible (not counted, not consumable) until due; they then enter
+//! the queue as if published at that moment (length limits and TTL apply from
+//! there). Why in the queue rather than in an exchange: routing, `mandatory`
+//! returns and publisher confirms happen at publish time as for any message, and
+//! a persistent delayed message is stored like any other persistent message of
+//! its queue, so a restart recovers it (with its due time, re-derived from the
+//! header and the receive time it is stored with) without a second store.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
 use crate::consumer::{Consumer, Delivery};
+use crate::deadletter::DeathReason;
 use crate::error::{CoreError, CoreResult};
-use crate::field::FieldTable;
+use crate::field::{FieldTable, FieldValue};
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{RecoveredMessage, Store, StoredRef};
+use crate::policy::{Overflow, QueueSettings};
+use crate::timer::{Timers, NEVER};
+use crate::vhost::VHost;
+
+/// The header holding a message's delay in milliseconds (the name users of
+/// RabbitMQ's delayed-message-exchange plugin know).
+pub const DELAY_HEADER: &str = "x-delay";
+
+/// The header a quorum queue sets on redeliveries: how often the message was
+/// returned before.
+pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 /// A message in a queue, with what the queue knows of its history.
 #[derive(Debug, Clone)]
@@ -30,6 +66,10 @@ pub struct QueuedMessage {
     /// Where the message sits in the store, when it is persistent and the queue
     /// durable.
     pub stored: Option<StoredRef>,
+    /// When it expires (the lower of queue and message TTL), in ms since the epoch.
+    pub expires_at: Option<u64>,
+    /// How often it came back to the queue (a quorum queue's delivery count).
+    pub delivery_count: u32,
 }
 
 /// Properties fixed at declaration; compared on re-declaration.
@@ -41,9 +81,171 @@ pub struct QueueOptions {
     pub arguments: FieldTable,
 }
 
-#[derive(Debug, Default)]
+/// What became of a message offered to a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// In the queue (or already handed to a consumer, or dropped at once by a TTL
+    /// of 0 or by drop-head: the publish itself was accepted).
+    Accepted,
+    /// Waiting for its `x-delay` to pass.
+    Delayed,
+    /// Refused by `x-overflow` reject-publish(-dlx): a publisher in confirm mode
+    /// must get a nack.
+    Rejected,
+}
+
+/// Ready messages: one FIFO per priority level (a single level without
+/// `x-max-priority`), the highest level served first.
+#[derive(Debug)]
+struct Ready {
+    levels: Vec<VecDeque<QueuedMessage>>,
+    len: usize,
+    /// Body bytes, for `x-max-length-bytes`.
+    bytes: usize,
+    /// Messages with an expiry: when 0, no expiry work is done at all.
+    expiring: usize,
+}
+
+impl Ready {
+    fn new(max_priority: Option<u8>) -> Self {
+        let levels = usize::from(max_priority.unwrap_or(0)) + 1;
+        Ready {
+            levels: (0..levels).map(|_| VecDeque::new()).collect(),
+            len: 0,
+            bytes: 0,
+            expiring: 0,
+        }
+    }
+
+    /// RabbitMQ: no `priority` property is priority 0; above the maximum counts
+    /// as the maximum.
+    fn level_of(&self, m: &Message) -> usize {
+        let top = self.levels.len().saturating_sub(1);
+        if top == 0 {
+            return 0;
+        }
+        usize::from(m.properties.priority.unwrap_or(0)).min(top)
+    }
+
+    fn added(&mut self, m: &QueuedMessage) {
+        self.len += 1;
+        self.bytes += m.message.body_size();
+        self.expiring += usize::from(m.expires_at.is_some());
+    }
+
+    fn removed(&mut self, m: &QueuedMessage) {
+        self.len = self.len.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(m.message.body_size());
+        self.expiring = self
+            .expiring
+            .saturating_sub(usize::from(m.expires_at.is_some()));
+    }
+
+    fn push_back(&mut self, m: QueuedMessage) {
+        self.added(&m);
+        let level = self.level_of(&m.message);
+        match self.levels.get_mut(level) {
+            Some(q) => q.push_back(m),
+            None => self.levels.push(VecDeque::from([m])),
+        }
+    }
+
+    /// Puts a returned message back at its original position.
+    fn insert_by_id(&mut self, m: QueuedMessage) {
+        self.added(&m);
+        let level = self.level_of(&m.message);
+        match self.levels.get_mut(level) {
+            Some(q) => {
+                // Usually older than everything ready: a search from the front is short.
+                let pos = q.partition_point(|r| r.id < m.id);
+                q.insert(pos, m);
+            }
+            None => self.levels.push(VecDeque::from([m])),
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<QueuedMessage> {
+        let m = self.levels.iter_mut().rev().find_map(VecDeque::pop_front)?;
+        self.removed(&m);
+        Some(m)
+    }
+
+    /// Removes expired messages from the head of every level: `deadline <= now`,
+    /// or `< now` when `strict` (a TTL of 0 may still be delivered at publish).
+    fn pop_expired(&mut self, now: u64, strict: bool, out: &mut Vec<QueuedMessage>) {
+        let expired = |m: &QueuedMessage| {
+            m.expires_at
+                .is_some_and(|at| if strict { at < now } else { at <= now })
+        };
+        let mut taken = Vec::new();
+        for q in &mut self.levels {
+            while q.front().is_some_and(expired) {
+                taken.extend(q.pop_front());
+            }
+        }
+        for m in &taken {
+            self.removed(m);
+        }
+        out.extend(taken);
+    }
+
+    /// The earliest expiry among the heads.
+    fn next_expiry(&self) -> u64 {
+        if self.expiring == 0 {
+            return NEVER;
+        }
+        self.levels
+            .iter()
+            .filter_map(|q| q.front().and_then(|m| m.expires_at))
+            .min()
+            .unwrap_or(NEVER)
+    }
+
+    fn take_all(&mut self) -> Vec<QueuedMessage> {
+        let mut all = Vec::with_capacity(self.len);
+        for q in self.levels.iter_mut().rev() {
+            all.extend(q.drain(..));
+        }
+        self.len = 0;
+        self.bytes = 0;
+        self.expiring = 0;
+        all
+    }
+}
+
+/// A delayed message, ordered by due time then arrival.
+#[derive(Debug)]
+struct Delayed {
+    due: u64,
+    message: QueuedMessage,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == CmpOrdering::Equal
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (self.due, self.message.id).cmp(&(other.due, other.message.id))
+    }
+}
+
+/// A message leaving for good, and why (`None`: dropped without dead-lettering,
+/// as a reject-publish refusal is).
+type Dead = (QueuedMessage, Option<DeathReason>);
+
+#[derive(Debug)]
 struct QueueState {
-    ready: VecDeque<QueuedMessage>,
+    ready: Ready,
+    /// Min-heap by due time.
+    delayed: BinaryHeap<Reverse<Delayed>>,
     consumers: Vec<Arc<Consumer>>,
     /// Round-robin position in `consumers`.
     next_consumer: usize,
@@ -55,6 +257,22 @@ struct QueueState {
     /// Auto-delete only applies once a first consumer has come and gone.
     had_consumer: bool,
     deleted: bool,
+    /// Last declaration, basic.get or consumer departure (`x-expires`).
+    last_used: u64,
+    /// Left the queue in this critical section; buried once the lock is released.
+    dead: Vec<Dead>,
+    /// Single active consumer: the active one left with deliveries unsettled.
+    /// Its successor starts once they are settled or back in the queue, so that
+    /// returned messages keep their place ahead of later ones (as in RabbitMQ).
+    handover_pending: bool,
+}
+
+/// What the vhost gives a queue it creates.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueEnv {
+    pub memory: Arc<MemoryMonitor>,
+    pub timers: Arc<Timers>,
+    pub home: Weak<VHost>,
 }
 
 /// A queue.
@@ -63,12 +281,22 @@ pub struct Queue {
     pub name: String,
     pub vhost: String,
     pub options: QueueOptions,
+    /// Its arguments merged with the policy that applies to it.
+    pub settings: QueueSettings,
     /// The connection that declared an exclusive queue.
     pub owner: Option<u64>,
     state: Mutex<QueueState>,
     memory: Arc<MemoryMonitor>,
+    timers: Arc<Timers>,
+    /// The vhost, to dead-letter what the queue drops on its own.
+    home: Weak<VHost>,
+    /// Itself, to dispatch from calls that only have `&self`.
+    me: Weak<Queue>,
     /// The store and this queue's id in it, for a durable queue.
     durable: Option<(Arc<dyn Store>, u64)>,
+    /// The next moment something timed is due (`NEVER`: nothing), read by the
+    /// tick without taking the lock.
+    deadline: AtomicU64,
 }
 
 /// What `basic.get` takes from a queue.
@@ -79,43 +307,80 @@ pub struct Got {
     pub remaining: usize,
 }
 
+/// A message's delay from its `x-delay` header, when positive.
+pub fn delay_of(message: &Message) -> Option<u64> {
+    let v = message.properties.headers.as_ref()?.get(DELAY_HEADER)?;
+    let ms = v
+        .as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))?;
+    u64::try_from(ms).ok().filter(|ms| *ms > 0)
+}
+
+/// The copy of a delayed message that enters the queue when due: its `x-delay`
+/// negated, so that the same message published again as it is (a consumer
+/// forwarding it, or after a restart once released) is not delayed twice.
+fn released(message: &Arc<Message>) -> Arc<Message> {
+    let Some(delay) = delay_of(message) else {
+        return message.clone();
+    };
+    let mut copy = Message::clone(message);
+    let headers = copy.properties.headers.get_or_insert_with(FieldTable::new);
+    headers.insert(
+        DELAY_HEADER,
+        FieldValue::I64(0i64.saturating_sub_unsigned(delay)),
+    );
+    Arc::new(copy)
+}
+
+fn with_delivery_count(message: &Message, count: u32) -> Arc<Message> {
+    let mut copy = message.clone();
+    let headers = copy.properties.headers.get_or_insert_with(FieldTable::new);
+    headers.insert(DELIVERY_COUNT_HEADER, FieldValue::I64(i64::from(count)));
+    Arc::new(copy)
+}
+
 impl Queue {
-    pub fn new(
+    pub(crate) fn create(
         name: String,
         vhost: String,
         options: QueueOptions,
+        settings: QueueSettings,
         owner: Option<u64>,
-        memory: Arc<MemoryMonitor>,
+        env: QueueEnv,
+        durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
-        Arc::new(Queue {
+        let now = env.timers.now_ms();
+        let queue = Arc::new_cyclic(|me| Queue {
+            me: me.clone(),
             name,
             vhost,
             options,
             owner,
-            state: Mutex::new(QueueState::default()),
-            memory,
-            durable: None,
-        })
-    }
-
-    /// A queue whose persistent messages the store keeps under `id`.
-    pub fn new_durable(
-        name: String,
-        vhost: String,
-        options: QueueOptions,
-        memory: Arc<MemoryMonitor>,
-        store: Arc<dyn Store>,
-        id: u64,
-    ) -> Arc<Self> {
-        Arc::new(Queue {
-            name,
-            vhost,
-            options,
-            owner: None,
-            state: Mutex::new(QueueState::default()),
-            memory,
-            durable: Some((store, id)),
-        })
+            state: Mutex::new(QueueState {
+                ready: Ready::new(settings.max_priority),
+                delayed: BinaryHeap::new(),
+                consumers: Vec::new(),
+                next_consumer: 0,
+                next_id: 0,
+                unacked: 0,
+                exclusive_consumer: false,
+                had_consumer: false,
+                deleted: false,
+                last_used: now,
+                dead: Vec::new(),
+                handover_pending: false,
+            }),
+            settings,
+            memory: env.memory,
+            timers: env.timers,
+            home: env.home,
+            durable,
+            deadline: AtomicU64::new(NEVER),
+        });
+        let st = queue.state.lock();
+        queue.refresh_deadline(&st);
+        drop(st);
+        queue
     }
 
     /// The queue's id in the store, if it is durable and a store is in use.
@@ -123,46 +388,155 @@ impl Queue {
         self.durable.as_ref().map(|(_, id)| *id)
     }
 
+    /// When something timed is next due in this queue (`timer::NEVER`: nothing).
+    pub fn deadline(&self) -> u64 {
+        self.deadline.load(Ordering::Acquire)
+    }
+
     /// Appends a message and hands out what can be handed out.
-    pub fn publish(self: &Arc<Self>, message: Arc<Message>) {
-        self.publish_stored(message, None);
+    pub fn publish(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
+        self.publish_stored(message, None)
     }
 
     /// Appends a message the store already holds for this queue (`stored`).
-    pub fn publish_stored(self: &Arc<Self>, message: Arc<Message>, stored: Option<StoredRef>) {
+    pub fn publish_stored(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        stored: Option<StoredRef>,
+    ) -> Enqueued {
+        let now = self.timers.now_ms();
+        self.enqueue(message, stored, None, now)
+    }
+
+    /// Offers a message at `now`; `due` delays it until then.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        stored: Option<StoredRef>,
+        due: Option<u64>,
+        now: u64,
+    ) -> Enqueued {
         self.memory.add(message.body_size());
         let mut st = self.state.lock();
         if st.deleted {
             drop(st);
             self.memory.sub(message.body_size());
             self.forget_stored(stored.iter());
-            return;
+            return Enqueued::Accepted;
         }
         let id = st.next_id;
         st.next_id += 1;
-        st.ready.push_back(QueuedMessage {
+        let qm = QueuedMessage {
             id,
             message,
             redelivered: false,
             stored,
-        });
-        self.dispatch_locked(&mut st);
+            expires_at: None,
+            delivery_count: 0,
+        };
+        let outcome = match due.filter(|due| *due > now) {
+            Some(due) => {
+                st.delayed.push(Reverse(Delayed { due, message: qm }));
+                Enqueued::Delayed
+            }
+            None => self.accept_locked(&mut st, qm, now, now),
+        };
+        self.finish(st, now);
+        outcome
+    }
+
+    /// The expiry of a message entering the queue at `base`.
+    fn expiry_of(&self, message: &Message, base: u64) -> Option<u64> {
+        let ttl = match (
+            self.settings.message_ttl,
+            message.properties.expiration_ms(),
+        ) {
+            (Some(q), Some(m)) => Some(q.min(m)),
+            (q, m) => q.or(m),
+        }?;
+        Some(base.saturating_add(ttl))
+    }
+
+    /// Takes a message into the ready list (entering at `base`), applying the
+    /// length limit and TTL, and dispatches.
+    fn accept_locked(
+        self: &Arc<Self>,
+        st: &mut QueueState,
+        mut qm: QueuedMessage,
+        base: u64,
+        now: u64,
+    ) -> Enqueued {
+        let s = &self.settings;
+        if s.has_length_limit() && s.overflow != Overflow::DropHead {
+            // RabbitMQ's will_overflow: would the ready count or bytes pass the limit?
+            let over = s.max_length.is_some_and(|max| st.ready.len as u64 >= max)
+                || s.max_length_bytes.is_some_and(|max| {
+                    (st.ready.bytes.saturating_add(qm.message.body_size())) as u64 > max
+                });
+            if over {
+                let reason =
+                    (s.overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
+                st.dead.push((qm, reason));
+                return Enqueued::Rejected;
+            }
+        }
+        qm.expires_at = self.expiry_of(&qm.message, base);
+        st.ready.push_back(qm);
+        self.dispatch_locked(st, now);
+        if st.ready.expiring > 0 {
+            // A TTL of 0 that no consumer took right away expires now.
+            let mut expired = Vec::new();
+            st.ready.pop_expired(now, false, &mut expired);
+            st.dead
+                .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
+        }
+        if s.has_length_limit() && s.overflow == Overflow::DropHead {
+            while s.max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || s.max_length_bytes
+                    .is_some_and(|max| st.ready.bytes as u64 > max)
+            {
+                let Some(head) = st.ready.pop_front() else {
+                    break;
+                };
+                st.dead.push((head, Some(DeathReason::MaxLen)));
+            }
+        }
+        Enqueued::Accepted
     }
 
     /// Puts messages recovered from the store back, in order, before any new one.
     pub fn restore(self: &Arc<Self>, messages: Vec<RecoveredMessage>) {
+        let now = self.timers.now_ms();
         let mut st = self.state.lock();
         for m in messages {
             self.memory.add(m.message.body_size());
             let id = st.next_id;
             st.next_id += 1;
-            st.ready.push_back(QueuedMessage {
+            // The receive time is stored with the message: due times and TTLs
+            // continue from it rather than restarting at boot.
+            let received = m.message.received_ms.unwrap_or(now);
+            let due = delay_of(&m.message).map(|d| received.saturating_add(d));
+            let mut qm = QueuedMessage {
                 id,
                 message: m.message,
                 redelivered: m.redelivered,
                 stored: Some(m.stored),
-            });
+                expires_at: None,
+                // Not stored: a quorum queue's delivery count restarts at boot.
+                delivery_count: 0,
+            };
+            match due {
+                Some(due) if due > now => {
+                    st.delayed.push(Reverse(Delayed { due, message: qm }));
+                }
+                _ => {
+                    qm.message = released(&qm.message);
+                    qm.expires_at = self.expiry_of(&qm.message, due.unwrap_or(received));
+                    st.ready.push_back(qm);
+                }
+            }
         }
+        self.refresh_deadline(&st);
     }
 
     /// Tells the store these messages left the queue for good.
@@ -183,26 +557,94 @@ impl Queue {
         }
     }
 
+    /// Publishes the queue's next deadline for the timer task. Costs one atomic
+    /// load when the queue has nothing timed.
+    fn refresh_deadline(&self, st: &QueueState) {
+        let mut next = st.ready.next_expiry();
+        if let Some(top) = st.delayed.peek() {
+            next = next.min(top.0.due);
+        }
+        if let Some(expires) = self.settings.expires {
+            if st.consumers.is_empty() && !st.deleted {
+                next = next.min(st.last_used.saturating_add(expires));
+            }
+        }
+        if next == NEVER && self.deadline.load(Ordering::Relaxed) == NEVER {
+            return;
+        }
+        if self.deadline.swap(next, Ordering::AcqRel) != next && next != NEVER {
+            self.timers.schedule(next);
+        }
+    }
+
+    /// Ends a critical section: publishes the deadline, releases the lock and
+    /// buries what left the queue.
+    fn finish(&self, mut st: parking_lot::MutexGuard<'_, QueueState>, now: u64) {
+        self.refresh_deadline(&st);
+        let dead = std::mem::take(&mut st.dead);
+        drop(st);
+        self.bury(dead, now);
+    }
+
+    /// Dead-letters (if the queue has a dead-letter exchange and the reason
+    /// allows) and forgets messages that left the queue for good. Called without
+    /// the queue's lock: the dead-letter exchange may route back here.
+    fn bury(&self, dead: Vec<Dead>, now: u64) {
+        if dead.is_empty() {
+            return;
+        }
+        self.memory
+            .sub(dead.iter().map(|(m, _)| m.message.body_size()).sum());
+        if self.settings.dead_letter_exchange.is_some() {
+            if let Some(vhost) = self.home.upgrade() {
+                for (m, reason) in &dead {
+                    if let Some(reason) = reason {
+                        vhost.republish_dead(self, &m.message, *reason, now / 1000, now);
+                    }
+                }
+            }
+        }
+        self.forget_stored(dead.iter().filter_map(|(m, _)| m.stored.as_ref()));
+    }
+
     /// Hands ready messages to consumers with credit, round robin, until either
     /// runs out.
     pub fn dispatch(self: &Arc<Self>) {
+        let now = self.timers.now_ms();
         let mut st = self.state.lock();
-        self.dispatch_locked(&mut st);
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
     }
 
-    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState) {
-        while !st.ready.is_empty() && !st.consumers.is_empty() {
-            let n = st.consumers.len();
-            let mut chosen = None;
-            for i in 0..n {
-                let idx = (st.next_consumer + i) % n;
-                if st.consumers.get(idx).is_some_and(|c| c.try_reserve()) {
-                    chosen = Some(idx);
-                    break;
-                }
+    fn dispatch_locked(self: &Arc<Self>, st: &mut QueueState, now: u64) {
+        loop {
+            if st.ready.expiring > 0 {
+                let mut expired = Vec::new();
+                st.ready.pop_expired(now, true, &mut expired);
+                st.dead
+                    .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
             }
+            if st.ready.len == 0 || st.consumers.is_empty() || st.handover_pending {
+                break;
+            }
+            let chosen = if self.settings.single_active_consumer {
+                // Single active consumer: only the first registered one still
+                // active gets messages (one being cancelled is passed over).
+                st.consumers
+                    .iter()
+                    .position(|c| c.is_active())
+                    .filter(|&i| st.consumers.get(i).is_some_and(|c| c.try_reserve()))
+            } else {
+                let n = st.consumers.len();
+                let found = (0..n)
+                    .map(|i| (st.next_consumer + i) % n)
+                    .find(|&idx| st.consumers.get(idx).is_some_and(|c| c.try_reserve()));
+                if let Some(idx) = found {
+                    st.next_consumer = (idx + 1) % n;
+                }
+                found
+            };
             let Some(idx) = chosen else { break };
-            st.next_consumer = (idx + 1) % n;
             let (Some(consumer), Some(message)) =
                 (st.consumers.get(idx).cloned(), st.ready.pop_front())
             else {
@@ -225,6 +667,7 @@ impl Queue {
 
     /// Adds a consumer. `exclusive` consumers need the queue to themselves.
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> CoreResult<()> {
+        let now = self.timers.now_ms();
         let mut st = self.state.lock();
         if st.deleted {
             return Err(CoreError::not_found(format!(
@@ -241,47 +684,91 @@ impl Queue {
         st.exclusive_consumer = consumer.options.exclusive;
         st.had_consumer = true;
         st.consumers.push(consumer);
-        self.dispatch_locked(&mut st);
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
         Ok(())
     }
 
     /// Removes a consumer. Returns true when the queue is auto-delete and this was
     /// its last consumer, i.e. the caller should delete it.
-    pub fn remove_consumer(&self, consumer_id: u64) -> bool {
+    pub fn remove_consumer(self: &Arc<Self>, consumer_id: u64) -> bool {
+        let now = self.timers.now_ms();
         let mut st = self.state.lock();
         let before = st.consumers.len();
+        let was_active = st
+            .consumers
+            .iter()
+            .find(|c| c.is_active() || c.id == consumer_id)
+            .is_some_and(|c| c.id == consumer_id);
+        let mut removed = Vec::new();
         st.consumers.retain(|c| {
             let keep = c.id != consumer_id;
             if !keep {
                 c.deactivate();
                 // Its deliveries still in flight come back through requeue.
+                removed.push(c.clone());
             }
             keep
         });
         if st.consumers.len() != before {
             st.exclusive_consumer = false;
+            if st.consumers.is_empty() {
+                // An unused queue's expiry (`x-expires`) counts from here.
+                st.last_used = now;
+            }
         }
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
-        self.options.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted
+        if was_active && self.settings.single_active_consumer {
+            // The next registered consumer takes over, at once or once the
+            // leaving one's deliveries are settled or returned.
+            let unsettled = removed.iter().any(|c| c.in_flight() > 0);
+            st.handover_pending = unsettled;
+            self.dispatch_locked(&mut st, now);
+        }
+        let delete =
+            self.options.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted;
+        self.finish(st, now);
+        delete
+    }
+
+    /// The queue was used (declared again): restarts its `x-expires` countdown.
+    pub fn touch(&self, now: u64) {
+        if self.settings.expires.is_none() {
+            return;
+        }
+        let mut st = self.state.lock();
+        st.last_used = st.last_used.max(now);
+        self.finish(st, now);
     }
 
     /// Takes the first ready message (`basic.get`). With `no_ack` it is settled at once.
     pub fn get(&self, no_ack: bool) -> Option<Got> {
+        let now = self.timers.now_ms();
         let mut st = self.state.lock();
-        let message = st.ready.pop_front()?;
-        if no_ack {
-            self.memory.sub(message.message.body_size());
-            self.forget_stored(message.stored.iter());
-        } else {
-            st.unacked += 1;
-            self.note_delivered(&message);
+        st.last_used = st.last_used.max(now);
+        if st.ready.expiring > 0 {
+            let mut expired = Vec::new();
+            st.ready.pop_expired(now, true, &mut expired);
+            st.dead
+                .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
-        Some(Got {
-            message,
-            remaining: st.ready.len(),
-        })
+        let got = st.ready.pop_front().map(|message| {
+            if no_ack {
+                self.memory.sub(message.message.body_size());
+                self.forget_stored(message.stored.iter());
+            } else {
+                st.unacked += 1;
+                self.note_delivered(&message);
+            }
+            Got {
+                message,
+                remaining: st.ready.len,
+            }
+        });
+        self.finish(st, now);
+        got
     }
 
     /// Settles delivered messages for good (acked, or rejected without requeue).
@@ -290,22 +777,37 @@ impl Queue {
             return;
         }
         let bytes: usize = messages.iter().map(|m| m.message.body_size()).sum();
-        {
+        let resume = {
             let mut st = self.state.lock();
             st.unacked = st.unacked.saturating_sub(messages.len());
-        }
+            std::mem::take(&mut st.handover_pending)
+        };
         self.memory.sub(bytes);
         self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
+        if resume {
+            if let Some(me) = self.me.upgrade() {
+                me.dispatch();
+            }
+        }
     }
 
     /// Puts delivered messages back at their original positions, marked
     /// redelivered, and dispatches them again.
     pub fn requeue(self: &Arc<Self>, messages: Vec<QueuedMessage>) {
+        let now = self.timers.now_ms();
+        self.requeue_at(messages, now);
+    }
+
+    /// [`Queue::requeue`] at `now`. A quorum queue counts the return and
+    /// dead-letters (reason `delivery_limit`) a message returned more often than
+    /// its delivery limit; the others come back with `x-delivery-count`.
+    pub fn requeue_at(self: &Arc<Self>, messages: Vec<QueuedMessage>, now: u64) {
         if messages.is_empty() {
             return;
         }
         let mut st = self.state.lock();
         st.unacked = st.unacked.saturating_sub(messages.len());
+        st.handover_pending = false;
         if st.deleted {
             drop(st);
             self.memory
@@ -315,24 +817,75 @@ impl Queue {
         }
         for mut m in messages {
             m.redelivered = true;
-            // Usually older than everything ready: a search from the front is short.
-            let pos = st.ready.partition_point(|r| r.id < m.id);
-            st.ready.insert(pos, m);
+            if self.settings.quorum {
+                m.delivery_count = m.delivery_count.saturating_add(1);
+                if self
+                    .settings
+                    .delivery_limit
+                    .is_some_and(|limit| u64::from(m.delivery_count) > limit)
+                {
+                    st.dead.push((m, Some(DeathReason::DeliveryLimit)));
+                    continue;
+                }
+                m.message = with_delivery_count(&m.message, m.delivery_count);
+            }
+            st.ready.insert_by_id(m);
         }
-        self.dispatch_locked(&mut st);
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
     }
 
-    /// Drops every ready message; returns how many.
+    /// Does what is due at `now`: releases due delayed messages, expires heads,
+    /// dispatches. Returns true when the queue itself expired (`x-expires`) and
+    /// should be deleted.
+    pub fn tick(self: &Arc<Self>, now: u64) -> bool {
+        let mut st = self.state.lock();
+        if st.deleted {
+            return false;
+        }
+        while st.delayed.peek().is_some_and(|d| d.0.due <= now) {
+            let Some(Reverse(d)) = st.delayed.pop() else {
+                break;
+            };
+            let mut qm = d.message;
+            qm.message = released(&qm.message);
+            self.accept_locked(&mut st, qm, d.due, now);
+        }
+        if st.ready.expiring > 0 {
+            let mut expired = Vec::new();
+            st.ready.pop_expired(now, false, &mut expired);
+            st.dead
+                .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
+        }
+        self.dispatch_locked(&mut st, now);
+        let expired = self
+            .settings
+            .expires
+            .is_some_and(|e| st.consumers.is_empty() && now >= st.last_used.saturating_add(e));
+        self.finish(st, now);
+        expired
+    }
+
+    /// Drops every ready message; returns how many. Delayed messages stay.
     pub fn purge(&self) -> usize {
-        let dropped = std::mem::take(&mut self.state.lock().ready);
+        let now = self.timers.now_ms();
+        let mut st = self.state.lock();
+        let dropped = st.ready.take_all();
+        self.finish(st, now);
         self.memory
             .sub(dropped.iter().map(|m| m.message.body_size()).sum());
         self.forget_stored(dropped.iter().filter_map(|m| m.stored.as_ref()));
         dropped.len()
     }
 
+    /// Ready messages (delayed ones are not counted until due).
     pub fn message_count(&self) -> usize {
-        self.state.lock().ready.len()
+        self.state.lock().ready.len
+    }
+
+    /// Messages waiting for their delay to pass.
+    pub fn delayed_count(&self) -> usize {
+        self.state.lock().delayed.len()
     }
 
     pub fn unacked_count(&self) -> usize {
@@ -350,21 +903,36 @@ impl Queue {
     /// Marks the queue deleted, drops its messages and tells its consumers they
     /// were cancelled. Returns the number of ready messages it held.
     pub(crate) fn mark_deleted(&self) -> usize {
-        let (consumers, dropped) = {
+        let (consumers, dropped, delayed) = {
             let mut st = self.state.lock();
             st.deleted = true;
-            (
+            let out = (
                 std::mem::take(&mut st.consumers),
-                std::mem::take(&mut st.ready),
-            )
+                st.ready.take_all(),
+                std::mem::take(&mut st.delayed),
+            );
+            self.refresh_deadline(&st);
+            out
         };
-        self.memory
-            .sub(dropped.iter().map(|m| m.message.body_size()).sum());
+        let count = dropped.len();
+        let delayed: Vec<QueuedMessage> = delayed.into_iter().map(|d| d.0.message).collect();
+        self.memory.sub(
+            dropped
+                .iter()
+                .chain(&delayed)
+                .map(|m| m.message.body_size())
+                .sum(),
+        );
         // Acks let the store reclaim the space of a deleted queue's messages.
-        self.forget_stored(dropped.iter().filter_map(|m| m.stored.as_ref()));
+        self.forget_stored(
+            dropped
+                .iter()
+                .chain(&delayed)
+                .filter_map(|m| m.stored.as_ref()),
+        );
         for c in &consumers {
             c.notify_cancelled();
         }
-        dropped.len()
+        count
     }
 }

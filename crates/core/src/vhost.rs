@@ -9,7 +9,7 @@
 //! lock and looks them up after releasing it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
@@ -22,7 +22,9 @@ use crate::field::{FieldTable, FieldValue};
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store};
-use crate::queue::{Queue, QueueOptions, QueuedMessage};
+use crate::policy::{Policies, QueueSettings};
+use crate::queue::{delay_of, Enqueued, Queue, QueueEnv, QueueOptions, QueuedMessage};
+use crate::timer::{Clock, Timers, NEVER};
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -76,6 +78,9 @@ pub struct Routed {
     /// (0: nothing to wait for, the message went to no durable queue or is
     /// transient).
     pub durable_at: u64,
+    /// Queues that refused the message (`x-overflow` reject-publish or
+    /// reject-publish-dlx): a publisher in confirm mode gets a nack when > 0.
+    pub rejected: usize,
 }
 
 #[derive(Debug)]
@@ -87,6 +92,10 @@ pub struct VHost {
     reply_to: Mutex<HashMap<String, Arc<Queue>>>,
     memory: Arc<MemoryMonitor>,
     store: Option<Arc<dyn Store>>,
+    /// Itself, handed to its queues so they can dead-letter on their own.
+    me: Weak<VHost>,
+    timers: Arc<Timers>,
+    policies: Arc<Policies>,
 }
 
 fn opts(durable: bool) -> ExchangeOptions {
@@ -186,6 +195,24 @@ impl VHost {
         memory: Arc<MemoryMonitor>,
         store: Option<Arc<dyn Store>>,
     ) -> Arc<Self> {
+        Self::with_env(
+            name,
+            memory,
+            store,
+            Arc::new(Timers::new(Clock::System)),
+            Arc::new(Policies::default()),
+        )
+    }
+
+    /// A vhost whose queues read time from `timers` and take their policies from
+    /// `policies`.
+    pub fn with_env(
+        name: impl Into<String>,
+        memory: Arc<MemoryMonitor>,
+        store: Option<Arc<dyn Store>>,
+        timers: Arc<Timers>,
+        policies: Arc<Policies>,
+    ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         exchanges.insert(
             String::new(),
@@ -197,14 +224,39 @@ impl VHost {
                 Arc::new(Exchange::new(name, kind, opts(true))),
             );
         }
-        Arc::new(VHost {
+        Arc::new_cyclic(|me| VHost {
             name: name.into(),
             exchanges: RwLock::new(exchanges),
             queues: RwLock::new(HashMap::new()),
             reply_to: Mutex::new(HashMap::new()),
             memory,
             store,
+            me: me.clone(),
+            timers,
+            policies,
         })
+    }
+
+    /// What a queue of this vhost is built with.
+    fn queue_env(&self) -> QueueEnv {
+        QueueEnv {
+            memory: self.memory.clone(),
+            timers: self.timers.clone(),
+            home: self.me.clone(),
+        }
+    }
+
+    /// A queue's arguments merged with the policy that applies to it.
+    fn settings_for(&self, name: &str, options: &QueueOptions) -> QueueSettings {
+        QueueSettings::resolve(
+            &options.arguments,
+            self.policies.for_queue(&self.name, name),
+        )
+    }
+
+    /// The clock and deadlines this vhost's queues use.
+    pub fn timers(&self) -> &Arc<Timers> {
+        &self.timers
     }
 
     /// Runs a metadata write on the store, if there is one. A failed write refuses
@@ -452,6 +504,8 @@ impl VHost {
         if req.passive {
             let q = self.queue(&req.name)?;
             self.check_owner(&q, req.connection)?;
+            // RabbitMQ restarts the `x-expires` countdown on a passive declare too.
+            q.touch(self.timers.now_ms());
             return Ok(answer(&q));
         }
         if req.name.is_empty() {
@@ -480,8 +534,11 @@ impl VHost {
                     arg, req.name, self.name, detail
                 )));
             }
+            // A re-declaration counts as use for `x-expires`.
+            existing.touch(self.timers.now_ms());
             return Ok(answer(existing));
         }
+        let settings = self.settings_for(&req.name, &req.options);
         let owner = req.options.exclusive.then_some(req.connection);
         // Exclusive queues die with their connection, so storing them is pointless.
         let queue = match (&self.store, req.options.durable && !req.options.exclusive) {
@@ -499,21 +556,24 @@ impl VHost {
                     options: req.options.clone(),
                 };
                 self.persist("queue", |s| s.save_queue(&record))?;
-                Queue::new_durable(
+                Queue::create(
                     req.name.clone(),
                     self.name.clone(),
                     req.options,
-                    self.memory.clone(),
-                    store.clone(),
-                    id,
+                    settings,
+                    None,
+                    self.queue_env(),
+                    Some((store.clone(), id)),
                 )
             }
-            _ => Queue::new(
+            _ => Queue::create(
                 req.name.clone(),
                 self.name.clone(),
                 req.options,
+                settings,
                 owner,
-                self.memory.clone(),
+                self.queue_env(),
+                None,
             ),
         };
         queues.insert(req.name, queue.clone());
@@ -692,7 +752,36 @@ impl VHost {
     /// Routes a message from its exchange to every matching queue. Fails only if
     /// the exchange does not exist or is internal.
     pub fn publish(&self, message: Arc<Message>) -> CoreResult<Routed> {
+        self.publish_at(message, self.timers.now_ms())
+    }
+
+    /// [`VHost::publish`] at `now` (ms since the Unix epoch): the moment TTLs and
+    /// an `x-delay` count from.
+    pub fn publish_at(&self, mut message: Arc<Message>, now: u64) -> CoreResult<Routed> {
         let queues = self.route(&message)?;
+        let due = match delay_of(&message) {
+            Some(delay) => {
+                // The receive time is stored with the message: a restart re-derives
+                // the due time from it and the header.
+                if message.received_ms.is_none() {
+                    Arc::make_mut(&mut message).received_ms = Some(now);
+                }
+                Some(message.received_ms.unwrap_or(now).saturating_add(delay))
+            }
+            None => None,
+        };
+        Ok(self.deliver(message, &queues, due, now))
+    }
+
+    /// Stores a routed message once for all its durable queues and offers it to
+    /// each queue.
+    fn deliver(
+        &self,
+        message: Arc<Message>,
+        queues: &[Arc<Queue>],
+        due: Option<u64>,
+        now: u64,
+    ) -> Routed {
         let mut durable_at = 0;
         let stored = match &self.store {
             Some(store) if message.properties.is_persistent() => {
@@ -708,14 +797,18 @@ impl VHost {
             }
             _ => None,
         };
-        for q in &queues {
+        let mut rejected = 0;
+        for q in queues {
             let stored = stored.filter(|_| q.store_id().is_some());
-            q.publish_stored(message.clone(), stored);
+            if q.enqueue(message.clone(), stored, due, now) == Enqueued::Rejected {
+                rejected += 1;
+            }
         }
-        Ok(Routed {
+        Routed {
             queues: queues.len(),
             durable_at,
-        })
+            rejected,
+        }
     }
 
     /// The queues a message would reach, each once.
@@ -787,21 +880,63 @@ impl VHost {
         reason: DeathReason,
         now_secs: u64,
     ) {
-        if let Some((exchange, routing_key)) = deadletter::target(queue) {
-            for m in messages {
-                let copy = deadletter::dead_lettered(
-                    &m.message,
-                    &queue.name,
-                    reason,
-                    exchange,
-                    routing_key,
-                    now_secs,
-                );
-                // A missing dead-letter exchange drops the message, as in RabbitMQ.
-                let _ = self.publish(copy);
-            }
+        let now = self.timers.now_ms();
+        for m in messages {
+            self.republish_dead(queue, &m.message, reason, now_secs, now);
         }
         queue.settle(messages);
+    }
+
+    /// Publishes the dead-lettered copy of a message to the queue's dead-letter
+    /// exchange, if it has one. As RabbitMQ does, a copy is not delivered to a
+    /// queue it already died in unless a rejection is part of that cycle: a
+    /// fully automatic cycle (expiry or overflow back into the same queue) would
+    /// otherwise loop forever.
+    pub(crate) fn republish_dead(
+        &self,
+        queue: &Queue,
+        message: &Message,
+        reason: DeathReason,
+        now_secs: u64,
+        now: u64,
+    ) {
+        let Some((exchange, routing_key)) = deadletter::target(queue) else {
+            return;
+        };
+        let copy = deadletter::dead_lettered(
+            message,
+            &queue.name,
+            reason,
+            exchange,
+            routing_key,
+            now_secs,
+        );
+        // A missing dead-letter exchange drops the message, as in RabbitMQ.
+        let Ok(mut queues) = self.route(&copy) else {
+            return;
+        };
+        if reason != DeathReason::Rejected {
+            queues.retain(|q| !deadletter::is_cycle(&copy, &q.name));
+        }
+        // Dead-lettered copies are never delayed again.
+        self.deliver(copy, &queues, None, now);
+    }
+
+    /// Does what is due at `now` in every queue (expiry, delayed messages, queue
+    /// expiry) and re-schedules what is left. Returns the next deadline
+    /// (`timer::NEVER`: none).
+    pub fn tick(&self, now: u64) -> u64 {
+        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        let mut next = NEVER;
+        for q in queues {
+            if q.deadline() <= now && q.tick(now) {
+                tracing::debug!(vhost = %self.name, queue = %q.name, "queue expired");
+                self.remove_queue(&q);
+                continue;
+            }
+            next = next.min(q.deadline());
+        }
+        next
     }
 
     // ---- recovery ----
@@ -828,13 +963,15 @@ impl VHost {
                 });
         }
         for record in recovered.queues.iter().filter(|r| r.vhost == self.name) {
-            let queue = Queue::new_durable(
+            // Policies apply to recovered queues as to new ones.
+            let queue = Queue::create(
                 record.name.clone(),
                 self.name.clone(),
                 record.options.clone(),
-                self.memory.clone(),
-                store.clone(),
-                record.id,
+                self.settings_for(&record.name, &record.options),
+                None,
+                self.queue_env(),
+                Some((store.clone(), record.id)),
             );
             if let Some(messages) = recovered.messages.remove(&record.id) {
                 queue.restore(messages);
@@ -862,12 +999,14 @@ impl VHost {
     /// publishers put in `reply_to`. Its private queue is in no map but this one.
     pub fn open_reply_to(&self, consumer: Arc<Consumer>) -> CoreResult<(String, Arc<Queue>)> {
         let address = Self::generate_name(&format!("{DIRECT_REPLY_TO}."));
-        let queue = Queue::new(
+        let queue = Queue::create(
             address.clone(),
             self.name.clone(),
             QueueOptions::default(),
+            QueueSettings::default(),
             None,
-            self.memory.clone(),
+            self.queue_env(),
+            None,
         );
         queue.add_consumer(consumer)?;
         self.reply_to.lock().insert(address.clone(), queue.clone());
@@ -922,6 +1061,10 @@ fn validate_queue_arguments(queue: &str, vhost: &str, options: &QueueOptions) ->
         if let Some(v) = args.get(name) {
             match v.as_i64() {
                 Some(0) if name == "x-expires" => return bad(name, "{value_zero,0}"),
+                // RabbitMQ supports 255 priority levels at most.
+                Some(n) if name == "x-max-priority" && n > 255 => {
+                    return bad(name, &format!("{{max_value_exceeded,{n}}}"))
+                }
                 Some(n) if n >= 0 => {}
                 Some(n) => return bad(name, &format!("{{value_negative,{n}}}")),
                 None => {

@@ -65,6 +65,9 @@ pub struct Config {
     /// `None` when the file has no `[[permissions]]`: see the module docs.
     #[serde(default)]
     permissions: Option<Vec<PermissionConfig>>,
+    /// Queue arguments set by pattern, as RabbitMQ's policies.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     origin: String,
@@ -288,6 +291,48 @@ pub struct PermissionConfig {
     pub read: String,
 }
 
+/// One `[[policies]]` entry: queue settings applied by name pattern to the
+/// queues of a vhost, existing (recovered) and new, as `rabbitmqctl set_policy`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(default = "default_policy_vhost")]
+    pub vhost: String,
+    /// A regex searched in queue names (`^` anchors it).
+    pub pattern: String,
+    /// `queues`, `exchanges` or `all`.
+    #[serde(default = "default_apply_to")]
+    pub apply_to: String,
+    /// Of the policies that match a queue, the highest priority applies.
+    #[serde(default)]
+    pub priority: i64,
+    /// RabbitMQ's policy keys: `message-ttl`, `expires`, `max-length`,
+    /// `max-length-bytes`, `overflow`, `dead-letter-exchange`,
+    /// `dead-letter-routing-key`, `delivery-limit`.
+    pub definition: toml::Table,
+}
+
+fn default_policy_vhost() -> String {
+    "/".into()
+}
+
+fn default_apply_to() -> String {
+    "all".into()
+}
+
+/// A policy definition's TOML value as the field value a queue argument would be.
+fn toml_to_field(v: &toml::Value) -> switchyard_core::FieldValue {
+    use switchyard_core::FieldValue;
+    match v {
+        toml::Value::Integer(i) => FieldValue::I64(*i),
+        toml::Value::String(s) => FieldValue::string(s.as_str()),
+        toml::Value::Boolean(b) => FieldValue::Bool(*b),
+        toml::Value::Float(f) => FieldValue::F64(*f),
+        other => FieldValue::string(other.to_string()),
+    }
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("data")
 }
@@ -462,7 +507,45 @@ impl Config {
             )));
         }
         self.validate_mqtt()?;
+        self.policies()?;
         self.auth().map(|_| ())
+    }
+
+    /// The queue policies the config describes; errors name the policy.
+    pub fn policies(&self) -> Result<switchyard_core::policy::Policies, ConfigError> {
+        use switchyard_core::policy::{Policies, Policy};
+        let vhosts = self.vhost_names();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for p in &self.policies {
+            if !seen.insert((p.vhost.clone(), p.name.clone())) {
+                return Err(self.invalid(format!(
+                    "policy '{}' in vhost '{}' is defined twice",
+                    p.name, p.vhost
+                )));
+            }
+            if !vhosts.contains(&p.vhost) {
+                return Err(self.invalid(format!(
+                    "policy '{}' names vhost '{}', which is not in [[vhosts]]",
+                    p.name, p.vhost
+                )));
+            }
+            let mut definition = switchyard_core::FieldTable::new();
+            for (k, v) in &p.definition {
+                definition.insert(k.as_str(), toml_to_field(v));
+            }
+            let policy = Policy::new(
+                &p.name,
+                &p.vhost,
+                &p.pattern,
+                &p.apply_to,
+                p.priority,
+                &definition,
+            )
+            .map_err(|e| self.invalid(e))?;
+            out.push(policy);
+        }
+        Ok(Policies(out))
     }
 
     /// The user database the config describes; errors name the user.

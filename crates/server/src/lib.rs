@@ -199,11 +199,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         truncated_segments = report.truncated_segments,
         "store opened"
     );
-    let broker = Broker::with_store(
+    let broker = Broker::build(
         auth,
         &config.vhost_names(),
         config.limits.memory_high_watermark_bytes,
         Some((store.clone(), recovered)),
+        config.policies()?,
+        switchyard_core::timer::Clock::System,
     );
 
     let shutdown = CancellationToken::new();
@@ -278,6 +280,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         };
         accept_loops.push(tokio::spawn(l.run()));
     }
+    // Message TTL, queue expiry and delayed messages; stops with the listeners.
+    accept_loops.push(tokio::spawn(run_timers(broker.clone(), shutdown.clone())));
     if mqtt_enabled {
         // Will delays, session expiry and retained-message expiry; stops with
         // the listeners on shutdown.
@@ -299,6 +303,34 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         max_connections: config.limits.max_connections,
         store,
     })
+}
+
+/// Milliseconds since the Unix epoch: the time the core is given.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The one timer task of the core's queues: ticks the broker, then sleeps until
+/// the earliest deadline any queue has, or until a queue reports an earlier one.
+/// One task for all queues rather than a timer per message or queue: a broker
+/// with no TTLs or delays wakes once a second and does nothing else.
+async fn run_timers(broker: Arc<Broker>, shutdown: CancellationToken) {
+    /// Longest sleep: bounds the damage of a missed wake-up (and of clock jumps).
+    const MAX_SLEEP_MS: u64 = 1000;
+    loop {
+        let next = broker.tick(unix_ms());
+        let wait = next
+            .min(broker.timers().earliest())
+            .saturating_sub(unix_ms())
+            .clamp(1, MAX_SLEEP_MS);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            () = broker.timers().changed() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 impl RunningServer {

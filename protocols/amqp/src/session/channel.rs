@@ -15,7 +15,7 @@ use switchyard_core::consumer::{Consumer, ConsumerOptions, Credit, Delivery, Out
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::exchange::ExchangeOptions;
 use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
-use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, VHost, DIRECT_REPLY_TO};
+use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, Routed, VHost, DIRECT_REPLY_TO};
 use switchyard_core::{Broker, Message, Properties};
 
 use super::{ConnError, MethodError};
@@ -132,6 +132,9 @@ pub(crate) struct Channel {
     confirmed: u64,
     /// Persistent publishes (sequence number, store position) not yet synced.
     awaiting_sync: VecDeque<(u64, u64)>,
+    /// Sequence numbers to nack rather than ack (a queue refused the message:
+    /// `x-overflow` reject-publish), in order; sent in sequence with the acks.
+    nacks: VecDeque<u64>,
     /// tx.commit-ok replies held until the store has synced this position.
     commits_awaiting_sync: VecDeque<u64>,
     tx: Option<Vec<TxOp>>,
@@ -159,6 +162,7 @@ impl Channel {
             publish_seq: 0,
             confirmed: 0,
             awaiting_sync: VecDeque::new(),
+            nacks: VecDeque::new(),
             commits_awaiting_sync: VecDeque::new(),
             tx: None,
             last_queue: None,
@@ -324,7 +328,12 @@ impl Channel {
                 .ok_or_else(|| MethodError::precondition("fast reply consumer does not exist"))?;
             properties.reply_to = Some(address);
         }
-        let message = Message::new(publish.exchange, publish.routing_key, properties, body);
+        let mut message = Message::new(publish.exchange, publish.routing_key, properties, body);
+        // The receive time is stored with a persistent message: TTLs and delays
+        // continue from it after a restart. Only this task holds the Arc yet.
+        if let Some(m) = Arc::get_mut(&mut message) {
+            m.received_ms = Some(unix_now_ms());
+        }
         if let Some(ops) = self.tx.as_mut() {
             // The exchange must exist now, though the routing happens at commit.
             ctx.vhost
@@ -336,9 +345,14 @@ impl Channel {
             });
             return Ok(());
         }
-        let durable_at = self.route(ctx, message, publish.mandatory)?;
+        let routed = self.route(ctx, message, publish.mandatory)?;
+        let durable_at = routed.durable_at;
         if self.confirm {
             self.publish_seq += 1;
+            if routed.rejected > 0 {
+                // RabbitMQ nacks a publish that any queue refused.
+                self.nacks.push_back(self.publish_seq);
+            }
             if durable_at > 0 {
                 // Confirmed only once the store has synced it (group commit).
                 self.awaiting_sync.push_back((self.publish_seq, durable_at));
@@ -347,16 +361,18 @@ impl Channel {
         Ok(())
     }
 
-    /// Routes a message; returns the store position it needs synced (0: none).
+    /// Routes a message; returns where it went, with the store position it
+    /// needs synced (0: none) and how many queues refused it.
     fn route(
         &mut self,
         ctx: &mut Ctx<'_>,
         message: Arc<Message>,
         mandatory: bool,
-    ) -> Result<u64, MethodError> {
+    ) -> Result<Routed, MethodError> {
+        let now = message.received_ms.unwrap_or_else(unix_now_ms);
         let routed = ctx
             .vhost
-            .publish(message.clone())
+            .publish_at(message.clone(), now)
             .map_err(MethodError::from)?;
         if routed.queues == 0 && mandatory {
             let ret = codec::BasicReturn {
@@ -374,7 +390,7 @@ impl Channel {
                 ctx.frame_max,
             );
         }
-        Ok(routed.durable_at)
+        Ok(routed)
     }
 
     /// Whether confirms wait for the store to sync.
@@ -406,7 +422,28 @@ impl Channel {
             Some(&(seq, _)) => seq - 1,
             None => self.publish_seq,
         };
-        if self.confirm && confirmable > self.confirmed && !self.closing {
+        if !self.confirm || self.closing {
+            return;
+        }
+        // Refused publishes are nacked one by one, in order with the acks around them.
+        while let Some(&seq) = self.nacks.front().filter(|&&seq| seq <= confirmable) {
+            self.nacks.pop_front();
+            if seq > self.confirmed + 1 {
+                let ack = codec::BasicAck {
+                    delivery_tag: seq - 1,
+                    multiple: seq - 1 > self.confirmed + 1,
+                };
+                codec::encode_method(out, self.id, &Method::from(ack));
+            }
+            let nack = codec::BasicNack {
+                delivery_tag: seq,
+                multiple: false,
+                requeue: false,
+            };
+            codec::encode_method(out, self.id, &Method::from(nack));
+            self.confirmed = seq;
+        }
+        if confirmable > self.confirmed {
             let ack = codec::BasicAck {
                 delivery_tag: confirmable,
                 multiple: confirmable > self.confirmed + 1,
@@ -488,6 +525,12 @@ impl Channel {
     pub(crate) fn release(&mut self, vhost: Option<&VHost>) {
         self.content = None;
         self.tx = None;
+        // Stop the consumers first, so the requeued messages go to other
+        // consumers (or a single active consumer's successor) rather than back
+        // into this channel's dying outbox.
+        for e in self.consumers.values() {
+            e.consumer.deactivate();
+        }
         let entries: Vec<Unacked> = self.unacked.drain(..).collect();
         settle_entries(entries, Outcome::Requeue, vhost);
         for (_, e) in self.consumers.drain() {
@@ -701,7 +744,8 @@ impl Channel {
                 for op in ops {
                     match op {
                         TxOp::Publish { message, mandatory } => {
-                            durable_at = durable_at.max(self.route(ctx, message, mandatory)?);
+                            let routed = self.route(ctx, message, mandatory)?;
+                            durable_at = durable_at.max(routed.durable_at);
                         }
                         TxOp::Settle {
                             tag,
@@ -1029,6 +1073,13 @@ fn settle_entries(entries: Vec<Unacked>, outcome: Outcome, vhost: Option<&VHost>
             (Outcome::Ack | Outcome::Reject, _) => queue.settle(&messages),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch: the core takes its time from the adapter.
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Seconds since the Unix epoch, for `x-death` times.
