@@ -1129,3 +1129,62 @@ async fn websocket_binary_messages_and_older_subprotocols() {
     .await;
     assert!(end.is_ok());
 }
+
+#[tokio::test]
+async fn a_deleted_queue_ends_its_subscription_with_an_error() {
+    use amqprs::channel::QueueDeleteArguments;
+    let b = start_broker().await;
+    let mut c = StompClient::connect(b.stomp_addr()).await;
+    c.subscribe("s", "/queue/doomed", "auto", &[]).await;
+    let conn = amqp(&b).await;
+    let ch = conn.open_channel(None).await.unwrap();
+    ch.queue_delete(QueueDeleteArguments::new("doomed"))
+        .await
+        .unwrap();
+    let e = c.expect_error().await;
+    assert_eq!(e.get("message"), Some("subscription cancelled"));
+    assert_eq!(e.get("subscription"), Some("s"));
+}
+
+#[tokio::test]
+async fn the_memory_alarm_stops_reading_from_publishers_until_consumers_drain() {
+    let b = start_broker_with(|c| c.limits.memory_high_watermark_bytes = 10_000).await;
+    let mut p = StompClient::connect(b.stomp_addr()).await;
+    // A publisher (the alarm blocks publishers only)...
+    p.with_receipt(
+        Frame::new(Command::Send)
+            .header("destination", "/queue/mem")
+            .body("first"),
+    )
+    .await;
+    // ...then the queue fills past the watermark (straight through the core, so
+    // the publisher's own reads are not what trips it).
+    let q = b.broker().vhost("/").unwrap().queue("mem").unwrap();
+    for _ in 0..20 {
+        q.publish(switchyard_core::Message::new(
+            "",
+            "mem",
+            Default::default(),
+            bytes::Bytes::from(vec![b'x'; 1024]),
+        ));
+    }
+    assert!(b.broker().memory.alarm());
+    // Blocked: this frame is not even read while the alarm is on.
+    p.send_frame(
+        &Frame::new(Command::Send)
+            .header("destination", "/queue/elsewhere")
+            .header("receipt", "after-alarm")
+            .body("later"),
+    )
+    .await;
+    assert!(p.recv_within(QUIET).await.is_none());
+    // A consumer is still served, and draining the queue clears the alarm.
+    let mut c = StompClient::connect(b.stomp_addr()).await;
+    c.subscribe("s", "/queue/mem", "auto", &[]).await;
+    for _ in 0..21 {
+        c.recv_message().await;
+    }
+    let r = p.recv().await;
+    assert_eq!(r.command, Command::Receipt);
+    assert_eq!(r.get("receipt-id"), Some("after-alarm"));
+}
