@@ -1188,3 +1188,43 @@ async fn the_memory_alarm_stops_reading_from_publishers_until_consumers_drain() 
     assert_eq!(r.command, Command::Receipt);
     assert_eq!(r.get("receipt-id"), Some("after-alarm"));
 }
+
+#[test]
+fn the_shipped_config_documents_the_stomp_defaults() {
+    use switchyard_testkit::config::{Config, StompConfig};
+    let c = Config::embedded().unwrap();
+    assert_eq!(c.listeners.stomp, Some("0.0.0.0:61613".parse().unwrap()));
+    assert_eq!(c.listeners.stomp_ws, Some("0.0.0.0:15674".parse().unwrap()));
+    let d = StompConfig::default();
+    let s = &c.stomp;
+    assert_eq!(
+        (
+            &s.default_vhost,
+            &s.default_user,
+            &s.default_pass,
+            s.max_frame_size,
+            s.max_headers,
+            s.max_header_length,
+            s.heartbeat_min_ms,
+            &s.ws_path
+        ),
+        (
+            &d.default_vhost,
+            &d.default_user,
+            &d.default_pass,
+            d.max_frame_size,
+            d.max_headers,
+            d.max_header_length,
+            d.heartbeat_min_ms,
+            &d.ws_path
+        )
+    );
+    let e = Config::from_str("[stomp]\ndefault_vhost = \"/nope\"\n", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stomp.default_vhost"), "{e}");
+    let e = Config::from_str("[stomp]\nws_path = \"ws\"\n", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("stomp.ws_path"), "{e}");
+}
