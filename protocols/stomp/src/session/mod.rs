@@ -897,3 +897,88 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Whole exchanges in memory: bytes in, bytes out, no socket and no clock.
+
+    use super::*;
+    use crate::codec::Limits;
+    use switchyard_core::auth::{hash_password, Auth};
+
+    fn session() -> Session {
+        let mut auth = Auth::new();
+        auth.add_user(
+            "guest",
+            &hash_password("guest", [1, 2, 3, 4]),
+            vec![],
+            false,
+        )
+        .unwrap();
+        auth.set_permissions("guest", "/", ".*", ".*", ".*")
+            .unwrap();
+        let broker = Broker::new(auth, &["/".to_owned()], 0);
+        Session::new(
+            broker,
+            Arc::new(StompSettings::default()),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+    }
+
+    /// Feeds `bytes` and returns every frame the session wrote since the last call.
+    fn exchange(s: &mut Session, bytes: &[u8]) -> Vec<Frame> {
+        let mut input = BytesMut::from(bytes);
+        s.handle_input(&mut input);
+        s.handle_outbox();
+        let mut d = Decoder::new(Limits::default());
+        d.set_version(s.version());
+        let mut out = std::mem::take(s.output());
+        let mut frames = Vec::new();
+        while let Some(f) = d.decode(&mut out).unwrap() {
+            frames.push(f);
+        }
+        frames
+    }
+
+    #[test]
+    fn connect_subscribe_send_receive_ack_in_memory() {
+        let mut s = session();
+        let f = exchange(
+            &mut s,
+            b"CONNECT\naccept-version:1.1,1.2\nhost:/\nheart-beat:5000,0\n\n\0",
+        );
+        assert_eq!(f[0].command, Command::Connected);
+        assert_eq!(f[0].get("version"), Some("1.2"));
+        assert_eq!(f[0].get("heart-beat"), Some("0,5000"));
+        assert_eq!(s.heartbeat_in(), Duration::from_secs(5));
+        assert!(s.heartbeat_out().is_zero());
+        let f = exchange(
+            &mut s,
+            b"SUBSCRIBE\nid:0\ndestination:/queue/q\nack:client\nreceipt:1\n\n\0\
+              SEND\ndestination:/queue/q\nx-k:v\\cw\n\nhello\0",
+        );
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0].get("receipt-id"), Some("1"));
+        let m = &f[1];
+        assert_eq!(m.command, Command::Message);
+        assert_eq!(m.get("x-k"), Some("v:w"));
+        assert_eq!(&m.body[..], b"hello");
+        let ack = format!("ACK\nid:{}\nreceipt:2\n\n\0", m.get("ack").unwrap());
+        let f = exchange(&mut s, ack.as_bytes());
+        assert_eq!(f[0].get("receipt-id"), Some("2"));
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn an_error_closes_the_session_and_names_the_receipt() {
+        let mut s = session();
+        exchange(&mut s, b"CONNECT\naccept-version:1.2\nhost:/\n\n\0");
+        let f = exchange(&mut s, b"SEND\nreceipt:77\n\nx\0");
+        assert_eq!(f[0].command, Command::Error);
+        assert_eq!(f[0].get("message"), Some("missing header"));
+        assert_eq!(f[0].get("receipt-id"), Some("77"));
+        assert!(s.is_closed());
+        // Nothing more is read once closed.
+        assert!(exchange(&mut s, b"SEND\ndestination:/queue/q\n\nx\0").is_empty());
+    }
+}
