@@ -1228,3 +1228,26 @@ fn the_shipped_config_documents_the_stomp_defaults() {
         .to_string();
     assert!(e.contains("stomp.ws_path"), "{e}");
 }
+
+#[tokio::test]
+async fn send_reaches_another_connections_exclusive_queue_but_subscribe_does_not() {
+    let b = start_broker().await;
+    let mut owner = StompClient::connect(b.stomp_addr()).await;
+    owner
+        .subscribe("s", "/queue/mine", "auto", &[("exclusive", "true")])
+        .await;
+    let mut other = StompClient::connect(b.stomp_addr()).await;
+    other.send("/queue/mine", "for the owner", &[]).await;
+    assert_eq!(body(&owner.recv_message().await), "for the owner");
+    other
+        .send_frame(
+            &Frame::new(Command::Subscribe)
+                .header("id", "x")
+                .header("destination", "/queue/mine"),
+        )
+        .await;
+    assert_eq!(
+        other.expect_error().await.get("message"),
+        Some("RESOURCE_LOCKED")
+    );
+}

@@ -531,7 +531,7 @@ impl Session {
         }
         let (exchange, key) = match destination {
             Destination::Queue(q) => {
-                self.ensure_queue(&q, &frame.headers)?;
+                self.ensure_queue(&q, &frame.headers, false)?;
                 (String::new(), q)
             }
             Destination::AmqQueue(q) | Destination::ReplyQueue(q) => (String::new(), q),

@@ -66,7 +66,7 @@ impl Session {
         let durable = is_true(frame, "durable") || is_true(frame, "persistent");
         let destination = Destination::parse(dest)?;
         let queue = match destination {
-            Destination::Queue(q) => self.ensure_queue(&q, &frame.headers)?,
+            Destination::Queue(q) => self.ensure_queue(&q, &frame.headers, true)?,
             Destination::AmqQueue(q) => {
                 let vhost = self.vhost()?;
                 let queue = vhost.queue(&q)?;
@@ -173,16 +173,22 @@ impl Session {
     /// asks for no particular properties; otherwise declared (durable, not
     /// exclusive, not auto-delete unless the headers say so), which checks an
     /// existing queue's properties as an AMQP declare would.
+    ///
+    /// `consume`: the queue is for a SUBSCRIBE, so another connection's exclusive
+    /// queue is refused; a SEND may publish to it, as AMQP allows.
     pub(super) fn ensure_queue(
         &mut self,
         name: &str,
         headers: &[(String, String)],
+        consume: bool,
     ) -> Result<Arc<Queue>, FrameError> {
         let spec = QueueSpec::from_headers(headers, true, false, false)?;
         let vhost = self.vhost()?;
         if !spec.explicit {
             if let Ok(q) = vhost.queue(name) {
-                vhost.check_owner(&q, self.id)?;
+                if consume {
+                    vhost.check_owner(&q, self.id)?;
+                }
                 return Ok(q);
             }
         }
