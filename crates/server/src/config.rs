@@ -806,6 +806,40 @@ mod tests {
             .to_string();
         assert!(e.starts_with("/nonexistent/switchyard.toml: "), "{e}");
     }
+    #[test]
+    fn policies_parse_and_bad_ones_are_named() {
+        let base = Config::embedded().unwrap();
+        let text = format!(
+            "{EMBEDDED_CONFIG}\n[[policies]]\nname = \"ttl\"\npattern = \"^orders\\\\.\"\n\
+             priority = 2\ndefinition = {{ \"message-ttl\" = 1000, \"overflow\" = \"reject-publish\" }}\n"
+        );
+        let c = Config::from_str(&text, "test.toml").unwrap();
+        assert!(base.policies.is_empty());
+        let p = c.policies().unwrap();
+        let got = p.for_queue("/", "orders.eu").unwrap();
+        assert_eq!(got.name, "ttl");
+        assert_eq!(got.apply_to, switchyard_core::policy::ApplyTo::All);
+        assert_eq!(got.definition.message_ttl, Some(1000));
+        assert!(p.for_queue("/", "payments").is_none());
+
+        let bad = |extra: &str| {
+            let text = format!("{EMBEDDED_CONFIG}\n[[policies]]\nname = \"p\"\n{extra}\n");
+            err(&text)
+        };
+        assert_eq!(
+            bad("pattern = \".*\"\ndefinition = { \"max-priority\" = 5 }"),
+            "test.toml: policy 'p': Validation failed: [{<<\"max-priority\">>,5}] are not recognised policy settings"
+        );
+        assert_eq!(
+            bad("pattern = \".*\"\ndefinition = { \"expires\" = 0 }"),
+            "test.toml: policy 'p': Validation failed: 0 is not a valid queue expiry"
+        );
+        assert!(bad("pattern = \"(\"\ndefinition = {}").contains("invalid pattern"));
+        assert_eq!(
+            bad("vhost = \"nope\"\npattern = \".*\"\ndefinition = {}"),
+            "test.toml: policy 'p' names vhost 'nope', which is not in [[vhosts]]"
+        );
+    }
 }
 
 #[cfg(test)]
