@@ -1,0 +1,57 @@
+//! CPU time and memory of a process, from /proc (Linux).
+//!
+//! `/proc/<pid>/stat` fields 14 and 15 are user and system time in clock ticks of
+//! all the process's threads; `/proc/<pid>/status` has VmRSS (resident now) and
+//! VmHWM (the peak resident set).
+
+use anyhow::{Context, Result};
+
+/// Clock ticks per second of /proc/<pid>/stat: USER_HZ, 100 on every Linux
+/// architecture we run on (`getconf CLK_TCK`).
+const TICKS_PER_SEC: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Sample {
+    pub cpu_secs: f64,
+    pub rss_kb: u64,
+    pub hwm_kb: u64,
+}
+
+pub fn sample(pid: u32) -> Result<Sample> {
+    read(&format!("/proc/{pid}"))
+}
+
+pub fn sample_self() -> Result<Sample> {
+    read("/proc/self")
+}
+
+fn read(dir: &str) -> Result<Sample> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat"))
+        .with_context(|| format!("reading {dir}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: split after it.
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3, so utime (14) and stime (15) are at 11 and 12.
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let cpu_secs = (ticks(11) + ticks(12)) as f64 / TICKS_PER_SEC;
+    let status = std::fs::read_to_string(format!("{dir}/status"))
+        .with_context(|| format!("reading {dir}/status"))?;
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(Sample {
+        cpu_secs,
+        rss_kb: kb("VmRSS:"),
+        hwm_kb: kb("VmHWM:"),
+    })
+}
