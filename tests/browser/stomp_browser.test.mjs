@@ -224,6 +224,34 @@ test('a page using @stomp/stompjs in Chromium talks to AMQP and MQTT clients', a
   assert.deepEqual(pageErrors, []);
 });
 
+test('@stomp/stompjs features in Chromium: acks, transactions, receipts, durable and temp queues', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchyard-features-'));
+  const broker = await startBroker(dir, ['stomp_ws']);
+  assert.ok(broker.child, `the broker failed to start:\n${broker.log}`);
+  const server = await servePage(path.join(here, 'page', 'features.html'));
+  const { context, userData } = await launchChromium();
+  t.after(async () => {
+    await context.close().catch(() => {});
+    server.close();
+    broker.child.kill('SIGTERM');
+    fs.rmSync(userData, { recursive: true, force: true });
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  await page.goto(`http://127.0.0.1:${server.address().port}/?ws=${encodeURIComponent(`ws://${broker.addrs.stomp_ws}/ws`)}`);
+  await page.locator('#done', { hasText: 'done' }).waitFor({ timeout: 60000 });
+  const checks = await page.locator('#checks li').evaluateAll((lis) =>
+    lis.map((li) => ({ check: li.dataset.check, ok: li.dataset.ok, text: li.textContent })));
+  const shot = process.env.SWITCHYARD_FEATURES_SCREENSHOT;
+  if (shot) await page.screenshot({ path: shot, fullPage: true });
+  assert.deepEqual(checks.map((c) => c.check), [
+    'receipt', 'client-individual ack and nack', 'client ack is cumulative',
+    'transaction commit and abort', 'durable topic subscription resumes', 'temp-queue reply',
+    'binary body with NULs', 'heart-beats keep an idle connection open',
+    'ERROR for a bad destination, then close',
+  ]);
+  for (const c of checks) assert.equal(c.ok, 'true', c.text);
+});
+
 test('the example dashboard (examples/dashboard) shows sensor readings live', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'switchyard-dashboard-'));
   const broker = await startBrokerMaybeMqtt(dir, ['amqp', 'stomp_ws']);
