@@ -237,3 +237,48 @@ async fn a_config_policy_applies_to_recovered_queues() {
     assert_eq!(d.data, b"old");
     assert!(broker.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_publish_nacks_exactly_the_refused_publishes_of_a_pipeline() {
+    use lapin::Confirmation;
+    let broker = start_broker_with(|_| {}).await;
+    let (_conn, ch) = channel(&broker).await;
+    let args = table(&[
+        ("x-max-length", AMQPValue::LongInt(2)),
+        ("x-overflow", text("reject-publish")),
+    ]);
+    declare_durable(&ch, "bounded", args).await;
+    // Six publishes in flight at once, every other one persistent (its confirm
+    // waits for the fsync): acks (with `multiple`) and nacks must come out in
+    // sequence-number order.
+    let mut pending = Vec::new();
+    for i in 0..6 {
+        let persistent = i % 2 == 0;
+        let props = if persistent {
+            BasicProperties::default().with_delivery_mode(2)
+        } else {
+            BasicProperties::default()
+        };
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                "bounded".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                props,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let mut outcomes = Vec::new();
+    for p in pending {
+        outcomes.push(match p.await.unwrap() {
+            Confirmation::Ack(_) => "ack",
+            Confirmation::Nack(_) => "nack",
+            Confirmation::NotRequested => "none",
+        });
+    }
+    assert_eq!(outcomes, ["ack", "ack", "nack", "nack", "nack", "nack"]);
+    assert!(broker.stop().await);
+}
