@@ -188,6 +188,12 @@ struct ChildBroker {
 }
 
 fn start_child(data: &Path, run: usize) -> ChildBroker {
+    start_child_with(data, run, &[])
+}
+
+/// Like `start_child`, replacing the shipped config's `key = ...` lines named in
+/// `overrides` (key, value).
+fn start_child_with(data: &Path, run: usize, overrides: &[(&str, &str)]) -> ChildBroker {
     let config = data.join("config.toml");
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
@@ -200,6 +206,11 @@ fn start_child(data: &Path, run: usize) -> ChildBroker {
             text.push_str("amqp = \"127.0.0.1:0\"\n");
         } else if line.starts_with("mqtt") || line.starts_with("stomp") {
             continue;
+        } else if let Some((key, value)) = overrides
+            .iter()
+            .find(|(k, _)| line.starts_with(&format!("{k} =")))
+        {
+            text.push_str(&format!("{key} = {value}\n"));
         } else {
             text.push_str(line);
             text.push('\n');
@@ -412,6 +423,121 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
         unflagged_again.is_empty(),
         "acked, back again without redelivered: {unflagged_again:?}"
     );
+    conn.close(200, "bye".into()).await.unwrap();
+    kill9(broker);
+}
+
+/// Peak resident memory of a process, from /proc (Linux).
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// A queue several times larger than the memory watermark: bodies beyond half
+/// the watermark stay on disk, so the broker's peak memory stays bounded while
+/// publishing, across a restart, and while the queue drains; every body comes
+/// back intact and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
+    const WATERMARK: u64 = 32 * 1024 * 1024;
+    const COUNT: usize = 1500;
+    const SIZE: usize = 100 * 1024; // 150 MB in all: ~5x the watermark
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_owned();
+    let watermark = WATERMARK.to_string();
+    let overrides = [("memory_high_watermark_bytes", watermark.as_str())];
+    let body = |i: usize| -> Vec<u8> {
+        let mut b = vec![(i % 251) as u8; SIZE];
+        b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        b
+    };
+
+    let broker = start_child_with(&dir, 0, &overrides);
+    let conn = connect(&broker.url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "big".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..COUNT {
+        let c = ch
+            .basic_publish(
+                "".into(),
+                "big".into(),
+                BasicPublishOptions::default(),
+                &body(i),
+                persistent(),
+            )
+            .await
+            .unwrap();
+        confirms.push(c);
+        if confirms.len() == 64 {
+            for c in confirms.drain(..) {
+                assert!(
+                    c.await.unwrap().is_ack(),
+                    "no memory alarm: bodies are on disk"
+                );
+            }
+        }
+    }
+    for c in confirms.drain(..) {
+        assert!(c.await.unwrap().is_ack());
+    }
+    let peak = peak_rss_bytes(broker.child.id());
+    eprintln!(
+        "peak RSS while publishing {} MB: {} MB",
+        COUNT * SIZE >> 20,
+        peak >> 20
+    );
+    assert!(peak < 3 * WATERMARK, "peak RSS {peak} while publishing");
+    std::mem::forget(conn);
+    kill9(broker);
+
+    // After a crash, recovery keeps only half the watermark of bodies in memory.
+    let broker = start_child_with(&dir, 1, &overrides);
+    let conn = connect(&broker.url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(50, lapin::options::BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "big".into(),
+            "drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for i in 0..COUNT {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data.len(), SIZE);
+        assert_eq!(&d.data[..8], &(i as u64).to_be_bytes(), "in order");
+        assert!(
+            d.data[8..].iter().all(|b| *b == (i % 251) as u8),
+            "body {i} intact"
+        );
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let peak = peak_rss_bytes(broker.child.id());
+    eprintln!("peak RSS recovering and draining: {} MB", peak >> 20);
+    assert!(peak < 3 * WATERMARK, "peak RSS {peak} after restart");
     conn.close(200, "bye".into()).await.unwrap();
     kill9(broker);
 }

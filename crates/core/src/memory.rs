@@ -18,6 +18,8 @@ pub struct MemoryMonitor {
     used: AtomicUsize,
     /// 0 = memory alarm off.
     high_watermark: usize,
+    /// Above this, queues keep the bodies of stored messages on disk only.
+    paging_threshold: usize,
     memory_alarm: AtomicBool,
     disk_alarm: AtomicBool,
     /// Either alarm is set; what publishers watch.
@@ -30,6 +32,7 @@ impl MemoryMonitor {
         MemoryMonitor {
             used: AtomicUsize::new(0),
             high_watermark,
+            paging_threshold: high_watermark / 2,
             memory_alarm: AtomicBool::new(false),
             disk_alarm: AtomicBool::new(false),
             alarm_tx,
@@ -38,6 +41,12 @@ impl MemoryMonitor {
 
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether queues should keep new stored messages on disk only: above half
+    /// the watermark (RabbitMQ's paging ratio), so the alarm is the last resort.
+    pub fn paging(&self) -> bool {
+        self.paging_threshold != 0 && self.used() > self.paging_threshold
     }
 
     /// Whether publishers are blocked now (memory or disk).

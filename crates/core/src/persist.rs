@@ -65,6 +65,9 @@ pub struct RecoveredMessage {
     pub message: Arc<Message>,
     /// It had been delivered before the restart (and not acknowledged).
     pub redelivered: bool,
+    /// The body was left on disk (recovery keeps only so much in memory): this
+    /// is its length, and `message` has no body.
+    pub on_disk: Option<usize>,
 }
 
 /// Everything a store recovered at start.

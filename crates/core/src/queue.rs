@@ -70,6 +70,26 @@ pub struct QueuedMessage {
     pub expires_at: Option<u64>,
     /// How often it came back to the queue (a quorum queue's delivery count).
     pub delivery_count: u32,
+    /// The body is only on disk (paged out under memory pressure): `message` is
+    /// a copy without it and this is the body's length. Loaded back from the
+    /// store when the message is handed out.
+    pub on_disk: Option<usize>,
+}
+
+impl QueuedMessage {
+    /// The body's length, wherever the body is (what length limits count).
+    pub fn body_len(&self) -> usize {
+        self.on_disk.unwrap_or_else(|| self.message.body_size())
+    }
+
+    /// The body bytes held in memory (what the memory alarm counts).
+    pub fn resident(&self) -> usize {
+        if self.on_disk.is_some() {
+            0
+        } else {
+            self.message.body_size()
+        }
+    }
 }
 
 /// Properties fixed at declaration; compared on re-declaration.
@@ -129,13 +149,13 @@ impl Ready {
 
     fn added(&mut self, m: &QueuedMessage) {
         self.len += 1;
-        self.bytes += m.message.body_size();
+        self.bytes += m.body_len();
         self.expiring += usize::from(m.expires_at.is_some());
     }
 
     fn removed(&mut self, m: &QueuedMessage) {
         self.len = self.len.saturating_sub(1);
-        self.bytes = self.bytes.saturating_sub(m.message.body_size());
+        self.bytes = self.bytes.saturating_sub(m.body_len());
         self.expiring = self
             .expiring
             .saturating_sub(usize::from(m.expires_at.is_some()));
@@ -332,6 +352,13 @@ fn released(message: &Arc<Message>) -> Arc<Message> {
     Arc::new(copy)
 }
 
+/// A copy of a message without its body, for a message paged out to disk.
+fn without_body(message: &Message) -> Arc<Message> {
+    let mut stub = message.clone();
+    stub.body = bytes::Bytes::new();
+    Arc::new(stub)
+}
+
 fn with_delivery_count(message: &Message, count: u32) -> Arc<Message> {
     let mut copy = message.clone();
     let headers = copy.properties.headers.get_or_insert_with(FieldTable::new);
@@ -416,11 +443,22 @@ impl Queue {
         due: Option<u64>,
         now: u64,
     ) -> Enqueued {
-        self.memory.add(message.body_size());
+        // Under memory pressure a stored message keeps only its body on disk
+        // (RabbitMQ pages to disk at half the watermark too): queues can grow far
+        // past RAM while the memory alarm only counts what is really resident.
+        let (message, on_disk) = if stored.is_some() && self.memory.paging() {
+            let len = message.body_size();
+            (without_body(&message), Some(len))
+        } else {
+            self.memory.add(message.body_size());
+            (message, None)
+        };
         let mut st = self.state.lock();
         if st.deleted {
             drop(st);
-            self.memory.sub(message.body_size());
+            if on_disk.is_none() {
+                self.memory.sub(message.body_size());
+            }
             self.forget_stored(stored.iter());
             return Enqueued::Accepted;
         }
@@ -433,6 +471,7 @@ impl Queue {
             stored,
             expires_at: None,
             delivery_count: 0,
+            on_disk,
         };
         let outcome = match due.filter(|due| *due > now) {
             Some(due) => {
@@ -470,9 +509,8 @@ impl Queue {
         if s.has_length_limit() && s.overflow != Overflow::DropHead {
             // RabbitMQ's will_overflow: would the ready count or bytes pass the limit?
             let over = s.max_length.is_some_and(|max| st.ready.len as u64 >= max)
-                || s.max_length_bytes.is_some_and(|max| {
-                    (st.ready.bytes.saturating_add(qm.message.body_size())) as u64 > max
-                });
+                || s.max_length_bytes
+                    .is_some_and(|max| (st.ready.bytes.saturating_add(qm.body_len())) as u64 > max);
             if over {
                 let reason =
                     (s.overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
@@ -509,7 +547,9 @@ impl Queue {
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
         for m in messages {
-            self.memory.add(m.message.body_size());
+            if m.on_disk.is_none() {
+                self.memory.add(m.message.body_size());
+            }
             let id = st.next_id;
             st.next_id += 1;
             // The receive time is stored with the message: due times and TTLs
@@ -524,6 +564,7 @@ impl Queue {
                 expires_at: None,
                 // Not stored: a quorum queue's delivery count restarts at boot.
                 delivery_count: 0,
+                on_disk: m.on_disk,
             };
             match due {
                 Some(due) if due > now => {
@@ -537,6 +578,32 @@ impl Queue {
             }
         }
         self.refresh_deadline(&st);
+    }
+
+    /// Brings a paged-out body back from the store. A body that cannot be read
+    /// (the disk lost it) drops the message, loudly: handing out an empty or
+    /// wrong body would be worse.
+    fn load(&self, mut m: QueuedMessage) -> Option<QueuedMessage> {
+        let Some(len) = m.on_disk else { return Some(m) };
+        let read = match (&self.durable, m.stored) {
+            (Some((store, _)), Some(stored)) => store.read_message(stored),
+            _ => Err(std::io::Error::other("no store reference")),
+        };
+        match read {
+            Ok(full) => {
+                // Ready messages are released ones: a stored x-delay must not
+                // delay the copy read back.
+                m.message = released(&Arc::new(full));
+                m.on_disk = None;
+                self.memory.add(len);
+                Some(m)
+            }
+            Err(e) => {
+                tracing::error!(queue = %self.name, vhost = %self.vhost, error = %e, "cannot read a paged-out message back; dropping it");
+                self.forget_stored(m.stored.iter());
+                None
+            }
+        }
     }
 
     /// Tells the store these messages left the queue for good.
@@ -594,12 +661,24 @@ impl Queue {
             return;
         }
         self.memory
-            .sub(dead.iter().map(|(m, _)| m.message.body_size()).sum());
+            .sub(dead.iter().map(|(m, _)| m.resident()).sum());
         if self.settings.dead_letter_exchange.is_some() {
             if let Some(vhost) = self.home.upgrade() {
                 for (m, reason) in &dead {
                     if let Some(reason) = reason {
-                        vhost.republish_dead(self, &m.message, *reason, now / 1000, now);
+                        let full = match (m.on_disk, &self.durable, m.stored) {
+                            (Some(_), Some((store, _)), Some(stored)) => {
+                                match store.read_message(stored) {
+                                    Ok(full) => Arc::new(full),
+                                    Err(e) => {
+                                        tracing::error!(queue = %self.name, error = %e, "cannot read a paged-out message to dead-letter it");
+                                        continue;
+                                    }
+                                }
+                            }
+                            _ => m.message.clone(),
+                        };
+                        vhost.republish_dead(self, &full, *reason, now / 1000, now);
                     }
                 }
             }
@@ -649,6 +728,10 @@ impl Queue {
                 (st.consumers.get(idx).cloned(), st.ready.pop_front())
             else {
                 break;
+            };
+            let Some(message) = self.load(message) else {
+                consumer.release(1);
+                continue;
             };
             if consumer.no_ack() {
                 self.memory.sub(message.message.body_size());
@@ -754,7 +837,14 @@ impl Queue {
             st.dead
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
-        let got = st.ready.pop_front().map(|message| {
+        let mut next = None;
+        while let Some(m) = st.ready.pop_front() {
+            if let Some(loaded) = self.load(m) {
+                next = Some(loaded);
+                break;
+            }
+        }
+        let got = next.map(|message| {
             if no_ack {
                 self.memory.sub(message.message.body_size());
                 self.forget_stored(message.stored.iter());
@@ -776,7 +866,7 @@ impl Queue {
         if messages.is_empty() {
             return;
         }
-        let bytes: usize = messages.iter().map(|m| m.message.body_size()).sum();
+        let bytes: usize = messages.iter().map(QueuedMessage::resident).sum();
         let resume = {
             let mut st = self.state.lock();
             st.unacked = st.unacked.saturating_sub(messages.len());
@@ -811,7 +901,7 @@ impl Queue {
         if st.deleted {
             drop(st);
             self.memory
-                .sub(messages.iter().map(|m| m.message.body_size()).sum());
+                .sub(messages.iter().map(QueuedMessage::resident).sum());
             self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
             return;
         }
@@ -873,7 +963,7 @@ impl Queue {
         let dropped = st.ready.take_all();
         self.finish(st, now);
         self.memory
-            .sub(dropped.iter().map(|m| m.message.body_size()).sum());
+            .sub(dropped.iter().map(QueuedMessage::resident).sum());
         self.forget_stored(dropped.iter().filter_map(|m| m.stored.as_ref()));
         dropped.len()
     }
@@ -920,7 +1010,7 @@ impl Queue {
             dropped
                 .iter()
                 .chain(&delayed)
-                .map(|m| m.message.body_size())
+                .map(QueuedMessage::resident)
                 .sum(),
         );
         // Acks let the store reclaim the space of a deleted queue's messages.

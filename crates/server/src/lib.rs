@@ -147,6 +147,16 @@ fn mqtt_ws_options(config: &Config) -> ws::WsOptions {
     }
 }
 
+/// Bodies recovery keeps in memory: half the memory watermark, where queues start
+/// keeping bodies on disk anyway (the store's default when the alarm is off).
+fn resident_budget(high_watermark: usize) -> usize {
+    if high_watermark == 0 {
+        switchyard_store::DEFAULT_RESIDENT_BUDGET
+    } else {
+        high_watermark / 2
+    }
+}
+
 /// How often free disk space is checked.
 const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -185,11 +195,15 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
 
     let auth = config.auth()?;
     let store_dir = config.data_dir.join("store");
-    let (store, recovered, report) =
-        DiskStore::open(&store_dir).map_err(|error| ServerError::Store {
-            path: store_dir.clone(),
-            error,
-        })?;
+    let (store, recovered, report) = DiskStore::open_with(
+        &store_dir,
+        switchyard_store::SEGMENT_SIZE,
+        resident_budget(config.limits.memory_high_watermark_bytes),
+    )
+    .map_err(|error| ServerError::Store {
+        path: store_dir.clone(),
+        error,
+    })?;
     info!(
         path = %store_dir.display(),
         exchanges = report.exchanges,

@@ -28,6 +28,9 @@ use meta::MetaStore;
 /// Segment files roll at this size.
 pub const SEGMENT_SIZE: u64 = 64 * 1024 * 1024;
 
+/// Bytes of message bodies recovery keeps in memory by default.
+pub const DEFAULT_RESIDENT_BUDGET: usize = 256 * 1024 * 1024;
+
 /// The store on disk.
 #[derive(Debug)]
 pub struct DiskStore {
@@ -49,18 +52,29 @@ pub struct OpenReport {
 impl DiskStore {
     /// Opens (or creates) the store in `dir` and recovers its contents.
     pub fn open(dir: &Path) -> io::Result<(Arc<DiskStore>, Recovered, OpenReport)> {
-        Self::open_with_segment_size(dir, SEGMENT_SIZE)
+        Self::open_with(dir, SEGMENT_SIZE, DEFAULT_RESIDENT_BUDGET)
     }
 
     pub fn open_with_segment_size(
         dir: &Path,
         segment_size: u64,
     ) -> io::Result<(Arc<DiskStore>, Recovered, OpenReport)> {
+        Self::open_with(dir, segment_size, DEFAULT_RESIDENT_BUDGET)
+    }
+
+    /// Opens with a segment size and a budget of body bytes that recovery keeps in
+    /// memory (the bodies of further messages stay on disk until delivered).
+    pub fn open_with(
+        dir: &Path,
+        segment_size: u64,
+        resident_budget: usize,
+    ) -> io::Result<(Arc<DiskStore>, Recovered, OpenReport)> {
         std::fs::create_dir_all(dir)?;
         let meta = MetaStore::open(&dir.join("metadata.redb"))?;
         let (exchanges, queues, bindings) = meta.load()?;
         let ids: HashSet<u64> = queues.iter().map(|q| q.id).collect();
-        let (log, found) = MessageLog::open(&dir.join("messages"), segment_size, &ids)?;
+        let (log, found) =
+            MessageLog::open(&dir.join("messages"), segment_size, &ids, resident_budget)?;
         let report = OpenReport {
             exchanges: exchanges.len(),
             queues: queues.len(),

@@ -176,30 +176,47 @@ fn parse_payload(p: &[u8]) -> Option<Record> {
 }
 
 /// Reads the records of one segment, truncating a torn or corrupt tail.
+/// Streams the records of one segment, one at a time (memory stays bounded by
+/// the largest record, not the segment), truncating a torn or corrupt tail.
 fn read_segment(path: &Path, mut each: impl FnMut(Record, u64)) -> io::Result<(usize, bool)> {
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
-    let mut at = 0usize;
+    let file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut reader = io::BufReader::with_capacity(1 << 20, file);
+    let mut at = 0u64;
     let mut count = 0;
-    while at < bytes.len() {
-        let record = (|| {
-            let len = usize::try_from(u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-                .ok()?;
-            let crc = u32::from_be_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?);
-            let payload = bytes.get(at + HEADER..at.checked_add(HEADER)?.checked_add(len)?)?;
-            (crc32fast::hash(payload) == crc).then_some(())?;
-            Some((parse_payload(payload)?, HEADER + len))
-        })();
+    let mut payload = Vec::new();
+    while at < file_len {
+        let mut header = [0u8; HEADER];
+        let record = match reader.read_exact(&mut header) {
+            Ok(()) => {
+                let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
+                let len = u64::from(u32::from_be_bytes([l0, l1, l2, l3]));
+                let crc = u32::from_be_bytes([c0, c1, c2, c3]);
+                // A length running past the end is a torn write: do not allocate it.
+                if at + HEADER as u64 + len > file_len {
+                    None
+                } else {
+                    payload.resize(usize::try_from(len).unwrap_or(0), 0);
+                    reader.read_exact(&mut payload)?;
+                    (crc32fast::hash(&payload) == crc)
+                        .then(|| parse_payload(&payload))
+                        .flatten()
+                        .map(|r| (r, HEADER as u64 + len))
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => None,
+            Err(e) => return Err(e),
+        };
         match record {
             Some((r, size)) => {
-                each(r, u64::try_from(at).unwrap_or(u64::MAX));
+                each(r, at);
                 count += 1;
                 at += size;
             }
             None => {
                 tracing::warn!(path = %path.display(), offset = at, "torn or corrupt record: truncating the segment there");
                 let file = OpenOptions::new().write(true).open(path)?;
-                file.set_len(u64::try_from(at).unwrap_or(0))?;
+                file.set_len(at)?;
                 file.sync_all()?;
                 return Ok((count, true));
             }
@@ -211,10 +228,13 @@ fn read_segment(path: &Path, mut each: impl FnMut(Record, u64)) -> io::Result<(u
 impl MessageLog {
     /// Opens the log in `dir`, recovering the messages of the queues in `queues`
     /// (records of any other queue id belong to deleted queues and are dropped).
+    /// At most `resident_budget` bytes of bodies are kept in memory; the bodies
+    /// of further messages stay on disk and are read back when delivered.
     pub fn open(
         dir: &Path,
         segment_size: u64,
         queues: &HashSet<u64>,
+        resident_budget: usize,
     ) -> io::Result<(Self, LogRecovery)> {
         fs::create_dir_all(dir)?;
         // After a crash, delivered records that were not yet synced are lost, so a
@@ -227,7 +247,9 @@ impl MessageLog {
             fs::remove_file(&marker)?;
         }
         let segments = list_segments(dir)?;
-        let mut messages: HashMap<u64, (u32, u64, Arc<Message>)> = HashMap::new();
+        // id -> (segment, offset, message, body length if the body stays on disk)
+        let mut messages: HashMap<u64, (u32, u64, Arc<Message>, Option<usize>)> = HashMap::new();
+        let mut resident = 0usize;
         let mut order: HashMap<u64, Vec<u64>> = HashMap::new();
         let mut gone: HashSet<(u64, u64)> = HashSet::new();
         let mut delivered: HashSet<(u64, u64)> = HashSet::new();
@@ -248,7 +270,16 @@ impl MessageLog {
                         wanted = true;
                     }
                     if wanted {
-                        messages.insert(id, (segment, offset, Arc::from(message)));
+                        let mut message = *message;
+                        let len = message.body.len();
+                        let on_disk = if resident.saturating_add(len) > resident_budget {
+                            message.body = bytes::Bytes::new();
+                            Some(len)
+                        } else {
+                            resident += len;
+                            None
+                        };
+                        messages.insert(id, (segment, offset, Arc::new(message), on_disk));
                     }
                 }
                 Record::Ack { queue, id } => {
@@ -269,7 +300,7 @@ impl MessageLog {
                 if gone.contains(&(queue, id)) {
                     continue;
                 }
-                let Some((segment, offset, message)) = messages.get(&id) else {
+                let Some((segment, offset, message, on_disk)) = messages.get(&id) else {
                     continue;
                 };
                 *live.entry(*segment).or_default() += 1;
@@ -281,6 +312,7 @@ impl MessageLog {
                     },
                     message: message.clone(),
                     redelivered: !clean || delivered.contains(&(queue, id)),
+                    on_disk: *on_disk,
                 });
             }
         }
