@@ -1,8 +1,11 @@
 //! The order pipeline: orders flow through payment, inventory and shipping
 //! stages, each a durable queue served by competing workers with manual acks.
-//! Payment fails for some orders; a failed order is rejected without requeue and
-//! the payment queue dead-letters it to `orders.failed`, where a clerk picks it up
-//! and sees why (the `x-death` header).
+//! Payment fails for some orders. A failure is retried with a delay: the worker
+//! publishes the order again with an `x-delay` header (500 ms, then 1 s; the
+//! broker holds it, durably, until due) and acks the failed attempt. An order that
+//! still fails on its third attempt is rejected without requeue, and the payment
+//! queue dead-letters it to `orders.failed`, where a clerk picks it up and sees
+//! why (the `x-death` header).
 //!
 //! Run a broker (`cargo run --release`), then:
 //!
@@ -11,8 +14,9 @@
 //! cargo run --example order_pipeline -- 200     # more
 //! ```
 //!
-//! `AMQP_ADDR` (default `127.0.0.1:5672`) points it at another broker, RabbitMQ
-//! included: the example uses nothing RabbitMQ lacks.
+//! `AMQP_ADDR` (default `127.0.0.1:5672`) points it at another broker. Against
+//! RabbitMQ, the delayed retry needs its delayed-message plugin; without it the
+//! retries simply come back at once.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -55,6 +59,19 @@ fn persistent() -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("text/plain")
+        .finish()
+}
+
+/// A persistent retry of an order: its attempt number and the delay before it
+/// comes back.
+fn retry(attempt: i64, delay_ms: i64) -> BasicProperties {
+    let mut headers = FieldTable::new();
+    headers.insert("x-attempt".try_into().unwrap(), FieldValue::l(attempt));
+    headers.insert("x-delay".try_into().unwrap(), FieldValue::l(delay_ms));
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("text/plain")
+        .with_headers(headers)
         .finish()
 }
 
@@ -106,12 +123,41 @@ async fn worker(conn: &Connection, stage: &'static str, next: &'static str, id: 
             };
             let order = String::from_utf8_lossy(&body).to_string();
             let number: usize = order.trim_start_matches("order-").parse().unwrap_or(0);
+            let attempt = msg
+                .basic_properties
+                .as_ref()
+                .and_then(|p| p.headers())
+                .and_then(|h| h.get(&"x-attempt".try_into().unwrap()))
+                .and_then(|v| match v {
+                    FieldValue::l(n) => Some(*n),
+                    _ => None,
+                })
+                .unwrap_or(1);
             tokio::time::sleep(Duration::from_millis(5)).await; // the "work"
-            if stage == "payments" && number % 7 == 3 {
-                println!("  {tag}: payment declined for {order}");
-                ch.basic_reject(BasicRejectArguments::new(deliver.delivery_tag(), false))
+                                                                // Orders 3, 10, 17, ... are always declined; 1, 6, 11, ... only at first.
+            let declined = number % 7 == 3 || (number % 5 == 1 && attempt == 1);
+            if stage == "payments" && declined {
+                if attempt < 3 {
+                    let delay = 500 * attempt;
+                    println!("  {tag}: payment declined for {order} (attempt {attempt}); retry in {delay} ms");
+                    ch.basic_publish(
+                        retry(attempt + 1, delay),
+                        body,
+                        BasicPublishArguments::new("", "payments"),
+                    )
                     .await
                     .unwrap();
+                    ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false))
+                        .await
+                        .unwrap();
+                } else {
+                    println!(
+                        "  {tag}: payment declined for {order} (attempt {attempt}); giving up"
+                    );
+                    ch.basic_reject(BasicRejectArguments::new(deliver.delivery_tag(), false))
+                        .await
+                        .unwrap();
+                }
                 continue;
             }
             let to = if next.is_empty() { "shipped" } else { next };
