@@ -2,7 +2,12 @@
 //! exchange with 100k bindings routes each key to exactly the queues whose
 //! patterns match (the cost is benchmarked in benches/, not timed here).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::Arc;
 
