@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_amqp::AmqpSettings;
-use switchyard_stomp::StompSettings;
 use switchyard_core::Broker;
+use switchyard_mqtt::{MqttSettings, MqttState};
+use switchyard_stomp::StompSettings;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(crate) enum Protocol {
     Amqp(Arc<AmqpSettings>),
+    /// MQTT 3.1/3.1.1/5.0: the settings and the broker-wide MQTT state.
+    Mqtt(Arc<MqttSettings>, Arc<MqttState>),
+    /// MQTT over WebSocket: the upgrade, then the same MQTT session.
+    MqttWs(Arc<MqttSettings>, Arc<MqttState>, Arc<crate::ws::WsOptions>),
     Stomp(Arc<StompSettings>),
     /// STOMP over WebSocket: the upgrade, then the same STOMP session.
     StompWs(Arc<StompSettings>, Arc<crate::ws::WsOptions>),
@@ -37,6 +42,8 @@ impl Protocol {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Protocol::Amqp(_) => "amqp",
+            Protocol::Mqtt(..) => "mqtt",
+            Protocol::MqttWs(..) => "mqtt_ws",
             Protocol::Stomp(_) => "stomp",
             Protocol::StompWs(..) => "stomp_ws",
         }
@@ -92,6 +99,43 @@ impl Listener {
             let broker = self.broker.clone();
             let span = tracing::info_span!("conn", protocol = name, %peer);
             match &self.protocol {
+                Protocol::Mqtt(settings, state) => {
+                    let (settings, state) = (settings.clone(), state.clone());
+                    self.connections.spawn(
+                        async move {
+                            switchyard_mqtt::serve(socket, peer, broker, state, settings, token)
+                                .await;
+                            drop(permit);
+                            debug!("connection ended");
+                        }
+                        .instrument(span),
+                    );
+                }
+                Protocol::MqttWs(settings, state, ws) => {
+                    let (settings, state, ws) = (settings.clone(), state.clone(), ws.clone());
+                    self.connections.spawn(
+                        async move {
+                            // The upgrade counts against the handshake timeout too.
+                            let upgrade = tokio::time::timeout(
+                                settings.handshake_timeout,
+                                crate::ws::accept(socket, &ws),
+                            );
+                            match upgrade.await {
+                                Ok(Ok(stream)) => {
+                                    switchyard_mqtt::serve(
+                                        stream, peer, broker, state, settings, token,
+                                    )
+                                    .await;
+                                }
+                                Ok(Err(e)) => debug!(error = %e, "WebSocket upgrade failed"),
+                                Err(_) => debug!("WebSocket upgrade timed out"),
+                            }
+                            drop(permit);
+                            debug!("connection ended");
+                        }
+                        .instrument(span),
+                    );
+                }
                 Protocol::Amqp(settings) => {
                     let settings = settings.clone();
                     self.connections.spawn(

@@ -48,6 +48,8 @@ pub async fn start_broker_with(configure: impl FnOnce(&mut Config)) -> TestBroke
     let data_dir = tempfile::tempdir().expect("testkit: cannot create a temporary directory");
     let mut config = Config::embedded().expect("testkit: the built-in config.toml is invalid");
     config.listeners.amqp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listeners.mqtt = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listeners.mqtt_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.listeners.stomp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.listeners.stomp_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.data_dir = data_dir.path().join("data");
@@ -88,6 +90,24 @@ impl TestBroker {
             .local_addrs()
             .get("stomp_ws")
             .expect("testkit: the configuration has no STOMP WebSocket listener")
+    }
+
+    /// The address of the MQTT (TCP) listener.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("mqtt")
+            .expect("testkit: the configuration has no MQTT listener")
+    }
+
+    /// The address of the MQTT-over-WebSocket listener.
+    pub fn mqtt_ws_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("mqtt_ws")
+            .expect("testkit: the configuration has no MQTT WebSocket listener")
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`, for client libraries.

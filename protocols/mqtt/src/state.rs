@@ -1,0 +1,485 @@
+//! Broker-wide MQTT state, shared by every MQTT connection (TCP and WebSocket)
+//! as one `Arc<MqttState>` that the server creates:
+//! - the client-id registry: one [`SessionData`] per (vhost, client id), which a
+//!   connection attaches to at CONNECT (taking over from a connection that holds
+//!   it) and detaches from when it ends; a persistent session stays here until its
+//!   expiry interval has passed;
+//! - the retained messages of each vhost ([`RetainedStore`]);
+//! - will messages waiting for their delay ([`MqttState::schedule_will`]);
+//! - reference counts of shared-subscription queues.
+//!
+//! Persistence is a later issue (crates/store does not exist yet): sessions and
+//! retained messages live in memory only, behind [`RetainedStore`] and the
+//! session map, which are the two places a store will back.
+//!
+//! Must not: speak the protocol (no packets here), hold a lock across `.await`.
+//! Locks are `parking_lot::Mutex`es held for short synchronous sections. Lock
+//! order: the session map, then one session's data, then core locks (queues,
+//! outboxes); never a session's data before the map.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use switchyard_core::consumer::Consumer;
+use switchyard_core::queue::{Queue, QueuedMessage};
+use switchyard_core::vhost::{Routed, VHost};
+use switchyard_core::{Broker, CoreResult, Message};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::{Publish, SubOptions};
+use crate::mapping;
+
+/// A session's identity: client ids are per vhost.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub vhost: String,
+    pub client_id: String,
+}
+
+/// One subscription of a session.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// The MQTT filter without any `$share/<group>/` prefix.
+    pub filter: String,
+    /// The shared-subscription group, if any.
+    pub share: Option<String>,
+    pub options: SubOptions,
+    pub id: Option<u32>,
+    /// The queue its binding leads to.
+    pub queue: String,
+    /// The binding key.
+    pub key: String,
+}
+
+/// Where an outgoing QoS 1/2 message is in its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// QoS 1 sent, waiting for PUBACK.
+    PubAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    PubRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    PubComp,
+}
+
+/// An outgoing QoS 1/2 message not yet completed.
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub stage: Stage,
+    /// The PUBLISH as sent (full topic, no alias), for a resend with DUP.
+    pub publish: Publish,
+    /// The queue message to settle once the client has it; `None` for retained
+    /// messages and once settled (QoS 2 after PUBREC).
+    pub source: Option<(Arc<Queue>, QueuedMessage)>,
+    /// Whether it holds a slot of the current connection's receive-maximum credit.
+    pub charged: bool,
+}
+
+/// Everything an MQTT session keeps between connections.
+#[derive(Debug)]
+pub struct SessionData {
+    pub key: SessionKey,
+    /// Stable id of this session, stamped on what it publishes (no-local).
+    pub origin: u64,
+    /// The connection attached now, if any.
+    pub owner: Option<u64>,
+    /// Cancelled to make the attached connection close (takeover).
+    pub kick: Option<CancellationToken>,
+    /// By the filter as the client wrote it (`$share/...` included).
+    pub subscriptions: BTreeMap<String, Subscription>,
+    /// The attached connection's consumers.
+    pub consumers: Vec<(Arc<Queue>, Arc<Consumer>)>,
+    pub inflight: BTreeMap<u16, Inflight>,
+    next_packet_id: u16,
+    /// QoS 2 packet ids received from the client, PUBREL not yet seen: a
+    /// re-sent PUBLISH with one of these is not routed again (exactly once).
+    pub incoming_qos2: HashSet<u16>,
+    /// Session expiry interval in seconds (0: ends with the connection;
+    /// u32::MAX: never expires).
+    pub expiry_secs: u32,
+    /// When a detached session expires (`None`: never, or attached).
+    pub expires_at: Option<Instant>,
+    /// Queue names this session made (its own qos0/qos1 queues).
+    pub own_queues: Vec<String>,
+}
+
+impl SessionData {
+    fn new(key: SessionKey, origin: u64) -> Self {
+        SessionData {
+            key,
+            origin,
+            owner: None,
+            kick: None,
+            subscriptions: BTreeMap::new(),
+            consumers: Vec::new(),
+            inflight: BTreeMap::new(),
+            next_packet_id: 1,
+            incoming_qos2: HashSet::new(),
+            expiry_secs: 0,
+            expires_at: None,
+            own_queues: Vec::new(),
+        }
+    }
+
+    /// A packet id not in flight, or `None` if all 65,535 are (receive maximum
+    /// keeps us far from that).
+    pub fn alloc_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.inflight.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Whether `conn` is the connection attached to this session.
+    pub fn owned_by(&self, conn: u64) -> bool {
+        self.owner == Some(conn)
+    }
+}
+
+pub type SessionRef = Arc<Mutex<SessionData>>;
+
+/// A retained message: the core message (so the one converter in
+/// [`mapping`] serves it) and its MQTT topic.
+#[derive(Debug, Clone)]
+pub struct Retained {
+    pub topic: String,
+    pub message: Arc<Message>,
+}
+
+/// Retained messages per vhost, by topic. Wildcard subscriptions scan the
+/// vhost's map: retained topics are few compared with publishes, and a scan
+/// happens once per SUBSCRIBE, never on the publish path.
+#[derive(Debug, Default)]
+pub struct RetainedStore {
+    by_vhost: Mutex<HashMap<String, BTreeMap<String, Retained>>>,
+}
+
+impl RetainedStore {
+    /// Stores (or with an empty payload, clears) the retained message of `topic`.
+    pub fn set(&self, vhost: &str, topic: &str, message: Arc<Message>) {
+        let mut map = self.by_vhost.lock();
+        if message.body.is_empty() {
+            if let Some(v) = map.get_mut(vhost) {
+                v.remove(topic);
+            }
+            return;
+        }
+        map.entry(vhost.to_owned()).or_default().insert(
+            topic.to_owned(),
+            Retained {
+                topic: topic.to_owned(),
+                message,
+            },
+        );
+    }
+
+    /// The retained messages whose topic matches `filter`.
+    pub fn matching(&self, vhost: &str, filter: &str) -> Vec<Retained> {
+        let map = self.by_vhost.lock();
+        map.get(vhost)
+            .map(|v| {
+                v.values()
+                    .filter(|r| mapping::filter_matches(filter, &r.topic))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn len(&self, vhost: &str) -> usize {
+        self.by_vhost.lock().get(vhost).map_or(0, BTreeMap::len)
+    }
+
+    /// Drops retained messages whose expiry has passed.
+    fn expire(&self, now_ms: u64) {
+        let mut map = self.by_vhost.lock();
+        for v in map.values_mut() {
+            v.retain(|_, r| mapping::from_core(&r.message, false, now_ms).is_some());
+        }
+    }
+}
+
+/// A will message waiting for its delay.
+#[derive(Debug)]
+struct PendingWill {
+    key: SessionKey,
+    vhost: Arc<VHost>,
+    topic: String,
+    message: Arc<Message>,
+    retain: bool,
+    at: Instant,
+}
+
+/// The broker-wide MQTT state.
+#[derive(Debug, Default)]
+pub struct MqttState {
+    sessions: Mutex<HashMap<SessionKey, SessionRef>>,
+    pub retained: RetainedStore,
+    wills: Mutex<Vec<PendingWill>>,
+    /// (vhost, queue) -> sessions subscribed through that shared queue.
+    shared: Mutex<HashMap<(String, String), usize>>,
+}
+
+/// The wall clock in milliseconds since the Unix epoch (0 if the clock is
+/// before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl MqttState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(MqttState::default())
+    }
+
+    /// Publishes a message an MQTT client (or a will) sent: stores or clears the
+    /// retained message first, then routes it like any other publish.
+    pub fn publish(
+        &self,
+        vhost: &VHost,
+        topic: &str,
+        message: Arc<Message>,
+        retain: bool,
+    ) -> CoreResult<Routed> {
+        if retain {
+            self.retained.set(&vhost.name, topic, message.clone());
+        }
+        vhost.publish(message)
+    }
+
+    /// Attaches connection `conn` to the session `key`, creating it or, with
+    /// `clean_start`, replacing an existing one. A connection attached before is
+    /// told to go (`kick`) and its consumers are cancelled; its in-flight
+    /// messages stay with the session. Returns the session and whether an
+    /// existing one was resumed (CONNACK's session-present flag).
+    pub fn attach(
+        &self,
+        broker: &Broker,
+        vhost: &Arc<VHost>,
+        key: SessionKey,
+        conn: u64,
+        kick: CancellationToken,
+        clean_start: bool,
+    ) -> (SessionRef, bool) {
+        // A delayed will of an earlier connection is not sent once the client is
+        // back (spec 3.1.3.2.2).
+        self.wills.lock().retain(|w| w.key != key);
+        let mut sessions = self.sessions.lock();
+        if let Some(existing) = sessions.get(&key).cloned() {
+            let mut data = existing.lock();
+            if let Some(old) = data.kick.take() {
+                old.cancel();
+            }
+            for (q, c) in std::mem::take(&mut data.consumers) {
+                vhost.cancel_consumer(&q, c.id);
+            }
+            if !clean_start {
+                data.owner = Some(conn);
+                data.kick = Some(kick);
+                data.expires_at = None;
+                drop(data);
+                return (existing, true);
+            }
+            self.destroy(vhost, &mut data);
+        }
+        let mut data = SessionData::new(key.clone(), broker.next_id());
+        data.owner = Some(conn);
+        data.kick = Some(kick);
+        let session = Arc::new(Mutex::new(data));
+        sessions.insert(key, session.clone());
+        (session, false)
+    }
+
+    /// Detaches connection `conn` from `session` (if it is still the attached
+    /// one): its consumers are cancelled; a session with expiry 0 ends now, any
+    /// other waits for its expiry. Returns whether the session ended.
+    pub fn detach(
+        &self,
+        vhost: &Arc<VHost>,
+        session: &SessionRef,
+        conn: u64,
+        now: Instant,
+    ) -> bool {
+        let mut sessions = self.sessions.lock();
+        let mut data = session.lock();
+        if !data.owned_by(conn) {
+            return false;
+        }
+        data.owner = None;
+        data.kick = None;
+        for (q, c) in std::mem::take(&mut data.consumers) {
+            vhost.cancel_consumer(&q, c.id);
+        }
+        for f in data.inflight.values_mut() {
+            f.charged = false;
+        }
+        if data.expiry_secs == 0 {
+            self.destroy(vhost, &mut data);
+            if sessions
+                .get(&data.key)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&data.key);
+            }
+            return true;
+        }
+        data.expires_at = (data.expiry_secs != u32::MAX)
+            .then(|| now + Duration::from_secs(u64::from(data.expiry_secs)));
+        false
+    }
+
+    /// Ends a session: deletes its own queues, leaves its shared ones (deleting
+    /// a shared queue nobody else uses), gives back what it had in flight.
+    fn destroy(&self, vhost: &VHost, data: &mut SessionData) {
+        for (q, c) in std::mem::take(&mut data.consumers) {
+            vhost.cancel_consumer(&q, c.id);
+        }
+        for (_, f) in std::mem::take(&mut data.inflight) {
+            if let Some((q, m)) = f.source {
+                // Back to a shared queue for the group's other members; an own
+                // queue is deleted just below, which drops it.
+                q.requeue(vec![m]);
+            }
+        }
+        let subs = std::mem::take(&mut data.subscriptions);
+        for sub in subs.values() {
+            if sub.share.is_some() {
+                self.release_shared(vhost, &sub.queue, &sub.key);
+            }
+        }
+        for q in std::mem::take(&mut data.own_queues) {
+            let _ = vhost.delete_queue(&q, false, false, 0);
+        }
+        data.incoming_qos2.clear();
+    }
+
+    /// Counts one more session subscribed through a shared queue.
+    pub fn acquire_shared(&self, vhost: &str, queue: &str) {
+        *self
+            .shared
+            .lock()
+            .entry((vhost.to_owned(), queue.to_owned()))
+            .or_insert(0) += 1;
+    }
+
+    /// One session fewer on a shared queue; the last one out deletes the queue
+    /// unless other (e.g. AMQP) consumers still use it.
+    pub fn release_shared(&self, vhost: &VHost, queue: &str, _key: &str) {
+        let mut shared = self.shared.lock();
+        let k = (vhost.name.clone(), queue.to_owned());
+        let left = match shared.get_mut(&k) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n
+            }
+            None => 0,
+        };
+        if left == 0 {
+            shared.remove(&k);
+            drop(shared);
+            if vhost.queue(queue).is_ok_and(|q| q.consumer_count() == 0) {
+                let _ = vhost.delete_queue(queue, false, false, 0);
+            }
+        }
+    }
+
+    /// Queues a will to be published at `at` (or at once if `at` has passed).
+    pub fn schedule_will(
+        &self,
+        key: SessionKey,
+        vhost: Arc<VHost>,
+        topic: String,
+        message: Arc<Message>,
+        retain: bool,
+        at: Instant,
+    ) {
+        self.wills.lock().push(PendingWill {
+            key,
+            vhost,
+            topic,
+            message,
+            retain,
+            at,
+        });
+    }
+
+    /// Number of sessions known (attached or waiting for expiry).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// Whether a session exists for (vhost, client id).
+    pub fn has_session(&self, vhost: &str, client_id: &str) -> bool {
+        self.sessions.lock().contains_key(&SessionKey {
+            vhost: vhost.to_owned(),
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    /// Does what is due at `now`: publishes wills whose delay has passed, ends
+    /// detached sessions whose expiry has passed (publishing their pending
+    /// will first), drops expired retained messages.
+    pub fn tick(&self, broker: &Broker, now: Instant, now_ms: u64) {
+        let expired: Vec<(SessionKey, SessionRef)> = {
+            let sessions = self.sessions.lock();
+            sessions
+                .iter()
+                .filter(|(_, s)| {
+                    let d = s.lock();
+                    d.owner.is_none() && d.expires_at.is_some_and(|t| t <= now)
+                })
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect()
+        };
+        let ended: HashSet<SessionKey> = expired.iter().map(|(k, _)| k.clone()).collect();
+        let due: Vec<PendingWill> = {
+            let mut wills = self.wills.lock();
+            let (due, keep) = std::mem::take(&mut *wills)
+                .into_iter()
+                .partition(|w| w.at <= now || ended.contains(&w.key));
+            *wills = keep;
+            due
+        };
+        for w in due {
+            let _ = self.publish(&w.vhost, &w.topic, w.message, w.retain);
+        }
+        for (key, session) in expired {
+            let Ok(vhost) = broker.vhost(&key.vhost) else {
+                continue;
+            };
+            let mut sessions = self.sessions.lock();
+            let mut data = session.lock();
+            // Re-checked under the locks: a client may have come back meanwhile.
+            if data.owner.is_some() || data.expires_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            self.destroy(&vhost, &mut data);
+            if sessions.get(&key).is_some_and(|s| Arc::ptr_eq(s, &session)) {
+                sessions.remove(&key);
+            }
+        }
+        self.retained.expire(now_ms);
+    }
+
+    /// Runs [`MqttState::tick`] until `shutdown` is cancelled. The server spawns
+    /// this once. A fixed short period keeps it simple; will delays and session
+    /// expiries are whole seconds, so 100 ms is precise enough.
+    pub async fn run_timers(self: Arc<Self>, broker: Arc<Broker>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = every.tick() => self.tick(&broker, Instant::now(), unix_ms()),
+            }
+        }
+    }
+}
