@@ -1,0 +1,505 @@
+//! MQTT with real Rust clients, one broker per test: rumqttc's v4 (3.1.1) and
+//! v5 clients, and the cross-protocol worked examples 1-3 of INTEROP.md in both
+//! directions with amqprs (AMQP) and the testkit's STOMP client.
+// Test helpers outside #[test] functions fail a test by panicking, as tests do.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod mqtt;
+
+use std::time::Duration;
+
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, Channel, QueueBindArguments,
+    QueueDeclareArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{BasicProperties, FieldName, FieldTable, FieldValue, LongStr};
+use bytes::Bytes;
+use mqtt::{v4_client, v4_connack, v4_opts, v4_publish, v4_suback, v5_client, v5_connack};
+use mqtt::{v5_opts, v5_publish, v5_suback, WAIT};
+use rumqttc::v5::mqttbytes::v5::{LastWill as LastWill5, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::{LastWill, QoS};
+use switchyard_testkit::{start_broker, start_broker_with, TestBroker};
+
+async fn amqp(b: &TestBroker) -> (Connection, Channel) {
+    let a = b.amqp_addr();
+    let conn = Connection::open(&OpenConnectionArguments::new(
+        &a.ip().to_string(),
+        a.port(),
+        "guest",
+        "guest",
+    ))
+    .await
+    .unwrap();
+    let ch = conn.open_channel(None).await.unwrap();
+    (conn, ch)
+}
+
+/// Declares an exclusive server-named queue bound to amq.topic with `key`.
+async fn amqp_queue(ch: &Channel, key: &str) -> String {
+    let (q, _, _) = ch
+        .queue_declare(QueueDeclareArguments::exclusive_server_named())
+        .await
+        .unwrap()
+        .unwrap();
+    ch.queue_bind(QueueBindArguments::new(&q, "amq.topic", key))
+        .await
+        .unwrap();
+    q
+}
+
+fn header_str(h: &FieldTable, name: &str) -> Option<String> {
+    match h.get(&FieldName::try_from(name).unwrap())? {
+        FieldValue::S(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+#[tokio::test]
+async fn rumqttc_v4_qos_retained_and_will() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    // A subscriber for everything under home/.
+    let (sub, mut srx, _t1) = v4_client(v4_opts(addr, "v4-sub"));
+    v4_connack(&mut srx).await;
+    sub.subscribe("home/#", QoS::ExactlyOnce).await.unwrap();
+    let ack = v4_suback(&mut srx).await;
+    assert_eq!(
+        ack.return_codes,
+        [rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]
+    );
+    // A publisher with a will, publishing at every QoS and one retained.
+    let mut o = v4_opts(addr, "v4-pub");
+    o.set_last_will(LastWill::new(
+        "home/status",
+        "pub died",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (publ, mut prx, ptask) = v4_client(o);
+    v4_connack(&mut prx).await;
+    for (qos, body) in [
+        (QoS::AtMostOnce, "q0"),
+        (QoS::AtLeastOnce, "q1"),
+        (QoS::ExactlyOnce, "q2"),
+    ] {
+        publ.publish("home/kitchen/temp", qos, false, body)
+            .await
+            .unwrap();
+        let p = v4_publish(&mut srx).await;
+        assert_eq!((p.qos, &p.payload[..]), (qos, body.as_bytes()));
+        assert_eq!(p.topic, "home/kitchen/temp");
+    }
+    publ.publish("home/door", QoS::AtLeastOnce, true, "locked")
+        .await
+        .unwrap();
+    assert_eq!(&v4_publish(&mut srx).await.payload[..], b"locked");
+    // A late subscriber gets the retained message through a wildcard.
+    let (late, mut lrx, _t2) = v4_client(v4_opts(addr, "v4-late"));
+    v4_connack(&mut lrx).await;
+    late.subscribe("home/+", QoS::AtLeastOnce).await.unwrap();
+    let r = v4_publish(&mut lrx).await;
+    assert!(r.retain);
+    assert_eq!(
+        (&r.topic[..], &r.payload[..]),
+        ("home/door", &b"locked"[..])
+    );
+    // The publisher's connection dies without DISCONNECT: its will arrives.
+    ptask.abort();
+    drop(publ);
+    drop(prx);
+    let w = v4_publish(&mut srx).await;
+    assert_eq!(
+        (&w.topic[..], &w.payload[..]),
+        ("home/status", &b"pub died"[..])
+    );
+}
+
+#[tokio::test]
+async fn rumqttc_v4_persistent_session_gets_what_was_published_while_away() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    let mut o = v4_opts(addr, "v4-persist");
+    o.set_clean_session(false);
+    let (c, mut rx, task) = v4_client(o.clone());
+    assert!(!v4_connack(&mut rx).await.session_present);
+    c.subscribe("alerts/#", QoS::AtLeastOnce).await.unwrap();
+    v4_suback(&mut rx).await;
+    c.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(WAIT, task).await;
+
+    let (p, mut prx, _pt) = v4_client(v4_opts(addr, "v4-pub"));
+    v4_connack(&mut prx).await;
+    p.publish("alerts/fire", QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    mqtt::v4_next(&mut prx, |p| match p {
+        rumqttc::Packet::PubAck(_) => Some(()),
+        _ => None,
+    })
+    .await;
+
+    let (_c, mut rx, _task) = v4_client(o);
+    assert!(v4_connack(&mut rx).await.session_present);
+    assert_eq!(&v4_publish(&mut rx).await.payload[..], b"while away");
+}
+
+#[tokio::test]
+async fn rumqttc_v5_properties_and_shared_subscription() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    let (sub, mut srx, _t) = v5_client(v5_opts(addr, "v5-sub"));
+    v5_connack(&mut srx).await;
+    sub.subscribe("dev/+/cfg", QoS5::AtLeastOnce).await.unwrap();
+    v5_suback(&mut srx).await;
+    let (publ, mut prx, _t2) = v5_client(v5_opts(addr, "v5-pub"));
+    v5_connack(&mut prx).await;
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(60),
+        content_type: Some("application/json".into()),
+        response_topic: Some("dev/7/ack".into()),
+        correlation_data: Some(Bytes::from_static(b"req-1")),
+        user_properties: vec![("fw".into(), "1.2".into())],
+        ..PublishProperties::default()
+    };
+    publ.publish_with_properties("dev/7/cfg", QoS5::AtLeastOnce, false, "{}", props)
+        .await
+        .unwrap();
+    let p = v5_publish(&mut srx).await;
+    let got = p.properties.unwrap();
+    assert_eq!(got.content_type.as_deref(), Some("application/json"));
+    assert_eq!(got.response_topic.as_deref(), Some("dev/7/ack"));
+    assert_eq!(got.correlation_data.as_deref(), Some(&b"req-1"[..]));
+    assert_eq!(got.user_properties, [("fw".to_string(), "1.2".to_string())]);
+    assert_eq!(got.payload_format_indicator, Some(1));
+    assert!(got.message_expiry_interval.is_some_and(|e| e <= 60));
+
+    // Two members of a shared group share the messages.
+    let (m1, mut r1, _a) = v5_client(v5_opts(addr, "m1"));
+    let (m2, mut r2, _b) = v5_client(v5_opts(addr, "m2"));
+    v5_connack(&mut r1).await;
+    v5_connack(&mut r2).await;
+    m1.subscribe("$share/workers/job", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    m2.subscribe("$share/workers/job", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    v5_suback(&mut r1).await;
+    v5_suback(&mut r2).await;
+    for i in 0..10 {
+        publ.publish("job", QoS5::AtLeastOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let mut n1 = 0;
+    let mut n2 = 0;
+    while n1 + n2 < 10 {
+        tokio::select! {
+            _ = v5_publish(&mut r1) => n1 += 1,
+            _ = v5_publish(&mut r2) => n2 += 1,
+        }
+    }
+    assert!(n1 > 0 && n2 > 0, "both members got work: {n1} {n2}");
+}
+
+#[tokio::test]
+async fn rumqttc_v5_will_with_delay_and_properties() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    let (w, mut wrx, _t) = v5_client(v5_opts(addr, "watcher"));
+    v5_connack(&mut wrx).await;
+    w.subscribe("lwt/#", QoS5::AtMostOnce).await.unwrap();
+    v5_suback(&mut wrx).await;
+    let mut o = v5_opts(addr, "dying");
+    o.set_last_will(LastWill5::new(
+        "lwt/dying",
+        "bye",
+        QoS5::AtMostOnce,
+        false,
+        Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            delay_interval: Some(1),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: Some("text/plain".into()),
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![("why".into(), "test".into())],
+        }),
+    ));
+    o.set_session_expiry_interval(Some(30));
+    let (c, mut crx, task) = v5_client(o);
+    v5_connack(&mut crx).await;
+    let t0 = tokio::time::Instant::now();
+    task.abort();
+    drop(c);
+    let p = v5_publish(&mut wrx).await;
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+    let props = p.properties.unwrap();
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(props.user_properties, [("why".into(), "test".into())]);
+}
+
+/// INTEROP.md example 1: MQTT publishes `sensors/room1/temp` QoS 1 -> an AMQP
+/// queue bound with `sensors.*.temp` receives it persistent; a STOMP client on
+/// `/topic/sensors.*.temp` gets `destination:/topic/sensors.room1.temp` and
+/// `persistent:true`. And the reverse: AMQP publishes, MQTT receives.
+#[tokio::test]
+async fn worked_example_1_mqtt_to_amqp_and_stomp_and_back() {
+    let b = start_broker().await;
+    let (_conn, ch) = amqp(&b).await;
+    let q = amqp_queue(&ch, "sensors.*.temp").await;
+    let (_tag, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&q, "c")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    let mut stomp = switchyard_testkit::stomp::StompClient::connect(b.stomp_addr()).await;
+    stomp
+        .subscribe("s1", "/topic/sensors.*.temp", "auto", &[])
+        .await;
+
+    let (m, mut mrx, _t) = v4_client(v4_opts(b.mqtt_addr(), "sensor-1"));
+    v4_connack(&mut mrx).await;
+    m.publish("sensors/room1/temp", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .unwrap();
+
+    let msg = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let deliver = msg.deliver.unwrap();
+    assert_eq!(deliver.routing_key(), "sensors.room1.temp");
+    assert_eq!(deliver.exchange(), "amq.topic");
+    assert_eq!(msg.basic_properties.unwrap().delivery_mode(), Some(2));
+    assert_eq!(msg.content.unwrap(), b"21.5");
+    ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false))
+        .await
+        .unwrap();
+
+    let f = stomp.recv_message().await;
+    let h = |n: &str| {
+        f.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        h("destination").as_deref(),
+        Some("/topic/sensors.room1.temp")
+    );
+    assert_eq!(h("persistent").as_deref(), Some("true"));
+    assert_eq!(&f.body[..], b"21.5");
+
+    // AMQP -> MQTT: routing key sensors.room2.temp arrives as sensors/room2/temp,
+    // a persistent message at QoS 1.
+    m.subscribe("sensors/+/temp", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    v4_suback(&mut mrx).await;
+    let props = BasicProperties::default().with_delivery_mode(2).finish();
+    ch.basic_publish(
+        props,
+        b"19.0".to_vec(),
+        BasicPublishArguments::new("amq.topic", "sensors.room2.temp"),
+    )
+    .await
+    .unwrap();
+    let p = v4_publish(&mut mrx).await;
+    assert_eq!(
+        (&p.topic[..], p.qos, &p.payload[..]),
+        ("sensors/room2/temp", QoS::AtLeastOnce, &b"19.0"[..])
+    );
+}
+
+/// INTEROP.md example 2: STOMP `SEND /topic/cmd.dev42` -> an MQTT client on
+/// `cmd/+` receives `cmd/dev42` at QoS 0. And MQTT -> STOMP the other way.
+#[tokio::test]
+async fn worked_example_2_stomp_to_mqtt_and_back() {
+    let b = start_broker().await;
+    let (m, mut mrx, _t) = v5_client(v5_opts(b.mqtt_addr(), "dev42"));
+    v5_connack(&mut mrx).await;
+    m.subscribe("cmd/+", QoS5::AtLeastOnce).await.unwrap();
+    v5_suback(&mut mrx).await;
+    let mut stomp = switchyard_testkit::stomp::StompClient::connect(b.stomp_addr()).await;
+    stomp.send("/topic/cmd.dev42", "reboot", &[]).await;
+    let p = v5_publish(&mut mrx).await;
+    assert_eq!(
+        (&p.topic[..], p.qos, &p.payload[..]),
+        (&b"cmd/dev42"[..], QoS5::AtMostOnce, &b"reboot"[..])
+    );
+    stomp.subscribe("s", "/topic/status.*", "auto", &[]).await;
+    m.publish("status/dev42", QoS5::AtMostOnce, false, "rebooted")
+        .await
+        .unwrap();
+    let f = stomp.recv_message().await;
+    assert_eq!(&f.body[..], b"rebooted");
+    assert!(f
+        .headers
+        .iter()
+        .any(|(k, v)| k == "destination" && v == "/topic/status.dev42"));
+}
+
+/// INTEROP.md example 3: AMQP publishes to amq.topic `a.b` with header
+/// `x-reply-to-topic: replies.x` and correlation-id `7` -> an MQTT 5 subscriber
+/// on `a/b` sees Response Topic `replies/x` and Correlation Data `7`. And the
+/// reverse: an MQTT 5 request answered by an AMQP responder.
+#[tokio::test]
+async fn worked_example_3_request_response_both_ways() {
+    let b = start_broker().await;
+    let (_conn, ch) = amqp(&b).await;
+    let (m, mut mrx, _t) = v5_client(v5_opts(b.mqtt_addr(), "requester"));
+    v5_connack(&mut mrx).await;
+    m.subscribe("a/b", QoS5::AtMostOnce).await.unwrap();
+    v5_suback(&mut mrx).await;
+
+    let mut headers = FieldTable::new();
+    headers.insert(
+        FieldName::try_from("x-reply-to-topic").unwrap(),
+        FieldValue::S(LongStr::try_from("replies.x").unwrap()),
+    );
+    headers.insert(
+        FieldName::try_from("tenant").unwrap(),
+        FieldValue::S(LongStr::try_from("acme").unwrap()),
+    );
+    let props = BasicProperties::default()
+        .with_correlation_id("7")
+        .with_content_type("text/plain")
+        .with_headers(headers)
+        .finish();
+    ch.basic_publish(
+        props,
+        b"hello".to_vec(),
+        BasicPublishArguments::new("amq.topic", "a.b"),
+    )
+    .await
+    .unwrap();
+    let p = v5_publish(&mut mrx).await;
+    let pp = p.properties.unwrap();
+    assert_eq!(pp.response_topic.as_deref(), Some("replies/x"));
+    assert_eq!(pp.correlation_data.as_deref(), Some(&b"7"[..]));
+    assert_eq!(pp.content_type.as_deref(), Some("text/plain"));
+    assert!(pp
+        .user_properties
+        .contains(&("tenant".into(), "acme".into())));
+
+    // MQTT 5 request -> AMQP responder -> MQTT 5 response.
+    let q = amqp_queue(&ch, "rpc.time").await;
+    let (_tag, mut rx) = ch
+        .basic_consume_rx(
+            BasicConsumeArguments::new(&q, "responder")
+                .manual_ack(false)
+                .finish(),
+        )
+        .await
+        .unwrap();
+    m.subscribe("replies/requester", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    v5_suback(&mut mrx).await;
+    let req = PublishProperties {
+        response_topic: Some("replies/requester".into()),
+        correlation_data: Some(Bytes::from_static(b"c-42")),
+        ..PublishProperties::default()
+    };
+    m.publish_with_properties("rpc/time", QoS5::AtLeastOnce, false, "now?", req)
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let props = msg.basic_properties.unwrap();
+    let reply_key = header_str(props.headers().unwrap(), "x-reply-to-topic").unwrap();
+    assert_eq!(reply_key, "replies.requester");
+    assert_eq!(props.correlation_id().map(String::as_str), Some("c-42"));
+    let answer = BasicProperties::default()
+        .with_correlation_id("c-42")
+        .finish();
+    ch.basic_publish(
+        answer,
+        b"noon".to_vec(),
+        BasicPublishArguments::new("amq.topic", &reply_key),
+    )
+    .await
+    .unwrap();
+    let resp = v5_publish(&mut mrx).await;
+    assert_eq!(&resp.topic[..], b"replies/requester");
+    assert_eq!(&resp.payload[..], b"noon");
+    assert_eq!(
+        resp.properties.unwrap().correlation_data.as_deref(),
+        Some(&b"c-42"[..])
+    );
+}
+
+#[tokio::test]
+async fn lossless_topic_mode_round_trips_dots() {
+    let b = start_broker_with(|c| {
+        c.vhosts
+            .push(switchyard_testkit::config::VHostConfig { name: "iot".into() });
+        let mut perms = c.permissions();
+        perms.push(switchyard_testkit::config::PermissionConfig {
+            user: "guest".into(),
+            vhost: "iot".into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        });
+        c.set_permissions(perms);
+        c.mqtt.lossless_topic_vhosts = vec!["iot".into()];
+    })
+    .await;
+    let addr = b.mqtt_addr();
+    let opts = |id: &str| {
+        let mut o = v4_opts(addr, id);
+        o.set_credentials("iot:guest", "guest");
+        o
+    };
+    let (s, mut srx, _t) = v4_client(opts("lossless-sub"));
+    v4_connack(&mut srx).await;
+    s.subscribe("fw/v1.2/+", QoS::AtMostOnce).await.unwrap();
+    v4_suback(&mut srx).await;
+    let (p, mut prx, _t2) = v4_client(opts("lossless-pub"));
+    v4_connack(&mut prx).await;
+    p.publish("fw/v1.2/status", QoS::AtMostOnce, false, "ok")
+        .await
+        .unwrap();
+    // A topic whose levels differ only in the dot's place does not match.
+    p.publish("fw/v1/2.status", QoS::AtMostOnce, false, "other")
+        .await
+        .unwrap();
+    let got = v4_publish(&mut srx).await;
+    assert_eq!(
+        (&got.topic[..], &got.payload[..]),
+        ("fw/v1.2/status", &b"ok"[..])
+    );
+    // The default vhost stays lossy, as RabbitMQ.
+    let (d, mut drx, _t3) = v4_client(v4_opts(addr, "lossy-sub"));
+    v4_connack(&mut drx).await;
+    d.subscribe("fw/v1/#", QoS::AtMostOnce).await.unwrap();
+    v4_suback(&mut drx).await;
+    let (dp, mut dprx, _t4) = v4_client(v4_opts(addr, "lossy-pub"));
+    v4_connack(&mut dprx).await;
+    dp.publish("fw/v1.2/status", QoS::AtMostOnce, false, "lossy")
+        .await
+        .unwrap();
+    let got = v4_publish(&mut drx).await;
+    assert_eq!(&got.topic[..], "fw/v1/2/status");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), v4_publish(&mut srx))
+            .await
+            .is_err(),
+        "other vhost"
+    );
+}
