@@ -593,7 +593,7 @@ async fn v5_properties_subscription_ids_no_local_and_retain_options() {
     assert_eq!(gp.payload_format_indicator, Some(1));
     assert!(gp
         .message_expiry_interval
-        .is_some_and(|e| e <= 100 && e >= 99));
+        .is_some_and(|e| (99..=100).contains(&e)));
     assert_eq!(gp.content_type.as_deref(), Some("application/json"));
     assert_eq!(gp.response_topic.as_deref(), Some("re/ply"));
     assert_eq!(gp.correlation_data.as_deref(), Some(&b"\x01\x02"[..]));
