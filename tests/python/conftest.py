@@ -151,6 +151,55 @@ def stomp_broker(request, tmp_path) -> Broker:
 
 
 @pytest.fixture
+def mqtt_broker_factory(request, tmp_path):
+    """Start a managed broker with MQTT over TCP and WebSocket (and STOMP) on port 0
+    besides AMQP: ``mqtt_broker_factory(users=..., permissions=..., vhosts=...,
+    extra_toml=...)``. The broker has ``.mqtt``, ``.mqtt_ws`` and ``.stomp`` as
+    ``(host, port)``. MQTT tests always start their own broker, so they are skipped
+    in external mode."""
+    if EXTERNAL_URL:
+        pytest.skip("MQTT tests start their own broker")
+    procs: list = []
+    brokers: list = []
+
+    def factory(users=(), vhosts=(), permissions=(), extra_toml: str = "") -> Broker:
+        workdir = tmp_path / f"mqtt-broker{len(procs)}"
+        (workdir / "data").mkdir(parents=True)
+        proc = BrokerProcess(workdir, render_config(
+            workdir / "data", users, vhosts, permissions, extra_toml=extra_toml,
+            listeners=("mqtt", "mqtt_ws", "stomp")))
+        procs.append(proc)
+        _attach_logs(request, proc)
+        host, port = proc.start()
+        b = Broker(host, port, log_path=proc.log_path)
+
+        def addr(name: str) -> tuple:
+            h, _, p = proc.ready[name].rpartition(":")
+            return h.strip("[]"), int(p)
+
+        b.mqtt = addr("mqtt")
+        b.mqtt_ws = addr("mqtt_ws")
+        b.stomp = addr("stomp")
+        brokers.append(b)
+        return b
+
+    yield factory
+    for b in brokers:
+        b.close_all()
+    for proc in procs:
+        early = proc.stop()
+        if early is not None:
+            pytest.fail(f"switchyard exited by itself (code {early}) during the test.\n"
+                        f"log:\n{proc.log()}", pytrace=False)
+
+
+@pytest.fixture
+def mqtt_broker(mqtt_broker_factory) -> Broker:
+    """A fresh broker with MQTT (TCP and WebSocket), STOMP and AMQP listeners."""
+    return mqtt_broker_factory()
+
+
+@pytest.fixture
 def broker(broker_factory) -> Broker:
     """A broker with the default config (fresh per test), or the external one."""
     return broker_factory()
