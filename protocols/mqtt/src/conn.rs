@@ -47,6 +47,7 @@ pub async fn serve<S>(
     let mut session = Session::new(broker.clone(), state, settings.clone(), peer);
     let outbox = session.outbox();
     let kicked = session.kicked();
+    let mut synced = session.synced();
     let mut alarm = broker.memory.subscribe();
     let mut input = BytesMut::with_capacity(READ_CHUNK);
     let mut output = BytesMut::new();
@@ -100,6 +101,14 @@ pub async fn serve<S>(
                 }
             },
             () = outbox.wait(), if room => session.handle_outbox(Now::read()),
+            changed = wait_synced(&mut synced), if session.awaits_sync() => {
+                if changed {
+                    session.flush_acks();
+                } else {
+                    // The store is gone (shutting down): nothing more will sync.
+                    synced = None;
+                }
+            }
             changed = alarm.changed() => {
                 if changed.is_err() {
                     // The broker is gone; nothing will clear the alarm now.
@@ -124,6 +133,14 @@ pub async fn serve<S>(
     session.finish(end, Now::read());
     let _ = writer.shutdown().await;
     tracing::debug!(%peer, client_id = session.client_id(), user = session.user(), reason = session.close_reason().unwrap_or(end), "MQTT connection closed");
+}
+
+/// Waits for the store's synced position to move; false if it never will.
+async fn wait_synced(synced: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match synced {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// Moves what the session produced into the socket's output buffer.

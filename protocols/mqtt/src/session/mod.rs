@@ -17,7 +17,7 @@
 //! with one, before the session is up), 3.1.1 clients a plain close, as the
 //! specs say.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,7 @@ use switchyard_core::consumer::{ConsumerOptions, Credit, Delivery, Outbox, Outgo
 use switchyard_core::queue::QueueOptions;
 use switchyard_core::vhost::{QueueDeclare, VHost};
 use switchyard_core::{Broker, FieldTable};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -135,6 +136,13 @@ pub struct Session {
     has_published: bool,
     close_reason: Option<String>,
     finished: bool,
+    /// The store's synced position (None: no store, nothing to wait for).
+    synced: Option<watch::Receiver<u64>>,
+    /// PUBACKs / PUBRECs not yet written, in packet order, each with the store
+    /// position that must be on disk first (DESIGN.md: an MQTT PUBACK for a
+    /// persistent message goes only after the fsync that covers it; 0 = none,
+    /// but it still waits for those before it so acks keep their order).
+    pending_acks: VecDeque<(u64, Packet)>,
 }
 
 impl Session {
@@ -146,6 +154,7 @@ impl Session {
     ) -> Self {
         let id = broker.next_id();
         let decoder = Decoder::new(settings.max_packet_size_unauthenticated);
+        let synced = broker.synced();
         Session {
             broker,
             state,
@@ -177,7 +186,47 @@ impl Session {
             has_published: false,
             close_reason: None,
             finished: false,
+            synced,
+            pending_acks: VecDeque::new(),
             settings,
+        }
+    }
+
+    /// A receiver of the store's synced position, for the connection task.
+    pub fn synced(&self) -> Option<watch::Receiver<u64>> {
+        self.synced.clone()
+    }
+
+    /// Some PUBACK/PUBREC waits for the store: the connection task should call
+    /// [`Session::flush_acks`] when the synced position moves.
+    pub fn awaits_sync(&self) -> bool {
+        !self.pending_acks.is_empty()
+    }
+
+    /// Writes the acks whose messages the store has synced, in order.
+    pub fn flush_acks(&mut self) {
+        if self.phase != Phase::Connected {
+            self.pending_acks.clear();
+            return;
+        }
+        let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
+        while self
+            .pending_acks
+            .front()
+            .is_some_and(|(at, _)| *at <= synced)
+        {
+            if let Some((_, p)) = self.pending_acks.pop_front() {
+                self.send(&p);
+            }
+        }
+    }
+
+    /// Sends an ack once the store position `durable_at` is synced.
+    fn send_after_sync(&mut self, durable_at: u64, p: Packet) {
+        if durable_at == 0 && self.pending_acks.is_empty() {
+            self.send(&p);
+        } else {
+            self.pending_acks.push_back((durable_at, p));
         }
     }
 
@@ -299,6 +348,10 @@ impl Session {
                     break;
                 }
             }
+        }
+        // Acks whose messages the store synced while this batch was handled.
+        if !self.pending_acks.is_empty() {
+            self.flush_acks();
         }
     }
 
@@ -703,11 +756,13 @@ impl Session {
                 return Err(Close::new(reason::NOT_AUTHORIZED, text));
             }
             let ack = self.reason_ack(p.packet_id, reason::NOT_AUTHORIZED, text);
-            self.send(&if p.qos == QoS::AtLeastOnce {
+            // Through the ack queue: acks go out in the order of the PUBLISHes.
+            let ack = if p.qos == QoS::AtLeastOnce {
                 Packet::PubAck(ack)
             } else {
                 Packet::PubRec(ack)
-            });
+            };
+            self.send_after_sync(0, ack);
             return Ok(());
         }
         let Some((session, vhost)) = self.session.clone().zip(self.vhost.clone()) else {
@@ -719,7 +774,7 @@ impl Session {
                 if data.incoming_qos2.contains(&p.packet_id) {
                     // A re-sent QoS 2 PUBLISH: routed already; just confirm again.
                     drop(data);
-                    self.send(&Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)));
+                    self.send_after_sync(0, Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)));
                     return Ok(());
                 }
                 if data.incoming_qos2.len() >= usize::from(self.settings.receive_maximum) {
@@ -747,9 +802,9 @@ impl Session {
             origin,
             now.unix_ms,
         );
-        let code = match self.state.publish(&vhost, &topic, message, retain) {
-            Ok(r) if r.queues == 0 && self.v5() => reason::NO_MATCHING_SUBSCRIBERS,
-            Ok(_) => reason::SUCCESS,
+        let (code, durable_at) = match self.state.publish(&vhost, &topic, message, retain) {
+            Ok(r) if r.queues == 0 && self.v5() => (reason::NO_MATCHING_SUBSCRIBERS, r.durable_at),
+            Ok(r) => (reason::SUCCESS, r.durable_at),
             Err(e) => {
                 if !self.v5() {
                     return Err(Close::new(
@@ -757,17 +812,19 @@ impl Session {
                         e.to_string(),
                     ));
                 }
-                reason::IMPLEMENTATION_SPECIFIC_ERROR
+                (reason::IMPLEMENTATION_SPECIFIC_ERROR, 0)
             }
         };
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(Ack::new(packet_id, code))),
+            QoS::AtLeastOnce => {
+                self.send_after_sync(durable_at, Packet::PubAck(Ack::new(packet_id, code)));
+            }
             QoS::ExactlyOnce => {
                 if code < 0x80 {
                     session.lock().incoming_qos2.insert(packet_id);
                 }
-                self.send(&Packet::PubRec(Ack::new(packet_id, code)));
+                self.send_after_sync(durable_at, Packet::PubRec(Ack::new(packet_id, code)));
             }
         }
         Ok(())
