@@ -1154,8 +1154,9 @@ impl Session {
         // Retained messages follow the SUBACK (spec 3.8.4).
         let mut data = session.lock();
         for (r, qos, id) in retained {
-            let Some((topic, mut props)) = mapping::from_core(&r.message, false, now.unix_ms)
-                .map(|(_, p)| (r.topic.clone(), p))
+            let Some((topic, mut props)) =
+                mapping::from_core(&r.message, self.lossless, now.unix_ms)
+                    .map(|(_, p)| (r.topic.clone(), p))
             else {
                 continue;
             };
