@@ -131,8 +131,25 @@ impl Conn {
             c.push(ch, codec::ChannelOpen::default().into());
         }
         c.flush().await?;
-        for ch in 1..=channels {
-            c.expect(ch, "channel.open-ok").await?;
+        // RabbitMQ runs each channel in its own process, so the open-oks may come
+        // back in any order: count them on whichever channel they arrive.
+        let mut opened = 0;
+        while opened < channels {
+            match c.recv().await? {
+                Frame::Method {
+                    method: Method::ChannelOpenOk(_),
+                    ..
+                } => opened += 1,
+                Frame::Method {
+                    method: Method::ConnectionClose(cl),
+                    ..
+                } => bail!(
+                    "channel.open: connection closed: {} {}",
+                    cl.reply_code,
+                    cl.reply_text
+                ),
+                _ => {}
+            }
         }
         Ok(c)
     }
@@ -357,7 +374,7 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
     if s.persistent {
         props.delivery_mode = Some(2);
     }
-    let mut body = vec![0u8; s.size];
+    let mut body = run.body();
     let mut out = BytesMut::with_capacity(128 * 1024);
     let mut ends = Vec::new();
     let mut pacer = Pacer::new(s.producer_rate());

@@ -133,7 +133,18 @@ fn main() -> Result<()> {
         .worker_threads(cli.threads.max(1))
         .enable_all()
         .build()?;
-    runtime.block_on(run_cli(cli))
+    // A hard bound on the whole run, setup included (100k bindings or 10k
+    // connections take a while, a broker that stops answering must not hang us).
+    let limit = Duration::from_secs(cli.duration.saturating_add(600));
+    runtime.block_on(async move {
+        match tokio::time::timeout(limit, run_cli(cli)).await {
+            Ok(result) => result,
+            Err(_) => bail!("gave up after {} s", limit.as_secs()),
+        }
+    })?;
+    // Leftover tasks (idle sockets, readers) must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }
 
 fn resolve(host: &str) -> Result<IpAddr> {
@@ -201,6 +212,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
         idle_channels: cli.idle_channels,
         duration: Duration::from_secs(cli.duration),
         run_id,
+        text_stamp: cli.protocol == Protocol::Stomp,
     };
     let proto = cli.protocol;
     let run = Run::new(settings.clone());

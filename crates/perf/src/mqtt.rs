@@ -259,7 +259,7 @@ pub async fn publisher(run: Shared, i: usize) -> Result<()> {
     head.put_u8(0x30 | (qos << 1));
     put_varint(&mut head, var_len);
     put_str(&mut head, topic.as_bytes());
-    let mut body = vec![0u8; s.size];
+    let mut body = run.body();
     let mut out = BytesMut::with_capacity(128 * 1024);
     let mut ends = Vec::new();
     let mut pacer = Pacer::new(s.producer_rate());

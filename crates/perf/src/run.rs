@@ -60,6 +60,9 @@ pub struct Settings {
     pub duration: Duration,
     /// Names are suffixed with this, so runs never see each other's leftovers.
     pub run_id: String,
+    /// Stamp bodies as 16 hex digits rather than 8 raw bytes: STOMP brokers may send
+    /// bodies in WebSocket text frames (RabbitMQ does), which must be UTF-8.
+    pub text_stamp: bool,
 }
 
 impl Settings {
@@ -126,17 +129,32 @@ impl Run {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Writes a body of `settings.size` bytes whose first 8 bytes are the send time.
+    /// A body of `size` bytes to stamp (text bodies are filled with `x`, not NUL).
+    pub fn body(&self) -> Vec<u8> {
+        vec![if self.settings.text_stamp { b'x' } else { 0 }; self.settings.size]
+    }
+
+    /// Writes the send time into the start of `body`: 8 bytes big-endian, or 16
+    /// hex digits for text bodies (no stamp if the body is too short).
     pub fn stamp(&self, body: &mut [u8]) {
-        let now = self.now_nanos().to_be_bytes();
-        for (dst, src) in body.iter_mut().zip(now) {
-            *dst = src;
+        let now = self.now_nanos();
+        if self.settings.text_stamp {
+            if let Some(head) = body.get_mut(..16) {
+                let hex = format!("{now:016x}");
+                head.copy_from_slice(hex.as_bytes());
+            }
+        } else if let Some(head) = body.get_mut(..8) {
+            head.copy_from_slice(&now.to_be_bytes());
         }
     }
 
-    /// Latency of a body stamped by [`Run::stamp`], if it is long enough to hold one.
+    /// Latency of a body stamped by [`Run::stamp`], if it holds a stamp.
     pub fn latency(&self, body: &[u8]) -> Option<u64> {
-        let stamp = u64::from_be_bytes(body.get(..8)?.try_into().ok()?);
+        let stamp = if self.settings.text_stamp {
+            u64::from_str_radix(std::str::from_utf8(body.get(..16)?).ok()?, 16).ok()?
+        } else {
+            u64::from_be_bytes(body.get(..8)?.try_into().ok()?)
+        };
         Some(self.now_nanos().saturating_sub(stamp))
     }
 }

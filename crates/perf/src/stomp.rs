@@ -176,7 +176,7 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
     let ack_task = tokio::spawn(receipt_reader(run.clone(), reader, input, acked_tx));
     let dest = destination(&run, i);
     let len = s.size.to_string();
-    let mut body = vec![0u8; s.size];
+    let mut body = run.body();
     let mut out = BytesMut::with_capacity(128 * 1024);
     let mut ends = Vec::new();
     let mut pacer = Pacer::new(s.producer_rate());
