@@ -498,7 +498,7 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
     let peak = peak_rss_bytes(broker.child.id());
     eprintln!(
         "peak RSS while publishing {} MB: {} MB",
-        COUNT * SIZE >> 20,
+        (COUNT * SIZE) >> 20,
         peak >> 20
     );
     assert!(peak < 3 * WATERMARK, "peak RSS {peak} while publishing");
