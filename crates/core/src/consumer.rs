@@ -76,6 +76,19 @@ pub struct Delivery {
     pub message: QueuedMessage,
 }
 
+impl Delivery {
+    /// Returns a delivery that never reached the client (its consumer or
+    /// connection went away while it waited in the outbox): the prefetch slot is
+    /// freed and the message goes back to its place in the queue. An automatic-ack
+    /// consumer's delivery was settled when it was handed out and is gone.
+    pub fn give_back(self) {
+        if !self.consumer.no_ack() {
+            self.consumer.release(1);
+            self.queue.requeue(vec![self.message]);
+        }
+    }
+}
+
 /// What a connection's outbox carries.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -135,6 +148,15 @@ impl Outbox {
         let items = std::mem::take(&mut *self.items.lock());
         self.len.fetch_sub(items.len(), Ordering::AcqRel);
         items
+    }
+
+    /// Gives back every delivery still waiting (the connection is closing).
+    pub fn give_back_all(&self) {
+        for item in self.drain() {
+            if let Outgoing::Deliver(d) = item {
+                d.give_back();
+            }
+        }
     }
 
     /// Whether some queue was refused room since the last call.

@@ -866,10 +866,7 @@ impl Session {
                         .is_some_and(|ch| ch.has_consumer(&d.consumer));
                     if !live || self.state != State::Running {
                         // Cancelled or closed while the delivery was in flight: put it back.
-                        if !d.consumer.no_ack() {
-                            d.consumer.release(1);
-                            d.queue.requeue(vec![d.message]);
-                        }
+                        d.give_back();
                         continue;
                     }
                     let frame_max = self.frame_max;
@@ -931,14 +928,7 @@ impl Session {
             }
         }
         // Deliveries already in the outbox go back to their queues too.
-        for item in self.outbox.drain() {
-            if let Outgoing::Deliver(d) = item {
-                if !d.consumer.no_ack() {
-                    d.consumer.release(1);
-                    d.queue.requeue(vec![d.message]);
-                }
-            }
-        }
+        self.outbox.give_back_all();
     }
 }
 

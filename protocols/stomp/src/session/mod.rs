@@ -712,10 +712,7 @@ impl Session {
                             .is_some_and(|s| Arc::ptr_eq(&s.consumer, &d.consumer));
                     if !live {
                         // Unsubscribed or closed while the delivery was in flight.
-                        if !d.consumer.no_ack() {
-                            d.consumer.release(1);
-                            d.queue.requeue(vec![d.message]);
-                        }
+                        d.give_back();
                         continue;
                     }
                     let id = self.next_message_id;
@@ -801,14 +798,7 @@ impl Session {
             }
         }
         // Deliveries already in the outbox go back to their queues too.
-        for item in self.outbox.drain() {
-            if let Outgoing::Deliver(d) = item {
-                if !d.consumer.no_ack() {
-                    d.consumer.release(1);
-                    d.queue.requeue(vec![d.message]);
-                }
-            }
-        }
+        self.outbox.give_back_all();
     }
 }
 
