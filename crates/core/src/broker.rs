@@ -23,6 +23,9 @@ pub struct Broker {
     next_id: AtomicU64,
     /// The store's synced log position, when there is a store.
     synced: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The store itself, for adapters' own records (MQTT retained messages and
+    /// sessions); `None`: everything lives in memory only.
+    store: Option<Arc<dyn Store>>,
     timers: Arc<Timers>,
 }
 
@@ -93,6 +96,7 @@ impl Broker {
             memory,
             next_id: AtomicU64::new(1),
             synced,
+            store,
             timers,
         })
     }
@@ -132,6 +136,12 @@ impl Broker {
     /// is at or below it is on disk. `None` without a store (nothing to wait for).
     pub fn synced(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.synced.clone()
+    }
+
+    /// The store, if the broker has one: adapters keep their own records in it
+    /// ([`Store::save_record`]). `None` for a broker in memory only.
+    pub fn store(&self) -> Option<Arc<dyn Store>> {
+        self.store.clone()
     }
 
     /// A broker-wide unique id (connections, consumers).

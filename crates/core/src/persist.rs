@@ -106,4 +106,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Reads a stored message back (for queues that keep bodies on disk only).
     /// The record must have been synced.
     fn read_message(&self, stored: StoredRef) -> io::Result<Message>;
+
+    /// Stores (or replaces) an adapter's own record: state the core does not
+    /// model but that must survive a restart (MQTT retained messages and
+    /// persistent sessions). `kind` names the adapter's table (`"mqtt.retained"`),
+    /// `key` the record within it; the adapter owns the encoding of `value`.
+    /// Synchronous like the other metadata calls: on disk when it returns.
+    fn save_record(&self, kind: &str, key: &str, value: &[u8]) -> io::Result<()>;
+    /// Deletes an adapter record (no error if there is none).
+    fn delete_record(&self, kind: &str, key: &str) -> io::Result<()>;
+    /// Every record of `kind`, as (key, value), in key order: read once at start.
+    fn records(&self, kind: &str) -> io::Result<Vec<(String, Vec<u8>)>>;
 }

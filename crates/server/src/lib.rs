@@ -238,7 +238,20 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     }
     // One MQTT state for TCP and WebSocket: a client id is one session whichever
     // way the client comes in.
-    let mqtt_state = switchyard_mqtt::MqttState::new();
+    // Built after the broker recovered its queues: restored persistent sessions
+    // name their (durable) subscription queues.
+    let opened = switchyard_mqtt::MqttState::open(&broker, &config.mqtt.exchange);
+    let (mqtt_state, restored) = opened.map_err(|error| ServerError::Store {
+        path: store_dir.clone(),
+        error,
+    })?;
+    if restored.retained > 0 || restored.sessions > 0 {
+        info!(
+            retained = restored.retained,
+            sessions = restored.sessions,
+            "MQTT state restored"
+        );
+    }
     let mqtt_enabled = config.listeners.mqtt.is_some() || config.listeners.mqtt_ws.is_some();
     if let Some(addr) = config.listeners.mqtt {
         let settings = Arc::new(mqtt_settings(&config));

@@ -1,7 +1,8 @@
 //! Switchyard's durable storage, behind the core's [`Store`] trait.
 //!
-//! - [`meta`]: exchanges, queues, bindings and counters in an embedded ACID
-//!   database (redb), one committed transaction per change.
+//! - [`meta`]: exchanges, queues, bindings, counters and adapters' own records
+//!   (kind, key, opaque value) in an embedded ACID database (redb), one
+//!   committed transaction per change.
 //! - [`log`]: persistent messages in append-only segment files with group commit
 //!   and checksummed records, recovered (torn tail truncated) at start.
 //!
@@ -134,5 +135,14 @@ impl Store for DiskStore {
     }
     fn read_message(&self, stored: StoredRef) -> io::Result<Message> {
         self.log.read_message(stored)
+    }
+    fn save_record(&self, kind: &str, key: &str, value: &[u8]) -> io::Result<()> {
+        self.meta.save_record(kind, key, value)
+    }
+    fn delete_record(&self, kind: &str, key: &str) -> io::Result<()> {
+        self.meta.delete_record(kind, key)
+    }
+    fn records(&self, kind: &str) -> io::Result<Vec<(String, Vec<u8>)>> {
+        self.meta.records(kind)
     }
 }

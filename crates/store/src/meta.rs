@@ -1,9 +1,11 @@
-//! Durable metadata (exchanges, queues, bindings, counters) in an embedded ACID
+//! Durable metadata (exchanges, queues, bindings, counters, and adapters' own
+//! records such as MQTT retained messages and sessions) in an embedded ACID
 //! database (redb), one file in the data directory.
 //!
 //! Every change is its own committed transaction: metadata changes are rare
 //! (declare, bind, delete), and a client's declare-ok must mean the entity survives
-//! a crash. Values are postcard-encoded records from the core's `persist` module.
+//! a crash. Values are postcard-encoded records from the core's `persist` module;
+//! adapter records are stored as the adapter encoded them.
 
 use std::io;
 use std::path::Path;
@@ -20,6 +22,9 @@ const QUEUES: TableDefinition<&str, &[u8]> = TableDefinition::new("queues");
 const BINDINGS: TableDefinition<&[u8], ()> = TableDefinition::new("bindings");
 /// name -> counter value
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// `kind \0 key` -> an adapter's own encoded record (the store does not read it).
+/// One table for every kind: a kind's records are the range of its prefix.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
@@ -51,6 +56,7 @@ impl MetaStore {
         txn.open_table(QUEUES).map_err(io_err)?;
         txn.open_table(BINDINGS).map_err(io_err)?;
         txn.open_table(COUNTERS).map_err(io_err)?;
+        txn.open_table(RECORDS).map_err(io_err)?;
         txn.commit().map_err(io_err)?;
         Ok(MetaStore { db })
     }
@@ -136,6 +142,40 @@ impl MetaStore {
             Ok(())
         })?;
         Ok(value)
+    }
+
+    pub fn save_record(&self, kind: &str, k: &str, value: &[u8]) -> io::Result<()> {
+        self.write(|txn| {
+            let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+            t.insert(key(kind, k).as_str(), value).map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    pub fn delete_record(&self, kind: &str, k: &str) -> io::Result<()> {
+        self.write(|txn| {
+            let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+            t.remove(key(kind, k).as_str()).map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    /// The records of one kind, keys without the `kind \0` prefix.
+    pub fn records(&self, kind: &str) -> io::Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let t = txn.open_table(RECORDS).map_err(io_err)?;
+        // `kind \0` .. `kind \x01`: exactly the keys with this kind's prefix
+        // (a kind containing `\0` would be ambiguous; kinds are adapter constants).
+        let from = format!("{kind}\0");
+        let to = format!("{kind}\u{1}");
+        let mut out = Vec::new();
+        for entry in t.range(from.as_str()..to.as_str()).map_err(io_err)? {
+            let (k, v) = entry.map_err(io_err)?;
+            let k = k.value();
+            let name = k.strip_prefix(from.as_str()).unwrap_or(k);
+            out.push((name.to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Everything stored, for recovery.

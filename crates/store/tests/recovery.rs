@@ -322,3 +322,32 @@ fn stored_messages_read_back_by_reference_before_and_after_reopen() {
         "a bad reference is an error, not garbage"
     );
 }
+
+#[test]
+fn adapter_records_survive_a_reopen_per_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _, _) = DiskStore::open(dir.path()).unwrap();
+        store.save_record("a", "x\0one", b"1").unwrap();
+        store.save_record("a", "x\0two", b"2").unwrap();
+        store.save_record("a", "x\0two", b"2b").unwrap();
+        store.save_record("ab", "k", b"other kind").unwrap();
+        store.save_record("b", "gone", b"3").unwrap();
+        store.delete_record("b", "gone").unwrap();
+        store.delete_record("b", "never there").unwrap();
+        store.close();
+    }
+    let (store, _, _) = DiskStore::open(dir.path()).unwrap();
+    assert_eq!(
+        store.records("a").unwrap(),
+        [
+            ("x\0one".to_owned(), b"1".to_vec()),
+            ("x\0two".to_owned(), b"2b".to_vec())
+        ]
+    );
+    assert_eq!(
+        store.records("ab").unwrap(),
+        [("k".to_owned(), b"other kind".to_vec())]
+    );
+    assert!(store.records("b").unwrap().is_empty());
+}

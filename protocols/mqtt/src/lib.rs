@@ -7,6 +7,8 @@
 //!   packets out. No sockets, no clock.
 //! - [`state`]: broker-wide MQTT state shared by all connections: the client-id
 //!   registry and persistent sessions, retained messages, delayed wills.
+//! - [`persist`]: the stored form of retained messages and persistent sessions
+//!   (records in the broker's store, when it has one).
 //! - [`conn`]: the one async part: owns the socket, feeds the session.
 //!
 //! Must not: depend on another protocol crate, or keep anything the core should
@@ -15,6 +17,7 @@
 pub mod codec;
 pub mod conn;
 pub mod mapping;
+pub mod persist;
 pub mod session;
 pub mod state;
 

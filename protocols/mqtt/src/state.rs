@@ -8,9 +8,12 @@
 //! - will messages waiting for their delay ([`MqttState::schedule_will`]);
 //! - reference counts of shared-subscription queues.
 //!
-//! Persistence is a later issue (crates/store does not exist yet): sessions and
-//! retained messages live in memory only, behind [`RetainedStore`] and the
-//! session map, which are the two places a store will back.
+//! Persistence: when the broker has a store ([`Broker::store`]), retained
+//! messages and persistent sessions are written through to it as records
+//! ([`crate::persist`]) and read back by [`MqttState::open`] at start; without
+//! one (unit tests) they live in memory only. Messages of a persistent session
+//! are not in its record: they wait in its durable queues, which the core
+//! recovers itself.
 //!
 //! Must not: speak the protocol (no packets here), hold a lock across `.await`.
 //! Locks are `parking_lot::Mutex`es held for short synchronous sections. Lock
@@ -23,14 +26,16 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use switchyard_core::consumer::Consumer;
-use switchyard_core::queue::{Queue, QueuedMessage};
-use switchyard_core::vhost::{Routed, VHost};
-use switchyard_core::{Broker, CoreResult, Message};
+use switchyard_core::persist::Store;
+use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
+use switchyard_core::vhost::{QueueDeclare, Routed, VHost};
+use switchyard_core::{Broker, CoreError, CoreResult, ErrorKind, FieldTable, Message};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{Publish, SubOptions};
 use crate::mapping;
+use crate::persist::{self, SessionRecord};
 
 /// A session's identity: client ids are per vhost.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -104,6 +109,11 @@ pub struct SessionData {
     pub expires_at: Option<Instant>,
     /// Queue names this session made (its own qos0/qos1 queues).
     pub own_queues: Vec<String>,
+    /// The protocol level of the last CONNECT (3, 4 or 5), for its record.
+    pub protocol_level: u8,
+    /// The record last written to the store (`None`: no record exists), so an
+    /// unchanged session is not written again on every reconnect.
+    stored: Option<Vec<u8>>,
 }
 
 impl SessionData {
@@ -121,6 +131,8 @@ impl SessionData {
             expiry_secs: 0,
             expires_at: None,
             own_queues: Vec::new(),
+            protocol_level: 4,
+            stored: None,
         }
     }
 
@@ -156,20 +168,63 @@ pub struct Retained {
 /// Retained messages per vhost, by topic. Wildcard subscriptions scan the
 /// vhost's map: retained topics are few compared with publishes, and a scan
 /// happens once per SUBSCRIBE, never on the publish path.
+///
+/// With a store, every change is written through (record kind
+/// [`persist::RETAINED`]) before it is made in memory and before the publish
+/// is routed, so the PUBACK of a retained PUBLISH means the retained message
+/// survives a `kill -9`. That is one synchronous redb commit (an fsync) per
+/// retained PUBLISH, on the publishing connection's task: acceptable because a
+/// retained message is the last known state of a topic (a device's status,
+/// its configuration), updated per topic now and then rather than streamed;
+/// publishes without the retain flag never touch it.
 #[derive(Debug, Default)]
 pub struct RetainedStore {
     by_vhost: Mutex<HashMap<String, BTreeMap<String, Retained>>>,
+    store: Option<Arc<dyn Store>>,
+    /// Held across a store write and the matching change in memory, so that
+    /// two publishers of the same topic leave disk and memory agreeing on the
+    /// last one. Separate from `by_vhost` so SUBSCRIBEs do not wait for fsyncs.
+    writing: Mutex<()>,
 }
 
 impl RetainedStore {
-    /// Stores (or with an empty payload, clears) the retained message of `topic`.
-    pub fn set(&self, vhost: &str, topic: &str, message: Arc<Message>) {
+    fn with_store(store: Option<Arc<dyn Store>>) -> Self {
+        RetainedStore {
+            store,
+            ..RetainedStore::default()
+        }
+    }
+
+    /// Stores (or with an empty payload, clears) the retained message of
+    /// `topic`: on disk first, when there is a store. A failed write changes
+    /// nothing and is returned.
+    pub fn set(&self, vhost: &str, topic: &str, message: Arc<Message>) -> std::io::Result<()> {
+        let _writing = self.writing.lock();
+        let clear = message.body.is_empty();
+        if let Some(store) = &self.store {
+            let key = persist::key(vhost, topic);
+            if clear {
+                // Only a topic that has a retained message has a record: clearing
+                // an unknown topic (a common "make sure it is empty") costs no write.
+                if self
+                    .by_vhost
+                    .lock()
+                    .get(vhost)
+                    .is_some_and(|v| v.contains_key(topic))
+                {
+                    store.delete_record(persist::RETAINED, &key)?;
+                }
+            } else {
+                let value = persist::encode_retained(vhost, topic, &message)?;
+                store.save_record(persist::RETAINED, &key, &value)?;
+            }
+        }
         let mut map = self.by_vhost.lock();
-        if message.body.is_empty() {
+        if clear {
             if let Some(v) = map.get_mut(vhost) {
                 v.remove(topic);
             }
-            return;
+            return Ok(());
         }
         map.entry(vhost.to_owned()).or_default().insert(
             topic.to_owned(),
@@ -178,6 +233,35 @@ impl RetainedStore {
                 message,
             },
         );
+        Ok(())
+    }
+
+    /// Reads the stored retained messages back (at start, before any client).
+    fn load(&self) -> std::io::Result<usize> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let mut map = self.by_vhost.lock();
+        let mut n = 0;
+        for (key, value) in store.records(persist::RETAINED)? {
+            match persist::decode_retained(&value) {
+                Ok(r) => {
+                    map.entry(r.vhost).or_default().insert(
+                        r.topic.clone(),
+                        Retained {
+                            topic: r.topic,
+                            message: Arc::new(r.message),
+                        },
+                    );
+                    n += 1;
+                }
+                // One unreadable record must not keep the broker from starting.
+                Err(e) => {
+                    tracing::warn!(key = %key.escape_debug(), error = %e, "skipping unreadable retained message record")
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// The retained messages whose topic matches `filter`.
@@ -197,11 +281,30 @@ impl RetainedStore {
         self.by_vhost.lock().get(vhost).map_or(0, BTreeMap::len)
     }
 
-    /// Drops retained messages whose expiry has passed.
+    /// Drops retained messages whose expiry has passed (from the store too).
     fn expire(&self, now_ms: u64) {
-        let mut map = self.by_vhost.lock();
-        for v in map.values_mut() {
-            v.retain(|_, r| mapping::from_core(&r.message, false, now_ms).is_some());
+        let _writing = self.writing.lock();
+        let mut gone = Vec::new();
+        {
+            let mut map = self.by_vhost.lock();
+            for (vhost, v) in map.iter_mut() {
+                v.retain(|topic, r| {
+                    let keep = mapping::from_core(&r.message, false, now_ms).is_some();
+                    if !keep {
+                        gone.push(persist::key(vhost, topic));
+                    }
+                    keep
+                });
+            }
+        }
+        if let Some(store) = &self.store {
+            for key in gone {
+                // A record left behind is harmless: it is loaded expired after a
+                // restart and dropped again by the first tick.
+                if let Err(e) = store.delete_record(persist::RETAINED, &key) {
+                    tracing::warn!(error = %e, "cannot delete an expired retained message record");
+                }
+            }
         }
     }
 }
@@ -225,6 +328,15 @@ pub struct MqttState {
     wills: Mutex<Vec<PendingWill>>,
     /// (vhost, queue) -> sessions subscribed through that shared queue.
     shared: Mutex<HashMap<(String, String), usize>>,
+    /// Where persistent sessions are written (`None`: memory only).
+    store: Option<Arc<dyn Store>>,
+}
+
+/// What [`MqttState::open`] read back, for the log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Restored {
+    pub retained: usize,
+    pub sessions: usize,
 }
 
 /// The wall clock in milliseconds since the Unix epoch (0 if the clock is
@@ -236,12 +348,107 @@ pub fn unix_ms() -> u64 {
 }
 
 impl MqttState {
+    /// State in memory only (no store).
     pub fn new() -> Arc<Self> {
         Arc::new(MqttState::default())
     }
 
+    /// State backed by the broker's store, if it has one: retained messages and
+    /// persistent sessions are read back from it, and written through from now
+    /// on. Call once at start, after the core recovered its queues (restored
+    /// sessions consume them) and before any MQTT client connects.
+    ///
+    /// Restored sessions are detached, and their expiry runs from now (the
+    /// restart): the store does not know when a client went away (a `kill -9`
+    /// leaves no trace of the connections it cut), and counting from the restart
+    /// never ends a session before its client had the full interval to return.
+    /// `exchange` is the one subscriptions bind from (`[mqtt] exchange`).
+    pub fn open(broker: &Broker, exchange: &str) -> std::io::Result<(Arc<Self>, Restored)> {
+        let store = broker.store();
+        let state = MqttState {
+            retained: RetainedStore::with_store(store.clone()),
+            store: store.clone(),
+            ..MqttState::default()
+        };
+        let mut restored = Restored {
+            retained: state.retained.load()?,
+            sessions: 0,
+        };
+        if let Some(store) = &store {
+            let now = Instant::now();
+            for (key, value) in store.records(persist::SESSION)? {
+                let record = match SessionRecord::decode(&value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(key = %key.escape_debug(), error = %e, "skipping unreadable MQTT session record");
+                        continue;
+                    }
+                };
+                match state.restore_session(broker, exchange, record, value, now) {
+                    Ok(()) => restored.sessions += 1,
+                    Err(e) => {
+                        tracing::warn!(key = %key.escape_debug(), error = %e, "cannot restore MQTT session")
+                    }
+                }
+            }
+        }
+        Ok((Arc::new(state), restored))
+    }
+
+    /// Re-creates one stored session, detached, with its subscriptions. Its
+    /// queues are durable, so the core has recovered them with their bindings
+    /// and messages; a queue that is missing anyway (the session had become
+    /// persistent only after subscribing) is declared and bound again.
+    fn restore_session(
+        &self,
+        broker: &Broker,
+        exchange: &str,
+        r: SessionRecord,
+        stored: Vec<u8>,
+        now: Instant,
+    ) -> CoreResult<()> {
+        let vhost = broker.vhost(&r.vhost)?;
+        let key = SessionKey {
+            vhost: r.vhost.clone(),
+            client_id: r.client_id.clone(),
+        };
+        let mut data = SessionData::new(key.clone(), r.origin);
+        data.expiry_secs = r.expiry_secs;
+        data.expires_at = (r.expiry_secs != u32::MAX)
+            .then(|| now + Duration::from_secs(u64::from(r.expiry_secs)));
+        data.own_queues = r.own_queues;
+        data.protocol_level = r.protocol_level;
+        data.stored = Some(stored);
+        for s in &r.subscriptions {
+            let sub = s.subscription();
+            if vhost.queue(&sub.queue).is_err() {
+                vhost.declare_queue(QueueDeclare {
+                    name: sub.queue.clone(),
+                    passive: false,
+                    options: QueueOptions {
+                        durable: true,
+                        exclusive: false,
+                        auto_delete: false,
+                        arguments: FieldTable::new(),
+                    },
+                    connection: 0,
+                    ..QueueDeclare::default()
+                })?;
+                vhost.bind_queue(&sub.queue, exchange, &sub.key, FieldTable::new(), 0)?;
+            }
+            if sub.share.is_some() {
+                self.acquire_shared(&vhost.name, &sub.queue);
+            }
+            data.subscriptions.insert(s.raw.clone(), sub);
+        }
+        self.sessions.lock().insert(key, Arc::new(Mutex::new(data)));
+        Ok(())
+    }
+
     /// Publishes a message an MQTT client (or a will) sent: stores or clears the
-    /// retained message first, then routes it like any other publish.
+    /// retained message first (on disk, when there is a store), then routes it
+    /// like any other publish. A retained message that cannot be stored refuses
+    /// the publish: the client must not get a PUBACK for it.
     pub fn publish(
         &self,
         vhost: &VHost,
@@ -250,9 +457,71 @@ impl MqttState {
         retain: bool,
     ) -> CoreResult<Routed> {
         if retain {
-            self.retained.set(&vhost.name, topic, message.clone());
+            self.retained
+                .set(&vhost.name, topic, message.clone())
+                .map_err(|e| {
+                    tracing::error!(vhost = %vhost.name, topic, error = %e, "cannot store retained message");
+                    CoreError::new(
+                        ErrorKind::ResourceError,
+                        format!("cannot store retained message: {e}"),
+                    )
+                })?;
         }
         vhost.publish(message)
+    }
+
+    /// Writes the session's record when it is persistent (expiry > 0) and
+    /// changed since the last write, deletes it when the session stopped being
+    /// persistent. Call under the session's lock after every change of what the
+    /// record holds (CONNECT, SUBSCRIBE, UNSUBSCRIBE, DISCONNECT's expiry), so
+    /// writes of one session reach the store in order. A failed write is logged
+    /// and the session goes on in memory: it would only be missing after a
+    /// restart, and refusing the client now would not bring it back.
+    pub fn persist_session(&self, data: &mut SessionData) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let key = persist::key(&data.key.vhost, &data.key.client_id);
+        if data.expiry_secs == 0 {
+            if data.stored.is_some() {
+                match store.delete_record(persist::SESSION, &key) {
+                    Ok(()) => data.stored = None,
+                    Err(e) => {
+                        tracing::warn!(client_id = %data.key.client_id, error = %e, "cannot delete MQTT session record")
+                    }
+                }
+            }
+            return;
+        }
+        let value = match SessionRecord::of(data).encode() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(client_id = %data.key.client_id, error = %e, "cannot encode MQTT session record");
+                return;
+            }
+        };
+        if data.stored.as_ref() == Some(&value) {
+            return;
+        }
+        match store.save_record(persist::SESSION, &key, &value) {
+            Ok(()) => data.stored = Some(value),
+            Err(e) => {
+                tracing::warn!(client_id = %data.key.client_id, error = %e, "cannot store MQTT session record")
+            }
+        }
+    }
+
+    /// Deletes the session's record, if it has one (the session ended).
+    fn forget_session(&self, data: &mut SessionData) {
+        if data.stored.take().is_none() {
+            return;
+        }
+        if let Some(store) = &self.store {
+            let key = persist::key(&data.key.vhost, &data.key.client_id);
+            if let Err(e) = store.delete_record(persist::SESSION, &key) {
+                tracing::warn!(client_id = %data.key.client_id, error = %e, "cannot delete MQTT session record");
+            }
+        }
     }
 
     /// Attaches connection `conn` to the session `key`, creating it or, with
@@ -262,7 +531,6 @@ impl MqttState {
     /// existing one was resumed (CONNACK's session-present flag).
     pub fn attach(
         &self,
-        broker: &Broker,
         vhost: &Arc<VHost>,
         key: SessionKey,
         conn: u64,
@@ -290,7 +558,11 @@ impl MqttState {
             }
             self.destroy(vhost, &mut data);
         }
-        let mut data = SessionData::new(key.clone(), broker.next_id());
+        // A random origin rather than `broker.next_id()`: origins are stamped
+        // on messages that outlive a restart in durable queues, and ids restart
+        // from 1, so a counter would let a new session take an old one's origin
+        // and have no-local drop messages that are not its own.
+        let mut data = SessionData::new(key.clone(), rand::random::<u64>());
         data.owner = Some(conn);
         data.kick = Some(kick);
         let session = Arc::new(Mutex::new(data));
@@ -337,8 +609,13 @@ impl MqttState {
     }
 
     /// Ends a session: deletes its own queues, leaves its shared ones (deleting
-    /// a shared queue nobody else uses), gives back what it had in flight.
+    /// a shared queue nobody else uses), gives back what it had in flight, and
+    /// deletes its record. The delete runs under the session map's lock (as
+    /// the queue deletes do): sessions end at connection rate, not message rate,
+    /// and it keeps a new session of the same client id from being written
+    /// before the old record is gone.
     fn destroy(&self, vhost: &VHost, data: &mut SessionData) {
+        self.forget_session(data);
         for (q, c) in std::mem::take(&mut data.consumers) {
             vhost.cancel_consumer(&q, c.id);
         }

@@ -43,7 +43,7 @@ impl Version {
         self == Version::V5
     }
 
-    fn level(self) -> u8 {
+    pub fn level(self) -> u8 {
         match self {
             Version::V31 => 3,
             Version::V311 => 4,

@@ -573,15 +573,16 @@ impl Session {
             vhost: vhost_name,
             client_id,
         };
-        let (session, present) = self.state.attach(
-            &self.broker,
-            &vhost,
-            key,
-            self.id,
-            self.kick.clone(),
-            c.clean_start,
-        );
-        session.lock().expiry_secs = expiry;
+        let (session, present) =
+            self.state
+                .attach(&vhost, key, self.id, self.kick.clone(), c.clean_start);
+        {
+            let mut data = session.lock();
+            data.expiry_secs = expiry;
+            data.protocol_level = self.version.level();
+            // Before the CONNACK: session-present after a restart needs the record.
+            self.state.persist_session(&mut data);
+        }
         self.session = Some(session);
 
         // Keep-alive: the server may lower it (MQTT 5 Server Keep Alive).
@@ -1153,6 +1154,8 @@ impl Session {
         }));
         // Retained messages follow the SUBACK (spec 3.8.4).
         let mut data = session.lock();
+        // One record write per SUBSCRIBE, however many filters it had.
+        self.state.persist_session(&mut data);
         for (r, qos, id) in retained {
             let Some((topic, mut props)) =
                 mapping::from_core(&r.message, self.lossless, now.unix_ms)
@@ -1353,6 +1356,7 @@ impl Session {
                 let _ = vhost.unbind_queue(&sub.queue, &exchange, &sub.key, &FieldTable::new(), 0);
             }
         }
+        self.state.persist_session(&mut data);
         drop(data);
         self.send(&Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
@@ -1373,6 +1377,7 @@ impl Session {
                 ));
             }
             data.expiry_secs = new.min(self.settings.max_session_expiry_secs);
+            self.state.persist_session(&mut data);
         }
         // A normal DISCONNECT discards the will; 0x04 asks for it (MQTT 5).
         if !(self.v5() && d.reason == reason::DISCONNECT_WITH_WILL_MESSAGE) {
