@@ -81,7 +81,7 @@ async fn run_sensors(mqtt_addr: String) {
                 ("humidity", format!("{humidity:.0}")),
             ] {
                 let topic = format!("sensors/{room}/{metric}");
-                if tick % 10 == 0 && i == 0 {
+                if tick.is_multiple_of(10) && i == 0 {
                     println!("sensors: {topic} = {value} (and the others, every second)");
                 }
                 client

@@ -751,8 +751,8 @@ mod tests {
             e.contains("missing field `password_hash` in [[users]]"),
             "{e}"
         );
-        let e = err("[listeners]\nmqtt = \"0.0.0.0:1883\"\n");
-        assert!(e.contains("unknown field `mqtt` in [listeners]"), "{e}");
+        let e = err("[listeners]\nampq = \"0.0.0.0:5672\"\n");
+        assert!(e.contains("unknown field `ampq` in [listeners]"), "{e}");
     }
 
     #[test]
