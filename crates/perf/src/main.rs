@@ -281,6 +281,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
 
     let broker_start = cli.broker_pid.map(procstat::sample).transpose()?;
     let client_start = procstat::sample_self()?;
+    let machine_start = procstat::machine_busy_secs()?;
     let started = Instant::now();
     let mut producers = Vec::new();
     for i in 0..settings.producers {
@@ -334,6 +335,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
     );
     let broker_end = cli.broker_pid.map(procstat::sample).transpose()?;
     let client_end = procstat::sample_self()?;
+    let machine_end = procstat::machine_busy_secs()?;
 
     let mut hist = run::histogram()?;
     for p in producers {
@@ -405,6 +407,13 @@ async fn run_cli(cli: Cli) -> Result<()> {
         latency: report::Latency::from(&hist),
         broker,
         client_cpu_secs: client_end.cpu_secs - client_start.cpu_secs,
+        other_cpu_secs: broker_cpu_other(
+            machine_end - machine_start,
+            client_end.cpu_secs - client_start.cpu_secs,
+            broker_start
+                .zip(broker_end)
+                .map(|(s, e)| e.cpu_secs - s.cpu_secs),
+        ),
         client_threads: cli.threads,
         errors,
     };
@@ -414,6 +423,12 @@ async fn run_cli(cli: Cli) -> Result<()> {
         report.print_table();
     }
     Ok(())
+}
+
+/// CPU seconds used during the window by processes other than the broker and this
+/// tool (None without a broker pid): how noisy the shared machine was.
+fn broker_cpu_other(machine: f64, client: f64, broker: Option<f64>) -> Option<f64> {
+    broker.map(|b| (machine - client - b).max(0.0))
 }
 
 /// Connections held open, doing nothing, until dropped.

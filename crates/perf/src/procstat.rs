@@ -55,3 +55,21 @@ fn read(dir: &str) -> Result<Sample> {
         hwm_kb: kb("VmHWM:"),
     })
 }
+
+/// CPU seconds the whole machine has spent busy (all cores, all processes) since
+/// boot, from the first line of /proc/stat: user, nice, system, irq, softirq and
+/// steal (guest time is already inside user). Subtracting the broker's and this
+/// tool's CPU from the difference over a run gives what *other* processes used:
+/// the noise on a shared machine.
+pub fn machine_busy_secs() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().unwrap_or("");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    Ok(busy as f64 / TICKS_PER_SEC)
+}

@@ -76,6 +76,8 @@ pub struct Report {
     /// CPU seconds this load generator used in the window (to show it is not the bottleneck).
     pub client_cpu_secs: f64,
     pub client_threads: usize,
+    /// CPU seconds other processes used during the window (noise on a shared machine).
+    pub other_cpu_secs: Option<f64>,
     pub errors: Vec<String>,
 }
 
@@ -126,6 +128,12 @@ impl Report {
                 ),
             ),
             ("client cpu", format!("{:.2} s", self.client_cpu_secs)),
+            (
+                "other processes' cpu",
+                self.other_cpu_secs.map_or("-".into(), |c| {
+                    format!("{c:.2} s (noise from the rest of the machine)")
+                }),
+            ),
         ];
         if let Some(b) = &self.broker {
             rows.push((
