@@ -135,7 +135,8 @@ def main():
       "but for loopback ports and a temporary data directory")
     w(f"- {a.rounds} rounds of {a.duration} s per run (S7: 3 s holding the connections, on "
       "freshly started brokers)")
-    w(f"- Load average (1/5/15 min) before: {a.load_before}; after: {a.load_after}; "
+    three = lambda v: " ".join((v or "").split()[:3])  # noqa: E731
+    w(f"- Load average (1/5/15 min) before: {three(a.load_before)}; after: {three(a.load_after)}; "
       f"1-minute load at the start of each run: median {fmt(med(loads))}, max {fmt(max(loads) if loads else None)}. "
       "The load average counts the benchmark itself (broker and client keep both cores "
       "busy), so the noise is measured directly: the CPU time that processes other than "

@@ -436,7 +436,7 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
         Counters::add(&run.counters.sent, due);
     }
     ack_task.abort();
-    writer.close().await;
+    writer.finish(&[]).await;
     Ok(())
 }
 
@@ -646,6 +646,6 @@ pub async fn consumer(
     }
     let hist = rec.hist;
     // Cancel quickly; the broker requeues what we did not ack.
-    c.writer.close().await;
+    c.writer.finish(&[]).await;
     Ok(hist)
 }

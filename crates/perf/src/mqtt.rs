@@ -195,8 +195,7 @@ impl Conn {
     }
 
     pub async fn close(mut self) {
-        let _ = self.writer.send_one(&[0xe0, 0]).await;
-        self.writer.close().await;
+        self.writer.finish(&[0xe0, 0]).await;
     }
 }
 
@@ -305,8 +304,7 @@ pub async fn publisher(run: Shared, i: usize) -> Result<()> {
         Counters::add(&run.counters.sent, due);
     }
     ack_task.abort();
-    let _ = writer.send_one(&[0xe0, 0]).await;
-    writer.close().await;
+    writer.finish(&[0xe0, 0]).await;
     Ok(())
 }
 

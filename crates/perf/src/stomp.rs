@@ -150,8 +150,7 @@ impl Conn {
     }
 
     pub async fn close(mut self) {
-        let _ = self.writer.send_one(b"DISCONNECT\n\n\0").await;
-        self.writer.close().await;
+        self.writer.finish(b"DISCONNECT\n\n\0").await;
     }
 }
 
@@ -225,8 +224,7 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
         Counters::add(&run.counters.sent, due);
     }
     ack_task.abort();
-    let _ = writer.send_one(b"DISCONNECT\n\n\0").await;
-    writer.close().await;
+    writer.finish(b"DISCONNECT\n\n\0").await;
     Ok(())
 }
 

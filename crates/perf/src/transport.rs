@@ -148,6 +148,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Sends a last packet (a protocol's goodbye, may be empty) and closes, giving
+    /// up after 2 s: a broker that stopped reading (socket full of our publishes)
+    /// must not keep a finished run waiting.
+    pub async fn finish(&mut self, last: &[u8]) {
+        let bye = async {
+            if !last.is_empty() {
+                let _ = self.send_one(last).await;
+            }
+            self.close().await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bye).await;
+    }
+
     pub async fn close(&mut self) {
         match self {
             Writer::Tcp(w) => {
