@@ -82,12 +82,14 @@ impl QueuedMessage {
         self.on_disk.unwrap_or_else(|| self.message.body_size())
     }
 
-    /// The body bytes held in memory (what the memory alarm counts).
+    /// What the memory alarm counts for this message: its body plus the
+    /// per-message overhead while in memory (issue 6: bodies alone let 16-byte
+    /// messages grow the broker to gigabytes unnoticed), nothing once paged out.
     pub fn resident(&self) -> usize {
         if self.on_disk.is_some() {
             0
         } else {
-            self.message.body_size()
+            crate::memory::cost(self.message.body_size())
         }
     }
 }
@@ -450,14 +452,15 @@ impl Queue {
             let len = message.body_size();
             (without_body(&message), Some(len))
         } else {
-            self.memory.add(message.body_size());
+            // Body plus per-message overhead, as `QueuedMessage::resident` (issue 6).
+            self.memory.add(crate::memory::cost(message.body_size()));
             (message, None)
         };
         let mut st = self.state.lock();
         if st.deleted {
             drop(st);
             if on_disk.is_none() {
-                self.memory.sub(message.body_size());
+                self.memory.sub(crate::memory::cost(message.body_size()));
             }
             self.forget_stored(stored.iter());
             return Enqueued::Accepted;
@@ -548,7 +551,7 @@ impl Queue {
         let mut st = self.state.lock();
         for m in messages {
             if m.on_disk.is_none() {
-                self.memory.add(m.message.body_size());
+                self.memory.add(crate::memory::cost(m.message.body_size()));
             }
             let id = st.next_id;
             st.next_id += 1;
@@ -595,7 +598,7 @@ impl Queue {
                 // delay the copy read back.
                 m.message = released(&Arc::new(full));
                 m.on_disk = None;
-                self.memory.add(len);
+                self.memory.add(crate::memory::cost(len));
                 Some(m)
             }
             Err(e) => {
@@ -734,7 +737,7 @@ impl Queue {
                 continue;
             };
             if consumer.no_ack() {
-                self.memory.sub(message.message.body_size());
+                self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
             } else {
                 st.unacked += 1;
@@ -846,7 +849,7 @@ impl Queue {
         }
         let got = next.map(|message| {
             if no_ack {
-                self.memory.sub(message.message.body_size());
+                self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
             } else {
                 st.unacked += 1;
