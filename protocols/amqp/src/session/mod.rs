@@ -221,6 +221,9 @@ pub struct Session {
     blocked_sent: bool,
     /// Why the connection ended, for the log.
     close_reason: Option<String>,
+    /// The client started the close handshake and has our close-ok: it closes the
+    /// socket itself, and must be given the time to (see [`Session::peer_closes`]).
+    peer_closes: bool,
     /// The store's synced position (None: no store, nothing to wait for).
     synced: Option<watch::Receiver<u64>>,
 }
@@ -249,6 +252,7 @@ impl Session {
             has_published: false,
             blocked_sent: false,
             close_reason: None,
+            peer_closes: false,
             synced,
         }
     }
@@ -270,6 +274,17 @@ impl Session {
     /// The socket should be closed once the output is flushed.
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// The connection ended with our close-ok to the client's connection.close: the
+    /// client closes the socket once it has read the close-ok, and the socket must
+    /// stay open until then (as RabbitMQ keeps it, for up to 30 s).
+    ///
+    /// Closing it first puts our FIN right behind the close-ok, and a client that
+    /// reads until the socket would block before it parses (lapin 2.x) then sees
+    /// end-of-stream before the close-ok and reports `ConnectionAborted`.
+    pub fn peer_closes(&self) -> bool {
+        self.peer_closes && self.state == State::Closed
     }
 
     /// connection.open-ok has been sent: the handshake timeout no longer applies.
@@ -431,6 +446,7 @@ impl Session {
                                 0,
                                 &Method::from(codec::ConnectionCloseOk {}),
                             );
+                            self.peer_closes = true;
                         }
                         self.state = State::Closed;
                     }
@@ -612,6 +628,7 @@ impl Session {
             (State::Running, Method::ConnectionClose(_)) => {
                 codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionCloseOk {}));
                 self.finish("client closed the connection".into());
+                self.peer_closes = true;
                 Ok(())
             }
             (_, Method::ConnectionClose(_)) => {
