@@ -467,4 +467,34 @@ mod lapin2_client {
         let closed = timeout(WAIT, conn.close(200, "bye")).await.unwrap();
         assert!(closed.is_ok(), "conn.close: {closed:?}");
     }
+
+    /// A close the broker starts (here 540 for `immediate`) reaches lapin 2 as the
+    /// broker's reply, not as a broken socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lapin2_sees_the_brokers_connection_close() {
+        let broker = start_broker().await;
+        let (conn, ch) = connect_and_publish(&broker.amqp_url(), "lapin2-c").await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        conn.on_error(move |e| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(e);
+            }
+        });
+        let _ = ch
+            .basic_publish(
+                "",
+                "lapin2-c",
+                BasicPublishOptions {
+                    immediate: true,
+                    ..Default::default()
+                },
+                b"now",
+                BasicProperties::default(),
+            )
+            .await;
+        let err = timeout(WAIT, rx).await.unwrap().unwrap();
+        let text = format!("{err:?}");
+        assert!(text.contains("NOT_IMPLEMENTED - immediate=true"), "{text}");
+    }
 }

@@ -552,6 +552,11 @@ impl Channel {
         let id = self.id;
         match method {
             Method::BasicPublish(m) => {
+                if m.immediate {
+                    // RabbitMQ dropped `immediate` in 3.0 and refuses it with this
+                    // connection error, before looking at anything else.
+                    return Err(ConnError::not_implemented("immediate=true").into());
+                }
                 // The exchange is checked when the content is complete (as RabbitMQ).
                 self.content = Some(Content {
                     publish: m,
