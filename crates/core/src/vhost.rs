@@ -389,8 +389,10 @@ impl VHost {
         if req.passive {
             return self.exchange(&req.name);
         }
+        // A channel error (406), not a connection error (503 in RabbitMQ 3.x): since
+        // RabbitMQ 4 one bad declare no longer takes down the connection's other channels.
         let kind = ExchangeKind::parse(&req.kind).ok_or_else(|| {
-            CoreError::command_invalid(format!("unknown exchange type '{}'", req.kind))
+            CoreError::precondition(format!("unknown exchange type '{}'", req.kind))
         })?;
         let mut exchanges = self.exchanges.write();
         if let Some(existing) = exchanges.get(&req.name) {
