@@ -423,10 +423,10 @@ mod tests {
 
     fn local_config(dir: &std::path::Path) -> Config {
         let mut c = Config::embedded().unwrap();
-        c.listeners.amqp = Some("127.0.0.1:0".parse().unwrap());
-        // The shipped ports of the other listeners may be taken on a test machine.
-        c.listeners.stomp = Some("127.0.0.1:0".parse().unwrap());
-        c.listeners.stomp_ws = Some("127.0.0.1:0".parse().unwrap());
+        // The shipped ports may be taken on a test machine (Mosquitto, RabbitMQ).
+        c.listeners
+            .move_all_to_port_zero([127, 0, 0, 1].into())
+            .unwrap();
         c.data_dir = dir.join("data");
         c
     }
@@ -438,6 +438,10 @@ mod tests {
         assert!(dir.join("data").is_dir());
         let addr = server.local_addrs()["amqp"];
         assert_ne!(addr.port(), 0);
+        // Every listener of the shipped config runs, each on a port of its own.
+        let addrs = server.local_addrs();
+        assert!(addrs.len() >= 5, "{addrs:?}");
+        assert!(addrs.values().all(|a| a.ip().is_loopback()), "{addrs:?}");
         // Whether a connection ends in time on shutdown is the adapter's business;
         // here the listener must stop.
         drop(tokio::net::TcpStream::connect(addr).await.unwrap());
