@@ -475,6 +475,10 @@ async fn lossless_topic_mode_round_trips_dots() {
     p.publish("fw/v1.2/status", QoS::AtMostOnce, false, "ok")
         .await
         .unwrap();
+    // `+` over a level with a dot routes only in lossless mode.
+    p.publish("fw/v1.2/temp.celsius", QoS::AtMostOnce, false, "21")
+        .await
+        .unwrap();
     // A topic whose levels differ only in the dot's place does not match.
     p.publish("fw/v1/2.status", QoS::AtMostOnce, false, "other")
         .await
@@ -484,22 +488,184 @@ async fn lossless_topic_mode_round_trips_dots() {
         (&got.topic[..], &got.payload[..]),
         ("fw/v1.2/status", &b"ok"[..])
     );
+    let got = v4_publish(&mut srx).await;
+    assert_eq!(
+        (&got.topic[..], &got.payload[..]),
+        ("fw/v1.2/temp.celsius", &b"21"[..])
+    );
     // The default vhost stays lossy, as RabbitMQ.
     let (d, mut drx, _t3) = v4_client(v4_opts(addr, "lossy-sub"));
     v4_connack(&mut drx).await;
-    d.subscribe("fw/v1/#", QoS::AtMostOnce).await.unwrap();
+    d.subscribe("fw/#", QoS::AtMostOnce).await.unwrap();
     v4_suback(&mut drx).await;
     let (dp, mut dprx, _t4) = v4_client(v4_opts(addr, "lossy-pub"));
     v4_connack(&mut dprx).await;
     dp.publish("fw/v1.2/status", QoS::AtMostOnce, false, "lossy")
         .await
         .unwrap();
+    // Received on the topic that was published (issue 12), although the
+    // routing key is RabbitMQ's lossy `fw.v1.2.status`.
     let got = v4_publish(&mut drx).await;
-    assert_eq!(&got.topic[..], "fw/v1/2/status");
+    assert_eq!(&got.topic[..], "fw/v1.2/status");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), v4_publish(&mut srx))
             .await
             .is_err(),
         "other vhost"
+    );
+}
+
+/// The topic of a rumqttc v5 PUBLISH, as text.
+fn topic5(p: &rumqttc::v5::mqttbytes::v5::Publish) -> String {
+    String::from_utf8(p.topic.to_vec()).unwrap()
+}
+
+/// Issue 12 item 1: topics with `.`, `%` and `*` inside levels reach plain,
+/// wildcard and shared subscriptions on exactly the topic the MQTT publisher
+/// used, while an AMQP consumer of amq.topic sees RabbitMQ's routing key; a
+/// message an AMQP publisher routed to a subscription is delivered even when its
+/// rebuilt topic does not match the filter (`.` inside the filter's level).
+#[tokio::test]
+async fn topics_with_dots_percent_and_stars_reach_mqtt_subscribers_exactly() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    let (_conn, ch) = amqp(&b).await;
+    let q = amqp_queue(&ch, "plant.#").await;
+    let (_tag, mut arx) = ch
+        .basic_consume_rx(BasicConsumeArguments::new(&q, "c").finish())
+        .await
+        .unwrap();
+
+    let (sub, mut srx, _t) = v5_client(v5_opts(addr, "dots-sub"));
+    v5_connack(&mut srx).await;
+    for f in ["plant/v1.2/+", "com.acme/x", "odd/#", "x/+/c"] {
+        sub.subscribe(f, QoS5::AtLeastOnce).await.unwrap();
+        v5_suback(&mut srx).await;
+    }
+    let (sh, mut shrx, _t2) = v5_client(v5_opts(addr, "dots-shared"));
+    v5_connack(&mut shrx).await;
+    sh.subscribe("$share/g/com.acme/#", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    v5_suback(&mut shrx).await;
+    let (publ, mut prx, _t3) = v5_client(v5_opts(addr, "dots-pub"));
+    v5_connack(&mut prx).await;
+
+    // Wildcard `+` over a level with a dot, and an AMQP consumer.
+    // (On main it was routed, then dropped: `plant/v1/2/temp` fails the filter.)
+    publ.publish("plant/v1.2/temp", QoS5::AtLeastOnce, false, "21")
+        .await
+        .unwrap();
+    let p = v5_publish(&mut srx).await;
+    assert_eq!(
+        (topic5(&p).as_str(), &p.payload[..]),
+        ("plant/v1.2/temp", &b"21"[..])
+    );
+    let m = tokio::time::timeout(WAIT, arx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.deliver.unwrap().routing_key(), "plant.v1.2.temp");
+
+    // A plain filter with a dot, and a shared subscription with `#`.
+    publ.publish("com.acme/x", QoS5::AtLeastOnce, false, "acme")
+        .await
+        .unwrap();
+    assert_eq!(topic5(&v5_publish(&mut srx).await), "com.acme/x");
+    assert_eq!(topic5(&v5_publish(&mut shrx).await), "com.acme/x");
+
+    // `%`, `*` and `.` inside levels under `#`.
+    publ.publish("odd/50%/a*b/c.d", QoS5::AtLeastOnce, false, "odd")
+        .await
+        .unwrap();
+    assert_eq!(topic5(&v5_publish(&mut srx).await), "odd/50%/a*b/c.d");
+
+    // MQTT's answer, not RabbitMQ's: `x/+/c` does not take `x.b/c`, although
+    // its key `x.b.c` matches the binding `x.*.c`.
+    publ.publish("x.b/c", QoS5::AtLeastOnce, false, "no")
+        .await
+        .unwrap();
+    publ.publish("x/b/c", QoS5::AtLeastOnce, false, "yes")
+        .await
+        .unwrap();
+    let p = v5_publish(&mut srx).await;
+    assert_eq!(
+        (topic5(&p).as_str(), &p.payload[..]),
+        ("x/b/c", &b"yes"[..])
+    );
+
+    // AMQP publishers: the key `plant.v1.2.boiler` matches the binding of
+    // `plant/v1.2/+` (`plant.v1.2.*`); its topic is RabbitMQ's mapping of the key,
+    // which the MQTT filter alone would not match: delivered all the same.
+    for key in ["plant.v1.2.boiler", "odd.x#y"] {
+        ch.basic_publish(
+            BasicProperties::default(),
+            key.as_bytes().to_vec(),
+            BasicPublishArguments::new("amq.topic", key),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(topic5(&v5_publish(&mut srx).await), "plant/v1/2/boiler");
+    assert_eq!(topic5(&v5_publish(&mut srx).await), "odd/x#y");
+}
+
+/// Issue 12 item 1: the topic survives dead-lettering. An AMQP queue with a
+/// TTL parks what an MQTT client published and dead-letters it (same routing
+/// key) through a fanout exchange bound to an MQTT subscriber's queue: the
+/// subscriber receives it on the published topic, although none of its own
+/// filters matches (it was routed there).
+#[tokio::test]
+async fn dead_lettered_mqtt_message_keeps_its_topic() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    let (_conn, ch) = amqp(&b).await;
+    let (sub, mut srx, _t) = v5_client(v5_opts(addr, "dl-sub"));
+    v5_connack(&mut srx).await;
+    sub.subscribe("unrelated/+", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    v5_suback(&mut srx).await;
+    ch.exchange_declare(amqprs::channel::ExchangeDeclareArguments::new(
+        "dlx-f", "fanout",
+    ))
+    .await
+    .unwrap();
+    ch.queue_bind(QueueBindArguments::new(
+        "mqtt-subscription-dl-subqos1",
+        "dlx-f",
+        "",
+    ))
+    .await
+    .unwrap();
+    let mut args = FieldTable::new();
+    args.insert(
+        FieldName::try_from("x-message-ttl").unwrap(),
+        FieldValue::I(10),
+    );
+    args.insert(
+        FieldName::try_from("x-dead-letter-exchange").unwrap(),
+        FieldValue::S(LongStr::try_from("dlx-f").unwrap()),
+    );
+    ch.queue_declare(
+        QueueDeclareArguments::new("parking")
+            .arguments(args)
+            .finish(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(QueueBindArguments::new("parking", "amq.topic", "parked.#"))
+        .await
+        .unwrap();
+
+    let (publ, mut prx, _t2) = v5_client(v5_opts(addr, "dl-pub"));
+    v5_connack(&mut prx).await;
+    publ.publish("parked/v1.2/x", QoS5::AtLeastOnce, false, "late")
+        .await
+        .unwrap();
+    let p = v5_publish(&mut srx).await;
+    assert_eq!(
+        (topic5(&p).as_str(), &p.payload[..]),
+        ("parked/v1.2/x", &b"late"[..])
     );
 }

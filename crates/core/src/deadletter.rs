@@ -127,7 +127,18 @@ pub fn dead_lettered(
     properties.headers = Some(headers);
 
     let key = routing_key.unwrap_or(&message.routing_key);
-    Message::new(exchange, key, properties, message.body.clone())
+    // The publisher's own topic goes along (an MQTT subscriber of the
+    // dead-letter queue sees what was published); the adapter that reads it
+    // checks it still fits the routing key, which a dead-letter key replaces.
+    Arc::new(Message {
+        exchange: exchange.to_owned(),
+        routing_key: key.to_owned(),
+        properties,
+        body: message.body.clone(),
+        origin: None,
+        received_ms: None,
+        topic: message.topic.clone(),
+    })
 }
 
 #[cfg(test)]

@@ -68,6 +68,43 @@ pub struct Message {
     /// expiry is left (MQTT 5 Message Expiry Interval). The core takes no time
     /// itself.
     pub received_ms: Option<u64>,
+    /// The name the publisher gave the destination in its own protocol, when
+    /// the routing key cannot give it back (an MQTT topic with a `.` inside a
+    /// level: `v1.2/x` and `v1/2/x` are both key `v1.2.x`). An internal
+    /// annotation: only the adapter of that protocol reads it, to hand its
+    /// subscribers exactly what was published; no converter shows it to AMQP or
+    /// STOMP clients. It is stored with the message and kept by dead-lettering.
+    /// Last in the struct so that records written before it existed still
+    /// decode ([`Message::decode_stored`]).
+    pub topic: Option<String>,
+}
+
+/// The stored layout of [`Message`] before `topic` existed, to read logs and
+/// records written then. Postcard is not self-describing: an old record fails
+/// to decode as a [`Message`] (it ends where `topic` would start), so readers
+/// try [`Message`] first and this layout second.
+#[derive(Debug, serde::Deserialize)]
+pub struct MessageV1 {
+    exchange: String,
+    routing_key: String,
+    properties: Properties,
+    body: Bytes,
+    origin: Option<u64>,
+    received_ms: Option<u64>,
+}
+
+impl From<MessageV1> for Message {
+    fn from(m: MessageV1) -> Self {
+        Message {
+            exchange: m.exchange,
+            routing_key: m.routing_key,
+            properties: m.properties,
+            body: m.body,
+            origin: m.origin,
+            received_ms: m.received_ms,
+            topic: None,
+        }
+    }
 }
 
 impl Message {
@@ -84,6 +121,7 @@ impl Message {
             body,
             origin: None,
             received_ms: None,
+            topic: None,
         })
     }
 

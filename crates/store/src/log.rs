@@ -156,7 +156,14 @@ fn parse_payload(p: &[u8]) -> Option<Record> {
             for i in 0..count {
                 queues.push(read_u64(p, 11 + i * 8)?);
             }
-            let message = postcard::from_bytes(p.get(11 + count * 8..)?).ok()?;
+            let bytes = p.get(11 + count * 8..)?;
+            // Records written before `Message::topic` existed have the older layout.
+            let message = postcard::from_bytes::<Message>(bytes)
+                .or_else(|_| {
+                    postcard::from_bytes::<switchyard_core::message::MessageV1>(bytes)
+                        .map(Message::from)
+                })
+                .ok()?;
             Some(Record::Message {
                 id,
                 queues,
@@ -599,4 +606,61 @@ fn write_batch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use switchyard_core::Properties;
+
+    /// The layout of `Message` before `topic` existed.
+    #[derive(serde::Serialize)]
+    struct OldMessage {
+        exchange: String,
+        routing_key: String,
+        properties: Properties,
+        body: Bytes,
+        origin: Option<u64>,
+        received_ms: Option<u64>,
+    }
+
+    fn payload(message: &[u8]) -> Vec<u8> {
+        let mut p = vec![KIND_MESSAGE];
+        p.extend_from_slice(&7u64.to_be_bytes());
+        p.extend_from_slice(&1u16.to_be_bytes());
+        p.extend_from_slice(&3u64.to_be_bytes());
+        p.extend_from_slice(message);
+        p
+    }
+
+    #[test]
+    fn records_written_before_the_topic_annotation_still_decode() {
+        let old = postcard::to_stdvec(&OldMessage {
+            exchange: "amq.topic".into(),
+            routing_key: "a.b".into(),
+            properties: Properties::default(),
+            body: Bytes::from_static(b"x"),
+            origin: Some(5),
+            received_ms: Some(9),
+        })
+        .unwrap();
+        let Some(Record::Message { id, message, .. }) = parse_payload(&payload(&old)) else {
+            panic!("old record not read");
+        };
+        assert_eq!(
+            (id, &message.routing_key[..], message.origin),
+            (7, "a.b", Some(5))
+        );
+        assert_eq!(message.topic, None);
+
+        let mut new =
+            (*Message::new("amq.topic", "v1.2.x", Properties::default(), Bytes::new())).clone();
+        new.topic = Some("v1.2/x".into());
+        let bytes = postcard::to_stdvec(&new).unwrap();
+        let Some(Record::Message { message, .. }) = parse_payload(&payload(&bytes)) else {
+            panic!("new record not read");
+        };
+        assert_eq!(*message, new);
+    }
 }

@@ -259,13 +259,17 @@ pub fn to_core(
             .map(|s| (u64::from(s) * 1000).to_string()),
         ..AmqpProperties::default()
     };
+    let routing_key = topic_to_key(&m.topic, lossless);
+    // The topic rides along only when the key cannot give it back.
+    let topic = (key_to_topic(&routing_key, lossless) != m.topic).then_some(m.topic);
     Arc::new(Message {
         exchange: exchange.to_owned(),
-        routing_key: topic_to_key(&m.topic, lossless),
+        routing_key,
         properties,
         body: m.payload,
         origin: Some(origin),
         received_ms: Some(now_ms),
+        topic,
     })
 }
 
@@ -357,7 +361,73 @@ pub fn from_core(m: &Message, lossless: bool, now_ms: u64) -> Option<(String, Pr
             }
         }
     }
-    Some((key_to_topic(&m.routing_key, lossless), p))
+    Some((topic_of(m, lossless), p))
+}
+
+/// The MQTT topic a subscriber receives a core message on. Rule: the topic the
+/// MQTT publisher used (the message's `topic` annotation) when the message
+/// still carries the routing key that topic maps to; otherwise (AMQP or STOMP
+/// publishers, a dead-letter routing key) the topic rebuilt from the routing
+/// key (`.` -> `/`).
+pub fn topic_of(m: &Message, lossless: bool) -> String {
+    match &m.topic {
+        Some(t) if topic_to_key(t, lossless) == m.routing_key => t.clone(),
+        _ => key_to_topic(&m.routing_key, lossless),
+    }
+}
+
+/// Whether a subscription (its MQTT filter and the binding key made from it)
+/// takes a message that reached its queue with `routing_key`, delivered as
+/// `topic`. Rules:
+/// - a topic starting with `$` is never taken by a filter starting with a
+///   wildcard (spec 4.7.2), although AMQP's `#` matches its key;
+/// - a message an MQTT client published (`exact`: its topic is the one it was
+///   published on, see [`topic_of`]) is taken when the filter matches the topic
+///   with MQTT's rules, as Mosquitto decides: `a/+/c` does not take `a.b/c`,
+///   although RabbitMQ's key `a.b.c` matches its binding `a.*.c`;
+/// - any other message (AMQP, STOMP) is taken when the filter matches its
+///   topic or the binding key matches its routing key: it was routed here, and
+///   a `.` inside the filter's level (`v1.2/+` matching key `v1.2.x`, topic
+///   `v1/2/x`) must not make it vanish at delivery.
+pub fn subscription_matches(
+    filter: &str,
+    pattern: &str,
+    topic: &str,
+    routing_key: &str,
+    exact: bool,
+) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    filter_matches(filter, topic) || (!exact && key_matches(pattern, routing_key))
+}
+
+/// Whether [`topic_of`] gives the topic an MQTT client published `m` on (the
+/// routing key alone cannot say so when `m` carries no annotation: an AMQP
+/// key never has one).
+pub fn has_published_topic(m: &Message, lossless: bool) -> bool {
+    m.topic
+        .as_deref()
+        .is_some_and(|t| topic_to_key(t, lossless) == m.routing_key)
+}
+
+/// Whether the binding key `pattern` matches the routing key `key` with the
+/// AMQP topic exchange's rules (`*` one word, `#` zero or more). Binding keys
+/// made by [`filter_to_key`] have `#` only as their last word (an MQTT filter
+/// has `#` only as its last level), which is all this needs to handle: a `#`
+/// elsewhere only matches itself. Linear in the number of words.
+pub fn key_matches(pattern: &str, key: &str) -> bool {
+    let mut p = switchyard_core::topic::words(pattern).peekable();
+    let mut k = switchyard_core::topic::words(key);
+    loop {
+        match (p.next(), k.next()) {
+            (Some("#"), _) if p.peek().is_none() => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -400,6 +470,62 @@ mod tests {
         assert!(!filter_matches("+/x", "$SYS/x"));
         assert!(filter_matches("$SYS/#", "$SYS/x"));
         assert!(filter_matches("+/+", "/x"));
+    }
+
+    #[test]
+    fn published_topics_ride_along_only_when_the_key_loses_them() {
+        let mk = |topic: &str, lossless: bool| {
+            to_core(
+                MqttMessage {
+                    topic: topic.into(),
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                    properties: Properties::default(),
+                    payload: Bytes::new(),
+                },
+                "amq.topic",
+                lossless,
+                1,
+                0,
+            )
+        };
+        let m = mk("v1.2/x", false);
+        assert_eq!(m.routing_key, "v1.2.x");
+        assert_eq!(m.topic.as_deref(), Some("v1.2/x"));
+        assert_eq!(topic_of(&m, false), "v1.2/x");
+        assert!(has_published_topic(&m, false));
+        assert_eq!(mk("a/b", false).topic, None);
+        assert_eq!(mk("v1.2/x", true).topic, None);
+        // A dead-letter routing key replaces the key: the topic no longer fits.
+        let mut dl = (*m).clone();
+        dl.routing_key = "failed".into();
+        assert_eq!(topic_of(&dl, false), "failed");
+        assert!(!has_published_topic(&dl, false));
+    }
+
+    #[test]
+    fn subscriptions_match_mqtt_topics_the_mqtt_way_and_amqp_keys_either_way() {
+        assert!(key_matches("a.*.c", "a.b.c"));
+        assert!(key_matches("a.#", "a"));
+        assert!(key_matches("#", ""));
+        assert!(!key_matches("a.*", "a.b.c"));
+        assert!(!key_matches("a.#", ""));
+        // MQTT publisher: MQTT's rules only.
+        assert!(subscription_matches(
+            "v1.2/+", "v1.2.*", "v1.2/x", "v1.2.x", true
+        ));
+        assert!(!subscription_matches(
+            "a/+/c", "a.*.c", "a.b/c", "a.b.c", true
+        ));
+        // AMQP publisher: routed by the key, delivered.
+        assert!(subscription_matches(
+            "v1.2/+", "v1.2.*", "v1/2/x", "v1.2.x", false
+        ));
+        // `$` topics never under a leading wildcard.
+        assert!(!subscription_matches("#", "#", "$SYS/x", "$SYS.x", false));
+        assert!(subscription_matches(
+            "$SYS/#", "$SYS.#", "$SYS/x", "$SYS.x", false
+        ));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use std::io;
 
 use serde::{Deserialize, Serialize};
+use switchyard_core::message::MessageV1;
 use switchyard_core::Message;
 
 use crate::codec::{QoS, SubOptions};
@@ -50,7 +51,16 @@ pub fn encode_retained(vhost: &str, topic: &str, message: &Message) -> io::Resul
 }
 
 pub fn decode_retained(bytes: &[u8]) -> io::Result<RetainedRecord<Message>> {
-    postcard::from_bytes(bytes).map_err(io_err)
+    postcard::from_bytes(bytes)
+        .or_else(|_| {
+            // Written before `Message::topic` existed.
+            postcard::from_bytes::<RetainedRecord<MessageV1>>(bytes).map(|r| RetainedRecord {
+                vhost: r.vhost,
+                topic: r.topic,
+                message: Message::from(r.message),
+            })
+        })
+        .map_err(io_err)
 }
 
 /// One subscription as stored (the codec's types stay free of serde).

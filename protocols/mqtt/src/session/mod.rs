@@ -1044,15 +1044,33 @@ impl Session {
             return;
         };
         // The subscriptions bound to this queue that match decide the QoS, the
-        // identifiers and retain-as-published (the queue's bindings may match
-        // more widely, e.g. `$` topics under `#`).
+        // identifiers and retain-as-published (rules in
+        // `mapping::subscription_matches`). A message that reached the queue
+        // through a binding no subscription explains (one an AMQP client added
+        // to the queue, a dead-letter exchange) is still delivered, at the
+        // queue's QoS: it was routed here. Only MQTT's own rules drop a message:
+        // `$` topics under a leading wildcard (4.7.2), no-local, and an MQTT
+        // topic its filter does not match although RabbitMQ's key does.
+        let exact = mapping::has_published_topic(&msg, self.lossless);
         let mut sub_qos: Option<QoS> = None;
+        let mut queue_qos: Option<QoS> = None;
+        let mut excluded = false;
         let mut rap = false;
         for s in data.subscriptions.values() {
-            if s.queue != d.queue.name || !mapping::filter_matches(&s.filter, &topic) {
+            if s.queue != d.queue.name {
                 continue;
             }
-            if s.options.no_local && msg.origin == Some(data.origin) {
+            if (topic.starts_with('$') && s.filter.starts_with(['+', '#']))
+                || (s.options.no_local && msg.origin == Some(data.origin))
+            {
+                excluded = true;
+                continue;
+            }
+            if !mapping::subscription_matches(&s.filter, &s.key, &topic, &msg.routing_key, exact) {
+                // An MQTT message its binding took but its filter does not
+                // (`a.b/c` under `a/+/c`): MQTT's answer is no.
+                excluded |= exact && mapping::key_matches(&s.key, &msg.routing_key);
+                queue_qos = queue_qos.max(Some(s.options.qos));
                 continue;
             }
             sub_qos = sub_qos.max(Some(s.options.qos));
@@ -1061,7 +1079,7 @@ impl Session {
                 props.subscription_identifiers.push(id);
             }
         }
-        let Some(sub_qos) = sub_qos else {
+        let Some(sub_qos) = sub_qos.or(queue_qos.filter(|_| !excluded)) else {
             self.discard(&d);
             return;
         };
