@@ -143,6 +143,9 @@ pub struct Session {
     /// persistent message goes only after the fsync that covers it; 0 = none,
     /// but it still waits for those before it so acks keep their order).
     pending_acks: VecDeque<(u64, Packet)>,
+    /// PUBACKs among `pending_acks`: QoS 1 PUBLISHes the client sent that we
+    /// have not acknowledged yet, counted against our Receive Maximum.
+    unacked_qos1: usize,
 }
 
 impl Session {
@@ -188,6 +191,7 @@ impl Session {
             finished: false,
             synced,
             pending_acks: VecDeque::new(),
+            unacked_qos1: 0,
             settings,
         }
     }
@@ -207,6 +211,7 @@ impl Session {
     pub fn flush_acks(&mut self) {
         if self.phase != Phase::Connected {
             self.pending_acks.clear();
+            self.unacked_qos1 = 0;
             return;
         }
         let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
@@ -216,6 +221,9 @@ impl Session {
             .is_some_and(|(at, _)| *at <= synced)
         {
             if let Some((_, p)) = self.pending_acks.pop_front() {
+                if let Packet::PubAck(_) = p {
+                    self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
+                }
                 self.send(&p);
             }
         }
@@ -226,6 +234,9 @@ impl Session {
         if durable_at == 0 && self.pending_acks.is_empty() {
             self.send(&p);
         } else {
+            if let Packet::PubAck(_) = p {
+                self.unacked_qos1 += 1;
+            }
             self.pending_acks.push_back((durable_at, p));
         }
     }
@@ -771,19 +782,25 @@ impl Session {
         };
         let origin = {
             let data = session.lock();
-            if p.qos == QoS::ExactlyOnce {
-                if data.incoming_qos2.contains(&p.packet_id) {
-                    // A re-sent QoS 2 PUBLISH: routed already; just confirm again.
-                    drop(data);
-                    self.send_after_sync(0, Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)));
-                    return Ok(());
-                }
-                if data.incoming_qos2.len() >= usize::from(self.settings.receive_maximum) {
-                    return Err(Close::new(
-                        reason::RECEIVE_MAXIMUM_EXCEEDED,
-                        "more unacknowledged QoS 2 PUBLISHes than the receive maximum",
-                    ));
-                }
+            if p.qos == QoS::ExactlyOnce && data.incoming_qos2.contains(&p.packet_id) {
+                // A re-sent QoS 2 PUBLISH: routed already; just confirm again.
+                drop(data);
+                self.send_after_sync(0, Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)));
+                return Ok(());
+            }
+            // Receive Maximum (MQTT 5 3.3.4): QoS 1 PUBLISHes count until their
+            // PUBACK is sent (which waits for the fsync when a durable queue
+            // took them), QoS 2 ones until PUBCOMP. 3.1.1 has no such limit:
+            // only QoS 2 packet ids are bounded there.
+            let unacked = data.incoming_qos2.len() + if self.v5() { self.unacked_qos1 } else { 0 };
+            if p.qos != QoS::AtMostOnce
+                && (self.v5() || p.qos == QoS::ExactlyOnce)
+                && unacked >= usize::from(self.settings.receive_maximum)
+            {
+                return Err(Close::new(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more unacknowledged QoS 1 and 2 PUBLISHes than the receive maximum",
+                ));
             }
             data.origin
         };
