@@ -32,7 +32,7 @@ class Client:
                  clean: bool = True, username: Optional[str] = "guest",
                  password: Optional[str] = "guest", will: Optional[dict] = None,
                  connect_props: Optional[Properties] = None, keepalive: int = 30,
-                 expect_rc: int = 0):
+                 expect_rc: int = 0, max_inflight: Optional[int] = None):
         self.version = version
         kwargs = {}
         if version != 5:
@@ -57,6 +57,9 @@ class Client:
             self.c.username_pw_set(username, password)
         if will:
             self.c.will_set(**will)
+        if max_inflight is not None:
+            # paho's own limit of unacknowledged QoS 1/2 PUBLISHes (0 = none).
+            self.c.max_inflight_messages_set(max_inflight)
         host, port = addr
         if version == 5:
             self.c.connect(host, port, keepalive, clean_start=clean, properties=connect_props)

@@ -297,3 +297,24 @@ def test_example_3_reverse_mqtt5_request_amqp_responder(mqtt_broker, transport):
     assert (m.topic, m.payload) == ("replies/me", b"pong:ping")
     assert m.properties.CorrelationData == b"abc"
     conn.close()
+
+
+def test_v5_qos1_beyond_receive_maximum_gets_disconnect_0x93(mqtt_broker_factory):
+    """Issue 12 item 3: a QoS 1 PUBLISH counts against our Receive Maximum until
+    its PUBACK is sent. paho does not apply the CONNACK's Receive Maximum (2 here)
+    to its own sending, so with no inflight limit of its own it exceeds it: a
+    durable queue takes the messages, so their PUBACKs wait for the fsync."""
+    b = mqtt_broker_factory(extra_toml="[mqtt]\nreceive_maximum = 2\n")
+    sub = Client(b.mqtt, cid("rm-sub"), 5, clean=False,
+                 connect_props=props(PacketTypes.CONNECT, SessionExpiryInterval=600))
+    assert sub.subscribe("rm/#", 1) == [1]
+    pub = Client(b.mqtt, cid("rm-pub"), 5, max_inflight=0)
+    assert pub.connack_props.ReceiveMaximum == 2
+    for _ in range(500):
+        pub.c.publish("rm/x", b"m", qos=1)
+    rc = pub.disconnects.get(timeout=10)
+    assert rc.value == 0x93, rc
+    # Within the limit nothing happens: a client that waits for each PUBACK.
+    ok = Client(b.mqtt, cid("rm-ok"), 5)
+    for _ in range(5):
+        assert ok.publish("rm/y", "fine", qos=1) == 0

@@ -5,6 +5,8 @@
 //!
 //! Postcard is not self-describing: a change to these types needs a new record
 //! kind (`mqtt.session.2`) or a migration, never a silent reinterpretation.
+//! Fields are only ever appended, and the reader of each record falls back to
+//! the layout before (a record of it ends early, so the newer layout fails).
 //!
 //! Must not: decide when to write (that is [`crate::state`]'s job), or speak
 //! the protocol.
@@ -81,7 +83,12 @@ pub struct SubscriptionRecord {
 
 /// What a persistent session needs to be resumed after a restart. In-flight
 /// QoS 1/2 messages are not here: they are in the session's durable queues,
-/// where the core recovers them (redelivered, so they go out with DUP).
+/// where the core recovers them (redelivered, so they go out with DUP). The
+/// QoS 2 handshakes that outlive their message's time in a queue are:
+/// `incoming_qos2` (client PUBLISHes we sent PUBREC for, PUBREL not yet
+/// received) and `pubrel_owed` (our PUBLISHes the client sent PUBREC for,
+/// PUBCOMP not yet received). Both were added after the first layout: records
+/// without them are read as [`SessionRecordV1`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub vhost: String,
@@ -95,6 +102,21 @@ pub struct SessionRecord {
     pub expiry_secs: u32,
     pub subscriptions: Vec<SubscriptionRecord>,
     pub own_queues: Vec<String>,
+    pub incoming_qos2: Vec<u16>,
+    pub pubrel_owed: Vec<u16>,
+}
+
+/// The first layout of [`SessionRecord`] (postcard: a record of it ends where
+/// the newer fields would start, so it fails to decode as the newer one).
+#[derive(Debug, Deserialize)]
+pub struct SessionRecordV1 {
+    vhost: String,
+    client_id: String,
+    protocol_level: u8,
+    origin: u64,
+    expiry_secs: u32,
+    subscriptions: Vec<SubscriptionRecord>,
+    own_queues: Vec<String>,
 }
 
 impl SessionRecord {
@@ -122,6 +144,8 @@ impl SessionRecord {
                 })
                 .collect(),
             own_queues: data.own_queues.clone(),
+            incoming_qos2: data.confirmed_incoming(),
+            pubrel_owed: data.pubrel_owed(),
         }
     }
 
@@ -130,7 +154,21 @@ impl SessionRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> io::Result<Self> {
-        postcard::from_bytes(bytes).map_err(io_err)
+        postcard::from_bytes(bytes)
+            .or_else(|_| {
+                postcard::from_bytes::<SessionRecordV1>(bytes).map(|r| SessionRecord {
+                    vhost: r.vhost,
+                    client_id: r.client_id,
+                    protocol_level: r.protocol_level,
+                    origin: r.origin,
+                    expiry_secs: r.expiry_secs,
+                    subscriptions: r.subscriptions,
+                    own_queues: r.own_queues,
+                    incoming_qos2: Vec::new(),
+                    pubrel_owed: Vec::new(),
+                })
+            })
+            .map_err(io_err)
     }
 }
 
@@ -150,5 +188,49 @@ impl SubscriptionRecord {
             queue: self.queue.clone(),
             key: self.key.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first layout, as it was written.
+    #[derive(Serialize)]
+    struct V1<'a> {
+        vhost: &'a str,
+        client_id: &'a str,
+        protocol_level: u8,
+        origin: u64,
+        expiry_secs: u32,
+        subscriptions: Vec<SubscriptionRecord>,
+        own_queues: Vec<String>,
+    }
+
+    #[test]
+    fn session_records_of_the_first_layout_still_decode() {
+        let old = postcard::to_stdvec(&V1 {
+            vhost: "/",
+            client_id: "dev",
+            protocol_level: 5,
+            origin: 42,
+            expiry_secs: 600,
+            subscriptions: Vec::new(),
+            own_queues: vec!["mqtt-subscription-devqos1".into()],
+        })
+        .unwrap();
+        let r = SessionRecord::decode(&old).unwrap();
+        assert_eq!(
+            (&r.client_id[..], r.origin, r.expiry_secs),
+            ("dev", 42, 600)
+        );
+        assert!(r.incoming_qos2.is_empty() && r.pubrel_owed.is_empty());
+
+        let new = SessionRecord {
+            incoming_qos2: vec![7],
+            pubrel_owed: vec![3, 9],
+            ..r
+        };
+        assert_eq!(SessionRecord::decode(&new.encode().unwrap()).unwrap(), new);
     }
 }

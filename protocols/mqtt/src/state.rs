@@ -101,7 +101,11 @@ pub struct SessionData {
     next_packet_id: u16,
     /// QoS 2 packet ids received from the client, PUBREL not yet seen: a
     /// re-sent PUBLISH with one of these is not routed again (exactly once).
-    pub incoming_qos2: HashSet<u16>,
+    /// The value is the store position its message needs on disk before the
+    /// PUBREC (0: nothing to wait for) while the PUBREC has not gone out, and
+    /// `None` once it has; those ids are in the session's record
+    /// ([`SessionData::confirm_incoming`]).
+    pub incoming_qos2: HashMap<u16, Option<u64>>,
     /// Session expiry interval in seconds (0: ends with the connection;
     /// u32::MAX: never expires).
     pub expiry_secs: u32,
@@ -127,7 +131,7 @@ impl SessionData {
             consumers: Vec::new(),
             inflight: BTreeMap::new(),
             next_packet_id: 1,
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: HashMap::new(),
             expiry_secs: 0,
             expires_at: None,
             own_queues: Vec::new(),
@@ -152,6 +156,41 @@ impl SessionData {
     /// Whether `conn` is the connection attached to this session.
     pub fn owned_by(&self, conn: u64) -> bool {
         self.owner == Some(conn)
+    }
+
+    /// The PUBREC of incoming QoS 2 packet `id` goes out now: from here on
+    /// the id belongs in the session's record (the caller persists it before
+    /// sending), so a PUBLISH re-sent after a restart is not routed twice.
+    /// Returns whether the id is known.
+    pub fn confirm_incoming(&mut self, id: u16) -> bool {
+        match self.incoming_qos2.get_mut(&id) {
+            Some(at) => {
+                *at = None;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Incoming QoS 2 ids whose PUBREC went out (the record's list), sorted.
+    pub fn confirmed_incoming(&self) -> Vec<u16> {
+        let mut ids: Vec<u16> = self
+            .incoming_qos2
+            .iter()
+            .filter(|(_, at)| at.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Outgoing QoS 2 ids past PUBREC (a PUBREL is owed until PUBCOMP), sorted.
+    pub fn pubrel_owed(&self) -> Vec<u16> {
+        self.inflight
+            .iter()
+            .filter(|(_, f)| f.stage == Stage::PubComp)
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 
@@ -419,6 +458,30 @@ impl MqttState {
         data.own_queues = r.own_queues;
         data.protocol_level = r.protocol_level;
         data.stored = Some(stored);
+        for id in &r.incoming_qos2 {
+            data.incoming_qos2.insert(*id, None);
+        }
+        for id in &r.pubrel_owed {
+            // Only the PUBREL is re-sent for these: the message itself left its
+            // queue when the client's PUBREC came.
+            data.inflight.insert(
+                *id,
+                Inflight {
+                    stage: Stage::PubComp,
+                    publish: Publish {
+                        dup: false,
+                        qos: crate::codec::QoS::ExactlyOnce,
+                        retain: false,
+                        topic: String::new(),
+                        packet_id: *id,
+                        properties: crate::codec::Properties::default(),
+                        payload: bytes::Bytes::new(),
+                    },
+                    source: None,
+                    charged: false,
+                },
+            );
+        }
         for s in &r.subscriptions {
             let sub = s.subscription();
             if vhost.queue(&sub.queue).is_err() {

@@ -143,6 +143,9 @@ pub struct Session {
     /// persistent message goes only after the fsync that covers it; 0 = none,
     /// but it still waits for those before it so acks keep their order).
     pending_acks: VecDeque<(u64, Packet)>,
+    /// PUBACKs among `pending_acks`: QoS 1 PUBLISHes the client sent that we
+    /// have not acknowledged yet, counted against our Receive Maximum.
+    unacked_qos1: usize,
 }
 
 impl Session {
@@ -188,6 +191,7 @@ impl Session {
             finished: false,
             synced,
             pending_acks: VecDeque::new(),
+            unacked_qos1: 0,
             settings,
         }
     }
@@ -207,6 +211,7 @@ impl Session {
     pub fn flush_acks(&mut self) {
         if self.phase != Phase::Connected {
             self.pending_acks.clear();
+            self.unacked_qos1 = 0;
             return;
         }
         let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
@@ -216,16 +221,47 @@ impl Session {
             .is_some_and(|(at, _)| *at <= synced)
         {
             if let Some((_, p)) = self.pending_acks.pop_front() {
+                match &p {
+                    Packet::PubAck(_) => {
+                        self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
+                    }
+                    Packet::PubRec(a) if a.reason < 0x80 => self.confirm_incoming(a.packet_id),
+                    _ => {}
+                }
                 self.send(&p);
             }
+        }
+    }
+
+    /// A QoS 2 PUBREC is about to go out and its message is on disk: the
+    /// packet id goes into the session's record first (a persistent session's
+    /// record is committed here, one store commit per QoS 2 PUBLISH), so that
+    /// the PUBLISH re-sent after a restart is recognised and not routed again.
+    /// Written only now, not at PUBLISH, so a record never names a message
+    /// that a crash could still lose.
+    fn confirm_incoming(&mut self, id: u16) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let mut data = session.lock();
+        if data.owned_by(self.id) && data.confirm_incoming(id) {
+            self.state.persist_session(&mut data);
         }
     }
 
     /// Sends an ack once the store position `durable_at` is synced.
     fn send_after_sync(&mut self, durable_at: u64, p: Packet) {
         if durable_at == 0 && self.pending_acks.is_empty() {
+            if let Packet::PubRec(a) = &p {
+                if a.reason < 0x80 {
+                    self.confirm_incoming(a.packet_id);
+                }
+            }
             self.send(&p);
         } else {
+            if let Packet::PubAck(_) = p {
+                self.unacked_qos1 += 1;
+            }
             self.pending_acks.push_back((durable_at, p));
         }
     }
@@ -772,18 +808,30 @@ impl Session {
         let origin = {
             let data = session.lock();
             if p.qos == QoS::ExactlyOnce {
-                if data.incoming_qos2.contains(&p.packet_id) {
-                    // A re-sent QoS 2 PUBLISH: routed already; just confirm again.
+                if let Some(at) = data.incoming_qos2.get(&p.packet_id).copied() {
+                    // A re-sent QoS 2 PUBLISH: routed already; just confirm again
+                    // (once the first copy is on disk).
                     drop(data);
-                    self.send_after_sync(0, Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)));
+                    self.send_after_sync(
+                        at.unwrap_or(0),
+                        Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)),
+                    );
                     return Ok(());
                 }
-                if data.incoming_qos2.len() >= usize::from(self.settings.receive_maximum) {
-                    return Err(Close::new(
-                        reason::RECEIVE_MAXIMUM_EXCEEDED,
-                        "more unacknowledged QoS 2 PUBLISHes than the receive maximum",
-                    ));
-                }
+            }
+            // Receive Maximum (MQTT 5 3.3.4): QoS 1 PUBLISHes count until their
+            // PUBACK is sent (which waits for the fsync when a durable queue
+            // took them), QoS 2 ones until PUBCOMP. 3.1.1 has no such limit:
+            // only QoS 2 packet ids are bounded there.
+            let unacked = data.incoming_qos2.len() + if self.v5() { self.unacked_qos1 } else { 0 };
+            if p.qos != QoS::AtMostOnce
+                && (self.v5() || p.qos == QoS::ExactlyOnce)
+                && unacked >= usize::from(self.settings.receive_maximum)
+            {
+                return Err(Close::new(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more unacknowledged QoS 1 and 2 PUBLISHes than the receive maximum",
+                ));
             }
             data.origin
         };
@@ -823,7 +871,10 @@ impl Session {
             }
             QoS::ExactlyOnce => {
                 if code < 0x80 {
-                    session.lock().incoming_qos2.insert(packet_id);
+                    session
+                        .lock()
+                        .incoming_qos2
+                        .insert(packet_id, Some(durable_at));
                 }
                 self.send_after_sync(durable_at, Packet::PubRec(Ack::new(packet_id, code)));
             }
@@ -841,10 +892,16 @@ impl Session {
 
     /// PUBREL from the client: the QoS 2 publish is complete.
     fn handle_pubrel(&mut self, a: Ack) {
-        let known = self
-            .session
-            .as_ref()
-            .is_some_and(|s| s.lock().incoming_qos2.remove(&a.packet_id));
+        // Forgotten on disk before the PUBCOMP: once the client has it, it may
+        // reuse the id for a new message, which a stale id would swallow.
+        let known = self.session.as_ref().is_some_and(|s| {
+            let mut data = s.lock();
+            let known = data.incoming_qos2.remove(&a.packet_id).is_some();
+            if known {
+                self.state.persist_session(&mut data);
+            }
+            known
+        });
         let code = if known || !self.v5() {
             reason::SUCCESS
         } else {
@@ -911,16 +968,23 @@ impl Session {
             Stage::PubAck => {}
             Stage::PubRec | Stage::PubComp => {
                 let mut f = f.clone();
-                self.settle(&mut f);
                 if a.reason >= 0x80 {
                     // The client refused it: the exchange ends here.
+                    self.settle(&mut f);
                     self.release(&mut f);
                     data.inflight.remove(&a.packet_id);
                     self.redispatch(&data);
                     return;
                 }
                 f.stage = Stage::PubComp;
+                let source = f.source.take();
                 data.inflight.insert(a.packet_id, f);
+                // The owed PUBREL is in the session's record before the message
+                // leaves its queue: after a crash, one or the other is re-sent.
+                self.state.persist_session(&mut data);
+                if let Some((q, m)) = source {
+                    q.settle(&[m]);
+                }
                 drop(data);
                 self.send(&Packet::PubRel(Ack::new(a.packet_id, reason::SUCCESS)));
             }
@@ -944,6 +1008,9 @@ impl Session {
                 self.settle(&mut f);
                 self.release(&mut f);
             }
+            // A PUBREL no longer owed. Were this write lost, the PUBREL would be
+            // re-sent after a restart and answered 0x92: harmless.
+            self.state.persist_session(&mut data);
         }
         self.redispatch(&data);
     }
