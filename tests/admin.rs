@@ -508,3 +508,160 @@ async fn a_vhost_deleted_at_runtime_is_gone_with_its_durable_queues_after_a_rest
     assert!(core.queue_infos(Some("shop")).unwrap().is_empty());
     assert!(b.stop().await);
 }
+
+/// The environment variable that turns [`child_applies_commands_then_waits`]
+/// into the child process of the kill -9 test: the path of its config file.
+const CHILD_CONFIG: &str = "SWITCHYARD_ADMIN_TEST_CHILD_CONFIG";
+/// The file the child writes once every command was applied.
+const CHILD_READY: &str = "SWITCHYARD_ADMIN_TEST_CHILD_READY";
+
+/// The runtime changes the kill -9 test makes, in the child.
+fn runtime_changes() -> Vec<MetaCommand> {
+    let mut definition = FieldTable::new();
+    definition.insert("max-length", FieldValue::I64(2));
+    vec![
+        MetaCommand::PutVhost {
+            name: "shop".into(),
+            description: "made at runtime".into(),
+            tags: vec![],
+            default_queue_type: None,
+        },
+        put_user("bob", "pw"),
+        // May publish through the default exchange only.
+        permissions("bob", "shop", "^amq\\.default$"),
+        MetaCommand::SetPolicy(PolicySpec {
+            vhost: "shop".into(),
+            name: "cap".into(),
+            pattern: "^q$".into(),
+            apply_to: "queues".into(),
+            priority: 0,
+            definition,
+        }),
+        // A boot definition deleted at runtime stays deleted.
+        MetaCommand::DeleteUser {
+            name: "guest".into(),
+        },
+    ]
+}
+
+/// Not a test by itself: the child process of
+/// `runtime_changes_survive_kill_9_of_the_broker`, which runs this test binary
+/// with [`CHILD_CONFIG`] set. It starts the broker from that config (the same
+/// code the binary runs), applies [`runtime_changes`], says so in
+/// [`CHILD_READY`] and waits to be killed. Without the variable it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_applies_commands_then_waits() {
+    let (Ok(config), Ok(ready)) = (std::env::var(CHILD_CONFIG), std::env::var(CHILD_READY)) else {
+        return;
+    };
+    let config = switchyard_server::Config::load(std::path::Path::new(&config)).unwrap();
+    let server = switchyard_server::start(config).await.unwrap();
+    for command in runtime_changes() {
+        server.broker().apply(command).unwrap();
+    }
+    let amqp = server.local_addrs()["amqp"];
+    std::fs::write(&ready, format!("{{\"amqp\":\"{amqp}\"}}")).unwrap();
+    // Killed here by the parent (SIGKILL): nothing is shut down or flushed.
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_changes_survive_kill_9_of_the_broker() {
+    use switchyard_testkit::child::{write_config, ChildBroker};
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+    let config = write_config(dir, &shipped);
+
+    // The child: this test binary, running only the child "test".
+    let ready = dir.join("child-ready.json");
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "child_applies_commands_then_waits",
+            "--nocapture",
+        ])
+        .env(CHILD_CONFIG, &config)
+        .env(CHILD_READY, &ready);
+    let child = ChildBroker::spawn(command, dir, "child", &ready);
+    // Every apply returned before the ready file was written.
+    child.kill9();
+
+    // The real binary on the same data directory and config.
+    let broker = ChildBroker::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_switchyard")),
+        &config,
+        dir,
+        1,
+    );
+    let addr: std::net::SocketAddr = broker.amqp.parse().unwrap();
+    // guest (a boot definition) was deleted at runtime: not created again.
+    assert_eq!(
+        AmqpRaw::open(addr, "guest", "guest", "/")
+            .await
+            .err()
+            .unwrap()
+            .code,
+        403
+    );
+    // bob, his vhost, his rights and the vhost's policy are there.
+    let url = format!("amqp://bob:pw@{addr}/shop");
+    let conn = lapin(&url).await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "q".into(),
+        QueueDeclareOptions::default(),
+        LapinTable::default(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let count = ch
+        .queue_declare(
+            "q".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            LapinTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(count, 2, "the runtime policy's max-length");
+    let e = ch
+        .basic_publish(
+            "amq.topic".into(),
+            "k".into(),
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("access to exchange 'amq.topic' in vhost 'shop' refused for user 'bob'"),
+        "{e}"
+    );
+    broker.kill9();
+}
