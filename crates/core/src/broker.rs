@@ -260,8 +260,10 @@ impl Broker {
     /// or updates the metadata of an existing one.
     fn create_vhost(&self, info: VhostInfo) {
         let name = info.name.clone();
+        let default_queue_type = info.default_queue_type.clone();
         self.vhost_meta.write().insert(name.clone(), info);
-        if self.vhosts.read().contains_key(&name) {
+        if let Some(existing) = self.vhosts.read().get(&name) {
+            existing.set_default_queue_type(default_queue_type.as_deref());
             return;
         }
         let vhost = VHost::with_env(
@@ -271,6 +273,7 @@ impl Broker {
             self.timers.clone(),
             self.policies.clone(),
         );
+        vhost.set_default_queue_type(default_queue_type.as_deref());
         vhost.restore(&mut self.pending.lock());
         self.vhosts.write().insert(name, vhost);
     }

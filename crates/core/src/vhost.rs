@@ -102,6 +102,9 @@ pub struct VHost {
     max_queues: AtomicI64,
     /// Deleted at runtime: connections still holding it may not create anything.
     deleted: AtomicBool,
+    /// The vhost's default queue type is quorum (RabbitMQ's
+    /// `default_queue_type`): see [`VHost::declare_queue`].
+    default_quorum: AtomicBool,
 }
 
 fn opts(durable: bool) -> ExchangeOptions {
@@ -242,6 +245,7 @@ impl VHost {
             policies,
             max_queues: AtomicI64::new(-1),
             deleted: AtomicBool::new(false),
+            default_quorum: AtomicBool::new(false),
         })
     }
 
@@ -263,6 +267,12 @@ impl VHost {
     /// Sets the `max-queues` limit (negative: none).
     pub fn set_max_queues(&self, limit: i64) {
         self.max_queues.store(limit, Ordering::Relaxed);
+    }
+
+    /// Sets the vhost's default queue type (`classic` when `None`).
+    pub fn set_default_queue_type(&self, queue_type: Option<&str>) {
+        self.default_quorum
+            .store(queue_type == Some("quorum"), Ordering::Relaxed);
     }
 
     /// Whether the vhost was deleted (connections may still hold it).
@@ -639,6 +649,21 @@ impl VHost {
                 "queue name '{}' contains reserved prefix 'amq.*'",
                 req.name
             )));
+        }
+        // RabbitMQ 4's default queue type: a queue declared without
+        // `x-queue-type` in a vhost whose default is quorum is a quorum queue
+        // when it can be one (durable, not exclusive, not auto-delete); a
+        // re-declaration without the argument is then equivalent.
+        let o = &req.options;
+        if self.default_quorum.load(Ordering::Relaxed)
+            && o.arguments.get("x-queue-type").is_none()
+            && o.durable
+            && !o.exclusive
+            && !o.auto_delete
+        {
+            req.options
+                .arguments
+                .insert("x-queue-type", FieldValue::string("quorum"));
         }
         validate_queue_arguments(&req.name, &self.name, &req.options)?;
         let mut queues = self.queues.write();

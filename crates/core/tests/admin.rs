@@ -569,3 +569,52 @@ fn topic_permissions_are_stored_listed_and_cleared() {
     .unwrap();
     assert!(b.topic_permissions().is_empty());
 }
+
+#[test]
+fn a_vhost_whose_default_queue_type_is_quorum_declares_quorum_queues() {
+    let b = broker();
+    b.apply(MetaCommand::PutVhost {
+        name: "q".into(),
+        description: String::new(),
+        tags: vec![],
+        default_queue_type: Some("quorum".into()),
+    })
+    .unwrap();
+    let v = b.vhost("q").unwrap();
+    let durable = || QueueDeclare {
+        name: "orders".into(),
+        options: QueueOptions {
+            durable: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    v.declare_queue(durable()).unwrap();
+    // Declared again without the argument: equivalent, as in RabbitMQ 4.
+    v.declare_queue(durable()).unwrap();
+    let infos = b.queue_infos(Some("q")).unwrap();
+    assert_eq!(infos[0].queue_type, "quorum");
+    // A queue that cannot be quorum stays classic.
+    v.declare_queue(QueueDeclare {
+        name: "tmp".into(),
+        options: QueueOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        connection: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(v.queue("tmp").unwrap().info().queue_type, "classic");
+    assert_eq!(
+        b.apply(MetaCommand::PutVhost {
+            name: "s".into(),
+            description: String::new(),
+            tags: vec![],
+            default_queue_type: Some("stream".into()),
+        })
+        .unwrap_err()
+        .kind,
+        ErrorKind::PreconditionFailed
+    );
+}

@@ -739,6 +739,12 @@ impl Session {
 
     // ---- deliveries ----
 
+    /// The connection's entry in the broker's registry, while registered: the
+    /// management API's counters live there.
+    pub fn registration(&self) -> Option<&ConnectionGuard> {
+        self.registration.as_ref()
+    }
+
     /// Encodes what queues put in the outbox as MESSAGE frames, and lets queues
     /// that were held back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self) {
