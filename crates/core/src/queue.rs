@@ -278,6 +278,9 @@ type Dead = (QueuedMessage, Option<DeathReason>);
 
 #[derive(Debug)]
 struct QueueState {
+    /// The effective settings, as [`Queue::settings`] but read under the lock
+    /// the message path holds anyway (no second lock per message).
+    settings: Arc<QueueSettings>,
     ready: Ready,
     /// Min-heap by due time.
     delayed: BinaryHeap<Reverse<Delayed>>,
@@ -393,6 +396,7 @@ impl Queue {
         durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
+        let settings = Arc::new(settings);
         let queue = Arc::new_cyclic(|me| Queue {
             me: me.clone(),
             name,
@@ -412,8 +416,9 @@ impl Queue {
                 last_used: now,
                 dead: Vec::new(),
                 handover_pending: false,
+                settings: settings.clone(),
             }),
-            settings: RwLock::new(Arc::new(settings)),
+            settings: RwLock::new(settings),
             memory: env.memory,
             timers: env.timers,
             home: env.home,
@@ -449,7 +454,9 @@ impl Queue {
             return false;
         }
         let mut st = self.state.lock();
-        *self.settings.write() = Arc::new(new.clone());
+        let shared = Arc::new(new.clone());
+        *self.settings.write() = shared.clone();
+        st.settings = shared;
         if old.message_ttl != new.message_ttl {
             st.ready.reexpire(|m, current| {
                 let own = m.properties.expiration_ms().map(|e| now.saturating_add(e));
@@ -595,11 +602,8 @@ impl Queue {
     }
 
     /// The expiry of a message entering the queue at `base`.
-    fn expiry_of(&self, message: &Message, base: u64) -> Option<u64> {
-        let ttl = match (
-            self.settings().message_ttl,
-            message.properties.expiration_ms(),
-        ) {
+    fn expiry_of(queue_ttl: Option<u64>, message: &Message, base: u64) -> Option<u64> {
+        let ttl = match (queue_ttl, message.properties.expiration_ms()) {
             (Some(q), Some(m)) => Some(q.min(m)),
             (q, m) => q.or(m),
         }?;
@@ -615,20 +619,29 @@ impl Queue {
         base: u64,
         now: u64,
     ) -> Enqueued {
-        let s = self.settings();
-        if s.has_length_limit() && s.overflow != Overflow::DropHead {
+        // Copies of the limits: no reference count touched per message.
+        let (limited, overflow, max_length, max_length_bytes) = {
+            let s = &st.settings;
+            (
+                s.has_length_limit(),
+                s.overflow,
+                s.max_length,
+                s.max_length_bytes,
+            )
+        };
+        if limited && overflow != Overflow::DropHead {
             // RabbitMQ's will_overflow: would the ready count or bytes pass the limit?
-            let over = s.max_length.is_some_and(|max| st.ready.len as u64 >= max)
-                || s.max_length_bytes
+            let over = max_length.is_some_and(|max| st.ready.len as u64 >= max)
+                || max_length_bytes
                     .is_some_and(|max| (st.ready.bytes.saturating_add(qm.body_len())) as u64 > max);
             if over {
                 let reason =
-                    (s.overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
+                    (overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
                 st.dead.push((qm, reason));
                 return Enqueued::Rejected;
             }
         }
-        qm.expires_at = self.expiry_of(&qm.message, base);
+        qm.expires_at = Self::expiry_of(st.settings.message_ttl, &qm.message, base);
         st.ready.push_back(qm);
         self.dispatch_locked(st, now);
         if st.ready.expiring > 0 {
@@ -638,10 +651,9 @@ impl Queue {
             st.dead
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
-        if s.has_length_limit() && s.overflow == Overflow::DropHead {
-            while s.max_length.is_some_and(|max| st.ready.len as u64 > max)
-                || s.max_length_bytes
-                    .is_some_and(|max| st.ready.bytes as u64 > max)
+        if limited && overflow == Overflow::DropHead {
+            while max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || max_length_bytes.is_some_and(|max| st.ready.bytes as u64 > max)
             {
                 let Some(head) = st.ready.pop_front() else {
                     break;
@@ -682,7 +694,11 @@ impl Queue {
                 }
                 _ => {
                     qm.message = released(&qm.message);
-                    qm.expires_at = self.expiry_of(&qm.message, due.unwrap_or(received));
+                    qm.expires_at = Self::expiry_of(
+                        st.settings.message_ttl,
+                        &qm.message,
+                        due.unwrap_or(received),
+                    );
                     st.ready.push_back(qm);
                 }
             }
@@ -741,7 +757,7 @@ impl Queue {
         if let Some(top) = st.delayed.peek() {
             next = next.min(top.0.due);
         }
-        if let Some(expires) = self.settings().expires {
+        if let Some(expires) = st.settings.expires {
             if st.consumers.is_empty() && !st.deleted {
                 next = next.min(st.last_used.saturating_add(expires));
             }
@@ -816,7 +832,7 @@ impl Queue {
             if st.ready.len == 0 || st.consumers.is_empty() || st.handover_pending {
                 break;
             }
-            let chosen = if self.settings().single_active_consumer {
+            let chosen = if st.settings.single_active_consumer {
                 // Single active consumer: only the first registered one still
                 // active gets messages (one being cancelled is passed over).
                 st.consumers
@@ -913,7 +929,7 @@ impl Queue {
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
-        if was_active && self.settings().single_active_consumer {
+        if was_active && st.settings.single_active_consumer {
             // The next registered consumer takes over, at once or once the
             // leaving one's deliveries are settled or returned.
             let unsettled = removed.iter().any(|c| c.in_flight() > 0);
@@ -1015,7 +1031,7 @@ impl Queue {
             self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
             return;
         }
-        let settings = self.settings();
+        let settings = st.settings.clone();
         for mut m in messages {
             m.redelivered = true;
             if settings.quorum {
@@ -1058,8 +1074,8 @@ impl Queue {
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
         self.dispatch_locked(&mut st, now);
-        let expired = self
-            .settings()
+        let expired = st
+            .settings
             .expires
             .is_some_and(|e| st.consumers.is_empty() && now >= st.last_used.saturating_add(e));
         self.finish(st, now);
