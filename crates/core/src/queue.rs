@@ -34,7 +34,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::consumer::{Consumer, Delivery};
 use crate::deadletter::DeathReason;
@@ -223,6 +223,19 @@ impl Ready {
             .unwrap_or(NEVER)
     }
 
+    /// Gives every ready message a new expiry, `f(message, current expiry)`,
+    /// and recounts the expiring ones.
+    fn reexpire(&mut self, f: impl Fn(&Message, Option<u64>) -> Option<u64>) {
+        let mut expiring = 0;
+        for q in &mut self.levels {
+            for m in q.iter_mut() {
+                m.expires_at = f(&m.message, m.expires_at);
+                expiring += usize::from(m.expires_at.is_some());
+            }
+        }
+        self.expiring = expiring;
+    }
+
     fn take_all(&mut self) -> Vec<QueuedMessage> {
         let mut all = Vec::with_capacity(self.len);
         for q in self.levels.iter_mut().rev() {
@@ -265,6 +278,9 @@ type Dead = (QueuedMessage, Option<DeathReason>);
 
 #[derive(Debug)]
 struct QueueState {
+    /// The effective settings, as [`Queue::settings`] but read under the lock
+    /// the message path holds anyway (no second lock per message).
+    settings: Arc<QueueSettings>,
     ready: Ready,
     /// Min-heap by due time.
     delayed: BinaryHeap<Reverse<Delayed>>,
@@ -303,8 +319,9 @@ pub struct Queue {
     pub name: String,
     pub vhost: String,
     pub options: QueueOptions,
-    /// Its arguments merged with the policy that applies to it.
-    pub settings: QueueSettings,
+    /// Its arguments merged with the policies that apply to it; replaced when a
+    /// policy changes ([`Queue::update_settings`]). Read with [`Queue::settings`].
+    settings: RwLock<Arc<QueueSettings>>,
     /// The connection that declared an exclusive queue.
     pub owner: Option<u64>,
     state: Mutex<QueueState>,
@@ -379,6 +396,7 @@ impl Queue {
         durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
+        let settings = Arc::new(settings);
         let queue = Arc::new_cyclic(|me| Queue {
             me: me.clone(),
             name,
@@ -398,8 +416,9 @@ impl Queue {
                 last_used: now,
                 dead: Vec::new(),
                 handover_pending: false,
+                settings: settings.clone(),
             }),
-            settings,
+            settings: RwLock::new(settings),
             memory: env.memory,
             timers: env.timers,
             home: env.home,
@@ -410,6 +429,101 @@ impl Queue {
         queue.refresh_deadline(&st);
         drop(st);
         queue
+    }
+
+    /// Its effective settings now (arguments merged with the policies). A read
+    /// lock and a reference count: the lock is written only by a policy change.
+    pub fn settings(&self) -> Arc<QueueSettings> {
+        self.settings.read().clone()
+    }
+
+    /// Applies new effective settings (a policy was set, changed or cleared) to
+    /// the queue as it is: a lower `max-length`/`max-length-bytes` with
+    /// drop-head overflow drops (or dead-letters) the oldest ready messages now;
+    /// a new `message-ttl` gives every ready message an expiry at most `ttl` from
+    /// `now`, and a lifted one leaves each message only its own `expiration`
+    /// (counted from `now`: the queue does not keep arrival times); a new
+    /// `expires` restarts its countdown. Returns whether anything changed.
+    /// `max-priority` and single-active-consumer are fixed at declaration.
+    pub fn update_settings(self: &Arc<Self>, mut new: QueueSettings, now: u64) -> bool {
+        let old = self.settings();
+        new.max_priority = old.max_priority;
+        new.single_active_consumer = old.single_active_consumer;
+        new.quorum = old.quorum;
+        if *old == new {
+            return false;
+        }
+        let mut st = self.state.lock();
+        let shared = Arc::new(new.clone());
+        *self.settings.write() = shared.clone();
+        st.settings = shared;
+        if old.message_ttl != new.message_ttl {
+            st.ready.reexpire(|m, current| {
+                let own = m.properties.expiration_ms().map(|e| now.saturating_add(e));
+                match new.message_ttl {
+                    Some(ttl) => {
+                        let by_queue = now.saturating_add(ttl);
+                        Some(current.map_or(by_queue, |c| c.min(by_queue)))
+                    }
+                    None => own,
+                }
+            });
+        }
+        if old.expires != new.expires {
+            st.last_used = st.last_used.max(now);
+        }
+        if st.ready.expiring > 0 {
+            let mut expired = Vec::new();
+            st.ready.pop_expired(now, false, &mut expired);
+            st.dead
+                .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
+        }
+        if new.has_length_limit() && new.overflow == Overflow::DropHead {
+            while new.max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || new
+                    .max_length_bytes
+                    .is_some_and(|max| st.ready.bytes as u64 > max)
+            {
+                let Some(head) = st.ready.pop_front() else {
+                    break;
+                };
+                st.dead.push((head, Some(DeathReason::MaxLen)));
+            }
+        }
+        // A raised limit may let a held-back consumer go on.
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
+        true
+    }
+
+    /// The queue as the management API lists it (a snapshot).
+    pub fn info(&self) -> crate::admin::QueueInfo {
+        let settings = self.settings();
+        let (ready, unacked, delayed, consumers) = {
+            let st = self.state.lock();
+            (
+                st.ready.len,
+                st.unacked,
+                st.delayed.len(),
+                st.consumers.len(),
+            )
+        };
+        crate::admin::QueueInfo {
+            vhost: self.vhost.clone(),
+            name: self.name.clone(),
+            durable: self.options.durable,
+            exclusive: self.options.exclusive,
+            auto_delete: self.options.auto_delete,
+            arguments: self.options.arguments.clone(),
+            queue_type: if settings.quorum { "quorum" } else { "classic" }.to_owned(),
+            policy: settings.policy.clone(),
+            operator_policy: settings.operator_policy.clone(),
+            owner: self.owner,
+            messages_ready: ready,
+            messages_unacknowledged: unacked,
+            messages_delayed: delayed,
+            consumers,
+        }
     }
 
     /// The queue's id in the store, if it is durable and a store is in use.
@@ -488,11 +602,8 @@ impl Queue {
     }
 
     /// The expiry of a message entering the queue at `base`.
-    fn expiry_of(&self, message: &Message, base: u64) -> Option<u64> {
-        let ttl = match (
-            self.settings.message_ttl,
-            message.properties.expiration_ms(),
-        ) {
+    fn expiry_of(queue_ttl: Option<u64>, message: &Message, base: u64) -> Option<u64> {
+        let ttl = match (queue_ttl, message.properties.expiration_ms()) {
             (Some(q), Some(m)) => Some(q.min(m)),
             (q, m) => q.or(m),
         }?;
@@ -508,20 +619,29 @@ impl Queue {
         base: u64,
         now: u64,
     ) -> Enqueued {
-        let s = &self.settings;
-        if s.has_length_limit() && s.overflow != Overflow::DropHead {
+        // Copies of the limits: no reference count touched per message.
+        let (limited, overflow, max_length, max_length_bytes) = {
+            let s = &st.settings;
+            (
+                s.has_length_limit(),
+                s.overflow,
+                s.max_length,
+                s.max_length_bytes,
+            )
+        };
+        if limited && overflow != Overflow::DropHead {
             // RabbitMQ's will_overflow: would the ready count or bytes pass the limit?
-            let over = s.max_length.is_some_and(|max| st.ready.len as u64 >= max)
-                || s.max_length_bytes
+            let over = max_length.is_some_and(|max| st.ready.len as u64 >= max)
+                || max_length_bytes
                     .is_some_and(|max| (st.ready.bytes.saturating_add(qm.body_len())) as u64 > max);
             if over {
                 let reason =
-                    (s.overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
+                    (overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
                 st.dead.push((qm, reason));
                 return Enqueued::Rejected;
             }
         }
-        qm.expires_at = self.expiry_of(&qm.message, base);
+        qm.expires_at = Self::expiry_of(st.settings.message_ttl, &qm.message, base);
         st.ready.push_back(qm);
         self.dispatch_locked(st, now);
         if st.ready.expiring > 0 {
@@ -531,10 +651,9 @@ impl Queue {
             st.dead
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
-        if s.has_length_limit() && s.overflow == Overflow::DropHead {
-            while s.max_length.is_some_and(|max| st.ready.len as u64 > max)
-                || s.max_length_bytes
-                    .is_some_and(|max| st.ready.bytes as u64 > max)
+        if limited && overflow == Overflow::DropHead {
+            while max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || max_length_bytes.is_some_and(|max| st.ready.bytes as u64 > max)
             {
                 let Some(head) = st.ready.pop_front() else {
                     break;
@@ -575,7 +694,11 @@ impl Queue {
                 }
                 _ => {
                     qm.message = released(&qm.message);
-                    qm.expires_at = self.expiry_of(&qm.message, due.unwrap_or(received));
+                    qm.expires_at = Self::expiry_of(
+                        st.settings.message_ttl,
+                        &qm.message,
+                        due.unwrap_or(received),
+                    );
                     st.ready.push_back(qm);
                 }
             }
@@ -634,7 +757,7 @@ impl Queue {
         if let Some(top) = st.delayed.peek() {
             next = next.min(top.0.due);
         }
-        if let Some(expires) = self.settings.expires {
+        if let Some(expires) = st.settings.expires {
             if st.consumers.is_empty() && !st.deleted {
                 next = next.min(st.last_used.saturating_add(expires));
             }
@@ -665,7 +788,7 @@ impl Queue {
         }
         self.memory
             .sub(dead.iter().map(|(m, _)| m.resident()).sum());
-        if self.settings.dead_letter_exchange.is_some() {
+        if self.settings().dead_letter_exchange.is_some() {
             if let Some(vhost) = self.home.upgrade() {
                 for (m, reason) in &dead {
                     if let Some(reason) = reason {
@@ -709,7 +832,7 @@ impl Queue {
             if st.ready.len == 0 || st.consumers.is_empty() || st.handover_pending {
                 break;
             }
-            let chosen = if self.settings.single_active_consumer {
+            let chosen = if st.settings.single_active_consumer {
                 // Single active consumer: only the first registered one still
                 // active gets messages (one being cancelled is passed over).
                 st.consumers
@@ -806,7 +929,7 @@ impl Queue {
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
-        if was_active && self.settings.single_active_consumer {
+        if was_active && st.settings.single_active_consumer {
             // The next registered consumer takes over, at once or once the
             // leaving one's deliveries are settled or returned.
             let unsettled = removed.iter().any(|c| c.in_flight() > 0);
@@ -821,7 +944,7 @@ impl Queue {
 
     /// The queue was used (declared again): restarts its `x-expires` countdown.
     pub fn touch(&self, now: u64) {
-        if self.settings.expires.is_none() {
+        if self.settings().expires.is_none() {
             return;
         }
         let mut st = self.state.lock();
@@ -908,12 +1031,12 @@ impl Queue {
             self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
             return;
         }
+        let settings = st.settings.clone();
         for mut m in messages {
             m.redelivered = true;
-            if self.settings.quorum {
+            if settings.quorum {
                 m.delivery_count = m.delivery_count.saturating_add(1);
-                if self
-                    .settings
+                if settings
                     .delivery_limit
                     .is_some_and(|limit| u64::from(m.delivery_count) > limit)
                 {
@@ -951,7 +1074,7 @@ impl Queue {
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
         self.dispatch_locked(&mut st, now);
-        let expired = self
+        let expired = st
             .settings
             .expires
             .is_some_and(|e| st.consumers.is_empty() && now >= st.last_used.saturating_add(e));

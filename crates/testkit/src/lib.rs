@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 
 pub use switchyard_server::config;
 
+pub mod amqp;
+pub mod child;
 pub mod stomp;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
