@@ -55,6 +55,8 @@ pub const DELAY_HEADER: &str = "x-delay";
 /// returned before.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
+mod peek;
+pub use peek::Peeked;
 /// A message in a queue, with what the queue knows of its history.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {

@@ -289,6 +289,24 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         bound.push((protocol, tcp, local));
     }
 
+    // The HTTP listeners (management API + UI, Prometheus), bound with the others so
+    // a taken port fails the start just the same.
+    let mut http = Vec::new();
+    for (name, addr) in [
+        ("management", config.listeners.management),
+        ("prometheus", config.listeners.prometheus),
+    ] {
+        let Some(addr) = addr else { continue };
+        let (tcp, local) = listener::bind(addr)
+            .await
+            .map_err(|error| ServerError::Bind {
+                protocol: name,
+                addr,
+                error,
+            })?;
+        http.push((name, tcp, local));
+    }
+
     let connections = TaskTracker::new();
     // One cap for all listeners: it guards the process's file descriptors and memory.
     let limit = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -306,6 +324,39 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             connections: connections.clone(),
         };
         accept_loops.push(tokio::spawn(l.run()));
+    }
+    for (name, _, local) in &http {
+        info!(protocol = *name, addr = %local, "listening");
+        addrs.insert(*name, *local);
+    }
+    if !http.is_empty() {
+        let mut node = switchyard_mgmt::NodeInfo::local();
+        node.disk_free_limit = config.limits.disk_free_limit_bytes;
+        node.data_dir = Some(config.data_dir.clone());
+        node.listeners = addrs
+            .iter()
+            .map(|(name, addr)| switchyard_mgmt::ListenerInfo {
+                protocol: listener_protocol(name).to_owned(),
+                addr: *addr,
+            })
+            .collect();
+        let state = switchyard_mgmt::Management::new(broker.clone(), node);
+        for (name, tcp, _) in http {
+            let router = if name == "prometheus" {
+                switchyard_mgmt::prometheus_router(state.clone())
+            } else {
+                switchyard_mgmt::management_router(state.clone())
+            };
+            let stop = shutdown.clone();
+            accept_loops.push(tokio::spawn(async move {
+                let served =
+                    switchyard_mgmt::serve(tcp, router, async move { stop.cancelled().await })
+                        .await;
+                if let Err(e) = served {
+                    warn!(protocol = name, error = %e, "HTTP listener failed");
+                }
+            }));
+        }
     }
     // Message TTL, queue expiry and delayed messages; stops with the listeners.
     accept_loops.push(tokio::spawn(run_timers(broker.clone(), shutdown.clone())));
@@ -330,6 +381,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         max_connections: config.limits.max_connections,
         store,
     })
+}
+
+/// RabbitMQ's protocol name of a listener (what `/api/overview` lists and the
+/// health checks match), from the ready-file key.
+fn listener_protocol(name: &str) -> &str {
+    match name {
+        "mqtt_ws" => "http/web-mqtt",
+        "stomp_ws" => "http/web-stomp",
+        "management" => "http",
+        "prometheus" => "http/prometheus",
+        other => other,
+    }
 }
 
 /// Milliseconds since the Unix epoch: the time the core is given.
@@ -427,6 +490,8 @@ mod tests {
         // The shipped ports of the other listeners may be taken on a test machine.
         c.listeners.stomp = Some("127.0.0.1:0".parse().unwrap());
         c.listeners.stomp_ws = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.management = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.prometheus = Some("127.0.0.1:0".parse().unwrap());
         c.data_dir = dir.join("data");
         c
     }
