@@ -410,6 +410,9 @@ async fn run_timers(broker: Arc<Broker>, shutdown: CancellationToken) {
     /// Longest sleep: bounds the damage of a missed wake-up (and of clock jumps).
     const MAX_SLEEP_MS: u64 = 1000;
     loop {
+        // Statistics samples every 5 s (the rate rings of stats.rs); this task
+        // wakes at least once a second, so no task of their own is needed.
+        broker.sample_stats(unix_ms());
         let next = broker.tick(unix_ms());
         let wait = next
             .min(broker.timers().earliest())
