@@ -23,6 +23,7 @@ use crate::error::{CoreError, CoreResult, ErrorKind};
 use crate::memory::MemoryMonitor;
 use crate::persist::{Recovered, Store};
 use crate::policy::{Policies, Policy, PolicyTable};
+use crate::stats::{self, Lengths, MessageStats, NodeStats, Range, Snapshot};
 use crate::timer::{Clock, Timers, NEVER};
 use crate::vhost::VHost;
 
@@ -41,6 +42,8 @@ pub struct Broker {
     /// sessions); `None`: everything lives in memory only.
     store: Option<Arc<dyn Store>>,
     timers: Arc<Timers>,
+    /// Message statistics of the node, its protocols and connections (stats.rs).
+    pub stats: Arc<NodeStats>,
     policies: Arc<PolicyTable>,
     vhost_meta: RwLock<BTreeMap<String, VhostInfo>>,
     vhost_limits: RwLock<BTreeMap<String, VhostLimits>>,
@@ -244,6 +247,7 @@ impl Broker {
             synced,
             store,
             timers,
+            stats: Arc::new(NodeStats::default()),
             policies: Arc::new(PolicyTable::new(policies)),
             vhost_meta: RwLock::new(BTreeMap::new()),
             vhost_limits: RwLock::new(BTreeMap::new()),
@@ -295,6 +299,40 @@ impl Broker {
         let next = vhosts.iter().map(|v| v.tick(now)).fold(NEVER, u64::min);
         self.timers.note(next);
         next
+    }
+
+    /// Records a statistics sample of every object when one is due (every
+    /// [`stats::SAMPLE_INTERVAL_MS`]); the server calls this from its timer
+    /// task, which wakes at least once a second. Returns whether it sampled.
+    pub fn sample_stats(&self, now: u64) -> bool {
+        if !self.stats.sample_due(now) {
+            return false;
+        }
+        self.sample_stats_now(now);
+        true
+    }
+
+    /// Records a statistics sample of every object at `now`, due or not.
+    pub fn sample_stats_now(&self, now: u64) {
+        self.stats.sample_sources(now);
+        let by_vhost = self.stats.by_vhost();
+        let mut total = Snapshot::default();
+        let mut lengths = Lengths::default();
+        for v in self.vhosts() {
+            let sources = by_vhost.get(&v.name).copied().unwrap_or_default();
+            let (t, l) = v.sample_stats(now, &sources);
+            total.merge(&t);
+            lengths.merge(&l);
+        }
+        self.stats.history.record(now, total, lengths);
+    }
+
+    /// The overview's `message_stats` (the node's totals as of the last sample).
+    pub fn message_stats(&self, range: Option<Range>) -> MessageStats {
+        let (current, _) = self.stats.history.last();
+        self.stats
+            .history
+            .message_stats(&current, stats::TOTAL_KEYS, range)
     }
 
     pub fn vhost(&self, name: &str) -> CoreResult<Arc<VHost>> {

@@ -44,6 +44,7 @@ use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{RecoveredMessage, Store, StoredRef};
 use crate::policy::{Overflow, QueueSettings};
+use crate::stats::{self, History, Lengths, MessageStats, QueueType, Range, Snapshot, Stat};
 use crate::timer::{Timers, NEVER};
 use crate::vhost::VHost;
 
@@ -55,6 +56,9 @@ pub const DELAY_HEADER: &str = "x-delay";
 /// returned before.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
+mod consumers;
+mod peek;
+pub use peek::Peeked;
 /// A message in a queue, with what the queue knows of its history.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
@@ -303,6 +307,9 @@ struct QueueState {
     /// Its successor starts once they are settled or back in the queue, so that
     /// returned messages keep their place ahead of later ones (as in RabbitMQ).
     handover_pending: bool,
+    /// Message counters (stats.rs): plain integers, since every path that
+    /// bumps them holds this lock already.
+    counts: Snapshot,
 }
 
 /// What the vhost gives a queue it creates.
@@ -336,6 +343,8 @@ pub struct Queue {
     /// The next moment something timed is due (`NEVER`: nothing), read by the
     /// tick without taking the lock.
     deadline: AtomicU64,
+    /// The samples of its counters and lengths (stats.rs), recorded every 5 s.
+    pub history: History,
 }
 
 /// What `basic.get` takes from a queue.
@@ -417,6 +426,7 @@ impl Queue {
                 dead: Vec::new(),
                 handover_pending: false,
                 settings: settings.clone(),
+                counts: Snapshot::default(),
             }),
             settings: RwLock::new(settings),
             memory: env.memory,
@@ -424,6 +434,7 @@ impl Queue {
             home: env.home,
             durable,
             deadline: AtomicU64::new(NEVER),
+            history: History::default(),
         });
         let st = queue.state.lock();
         queue.refresh_deadline(&st);
@@ -531,6 +542,38 @@ impl Queue {
         self.durable.as_ref().map(|(_, id)| *id)
     }
 
+    /// RabbitMQ's queue type, the `queue_type` label of statistics.
+    pub fn queue_type(&self) -> QueueType {
+        if self.settings().quorum {
+            QueueType::Quorum
+        } else {
+            QueueType::Classic
+        }
+    }
+
+    /// The queue's message counters and lengths now, under one short lock.
+    pub fn counters(&self) -> (Snapshot, Lengths) {
+        let st = self.state.lock();
+        let ready = st.ready.len as u64;
+        let unacked = st.unacked as u64;
+        (
+            st.counts,
+            Lengths {
+                messages: ready + unacked,
+                ready,
+                unacked,
+            },
+        )
+    }
+
+    /// RabbitMQ's `message_stats` of this queue: counts now, rates from the
+    /// last 5 s sample, `samples` when `range` is given.
+    pub fn message_stats(&self, range: Option<Range>) -> MessageStats {
+        let (counts, _) = self.counters();
+        self.history
+            .message_stats(&counts, stats::QUEUE_KEYS, range)
+    }
+
     /// When something timed is next due in this queue (`timer::NEVER`: nothing).
     pub fn deadline(&self) -> u64 {
         self.deadline.load(Ordering::Acquire)
@@ -579,6 +622,7 @@ impl Queue {
             self.forget_stored(stored.iter());
             return Enqueued::Accepted;
         }
+        st.counts.bump(Stat::Publish);
         let id = st.next_id;
         st.next_id += 1;
         let qm = QueuedMessage {
@@ -788,6 +832,16 @@ impl Queue {
         }
         self.memory
             .sub(dead.iter().map(|(m, _)| m.resident()).sum());
+        if self.settings().dead_letter_exchange.is_none() && dead.iter().any(|(_, r)| r.is_some()) {
+            // Dropped for good: RabbitMQ counts these under strategy `disabled`.
+            if let Some(vhost) = self.home.upgrade() {
+                for reason in dead.iter().filter_map(|(_, r)| *r) {
+                    vhost
+                        .dead_lettered
+                        .count(self.queue_type(), reason.into(), false);
+                }
+            }
+        }
         if self.settings().dead_letter_exchange.is_some() {
             if let Some(vhost) = self.home.upgrade() {
                 for (m, reason) in &dead {
@@ -859,10 +913,15 @@ impl Queue {
                 consumer.release(1);
                 continue;
             };
+            if message.redelivered {
+                st.counts.bump(Stat::Redeliver);
+            }
             if consumer.no_ack() {
+                st.counts.bump(Stat::DeliverNoAck);
                 self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
             } else {
+                st.counts.bump(Stat::Deliver);
                 st.unacked += 1;
                 self.note_delivered(&message);
             }
@@ -970,7 +1029,15 @@ impl Queue {
                 break;
             }
         }
+        if next.is_none() {
+            st.counts.bump(Stat::GetEmpty);
+        }
         let got = next.map(|message| {
+            if message.redelivered {
+                st.counts.bump(Stat::Redeliver);
+            }
+            st.counts
+                .bump(if no_ack { Stat::GetNoAck } else { Stat::Get });
             if no_ack {
                 self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
@@ -987,14 +1054,27 @@ impl Queue {
         got
     }
 
-    /// Settles delivered messages for good (acked, or rejected without requeue).
+    /// Settles delivered messages for good: acknowledged (counted as `ack`).
     pub fn settle(&self, messages: &[QueuedMessage]) {
+        self.settle_counted(messages, true);
+    }
+
+    /// Settles delivered messages that were rejected without requeue (they are
+    /// dead-lettered or dropped, not acknowledged).
+    pub fn settle_rejected(&self, messages: &[QueuedMessage]) {
+        self.settle_counted(messages, false);
+    }
+
+    fn settle_counted(&self, messages: &[QueuedMessage], acked: bool) {
         if messages.is_empty() {
             return;
         }
         let bytes: usize = messages.iter().map(QueuedMessage::resident).sum();
         let resume = {
             let mut st = self.state.lock();
+            if acked {
+                st.counts.add(Stat::Ack, messages.len() as u64);
+            }
             st.unacked = st.unacked.saturating_sub(messages.len());
             std::mem::take(&mut st.handover_pending)
         };

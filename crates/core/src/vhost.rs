@@ -26,6 +26,9 @@ use crate::message::Message;
 use crate::persist::{BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store};
 use crate::policy::{PolicyTable, QueueSettings};
 use crate::queue::{delay_of, Enqueued, Queue, QueueEnv, QueueOptions, QueuedMessage};
+use crate::stats::{
+    self, Churn, DeadLettered, History, Lengths, MessageStats, Range, Snapshot, Stat,
+};
 use crate::timer::{Clock, Timers, NEVER};
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
@@ -97,6 +100,17 @@ pub struct VHost {
     /// Itself, handed to its queues so they can dead-letter on their own.
     me: Weak<VHost>,
     timers: Arc<Timers>,
+    /// The default exchange `""`, also in `exchanges`: routing to it skips the
+    /// map, so its counters are bumped through this handle.
+    default_exchange: Arc<Exchange>,
+    /// Queue declarations, creations and deletions (stats.rs).
+    pub churn: Churn,
+    /// Messages dead-lettered or dropped by its queues, per reason.
+    pub dead_lettered: DeadLettered,
+    /// What deleted queues counted, so the vhost's totals never go down.
+    retired: Mutex<Snapshot>,
+    /// The vhost's totals, sampled every 5 s.
+    pub history: History,
     policies: Arc<PolicyTable>,
     /// The vhost limit `max-queues` (negative: none).
     max_queues: AtomicI64,
@@ -223,10 +237,8 @@ impl VHost {
         policies: Arc<PolicyTable>,
     ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
-        exchanges.insert(
-            String::new(),
-            Arc::new(Exchange::new("", ExchangeKind::Direct, opts(true))),
-        );
+        let default_exchange = Arc::new(Exchange::new("", ExchangeKind::Direct, opts(true)));
+        exchanges.insert(String::new(), default_exchange.clone());
         for (name, kind) in PREDECLARED {
             exchanges.insert(
                 name.to_owned(),
@@ -243,6 +255,11 @@ impl VHost {
             me: me.clone(),
             timers,
             policies,
+            default_exchange,
+            churn: Churn::default(),
+            dead_lettered: DeadLettered::default(),
+            retired: Mutex::new(Snapshot::default()),
+            history: History::default(),
             max_queues: AtomicI64::new(-1),
             deleted: AtomicBool::new(false),
             default_quorum: AtomicBool::new(false),
@@ -668,6 +685,7 @@ impl VHost {
                 .insert("x-queue-type", FieldValue::string("quorum"));
         }
         validate_queue_arguments(&req.name, &self.name, &req.options)?;
+        Churn::bump(&self.churn.declared);
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&req.name) {
             self.check_owner(existing, req.connection)?;
@@ -736,6 +754,7 @@ impl VHost {
             ),
         };
         queues.insert(req.name, queue.clone());
+        Churn::bump(&self.churn.created);
         Ok(answer(&queue))
     }
 
@@ -786,6 +805,8 @@ impl VHost {
             });
         }
         let count = queue.mark_deleted();
+        Churn::bump(&self.churn.deleted);
+        self.retired.lock().merge(&queue.counters().0);
         let sources = self.exchanges();
         self.unbind_everywhere(&sources, &DestinationName::Queue(queue.name.clone()));
         count
@@ -981,6 +1002,7 @@ impl VHost {
                 self.queues.read().get(key).cloned()
             };
             out.extend(found);
+            self.default_exchange.count_routed(out.len());
             return Ok(out);
         }
         let start = self.exchange(&message.exchange)?;
@@ -991,6 +1013,7 @@ impl VHost {
             )));
         }
         let headers = message.properties.headers.as_ref();
+        let first = start.clone();
         let mut pending: SmallVec<[Arc<Exchange>; 2]> = SmallVec::from_elem(start, 1);
         let mut visited: SmallVec<[Arc<Exchange>; 2]> = SmallVec::new();
         while let Some(x) = pending.pop() {
@@ -1027,6 +1050,7 @@ impl VHost {
                 }
             }
         }
+        first.count_routed(out.len());
         Ok(out)
     }
 
@@ -1043,7 +1067,7 @@ impl VHost {
         for m in messages {
             self.republish_dead(queue, &m.message, reason, now_secs, now);
         }
-        queue.settle(messages);
+        queue.settle_rejected(messages);
     }
 
     /// Publishes the dead-lettered copy of a message to the queue's dead-letter
@@ -1060,8 +1084,12 @@ impl VHost {
         now: u64,
     ) {
         let Some((exchange, routing_key)) = deadletter::target(queue) else {
+            self.dead_lettered
+                .count(queue.queue_type(), reason.into(), false);
             return;
         };
+        self.dead_lettered
+            .count(queue.queue_type(), reason.into(), true);
         let copy = deadletter::dead_lettered(
             message,
             &queue.name,
@@ -1096,6 +1124,58 @@ impl VHost {
             next = next.min(q.deadline());
         }
         next
+    }
+
+    // ---- statistics ----
+
+    /// Records a sample of every queue and exchange at `now` and of the vhost
+    /// itself, whose totals are its queues' delivery-side counters (live and
+    /// deleted) plus `sources`, the channel-side counters of the connections
+    /// in it. Returns those totals. Called by [`crate::Broker::sample_stats`].
+    pub(crate) fn sample_stats(&self, now: u64, sources: &Snapshot) -> (Snapshot, Lengths) {
+        let mut queue_side = *self.retired.lock();
+        let mut lengths = Lengths::default();
+        for q in self.queues() {
+            let (c, l) = q.counters();
+            q.history.record(now, c, l);
+            queue_side.merge(&c);
+            lengths.merge(&l);
+        }
+        for x in self.exchanges() {
+            x.history
+                .record(now, x.stats.snapshot(), Lengths::default());
+        }
+        let mut total = Snapshot::default();
+        for s in [
+            Stat::Publish,
+            Stat::Confirm,
+            Stat::ReturnUnroutable,
+            Stat::DropUnroutable,
+            Stat::RecvOct,
+            Stat::SendOct,
+        ] {
+            total.set(s, sources.get(s));
+        }
+        for s in [
+            Stat::Deliver,
+            Stat::DeliverNoAck,
+            Stat::Get,
+            Stat::GetNoAck,
+            Stat::GetEmpty,
+            Stat::Ack,
+            Stat::Redeliver,
+        ] {
+            total.set(s, queue_side.get(s));
+        }
+        self.history.record(now, total, lengths);
+        (total, lengths)
+    }
+
+    /// The vhost's `message_stats`, as of the last 5 s sample.
+    pub fn message_stats(&self, range: Option<Range>) -> MessageStats {
+        let (current, _) = self.history.last();
+        self.history
+            .message_stats(&current, stats::TOTAL_KEYS, range)
     }
 
     // ---- recovery ----
