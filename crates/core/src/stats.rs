@@ -69,10 +69,13 @@ pub enum Stat {
     /// Bytes received / sent on the wire (connections, sources, vhosts, node).
     RecvOct,
     SendOct,
+    /// Publishes on a channel in confirm mode (Prometheus
+    /// `messages_received_confirm_total`; not a `message_stats` key).
+    PublishConfirm,
 }
 
 /// Number of [`Stat`]s.
-pub const N_STATS: usize = 15;
+pub const N_STATS: usize = 16;
 
 impl Stat {
     pub const ALL: [Stat; N_STATS] = [
@@ -91,6 +94,7 @@ impl Stat {
         Stat::DropUnroutable,
         Stat::RecvOct,
         Stat::SendOct,
+        Stat::PublishConfirm,
     ];
 
     /// The key in RabbitMQ's `message_stats` (octets are connection fields,
@@ -112,6 +116,7 @@ impl Stat {
             Stat::DropUnroutable => "drop_unroutable",
             Stat::RecvOct => "recv_oct",
             Stat::SendOct => "send_oct",
+            Stat::PublishConfirm => "publish_confirm",
         }
     }
 
@@ -1087,6 +1092,16 @@ pub mod process {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         pages * 4096
+    }
+
+    /// This node's name, `switchyard@<hostname>` (RabbitMQ's `rabbit@<host>`).
+    pub fn node_name() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("switchyard@{host}")
     }
 
     /// Open file descriptors (`/proc/self/fd`).
