@@ -34,7 +34,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::consumer::{Consumer, Delivery};
 use crate::deadletter::DeathReason;
@@ -224,6 +224,19 @@ impl Ready {
             .unwrap_or(NEVER)
     }
 
+    /// Gives every ready message a new expiry, `f(message, current expiry)`,
+    /// and recounts the expiring ones.
+    fn reexpire(&mut self, f: impl Fn(&Message, Option<u64>) -> Option<u64>) {
+        let mut expiring = 0;
+        for q in &mut self.levels {
+            for m in q.iter_mut() {
+                m.expires_at = f(&m.message, m.expires_at);
+                expiring += usize::from(m.expires_at.is_some());
+            }
+        }
+        self.expiring = expiring;
+    }
+
     fn take_all(&mut self) -> Vec<QueuedMessage> {
         let mut all = Vec::with_capacity(self.len);
         for q in self.levels.iter_mut().rev() {
@@ -307,8 +320,9 @@ pub struct Queue {
     pub name: String,
     pub vhost: String,
     pub options: QueueOptions,
-    /// Its arguments merged with the policy that applies to it.
-    pub settings: QueueSettings,
+    /// Its arguments merged with the policies that apply to it; replaced when a
+    /// policy changes ([`Queue::update_settings`]). Read with [`Queue::settings`].
+    settings: RwLock<Arc<QueueSettings>>,
     /// The connection that declared an exclusive queue.
     pub owner: Option<u64>,
     state: Mutex<QueueState>,
@@ -325,6 +339,8 @@ pub struct Queue {
     deadline: AtomicU64,
     /// The samples of its counters and lengths (stats.rs), recorded every 5 s.
     pub history: History,
+    /// Classic or quorum, from the declared `x-queue-type`.
+    kind: QueueType,
 }
 
 /// What `basic.get` takes from a queue.
@@ -385,6 +401,11 @@ impl Queue {
         durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
+        let kind = if options.arguments.get_str("x-queue-type") == Some("quorum") {
+            QueueType::Quorum
+        } else {
+            QueueType::Classic
+        };
         let queue = Arc::new_cyclic(|me| Queue {
             me: me.clone(),
             name,
@@ -406,18 +427,112 @@ impl Queue {
                 handover_pending: false,
                 counts: Snapshot::default(),
             }),
-            settings,
+            settings: RwLock::new(Arc::new(settings)),
             memory: env.memory,
             timers: env.timers,
             home: env.home,
             durable,
             deadline: AtomicU64::new(NEVER),
             history: History::default(),
+            kind,
         });
         let st = queue.state.lock();
         queue.refresh_deadline(&st);
         drop(st);
         queue
+    }
+
+    /// Its effective settings now (arguments merged with the policies). A read
+    /// lock and a reference count: the lock is written only by a policy change.
+    pub fn settings(&self) -> Arc<QueueSettings> {
+        self.settings.read().clone()
+    }
+
+    /// Applies new effective settings (a policy was set, changed or cleared) to
+    /// the queue as it is: a lower `max-length`/`max-length-bytes` with
+    /// drop-head overflow drops (or dead-letters) the oldest ready messages now;
+    /// a new `message-ttl` gives every ready message an expiry at most `ttl` from
+    /// `now`, and a lifted one leaves each message only its own `expiration`
+    /// (counted from `now`: the queue does not keep arrival times); a new
+    /// `expires` restarts its countdown. Returns whether anything changed.
+    /// `max-priority` and single-active-consumer are fixed at declaration.
+    pub fn update_settings(self: &Arc<Self>, mut new: QueueSettings, now: u64) -> bool {
+        let old = self.settings();
+        new.max_priority = old.max_priority;
+        new.single_active_consumer = old.single_active_consumer;
+        new.quorum = old.quorum;
+        if *old == new {
+            return false;
+        }
+        let mut st = self.state.lock();
+        *self.settings.write() = Arc::new(new.clone());
+        if old.message_ttl != new.message_ttl {
+            st.ready.reexpire(|m, current| {
+                let own = m.properties.expiration_ms().map(|e| now.saturating_add(e));
+                match new.message_ttl {
+                    Some(ttl) => {
+                        let by_queue = now.saturating_add(ttl);
+                        Some(current.map_or(by_queue, |c| c.min(by_queue)))
+                    }
+                    None => own,
+                }
+            });
+        }
+        if old.expires != new.expires {
+            st.last_used = st.last_used.max(now);
+        }
+        if st.ready.expiring > 0 {
+            let mut expired = Vec::new();
+            st.ready.pop_expired(now, false, &mut expired);
+            st.dead
+                .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
+        }
+        if new.has_length_limit() && new.overflow == Overflow::DropHead {
+            while new.max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || new
+                    .max_length_bytes
+                    .is_some_and(|max| st.ready.bytes as u64 > max)
+            {
+                let Some(head) = st.ready.pop_front() else {
+                    break;
+                };
+                st.dead.push((head, Some(DeathReason::MaxLen)));
+            }
+        }
+        // A raised limit may let a held-back consumer go on.
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
+        true
+    }
+
+    /// The queue as the management API lists it (a snapshot).
+    pub fn info(&self) -> crate::admin::QueueInfo {
+        let settings = self.settings();
+        let (ready, unacked, delayed, consumers) = {
+            let st = self.state.lock();
+            (
+                st.ready.len,
+                st.unacked,
+                st.delayed.len(),
+                st.consumers.len(),
+            )
+        };
+        crate::admin::QueueInfo {
+            vhost: self.vhost.clone(),
+            name: self.name.clone(),
+            durable: self.options.durable,
+            exclusive: self.options.exclusive,
+            auto_delete: self.options.auto_delete,
+            arguments: self.options.arguments.clone(),
+            queue_type: if settings.quorum { "quorum" } else { "classic" }.to_owned(),
+            policy: settings.policy.clone(),
+            operator_policy: settings.operator_policy.clone(),
+            owner: self.owner,
+            messages_ready: ready,
+            messages_unacknowledged: unacked,
+            messages_delayed: delayed,
+            consumers,
+        }
     }
 
     /// The queue's id in the store, if it is durable and a store is in use.
@@ -426,12 +541,11 @@ impl Queue {
     }
 
     /// RabbitMQ's queue type, the `queue_type` label of statistics.
+    /// Fixed at declaration (`x-queue-type`; no policy changes it), so it is
+    /// read from the declared arguments without the settings lock: the
+    /// sessions ask for it on every delivery.
     pub fn queue_type(&self) -> QueueType {
-        if self.settings.quorum {
-            QueueType::Quorum
-        } else {
-            QueueType::Classic
-        }
+        self.kind
     }
 
     /// The queue's message counters and lengths now, under one short lock.
@@ -531,7 +645,7 @@ impl Queue {
     /// The expiry of a message entering the queue at `base`.
     fn expiry_of(&self, message: &Message, base: u64) -> Option<u64> {
         let ttl = match (
-            self.settings.message_ttl,
+            self.settings().message_ttl,
             message.properties.expiration_ms(),
         ) {
             (Some(q), Some(m)) => Some(q.min(m)),
@@ -549,7 +663,7 @@ impl Queue {
         base: u64,
         now: u64,
     ) -> Enqueued {
-        let s = &self.settings;
+        let s = self.settings();
         if s.has_length_limit() && s.overflow != Overflow::DropHead {
             // RabbitMQ's will_overflow: would the ready count or bytes pass the limit?
             let over = s.max_length.is_some_and(|max| st.ready.len as u64 >= max)
@@ -675,7 +789,7 @@ impl Queue {
         if let Some(top) = st.delayed.peek() {
             next = next.min(top.0.due);
         }
-        if let Some(expires) = self.settings.expires {
+        if let Some(expires) = self.settings().expires {
             if st.consumers.is_empty() && !st.deleted {
                 next = next.min(st.last_used.saturating_add(expires));
             }
@@ -706,7 +820,7 @@ impl Queue {
         }
         self.memory
             .sub(dead.iter().map(|(m, _)| m.resident()).sum());
-        if self.settings.dead_letter_exchange.is_none() && dead.iter().any(|(_, r)| r.is_some()) {
+        if self.settings().dead_letter_exchange.is_none() && dead.iter().any(|(_, r)| r.is_some()) {
             // Dropped for good: RabbitMQ counts these under strategy `disabled`.
             if let Some(vhost) = self.home.upgrade() {
                 for reason in dead.iter().filter_map(|(_, r)| *r) {
@@ -716,7 +830,7 @@ impl Queue {
                 }
             }
         }
-        if self.settings.dead_letter_exchange.is_some() {
+        if self.settings().dead_letter_exchange.is_some() {
             if let Some(vhost) = self.home.upgrade() {
                 for (m, reason) in &dead {
                     if let Some(reason) = reason {
@@ -760,7 +874,7 @@ impl Queue {
             if st.ready.len == 0 || st.consumers.is_empty() || st.handover_pending {
                 break;
             }
-            let chosen = if self.settings.single_active_consumer {
+            let chosen = if self.settings().single_active_consumer {
                 // Single active consumer: only the first registered one still
                 // active gets messages (one being cancelled is passed over).
                 st.consumers
@@ -862,7 +976,7 @@ impl Queue {
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
-        if was_active && self.settings.single_active_consumer {
+        if was_active && self.settings().single_active_consumer {
             // The next registered consumer takes over, at once or once the
             // leaving one's deliveries are settled or returned.
             let unsettled = removed.iter().any(|c| c.in_flight() > 0);
@@ -877,7 +991,7 @@ impl Queue {
 
     /// The queue was used (declared again): restarts its `x-expires` countdown.
     pub fn touch(&self, now: u64) {
-        if self.settings.expires.is_none() {
+        if self.settings().expires.is_none() {
             return;
         }
         let mut st = self.state.lock();
@@ -985,12 +1099,12 @@ impl Queue {
             self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
             return;
         }
+        let settings = self.settings();
         for mut m in messages {
             m.redelivered = true;
-            if self.settings.quorum {
+            if settings.quorum {
                 m.delivery_count = m.delivery_count.saturating_add(1);
-                if self
-                    .settings
+                if settings
                     .delivery_limit
                     .is_some_and(|limit| u64::from(m.delivery_count) > limit)
                 {
@@ -1029,7 +1143,7 @@ impl Queue {
         }
         self.dispatch_locked(&mut st, now);
         let expired = self
-            .settings
+            .settings()
             .expires
             .is_some_and(|e| st.consumers.is_empty() && now >= st.last_used.saturating_add(e));
         self.finish(st, now);

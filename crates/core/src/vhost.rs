@@ -9,11 +9,13 @@
 //! lock and looks them up after releasing it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
+use crate::admin::{BindingInfo, ExchangeInfo, QueueInfo};
 use crate::consumer::Consumer;
 use crate::deadletter::{self, DeathReason};
 use crate::error::{CoreError, CoreResult};
@@ -22,7 +24,7 @@ use crate::field::{FieldTable, FieldValue};
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store};
-use crate::policy::{Policies, QueueSettings};
+use crate::policy::{PolicyTable, QueueSettings};
 use crate::queue::{delay_of, Enqueued, Queue, QueueEnv, QueueOptions, QueuedMessage};
 use crate::stats::{
     self, Churn, DeadLettered, History, Lengths, MessageStats, Range, Snapshot, Stat,
@@ -98,7 +100,11 @@ pub struct VHost {
     /// Itself, handed to its queues so they can dead-letter on their own.
     me: Weak<VHost>,
     timers: Arc<Timers>,
-    policies: Arc<Policies>,
+    policies: Arc<PolicyTable>,
+    /// The vhost limit `max-queues` (negative: none).
+    max_queues: AtomicI64,
+    /// Deleted at runtime: connections still holding it may not create anything.
+    deleted: AtomicBool,
     /// The default exchange `""`, also in `exchanges`: routing to it skips the
     /// map, so its counters are bumped through this handle.
     default_exchange: Arc<Exchange>,
@@ -214,7 +220,7 @@ impl VHost {
             memory,
             store,
             Arc::new(Timers::new(Clock::System)),
-            Arc::new(Policies::default()),
+            Arc::new(PolicyTable::default()),
         )
     }
 
@@ -225,7 +231,7 @@ impl VHost {
         memory: Arc<MemoryMonitor>,
         store: Option<Arc<dyn Store>>,
         timers: Arc<Timers>,
-        policies: Arc<Policies>,
+        policies: Arc<PolicyTable>,
     ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         let default_exchange = Arc::new(Exchange::new("", ExchangeKind::Direct, opts(true)));
@@ -246,6 +252,8 @@ impl VHost {
             me: me.clone(),
             timers,
             policies,
+            max_queues: AtomicI64::new(-1),
+            deleted: AtomicBool::new(false),
             default_exchange,
             churn: Churn::default(),
             dead_lettered: DeadLettered::default(),
@@ -265,10 +273,125 @@ impl VHost {
 
     /// A queue's arguments merged with the policy that applies to it.
     fn settings_for(&self, name: &str, options: &QueueOptions) -> QueueSettings {
-        QueueSettings::resolve(
-            &options.arguments,
-            self.policies.for_queue(&self.name, name),
-        )
+        self.policies
+            .settings_for(&self.name, name, &options.arguments)
+    }
+
+    /// Sets the `max-queues` limit (negative: none).
+    pub fn set_max_queues(&self, limit: i64) {
+        self.max_queues.store(limit, Ordering::Relaxed);
+    }
+
+    /// Whether the vhost was deleted (connections may still hold it).
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    fn check_live(&self) -> CoreResult<()> {
+        if self.is_deleted() {
+            Err(CoreError::not_allowed(format!(
+                "vhost '{}' is deleted",
+                self.name
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies the policies in force now to every queue (after a policy or
+    /// operator policy of this vhost was set or cleared). Returns how many
+    /// queues changed.
+    pub fn reapply_policies(&self, now: u64) -> usize {
+        self.queues()
+            .iter()
+            .filter(|q| q.update_settings(self.settings_for(&q.name, &q.options), now))
+            .count()
+    }
+
+    /// Marks the vhost deleted and drops everything in it from memory: queues
+    /// (their messages, consumers cancelled), exchanges, bindings. The store's
+    /// records were deleted by the caller, in the same transaction as the vhost.
+    pub(crate) fn destroy(&self) {
+        self.deleted.store(true, Ordering::Release);
+        let queues: Vec<Arc<Queue>> = self.queues.write().drain().map(|(_, q)| q).collect();
+        for q in &queues {
+            q.mark_deleted();
+        }
+        let exchanges: Vec<Arc<Exchange>> =
+            self.exchanges.write().drain().map(|(_, x)| x).collect();
+        for x in &exchanges {
+            for b in x.bindings() {
+                x.unbind_all(&b.destination.name());
+            }
+        }
+        let replies: Vec<Arc<Queue>> = self.reply_to.lock().drain().map(|(_, q)| q).collect();
+        for q in replies {
+            q.mark_deleted();
+        }
+    }
+
+    /// Every queue as listed (a snapshot), in name order.
+    pub fn queue_infos(&self) -> Vec<QueueInfo> {
+        let mut out: Vec<QueueInfo> = self.queues().iter().map(|q| q.info()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every exchange as listed (the default exchange `""` included), in name
+    /// order.
+    pub fn exchange_infos(&self) -> Vec<ExchangeInfo> {
+        let mut out: Vec<ExchangeInfo> = self
+            .exchanges()
+            .iter()
+            .map(|x| ExchangeInfo {
+                vhost: self.name.clone(),
+                name: x.name.clone(),
+                kind: x.kind.as_str().to_owned(),
+                durable: x.options.durable,
+                auto_delete: x.options.auto_delete,
+                internal: x.options.internal,
+                arguments: x.options.arguments.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every binding: first the default exchange's implicit binding to each
+    /// queue (RabbitMQ lists them, source `""`, key = queue name), then the
+    /// others by source.
+    pub fn binding_infos(&self) -> Vec<BindingInfo> {
+        let mut out: Vec<BindingInfo> = self
+            .queue_infos()
+            .into_iter()
+            .map(|q| BindingInfo {
+                vhost: self.name.clone(),
+                source: String::new(),
+                destination: q.name.clone(),
+                destination_type: "queue".to_owned(),
+                routing_key: q.name,
+                arguments: FieldTable::new(),
+            })
+            .collect();
+        let mut exchanges = self.exchanges();
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        for x in exchanges.iter().filter(|x| !x.name.is_empty()) {
+            for b in x.bindings() {
+                let (destination, destination_type) = match b.destination.name() {
+                    DestinationName::Queue(n) => (n, "queue"),
+                    DestinationName::Exchange(n) => (n, "exchange"),
+                };
+                out.push(BindingInfo {
+                    vhost: self.name.clone(),
+                    source: x.name.clone(),
+                    destination,
+                    destination_type: destination_type.to_owned(),
+                    routing_key: b.routing_key.clone(),
+                    arguments: b.arguments.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// The clock and deadlines this vhost's queues use.
@@ -410,6 +533,7 @@ impl VHost {
         if req.passive {
             return self.exchange(&req.name);
         }
+        self.check_live()?;
         let kind = ExchangeKind::parse(&req.kind).ok_or_else(|| {
             CoreError::command_invalid(format!("unknown exchange type '{}'", req.kind))
         })?;
@@ -559,6 +683,14 @@ impl VHost {
             // A re-declaration counts as use for `x-expires`.
             existing.touch(self.timers.now_ms());
             return Ok(answer(existing));
+        }
+        self.check_live()?;
+        let limit = self.max_queues.load(Ordering::Relaxed);
+        if limit >= 0 && queues.len() as u64 >= limit.unsigned_abs() {
+            return Err(CoreError::precondition(format!(
+                "cannot declare queue '{}': queue limit in vhost '{}' ({}) is reached",
+                req.name, self.name, limit
+            )));
         }
         let settings = self.settings_for(&req.name, &req.options);
         let owner = req.options.exclusive.then_some(req.connection);
@@ -939,8 +1071,8 @@ impl VHost {
             message,
             &queue.name,
             reason,
-            exchange,
-            routing_key,
+            &exchange,
+            routing_key.as_deref(),
             now_secs,
         );
         // A missing dead-letter exchange drops the message, as in RabbitMQ.
