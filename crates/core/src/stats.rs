@@ -828,6 +828,12 @@ pub struct NodeStats {
     pub connections_closed: AtomicU64,
     pub channels_opened: AtomicU64,
     pub channels_closed: AtomicU64,
+    /// Queue churn and dead-letter counts of deleted vhosts, so node-wide
+    /// counters never go down.
+    pub retired_churn: Churn,
+    pub retired_dead_lettered: DeadLettered,
+    /// The totals of deleted vhosts.
+    retired_vhost_totals: Mutex<Snapshot>,
     pub history: History,
     pub protocol_history: [History; N_PROTOCOLS],
     /// When the next sample is due (ms since the epoch; 0: at once).
@@ -847,6 +853,9 @@ impl Default for NodeStats {
             connections_closed: AtomicU64::new(0),
             channels_opened: AtomicU64::new(0),
             channels_closed: AtomicU64::new(0),
+            retired_churn: Churn::default(),
+            retired_dead_lettered: DeadLettered::default(),
+            retired_vhost_totals: Mutex::new(Snapshot::default()),
             history: History::default(),
             protocol_history: Default::default(),
             next_sample: AtomicU64::new(0),
@@ -949,6 +958,33 @@ impl NodeStats {
             .entry(source.vhost.clone())
             .or_default()
             .merge(&source.snapshot());
+    }
+
+    /// Keeps what a deleted vhost counted in the node's totals.
+    pub fn retire_vhost(&self, churn: &Churn, dead: &DeadLettered, totals: &Snapshot) {
+        for (mine, theirs) in [
+            (&self.retired_churn.declared, &churn.declared),
+            (&self.retired_churn.created, &churn.created),
+            (&self.retired_churn.deleted, &churn.deleted),
+        ] {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        for qt in QueueType::ALL {
+            for reason in DeadReason::ALL {
+                for dlx in [true, false] {
+                    let n = dead.get(qt, reason, dlx);
+                    if let Some(c) = self.retired_dead_lettered.slot(qt, reason, dlx) {
+                        c.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        self.retired_vhost_totals.lock().merge(totals);
+    }
+
+    /// What deleted vhosts counted (part of the node's totals).
+    pub fn retired_vhost_totals(&self) -> Snapshot {
+        *self.retired_vhost_totals.lock()
     }
 
     /// Every live source (channels and sessions), for listings.

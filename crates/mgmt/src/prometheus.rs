@@ -309,7 +309,9 @@ pub fn render(broker: &Broker, per_object: bool, id: &Identity) -> String {
     let churn = |f: fn(&stats::Churn) -> &std::sync::atomic::AtomicU64| -> u64 {
         vhosts
             .iter()
-            .map(|v| f(&v.churn).load(std::sync::atomic::Ordering::Relaxed))
+            .map(|v| &v.churn)
+            .chain(std::iter::once(&node.retired_churn))
+            .map(|c| f(c).load(std::sync::atomic::Ordering::Relaxed))
             .sum()
     };
     out.single(
@@ -393,7 +395,7 @@ pub fn render(broker: &Broker, per_object: bool, id: &Identity) -> String {
     // ---- global counters per protocol ----
     let protocols = node.protocol_totals();
     global_series(&mut out, &protocols);
-    dead_letter_series(&mut out, &vhosts);
+    dead_letter_series(&mut out, &vhosts, node);
     size_histogram(&mut out, &protocols);
     let (mut recv, mut send) = (0u64, 0u64);
     for t in &protocols {
@@ -628,7 +630,11 @@ fn global_series(out: &mut Out, protocols: &[ProtocolTotals]) {
 }
 
 /// `rabbitmq_global_messages_dead_lettered_<reason>_total`.
-fn dead_letter_series(out: &mut Out, vhosts: &[Arc<switchyard_core::vhost::VHost>]) {
+fn dead_letter_series(
+    out: &mut Out,
+    vhosts: &[Arc<switchyard_core::vhost::VHost>],
+    node: &stats::NodeStats,
+) {
     for reason in DeadReason::ALL {
         let name = format!(
             "rabbitmq_global_messages_dead_lettered_{}_total",
@@ -646,7 +652,9 @@ fn dead_letter_series(out: &mut Out, vhosts: &[Arc<switchyard_core::vhost::VHost
             for (dlx, strategy) in [(true, "at_most_once"), (false, "disabled")] {
                 let n: u64 = vhosts
                     .iter()
-                    .map(|v| v.dead_lettered.get(qt, reason, dlx))
+                    .map(|v| &v.dead_lettered)
+                    .chain(std::iter::once(&node.retired_dead_lettered))
+                    .map(|d| d.get(qt, reason, dlx))
                     .sum();
                 out.sample(
                     &name,
