@@ -23,7 +23,7 @@ use crate::error::{CoreError, CoreResult, ErrorKind};
 use crate::memory::MemoryMonitor;
 use crate::persist::{Recovered, Store};
 use crate::policy::{Policies, Policy, PolicyTable};
-use crate::stats::{self, Lengths, MessageStats, NodeStats, Range, Snapshot};
+use crate::stats::{self, Lengths, MessageStats, NodeStats, Range};
 use crate::timer::{Clock, Timers, NEVER};
 use crate::vhost::VHost;
 
@@ -316,7 +316,7 @@ impl Broker {
     pub fn sample_stats_now(&self, now: u64) {
         self.stats.sample_sources(now);
         let by_vhost = self.stats.by_vhost();
-        let mut total = Snapshot::default();
+        let mut total = self.stats.retired_vhost_totals();
         let mut lengths = Lengths::default();
         for v in self.vhosts() {
             let sources = by_vhost.get(&v.name).copied().unwrap_or_default();
@@ -1055,6 +1055,11 @@ impl Broker {
                     .close_where(|c| c.info.vhost == name, &reason);
                 if let Some(vhost) = removed {
                     vhost.destroy();
+                    self.stats.retire_vhost(
+                        &vhost.churn,
+                        &vhost.dead_lettered,
+                        &vhost.history.last().0,
+                    );
                 }
                 let hooks: Vec<VhostDeletedHook> = self.vhost_hooks.lock().clone();
                 for hook in hooks {

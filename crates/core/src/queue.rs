@@ -345,6 +345,8 @@ pub struct Queue {
     deadline: AtomicU64,
     /// The samples of its counters and lengths (stats.rs), recorded every 5 s.
     pub history: History,
+    /// Classic or quorum, from the declared `x-queue-type`.
+    kind: QueueType,
 }
 
 /// What `basic.get` takes from a queue.
@@ -406,6 +408,12 @@ impl Queue {
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
         let settings = Arc::new(settings);
+        // Fixed at declaration (x-queue-type, or the vhost's default queue type).
+        let kind = if settings.quorum {
+            QueueType::Quorum
+        } else {
+            QueueType::Classic
+        };
         let queue = Arc::new_cyclic(|me| Queue {
             me: me.clone(),
             name,
@@ -435,6 +443,7 @@ impl Queue {
             durable,
             deadline: AtomicU64::new(NEVER),
             history: History::default(),
+            kind,
         });
         let st = queue.state.lock();
         queue.refresh_deadline(&st);
@@ -543,12 +552,11 @@ impl Queue {
     }
 
     /// RabbitMQ's queue type, the `queue_type` label of statistics.
+    /// Fixed at declaration (`x-queue-type`; no policy changes it), so it is
+    /// read from the declared arguments without the settings lock: the
+    /// sessions ask for it on every delivery.
     pub fn queue_type(&self) -> QueueType {
-        if self.settings().quorum {
-            QueueType::Quorum
-        } else {
-            QueueType::Classic
-        }
+        self.kind
     }
 
     /// The queue's message counters and lengths now, under one short lock.

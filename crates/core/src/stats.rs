@@ -69,10 +69,13 @@ pub enum Stat {
     /// Bytes received / sent on the wire (connections, sources, vhosts, node).
     RecvOct,
     SendOct,
+    /// Publishes on a channel in confirm mode (Prometheus
+    /// `messages_received_confirm_total`; not a `message_stats` key).
+    PublishConfirm,
 }
 
 /// Number of [`Stat`]s.
-pub const N_STATS: usize = 15;
+pub const N_STATS: usize = 16;
 
 impl Stat {
     pub const ALL: [Stat; N_STATS] = [
@@ -91,6 +94,7 @@ impl Stat {
         Stat::DropUnroutable,
         Stat::RecvOct,
         Stat::SendOct,
+        Stat::PublishConfirm,
     ];
 
     /// The key in RabbitMQ's `message_stats` (octets are connection fields,
@@ -112,6 +116,7 @@ impl Stat {
             Stat::DropUnroutable => "drop_unroutable",
             Stat::RecvOct => "recv_oct",
             Stat::SendOct => "send_oct",
+            Stat::PublishConfirm => "publish_confirm",
         }
     }
 
@@ -823,6 +828,12 @@ pub struct NodeStats {
     pub connections_closed: AtomicU64,
     pub channels_opened: AtomicU64,
     pub channels_closed: AtomicU64,
+    /// Queue churn and dead-letter counts of deleted vhosts, so node-wide
+    /// counters never go down.
+    pub retired_churn: Churn,
+    pub retired_dead_lettered: DeadLettered,
+    /// The totals of deleted vhosts.
+    retired_vhost_totals: Mutex<Snapshot>,
     pub history: History,
     pub protocol_history: [History; N_PROTOCOLS],
     /// When the next sample is due (ms since the epoch; 0: at once).
@@ -842,6 +853,9 @@ impl Default for NodeStats {
             connections_closed: AtomicU64::new(0),
             channels_opened: AtomicU64::new(0),
             channels_closed: AtomicU64::new(0),
+            retired_churn: Churn::default(),
+            retired_dead_lettered: DeadLettered::default(),
+            retired_vhost_totals: Mutex::new(Snapshot::default()),
             history: History::default(),
             protocol_history: Default::default(),
             next_sample: AtomicU64::new(0),
@@ -944,6 +958,33 @@ impl NodeStats {
             .entry(source.vhost.clone())
             .or_default()
             .merge(&source.snapshot());
+    }
+
+    /// Keeps what a deleted vhost counted in the node's totals.
+    pub fn retire_vhost(&self, churn: &Churn, dead: &DeadLettered, totals: &Snapshot) {
+        for (mine, theirs) in [
+            (&self.retired_churn.declared, &churn.declared),
+            (&self.retired_churn.created, &churn.created),
+            (&self.retired_churn.deleted, &churn.deleted),
+        ] {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        for qt in QueueType::ALL {
+            for reason in DeadReason::ALL {
+                for dlx in [true, false] {
+                    let n = dead.get(qt, reason, dlx);
+                    if let Some(c) = self.retired_dead_lettered.slot(qt, reason, dlx) {
+                        c.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        self.retired_vhost_totals.lock().merge(totals);
+    }
+
+    /// What deleted vhosts counted (part of the node's totals).
+    pub fn retired_vhost_totals(&self) -> Snapshot {
+        *self.retired_vhost_totals.lock()
     }
 
     /// Every live source (channels and sessions), for listings.
@@ -1087,6 +1128,16 @@ pub mod process {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         pages * 4096
+    }
+
+    /// This node's name, `switchyard@<hostname>` (RabbitMQ's `rabbit@<host>`).
+    pub fn node_name() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("switchyard@{host}")
     }
 
     /// Open file descriptors (`/proc/self/fd`).

@@ -521,6 +521,10 @@ impl VHost {
         self.queues.read().values().cloned().collect()
     }
 
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
     /// Checks that `connection` may use `queue` (exclusive queues belong to the
     /// connection that declared them).
     pub fn check_owner(&self, queue: &Queue, connection: u64) -> CoreResult<()> {

@@ -25,6 +25,7 @@ pub use switchyard_server::config;
 
 pub mod amqp;
 pub mod child;
+pub mod http;
 pub mod stomp;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -381,6 +381,9 @@ impl Channel {
             .publish_at(message.clone(), now)
             .map_err(MethodError::from)?;
         self.stats.published(message.body_size());
+        if self.confirm {
+            self.stats.add(Stat::PublishConfirm, 1);
+        }
         if routed.queues == 0 {
             self.stats.add(
                 if mandatory {

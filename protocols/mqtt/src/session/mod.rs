@@ -1333,6 +1333,9 @@ impl Session {
             self.outbox.clone(),
         );
         data.consumers.push((q.clone(), consumer.clone()));
+        if let Some(stats) = &self.stats {
+            stats.set_consumers(data.consumers.len());
+        }
         q.add_consumer(consumer)
     }
 
@@ -1551,6 +1554,9 @@ impl Session {
                 });
                 for (q, c) in mine {
                     vhost.cancel_consumer(&q, c.id);
+                }
+                if let Some(stats) = &self.stats {
+                    stats.set_consumers(data.consumers.len());
                 }
                 self.state.release_shared(&vhost, &sub.queue, &sub.key);
             } else if !key_still_used {

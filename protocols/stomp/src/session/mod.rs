@@ -198,6 +198,13 @@ impl Session {
         }
     }
 
+    /// Keeps the session's consumer gauge (statistics) current.
+    fn note_consumers(&self) {
+        if let Some(stats) = &self.stats {
+            stats.set_consumers(self.subscriptions.len());
+        }
+    }
+
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
         // What the caller takes now is what goes out on the wire.
