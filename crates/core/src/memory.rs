@@ -120,6 +120,21 @@ impl MemoryMonitor {
         }
     }
 
+    /// The memory alarm alone (the management API reports each alarm).
+    pub fn memory_alarm(&self) -> bool {
+        self.memory_alarm.load(Ordering::Acquire)
+    }
+
+    /// The disk alarm alone.
+    pub fn disk_alarm(&self) -> bool {
+        self.disk_alarm.load(Ordering::Acquire)
+    }
+
+    /// The memory high watermark in bytes (0: no memory alarm).
+    pub fn high_watermark(&self) -> usize {
+        self.high_watermark
+    }
+
     /// Sets or clears the disk alarm (free space under the limit).
     pub fn set_disk_alarm(&self, on: bool, free_bytes: u64, limit: u64) {
         if self.disk_alarm.swap(on, Ordering::AcqRel) != on {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::admin::MetaWrite;
 use crate::exchange::{DestinationName, ExchangeOptions};
 use crate::field::FieldTable;
 use crate::message::Message;
@@ -117,4 +118,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn delete_record(&self, kind: &str, key: &str) -> io::Result<()>;
     /// Every record of `kind`, as (key, value), in key order: read once at start.
     fn records(&self, kind: &str) -> io::Result<Vec<(String, Vec<u8>)>>;
+
+    /// Commits the writes of one metadata command ([`crate::admin::MetaCommand`])
+    /// in one transaction: all of them are on disk when it returns, or none.
+    fn apply_meta(&self, writes: &[MetaWrite]) -> io::Result<()>;
 }

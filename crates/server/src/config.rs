@@ -92,6 +92,12 @@ pub struct Listeners {
     /// STOMP over WebSocket (path `[stomp] ws_path`).
     #[serde(default)]
     pub stomp_ws: Option<SocketAddr>,
+    /// The HTTP management API (`/api`) and the web UI (`/`).
+    #[serde(default)]
+    pub management: Option<SocketAddr>,
+    /// Prometheus metrics (`/metrics`, `/metrics/per-object`).
+    #[serde(default)]
+    pub prometheus: Option<SocketAddr>,
 }
 
 /// `[stomp]`: the STOMP adapter (TCP and WebSocket alike).

@@ -289,6 +289,24 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         bound.push((protocol, tcp, local));
     }
 
+    // The HTTP listeners (management API + UI, Prometheus), bound with the others so
+    // a taken port fails the start just the same.
+    let mut http = Vec::new();
+    for (name, addr) in [
+        ("management", config.listeners.management),
+        ("prometheus", config.listeners.prometheus),
+    ] {
+        let Some(addr) = addr else { continue };
+        let (tcp, local) = listener::bind(addr)
+            .await
+            .map_err(|error| ServerError::Bind {
+                protocol: name,
+                addr,
+                error,
+            })?;
+        http.push((name, tcp, local));
+    }
+
     let connections = TaskTracker::new();
     // One cap for all listeners: it guards the process's file descriptors and memory.
     let limit = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -306,6 +324,39 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             connections: connections.clone(),
         };
         accept_loops.push(tokio::spawn(l.run()));
+    }
+    for (name, _, local) in &http {
+        info!(protocol = *name, addr = %local, "listening");
+        addrs.insert(*name, *local);
+    }
+    if !http.is_empty() {
+        let mut node = switchyard_mgmt::NodeInfo::local();
+        node.disk_free_limit = config.limits.disk_free_limit_bytes;
+        node.data_dir = Some(config.data_dir.clone());
+        node.listeners = addrs
+            .iter()
+            .map(|(name, addr)| switchyard_mgmt::ListenerInfo {
+                protocol: listener_protocol(name).to_owned(),
+                addr: *addr,
+            })
+            .collect();
+        let state = switchyard_mgmt::Management::new(broker.clone(), node);
+        for (name, tcp, _) in http {
+            let router = if name == "prometheus" {
+                switchyard_mgmt::prometheus_router(state.clone())
+            } else {
+                switchyard_mgmt::management_router(state.clone())
+            };
+            let stop = shutdown.clone();
+            accept_loops.push(tokio::spawn(async move {
+                let served =
+                    switchyard_mgmt::serve(tcp, router, async move { stop.cancelled().await })
+                        .await;
+                if let Err(e) = served {
+                    warn!(protocol = name, error = %e, "HTTP listener failed");
+                }
+            }));
+        }
     }
     // Message TTL, queue expiry and delayed messages; stops with the listeners.
     accept_loops.push(tokio::spawn(run_timers(broker.clone(), shutdown.clone())));
@@ -332,6 +383,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     })
 }
 
+/// RabbitMQ's protocol name of a listener (what `/api/overview` lists and the
+/// health checks match), from the ready-file key.
+fn listener_protocol(name: &str) -> &str {
+    match name {
+        "mqtt_ws" => "http/web-mqtt",
+        "stomp_ws" => "http/web-stomp",
+        "management" => "http",
+        "prometheus" => "http/prometheus",
+        other => other,
+    }
+}
+
 /// Milliseconds since the Unix epoch: the time the core is given.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -347,6 +410,9 @@ async fn run_timers(broker: Arc<Broker>, shutdown: CancellationToken) {
     /// Longest sleep: bounds the damage of a missed wake-up (and of clock jumps).
     const MAX_SLEEP_MS: u64 = 1000;
     loop {
+        // Statistics samples every 5 s (the rate rings of stats.rs); this task
+        // wakes at least once a second, so no task of their own is needed.
+        broker.sample_stats(unix_ms());
         let next = broker.tick(unix_ms());
         let wait = next
             .min(broker.timers().earliest())
@@ -427,6 +493,8 @@ mod tests {
         // The shipped ports of the other listeners may be taken on a test machine.
         c.listeners.stomp = Some("127.0.0.1:0".parse().unwrap());
         c.listeners.stomp_ws = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.management = Some("127.0.0.1:0".parse().unwrap());
+        c.listeners.prometheus = Some("127.0.0.1:0".parse().unwrap());
         c.data_dir = dir.join("data");
         c
     }

@@ -52,6 +52,8 @@ pub async fn start_broker_with(configure: impl FnOnce(&mut Config)) -> TestBroke
     config.listeners.mqtt_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.listeners.stomp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.listeners.stomp_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listeners.management = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.listeners.prometheus = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.data_dir = data_dir.path().join("data");
     configure(&mut config);
     let server = switchyard_server::start(config)
@@ -108,6 +110,29 @@ impl TestBroker {
             .local_addrs()
             .get("mqtt_ws")
             .expect("testkit: the configuration has no MQTT WebSocket listener")
+    }
+
+    /// The address of the HTTP management listener (API and UI).
+    pub fn management_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("management")
+            .expect("testkit: the configuration has no management listener")
+    }
+
+    /// `http://127.0.0.1:PORT/api`, the management API's root.
+    pub fn api_url(&self) -> String {
+        format!("http://{}/api", self.management_addr())
+    }
+
+    /// The address of the Prometheus listener.
+    pub fn prometheus_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("prometheus")
+            .expect("testkit: the configuration has no Prometheus listener")
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`, for client libraries.

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use switchyard_core::consumer::{Outbox, Outgoing};
 use switchyard_core::queue::Queue;
+use switchyard_core::stats::{ConnectionGuard, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, CoreError, ErrorKind, FieldTable, FieldValue};
 use tokio::sync::watch;
@@ -223,12 +224,17 @@ pub struct Session {
     close_reason: Option<String>,
     /// The store's synced position (None: no store, nothing to wait for).
     synced: Option<watch::Receiver<u64>>,
+    /// Counts the connection in the node's opened/closed totals.
+    _counted: ConnectionGuard,
+    /// The connection's own statistics (octets), from connection.open on.
+    stats: Option<SourceGuard>,
 }
 
 impl Session {
     pub fn new(broker: Arc<Broker>, settings: Arc<AmqpSettings>, peer: SocketAddr) -> Self {
         let id = broker.next_id();
         let synced = broker.synced();
+        let counted = broker.stats.open_connection();
         Session {
             broker,
             settings,
@@ -249,12 +255,18 @@ impl Session {
             has_published: false,
             blocked_sent: false,
             close_reason: None,
+            _counted: counted,
+            stats: None,
             synced,
         }
     }
 
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
+        // What the caller takes now is what goes out on the wire.
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::SendOct, self.out.len() as u64);
+        }
         &mut self.out
     }
 
@@ -323,6 +335,14 @@ impl Session {
     /// Feeds bytes read from the socket. Whole frames are consumed from `input`;
     /// a partial frame stays for the next call.
     pub fn handle_input(&mut self, input: &mut BytesMut) {
+        let before = input.len();
+        self.handle_frames(input);
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
+        }
+    }
+
+    fn handle_frames(&mut self, input: &mut BytesMut) {
         while !matches!(self.state, State::Closed) {
             if self.state == State::Header {
                 match codec::decode_protocol_header(input) {
@@ -748,6 +768,12 @@ impl Session {
             .auth
             .check_vhost(&self.user, &name)
             .map_err(|e| ConnError::not_allowed(e.text))?;
+        self.stats =
+            Some(
+                self.broker
+                    .stats
+                    .open_source(Protocol::Amqp091, self.id, 0, &name, false),
+            );
         self.vhost = Some(vhost);
         codec::encode_method(
             &mut self.out,
@@ -778,7 +804,12 @@ impl Session {
                 ))
                 .during(&method));
             }
-            self.channels.insert(id, Channel::new(id));
+            let vhost = self.vhost.as_ref().map_or("/", |v| v.name.as_str());
+            let stats = self
+                .broker
+                .stats
+                .open_source(Protocol::Amqp091, self.id, id, vhost, true);
+            self.channels.insert(id, Channel::new(id, stats));
             codec::encode_method(
                 &mut self.out,
                 id,

@@ -27,6 +27,7 @@ use switchyard_core::auth::{Access, Resource};
 use switchyard_core::consumer::Consumer;
 use switchyard_core::consumer::{ConsumerOptions, Credit, Delivery, Outbox, Outgoing};
 use switchyard_core::queue::QueueOptions;
+use switchyard_core::stats::{ConnectionGuard, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::{QueueDeclare, VHost};
 use switchyard_core::{Broker, FieldTable};
 use tokio::sync::watch;
@@ -143,6 +144,11 @@ pub struct Session {
     /// persistent message goes only after the fsync that covers it; 0 = none,
     /// but it still waits for those before it so acks keep their order).
     pending_acks: VecDeque<(u64, Packet)>,
+    /// Counts the connection in the node's opened/closed totals.
+    _counted: ConnectionGuard,
+    /// The session's message statistics (stats.rs), from CONNECT on; written by
+    /// this connection's task only.
+    stats: Option<SourceGuard>,
 }
 
 impl Session {
@@ -155,7 +161,10 @@ impl Session {
         let id = broker.next_id();
         let decoder = Decoder::new(settings.max_packet_size_unauthenticated);
         let synced = broker.synced();
+        let counted = broker.stats.open_connection();
         Session {
+            _counted: counted,
+            stats: None,
             broker,
             state,
             peer,
@@ -232,6 +241,10 @@ impl Session {
 
     /// Packets produced so far, to be written to the socket.
     pub fn output(&mut self) -> &mut BytesMut {
+        // What the caller takes now is what goes out on the wire.
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::SendOct, self.out.len() as u64);
+        }
         &mut self.out
     }
 
@@ -335,6 +348,14 @@ impl Session {
 
     /// Decodes and handles every complete packet in `input`.
     pub fn handle_input(&mut self, input: &mut BytesMut, now: Now) {
+        let before = input.len();
+        self.handle_packets(input, now);
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
+        }
+    }
+
+    fn handle_packets(&mut self, input: &mut BytesMut, now: Now) {
         while self.phase != Phase::Closed {
             match self.decoder.decode(input) {
                 Ok(Some(packet)) => {
@@ -538,6 +559,16 @@ impl Session {
         self.user = user;
         self.lossless = self.settings.lossless_vhosts.contains(&vhost_name);
         self.vhost = Some(vhost.clone());
+        let protocol = match self.version {
+            Version::V31 => Protocol::Mqtt310,
+            Version::V311 => Protocol::Mqtt311,
+            Version::V5 => Protocol::Mqtt50,
+        };
+        self.stats = Some(
+            self.broker
+                .stats
+                .open_source(protocol, self.id, 0, &vhost.name, false),
+        );
 
         if let Some(w) = &c.will {
             if !mapping::valid_topic_name(&w.topic) {
@@ -803,7 +834,15 @@ impl Session {
             origin,
             now.unix_ms,
         );
-        let (code, durable_at) = match self.state.publish(&vhost, &topic, message, retain) {
+        let size = message.body_size();
+        let published = self.state.publish(&vhost, &topic, message, retain);
+        if let (Some(stats), Ok(r)) = (&self.stats, &published) {
+            stats.published(size);
+            if r.queues == 0 {
+                stats.add(Stat::DropUnroutable, 1);
+            }
+        }
+        let (code, durable_at) = match published {
             Ok(r) if r.queues == 0 && self.v5() => (reason::NO_MATCHING_SUBSCRIBERS, r.durable_at),
             Ok(r) => (reason::SUCCESS, r.durable_at),
             Err(e) => {
@@ -857,6 +896,9 @@ impl Session {
 
     fn settle(&self, f: &mut Inflight) {
         if let Some((q, m)) = f.source.take() {
+            if let Some(stats) = &self.stats {
+                stats.add_for(q.queue_type(), Stat::Ack, 1);
+            }
             q.settle(&[m]);
         }
     }
@@ -1075,6 +1117,18 @@ impl Session {
             properties: props,
             payload: msg.body.clone(),
         };
+        if let Some(stats) = &self.stats {
+            let qt = d.queue.queue_type();
+            if d.message.redelivered {
+                stats.add_for(qt, Stat::Redeliver, 1);
+            }
+            let kind = if qos == QoS::AtMostOnce {
+                Stat::DeliverNoAck
+            } else {
+                Stat::Deliver
+            };
+            stats.add_for(qt, kind, 1);
+        }
         if qos == QoS::AtMostOnce {
             self.discard(&d);
             self.send_publish(p);

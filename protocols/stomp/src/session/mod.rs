@@ -27,6 +27,7 @@ use switchyard_core::auth::{Access, Resource};
 use switchyard_core::consumer::{Consumer, Credit, Outbox, Outgoing};
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::queue::{Queue, QueuedMessage};
+use switchyard_core::stats::{ConnectionGuard, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, Message};
 use tokio::sync::watch;
@@ -145,6 +146,11 @@ pub struct Session {
     pending_receipts: VecDeque<(u64, String)>,
     /// DISCONNECT came while receipts waited: close once they are written.
     disconnecting: bool,
+    /// Counts the connection in the node's opened/closed totals.
+    _counted: ConnectionGuard,
+    /// The session's message statistics (stats.rs), from CONNECT on; written by
+    /// this connection's task only.
+    stats: Option<SourceGuard>,
 }
 
 impl Session {
@@ -152,7 +158,10 @@ impl Session {
         let id = broker.next_id();
         let decoder = Decoder::new(settings.limits);
         let synced = broker.synced();
+        let counted = broker.stats.open_connection();
         Session {
+            _counted: counted,
+            stats: None,
             broker,
             settings,
             peer,
@@ -184,6 +193,10 @@ impl Session {
 
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
+        // What the caller takes now is what goes out on the wire.
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::SendOct, self.out.len() as u64);
+        }
         &mut self.out
     }
 
@@ -266,6 +279,14 @@ impl Session {
     /// a partial frame stays for the next call (the decoder remembers how far it
     /// looked).
     pub fn handle_input(&mut self, input: &mut BytesMut) {
+        let before = input.len();
+        self.handle_frames(input);
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
+        }
+    }
+
+    fn handle_frames(&mut self, input: &mut BytesMut) {
         while self.state != State::Closed {
             match self.decoder.decode(input) {
                 Ok(None) => break,
@@ -459,6 +480,16 @@ impl Session {
         self.heartbeat_out = bound(cy);
         self.heartbeat_in = bound(cx);
         self.user = user;
+        let protocol = match self.version {
+            Version::V1_0 => Protocol::Stomp10,
+            Version::V1_1 => Protocol::Stomp11,
+            Version::V1_2 => Protocol::Stomp12,
+        };
+        self.stats = Some(
+            self.broker
+                .stats
+                .open_source(protocol, self.id, 0, &vhost.name, false),
+        );
         self.vhost = Some(vhost);
         self.decoder.set_version(version);
         self.state = State::Open;
@@ -560,7 +591,15 @@ impl Session {
     /// INTEROP.md: "A RECEIPT for a persistent SEND is sent after it is stored";
     /// one fsync covers every message that arrived meanwhile (group commit).
     fn publish(&mut self, message: Arc<Message>) -> Result<u64, FrameError> {
-        Ok(self.vhost()?.publish(message)?.durable_at)
+        let size = message.body_size();
+        let routed = self.vhost()?.publish(message)?;
+        if let Some(stats) = &self.stats {
+            stats.published(size);
+            if routed.queues == 0 {
+                stats.add(Stat::DropUnroutable, 1);
+            }
+        }
+        Ok(routed.durable_at)
     }
 
     /// `reply-to` as the property carries it: `/temp-queue/<id>` becomes the real
@@ -647,6 +686,11 @@ impl Session {
         } else {
             self.unacked.remove(pos).into_iter().collect()
         };
+        if let (Outcome::Ack, Some(stats)) = (outcome, &self.stats) {
+            for u in &taken {
+                stats.add_for(u.queue.queue_type(), Stat::Ack, 1);
+            }
+        }
         let vhost = self.vhost.clone();
         settle_entries(taken, outcome, vhost.as_deref());
         Ok(())
@@ -717,6 +761,18 @@ impl Session {
                     }
                     let id = self.next_message_id;
                     self.next_message_id += 1;
+                    if let Some(stats) = &self.stats {
+                        let qt = d.queue.queue_type();
+                        if d.message.redelivered {
+                            stats.add_for(qt, Stat::Redeliver, 1);
+                        }
+                        let kind = if d.consumer.no_ack() {
+                            Stat::DeliverNoAck
+                        } else {
+                            Stat::Deliver
+                        };
+                        stats.add_for(qt, kind, 1);
+                    }
                     self.write_message(id, d.consumer.tag(), &d.message);
                     if !d.consumer.no_ack() {
                         self.unacked.push_back(Unacked {
