@@ -56,6 +56,7 @@ pub const DELAY_HEADER: &str = "x-delay";
 /// returned before.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
+mod consumers;
 mod peek;
 pub use peek::Peeked;
 /// A message in a queue, with what the queue knows of its history.

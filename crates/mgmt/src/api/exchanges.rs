@@ -17,7 +17,7 @@ use switchyard_core::vhost::ExchangeDeclare;
 use super::{
     body_object, created_or_updated, exchange_name, field_arguments, field_bool, field_str,
     list_response, no_content, object_response, table_to_json, ApiError, ApiResult, Caller, Key,
-    ListQuery, Row,
+    ListQuery, Ranges, Row,
 };
 use crate::Management;
 
@@ -36,6 +36,7 @@ pub(super) fn routes() -> Router<Management> {
 pub(crate) struct ExchangeRow {
     pub vhost: String,
     pub exchange: Arc<Exchange>,
+    pub ranges: Ranges,
 }
 
 impl Row for ExchangeRow {
@@ -55,11 +56,11 @@ impl Row for ExchangeRow {
         })
     }
     fn render(&self, m: &Management) -> Value {
-        render(m, &self.vhost, &self.exchange)
+        render(m, &self.vhost, &self.exchange, self.ranges)
     }
 }
 
-pub(crate) fn render(m: &Management, vhost: &str, x: &Exchange) -> Value {
+pub(crate) fn render(_m: &Management, vhost: &str, x: &Exchange, ranges: Ranges) -> Value {
     let mut v = json!({
         "name": x.name,
         "vhost": vhost,
@@ -70,21 +71,24 @@ pub(crate) fn render(m: &Management, vhost: &str, x: &Exchange) -> Value {
         "arguments": table_to_json(&x.options.arguments),
         "user_who_performed_action": "",
     });
-    if let (Some(stats), Value::Object(map)) =
-        (super::exchange_message_stats(m, vhost, &x.name), &mut v)
-    {
-        map.insert("message_stats".into(), stats);
-    }
+    super::add_stats(&mut v, Some(&x.message_stats(ranges.msg)), None);
     v
 }
 
-fn rows(m: &Management, caller: &Caller, vhost: Option<&str>) -> Vec<ExchangeRow> {
+fn rows(
+    m: &Management,
+    caller: &Caller,
+    vhost: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Vec<ExchangeRow> {
+    let ranges = Ranges::parse(q);
     super::visible_vhosts(m, caller, vhost)
         .into_iter()
         .flat_map(|v| {
             v.exchanges().into_iter().map(move |x| ExchangeRow {
                 vhost: v.name.clone(),
                 exchange: x,
+                ranges,
             })
         })
         .collect()
@@ -96,7 +100,7 @@ async fn list_all(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let query = ListQuery::parse(&q)?;
-    list_response(&m, rows(&m, &caller, None), &query, &["vhost", "name"])
+    list_response(&m, rows(&m, &caller, None, &q), &query, &["vhost", "name"])
 }
 
 async fn list_vhost(
@@ -109,7 +113,7 @@ async fn list_vhost(
     let query = ListQuery::parse(&q)?;
     list_response(
         &m,
-        rows(&m, &caller, Some(&vhost)),
+        rows(&m, &caller, Some(&vhost), &q),
         &query,
         &["vhost", "name"],
     )
@@ -125,7 +129,10 @@ async fn show(
     let x = v
         .exchange(exchange_name(&exchange))
         .map_err(|_| ApiError::not_found())?;
-    Ok(object_response(render(&m, &vhost, &x), &q))
+    Ok(object_response(
+        render(&m, &vhost, &x, Ranges::parse(&q)),
+        &q,
+    ))
 }
 
 /// PUT: `exchange.declare` as the caller, with AMQP's permission checks.

@@ -13,10 +13,18 @@
 //! paging, sorting and filtering of lists.
 
 mod bindings;
+mod connections;
+mod definitions;
 mod exchanges;
 mod health;
+mod limits;
 mod overview;
+mod parameters;
+mod permissions;
+mod policies;
 mod queues;
+mod users;
+mod vhosts;
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -31,6 +39,7 @@ use base64::Engine;
 use serde_json::{Map, Value};
 use switchyard_core::auth::{Access, Resource};
 use switchyard_core::field::{FieldTable, FieldValue};
+use switchyard_core::stats::{MessageStats, Range};
 use switchyard_core::{CoreError, ErrorKind};
 
 use crate::Management;
@@ -45,6 +54,14 @@ pub fn router(state: Management) -> axum::Router {
         .merge(queues::routes())
         .merge(bindings::routes())
         .merge(health::routes())
+        .merge(vhosts::routes())
+        .merge(users::routes())
+        .merge(permissions::routes())
+        .merge(policies::routes())
+        .merge(limits::routes())
+        .merge(parameters::routes())
+        .merge(definitions::routes())
+        .merge(connections::routes())
         .fallback(|| async { ApiError::not_found() });
     axum::Router::new().nest("/api", api).with_state(state)
 }
@@ -654,8 +671,7 @@ pub(crate) fn http_connection(m: &Management) -> u64 {
 
 /// Every vhost of the broker.
 pub(crate) fn all_vhosts(m: &Management) -> Vec<std::sync::Arc<switchyard_core::vhost::VHost>> {
-    // Until the admin API's vhost listing lands: the default vhost only.
-    m.broker.vhost("/").into_iter().collect()
+    m.broker.vhosts()
 }
 
 /// The vhosts a list shows this caller: one (`only`), or all it may see.
@@ -674,20 +690,57 @@ pub(crate) fn visible_vhosts(
 }
 
 /// Open connections and channels, over every protocol.
-pub(crate) fn connection_totals(_m: &Management) -> (usize, usize) {
-    (0, 0)
+pub(crate) fn connection_totals(m: &Management) -> (usize, usize) {
+    let connections = m.broker.connections().list();
+    let channels = connections.iter().map(|c| c.channel_count() as usize).sum();
+    (connections.len(), channels)
 }
 
-/// The node's `message_stats` (publish, deliver_get, ... with `_details.rate`),
-/// once the statistics exist; `None` until then (never invented zeros).
-pub(crate) fn node_message_stats(_m: &Management) -> Option<Value> {
-    None
+/// The sample ranges a request asks for: `msg_rates_age`/`msg_rates_incr` for
+/// message rates, `lengths_age`/`lengths_incr` for queue lengths (ms), as the
+/// UI's charts send them. Without them only the current `rate` is given.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ranges {
+    pub msg: Option<Range>,
+    pub lengths: Option<Range>,
 }
 
-pub(crate) fn exchange_message_stats(_m: &Management, _vhost: &str, _name: &str) -> Option<Value> {
-    None
+impl Ranges {
+    pub(crate) fn parse(q: &HashMap<String, String>) -> Self {
+        let range = |age: &str, incr: &str| -> Option<Range> {
+            let age_ms = q.get(age)?.parse::<u64>().ok()?;
+            let incr_ms = q.get(incr)?.parse::<u64>().ok()?.max(1);
+            Some(Range { age_ms, incr_ms })
+        };
+        Ranges {
+            msg: range("msg_rates_age", "msg_rates_incr"),
+            lengths: range("lengths_age", "lengths_incr"),
+        }
+    }
 }
 
-pub(crate) fn queue_message_stats(_m: &Management, _vhost: &str, _name: &str) -> Option<Value> {
-    None
+/// `message_stats` as JSON: only when some activity was counted (RabbitMQ:
+/// "only fields for which some activity has taken place will appear").
+pub(crate) fn message_stats_json(stats: &MessageStats) -> Option<Value> {
+    if stats.is_empty() {
+        None
+    } else {
+        serde_json::to_value(stats).ok()
+    }
+}
+
+/// Inserts `message_stats` (when there is any) and the length `*_details` into
+/// a rendered object.
+pub(crate) fn add_stats(
+    v: &mut Value,
+    stats: Option<&MessageStats>,
+    lengths: Option<&switchyard_core::stats::LengthDetails>,
+) {
+    let Value::Object(map) = v else { return };
+    if let Some(stats) = stats.and_then(message_stats_json) {
+        map.insert("message_stats".into(), stats);
+    }
+    if let Some(Value::Object(details)) = lengths.and_then(|l| serde_json::to_value(l).ok()) {
+        map.extend(details);
+    }
 }

@@ -102,8 +102,17 @@ async fn overview(
         "listeners": listeners(&m),
         "contexts": [{"node": m.node.name, "description": "RabbitMQ Management", "path": "/", "port": management_port(&m)}],
     });
-    if let (Some(stats), Value::Object(map)) = (super::node_message_stats(&m), &mut body) {
-        map.insert("message_stats".into(), stats);
+    let ranges = super::Ranges::parse(&q);
+    if let Some(stats) = super::message_stats_json(&m.broker.message_stats(ranges.msg)) {
+        if let Value::Object(map) = &mut body {
+            map.insert("message_stats".into(), stats);
+        }
+    }
+    let lengths = m.broker.stats.history.length_details(ranges.lengths);
+    if let (Ok(Value::Object(details)), Some(Value::Object(totals))) =
+        (serde_json::to_value(&lengths), body.get_mut("queue_totals"))
+    {
+        totals.extend(details);
     }
     let _ = caller;
     Ok(object_response(body, &q))

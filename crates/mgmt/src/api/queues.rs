@@ -16,11 +16,12 @@ use switchyard_core::queue::{Queue, QueueOptions};
 use switchyard_core::vhost::QueueDeclare;
 use switchyard_core::Message;
 
+use super::add_stats;
 use super::exchanges::properties_to_json;
 use super::{
     body_object, created_or_updated, field_arguments, field_bool, field_str, field_u64,
     list_response, no_content, object_response, table_to_json, ApiError, ApiResult, Caller, Key,
-    ListQuery, Row,
+    ListQuery, Ranges, Row,
 };
 use crate::Management;
 
@@ -41,11 +42,12 @@ pub(super) fn routes() -> Router<Management> {
 /// sorting by them and rendering agree.
 pub(crate) struct QueueRow {
     pub queue: Arc<Queue>,
+    pub ranges: Ranges,
 }
 
 /// The queue type as RabbitMQ names it.
 pub(crate) fn queue_type(q: &Queue) -> &'static str {
-    if q.settings.quorum {
+    if q.settings().quorum {
         "quorum"
     } else {
         "classic"
@@ -66,7 +68,7 @@ impl Row for QueueRow {
             "durable" => Key::Bool(q.options.durable),
             "auto_delete" => Key::Bool(q.options.auto_delete),
             "exclusive" => Key::Bool(q.options.exclusive),
-            "policy" => q.settings.policy.clone().map_or(Key::None, Key::Str),
+            "policy" => q.settings().policy.clone().map_or(Key::None, Key::Str),
             "messages" => num(q.message_count() + q.unacked_count()),
             "messages_ready" => num(q.message_count()),
             "messages_unacknowledged" => num(q.unacked_count()),
@@ -75,11 +77,11 @@ impl Row for QueueRow {
         })
     }
     fn render(&self, m: &Management) -> Value {
-        render(m, &self.queue)
+        render(m, &self.queue, self.ranges)
     }
 }
 
-pub(crate) fn render(m: &Management, q: &Queue) -> Value {
+pub(crate) fn render(m: &Management, q: &Queue, ranges: Ranges) -> Value {
     let ready = q.message_count();
     let unacked = q.unacked_count();
     let consumers = q.consumer_count();
@@ -103,24 +105,30 @@ pub(crate) fn render(m: &Management, q: &Queue) -> Value {
         "messages_unacknowledged": unacked,
         "messages_unacknowledged_details": {"rate": 0.0},
         "messages_delayed": q.delayed_count(),
-        "policy": q.settings.policy,
+        "policy": q.settings().policy.clone(),
         "operator_policy": null,
         "effective_policy_definition": {},
         "exclusive_consumer_tag": null,
     });
-    if let (Some(stats), Value::Object(map)) =
-        (super::queue_message_stats(m, &q.vhost, &q.name), &mut v)
-    {
-        map.insert("message_stats".into(), stats);
-    }
+    add_stats(
+        &mut v,
+        Some(&q.message_stats(ranges.msg)),
+        Some(&q.history.length_details(ranges.lengths)),
+    );
     v
 }
 
-fn rows(m: &Management, caller: &Caller, vhost: Option<&str>) -> Vec<QueueRow> {
+fn rows(
+    m: &Management,
+    caller: &Caller,
+    vhost: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Vec<QueueRow> {
+    let ranges = Ranges::parse(q);
     super::visible_vhosts(m, caller, vhost)
         .into_iter()
         .flat_map(|v| v.queues())
-        .map(|queue| QueueRow { queue })
+        .map(|queue| QueueRow { queue, ranges })
         .collect()
 }
 
@@ -130,7 +138,7 @@ async fn list_all(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let query = ListQuery::parse(&q)?;
-    list_response(&m, rows(&m, &caller, None), &query, &["vhost", "name"])
+    list_response(&m, rows(&m, &caller, None, &q), &query, &["vhost", "name"])
 }
 
 async fn list_vhost(
@@ -143,7 +151,7 @@ async fn list_vhost(
     let query = ListQuery::parse(&q)?;
     list_response(
         &m,
-        rows(&m, &caller, Some(&vhost)),
+        rows(&m, &caller, Some(&vhost), &q),
         &query,
         &["vhost", "name"],
     )
@@ -167,7 +175,7 @@ async fn show(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let (_, queue) = find(&m, &caller, &vhost, &queue)?;
-    Ok(object_response(render(&m, &queue), &q))
+    Ok(object_response(render(&m, &queue, Ranges::parse(&q)), &q))
 }
 
 /// PUT: `queue.declare` as the caller. The type comes only from
