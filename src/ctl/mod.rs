@@ -33,38 +33,25 @@ Exit codes:
   77  access refused (HTTP 401/403): wrong credentials, or a missing tag or permission";
 
 /// Administer a running Switchyard over its HTTP management API.
+///
+/// Connection options (--host, --port, --username, --password) come before the
+/// command, as with rabbitmqadmin; --vhost and --json may go anywhere.
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES_HELP)]
 pub struct CtlArgs {
     /// Host of the management listener.
-    #[arg(
-        long,
-        global = true,
-        default_value = "localhost",
-        env = "SWITCHYARD_CTL_HOST"
-    )]
+    #[arg(long, default_value = "localhost", env = "SWITCHYARD_CTL_HOST")]
     host: String,
     /// Port of the management listener.
-    #[arg(
-        long,
-        global = true,
-        default_value_t = 15672,
-        env = "SWITCHYARD_CTL_PORT"
-    )]
+    #[arg(long, default_value_t = 15672, env = "SWITCHYARD_CTL_PORT")]
     port: u16,
     /// Path prefix in front of /api, when the API sits behind a proxy.
-    #[arg(
-        long,
-        global = true,
-        default_value = "",
-        env = "SWITCHYARD_CTL_PATH_PREFIX"
-    )]
+    #[arg(long, default_value = "", env = "SWITCHYARD_CTL_PATH_PREFIX")]
     path_prefix: String,
     /// User name (HTTP Basic).
     #[arg(
         long,
         short = 'u',
-        global = true,
         default_value = "guest",
         env = "SWITCHYARD_CTL_USERNAME"
     )]
@@ -73,7 +60,6 @@ pub struct CtlArgs {
     #[arg(
         long,
         short = 'p',
-        global = true,
         default_value = "guest",
         env = "SWITCHYARD_CTL_PASSWORD",
         hide_env_values = true
