@@ -194,6 +194,17 @@ async fn put(
     let existing = m.broker.vhost_info(&vhost);
     let cmd = vhost_command(&vhost, &body, existing.as_ref())?;
     m.broker.apply(cmd)?;
+    if existing.is_none() {
+        // RabbitMQ grants the user who created a vhost full permissions in it, so
+        // `declare vhost` then `declare queue` works for the same administrator.
+        m.broker.apply(MetaCommand::SetPermissions {
+            user: caller.name.clone(),
+            vhost: vhost.clone(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        })?;
+    }
     Ok(created_or_updated(existing.is_none()))
 }
 
