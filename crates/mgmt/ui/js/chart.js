@@ -19,12 +19,13 @@ function svg(tag, attrs) {
   return el;
 }
 
-/** A "nice" upper bound for the y axis. */
-function niceMax(v) {
-  if (v <= 0) return 1;
-  const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-  return 10 * p;
+/** The y axis: a "nice" step (1, 2, 2.5 or 5 times a power of ten) and 1-4 ticks above 0. */
+function axis(max) {
+  if (max <= 0) return { step: 0.25, ticks: 4 };
+  const raw = max / 4;
+  const p = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * p).find((s) => s >= raw) ?? 10 * p;
+  return { step, ticks: Math.max(1, Math.ceil(max / step - 1e-9)) };
 }
 
 /**
@@ -43,12 +44,13 @@ export function lineChart({ title, series, kind = 'count', id }) {
     const from = now - WINDOW_MS;
     let max = 0;
     for (const pts of history.values()) for (const p of pts) if (p.t >= from && p.v > max) max = p.v;
-    const top = niceMax(max);
+    const { step, ticks } = axis(max);
+    const top = step * ticks;
     const x = (t) => PAD.l + ((t - from) / WINDOW_MS) * (W - PAD.l - PAD.r);
     const y = (v) => H - PAD.b - (v / top) * (H - PAD.t - PAD.b);
     while (root.firstChild) root.removeChild(root.firstChild);
-    for (let i = 0; i <= 4; i += 1) {
-      const v = (top * i) / 4;
+    for (let i = 0; i <= ticks; i += 1) {
+      const v = step * i;
       root.append(svg('line', { x1: PAD.l, x2: W - PAD.r, y1: y(v), y2: y(v), class: 'grid' }));
       const label = svg('text', { x: PAD.l - 6, y: y(v) + 4, class: 'axis', 'text-anchor': 'end' });
       label.textContent = compact(v);

@@ -11,7 +11,10 @@ export function h(tag, attrs, ...children) {
     if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
     else if (k === 'dataset') Object.assign(el.dataset, v);
     else if (k === 'style' && typeof v === 'object') Object.assign(el.style, v);
-    else if (k === 'value' || k === 'checked' || k === 'selected') el[k] = v;
+    // Set the defaults too, so form.reset() returns to these values.
+    else if (k === 'value') { el.value = v; if ('defaultValue' in el) el.defaultValue = v; }
+    else if (k === 'checked') { el.checked = v; el.defaultChecked = v; }
+    else if (k === 'selected') { el.selected = v; el.defaultSelected = v; }
     else el.setAttribute(k, v === true ? '' : String(v));
   }
   append(el, children);

@@ -4,6 +4,13 @@
 import { get, del, enc } from '../api.js';
 import { h, fill, num, duration, table, section, act, confirmed, errorBox, badge, bytes, timestamp } from '../dom.js';
 
+/** A 404 here means the broker's API has no MQTT view (no MQTT adapter). */
+function unavailable(e, what) {
+  return e.status === 404
+    ? h('p', { class: 'muted' }, `This broker does not report MQTT ${what} (is the MQTT listener on?).`)
+    : errorBox(e);
+}
+
 function items(r) {
   return Array.isArray(r) ? r : r?.items || [];
 }
@@ -59,7 +66,7 @@ export async function render(main, { vhost }) {
         { label: 'In flight', value: (s) => num(s.in_flight ?? s.inflight ?? 0), num: true },
       ], ss, { empty: 'No MQTT sessions.', rowAttrs: (s) => ({ dataset: { clientId: s.client_id } }) }));
     } catch (e) {
-      fill(sessions, errorBox(e));
+      fill(sessions, unavailable(e, 'sessions'));
     }
     try {
       const rs = items(await get('mqtt/retained', params));
@@ -81,7 +88,7 @@ export async function render(main, { vhost }) {
         },
       ], rs, { empty: 'No retained messages.', rowAttrs: (m) => ({ dataset: { topic: m.topic } }) }));
     } catch (e) {
-      fill(retained, errorBox(e));
+      fill(retained, unavailable(e, 'retained messages'));
     }
   }
   return { refresh };

@@ -95,7 +95,7 @@ function messages(list, { peek }) {
       m.routing_key !== undefined ? h('span', {}, 'Routing key ', h('code', {}, m.routing_key)) : null,
       m.redelivered ? badge('redelivered', 'warn') : null,
       peek ? badge('peeked: still in the queue') : null,
-      m.message_count !== undefined ? h('span', { class: 'muted' }, `${num(m.message_count)} left`) : null),
+      !peek && m.message_count !== undefined ? h('span', { class: 'muted' }, `${num(m.message_count)} left in the queue`) : null),
     Object.keys(m.properties || {}).length ? h('div', { class: 'message-props' }, args(m.properties)) : null,
     h('div', { class: 'muted small' }, `${bytes(m.payload_bytes ?? (m.payload || '').length)}, encoding ${m.payload_encoding || 'string'}`),
     h('pre', { class: 'payload' }, m.payload ?? ''))));
