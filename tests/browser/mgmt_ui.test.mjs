@@ -128,6 +128,38 @@ test('the management UI: login, queues, live rates, publish, users, policies', a
     await shot(page, '06-queue');
   });
 
+  await t.test('the queue list pages, sorts and filters on the server', async () => {
+    // 120 more queues; the page fetches one page of 50 at a time.
+    for (let i = 0; i < 120; i += 1) {
+      const r = await api(base, 'PUT', `queues/%2F/page-${String(i).padStart(3, '0')}`, { durable: false });
+      assert.ok(r.status === 201 || r.status === 204, `declare: ${r.status}`);
+    }
+    const pages = [];
+    page.on('request', (r) => { if (r.url().includes('/api/queues?')) pages.push(new URL(r.url()).searchParams); });
+    await page.goto(`${base}/#/queues`);
+    await page.fill('#queues-list-filter', '');
+    await page.selectOption('#queues-list-page-size', '50');
+    await page.locator('#queues-list .list-summary', { hasText: /^121 queues$/ }).waitFor({ timeout: WAIT });
+    assert.equal(await page.locator('#queues-list tr.queue-row').count(), 50);
+    assert.equal(pages.at(-1).get('page_size'), '50');
+    await page.locator('#queues-list .pager button', { hasText: '3' }).click();
+    await page.locator('#queues-list tr.queue-row[data-name="pika-orders"]').waitFor({ timeout: WAIT });
+    assert.equal(await page.locator('#queues-list tr.queue-row').count(), 21);
+    // Sort by total messages, largest first: pika-orders (7) leads.
+    await page.locator('#queues-list th button', { hasText: 'Total' }).click();
+    await page.waitForFunction(() => document.querySelector('#queues-list tr.queue-row')?.dataset.name === 'pika-orders', null, { timeout: WAIT });
+    assert.equal(pages.at(-1).get('sort'), 'messages');
+    assert.equal(pages.at(-1).get('sort_reverse'), 'true');
+    // A regular expression filter.
+    await page.check('#queues-list-regex');
+    await page.fill('#queues-list-filter', '^page-00[0-4]$');
+    await page.locator('#queues-list .list-summary', { hasText: '5 of 121 queues match' }).waitFor({ timeout: WAIT });
+    assert.equal(await page.locator('#queues-list tr.queue-row').count(), 5);
+    await page.uncheck('#queues-list-regex');
+    await page.fill('#queues-list-filter', '');
+    await page.locator('#queues-list th button', { hasText: 'Name' }).click();
+  });
+
   await t.test('the message-rates chart moves while a publisher runs', async () => {
     await page.goto(`${base}/#/overview`);
     const publishValue = page.locator('#chart-rates li[data-series="publish"]');
