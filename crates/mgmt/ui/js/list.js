@@ -99,9 +99,10 @@ export function pagedList(opts) {
     const shown = data.item_count ?? (data.items || []).length;
     const filtered = data.filtered_count ?? shown;
     const total = data.total_count ?? filtered;
+    const noun = (n) => (n === 1 ? opts.noun.replace(/s$/, '') : opts.noun);
     fill(summary, filtered === total
-      ? `${num(total)} ${opts.noun}`
-      : `${num(filtered)} of ${num(total)} ${opts.noun} match`);
+      ? `${num(total)} ${noun(total)}`
+      : `${num(filtered)} of ${num(total)} ${noun(total)} match${filtered === 1 ? 'es' : ''}`);
   }
 
   async function refresh() {

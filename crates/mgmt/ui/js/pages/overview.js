@@ -111,7 +111,8 @@ export async function render(main) {
     const ov = await get('overview', { lengths_age: 600, lengths_incr: 5, msg_rates_age: 600, msg_rates_incr: 5 });
     const now = Date.now();
     const ver = [ov.product_name || 'Switchyard', ov.product_version || ov.rabbitmq_version].filter(Boolean).join(' ');
-    fill(document.getElementById('overview-version') || h('span'), `${ver}${ov.cluster_name ? ` · ${ov.cluster_name}` : ''}${ov.node ? ` · ${ov.node}` : ''}`);
+    const where = [...new Set([ov.cluster_name, ov.node].filter(Boolean))];
+    fill(document.getElementById('overview-version') || h('span'), [ver, ...where].join(' · '));
     const o = ov.object_totals || {};
     fill(totals,
       stat('Connections', num(o.connections), 'total-connections'),
