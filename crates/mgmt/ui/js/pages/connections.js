@@ -32,7 +32,7 @@ export async function list(main, { vhost }) {
       { label: 'Protocol', sort: 'protocol', render: (c) => protocolTag(c.protocol) },
       { label: 'User', key: 'user', sort: 'user' },
       { label: 'Vhost', key: 'vhost', sort: 'vhost' },
-      { label: 'Client', value: (c) => pick(c, 'client_properties.product') || pick(c, 'client_properties.connection_name') || '' },
+      { label: 'Client', value: (c) => pick(c, 'client_properties.connection_name') || pick(c, 'client_properties.product') || '' },
       { label: 'State', render: (c) => h('span', { class: `state ${c.state || ''}` }, c.state || '') },
       { label: 'Channels', key: 'channels', sort: 'channels', num: true },
       { label: 'From client', value: (c) => rate(pick(c, 'recv_oct_details.rate') ?? 0).replace('/s', ' B/s'), num: true, sort: 'recv_oct' },

@@ -2,7 +2,7 @@
 // counts) and retained messages (list, read, delete), from `/api/mqtt/...`.
 
 import { get, del, enc } from '../api.js';
-import { h, fill, num, duration, table, section, act, confirmed, errorBox, badge, bytes, timestamp } from '../dom.js';
+import { h, fill, num, duration, table, section, act, confirmed, errorBox, badge, bytes } from '../dom.js';
 
 /** A 404 here means the broker's API has no MQTT view (no MQTT adapter). */
 function unavailable(e, what) {
@@ -17,10 +17,11 @@ function items(r) {
 
 function expiry(s) {
   const v = s.expiry_interval ?? s.session_expiry_interval;
+  if (!s.connected && s.expires_in_ms !== undefined && s.expires_in_ms !== null) return `in ${duration(s.expires_in_ms)}`;
   if (v === undefined || v === null) return '';
   if (v === 0) return 'at disconnect';
   if (v >= 4294967295) return 'never';
-  return duration(v * 1000);
+  return `${duration(v * 1000)} after disconnect`;
 }
 
 function subscriptions(s) {
@@ -28,14 +29,14 @@ function subscriptions(s) {
   if (!subs.length) return h('span', { class: 'muted' }, 'none');
   return subs.map((x) => (typeof x === 'string'
     ? badge(x, 'arg')
-    : h('span', { class: 'tag arg', title: JSON.stringify(x) }, `${x.topic ?? x.filter} · QoS ${x.qos ?? 0}`)));
+    : h('span', { class: 'tag arg', title: JSON.stringify(x) }, `${x.share ? `$share/${x.share}/` : ''}${x.filter ?? x.topic} · QoS ${x.qos ?? 0}`)));
 }
 
 export async function render(main, { vhost }) {
   const sessions = h('div', { id: 'mqtt-sessions' });
   const retained = h('div', { id: 'mqtt-retained' });
   const shown = h('div', { id: 'mqtt-retained-message' });
-  const params = vhost ? { vhost } : {};
+  const scoped = (base) => (vhost ? `${base}/${enc(vhost)}` : base);
   fill(main, h('div', { class: 'page-head' }, h('h1', {}, 'MQTT'), vhost ? h('span', { class: 'muted' }, `in ${vhost}`) : null),
     section('Sessions', sessions),
     section('Retained messages', retained, shown));
@@ -45,7 +46,7 @@ export async function render(main, { vhost }) {
       const full = await get(`mqtt/retained/${enc(m.vhost)}/${enc(m.topic)}`);
       const payload = full.payload ?? '';
       fill(shown, h('div', { class: 'message' },
-        h('div', { class: 'message-head' }, h('strong', {}, 'Topic '), h('code', {}, m.topic), h('span', {}, `QoS ${full.qos ?? m.qos ?? 0}`),
+        h('div', { class: 'message-head' }, h('strong', {}, 'Topic '), h('code', {}, m.topic), full.properties?.content_type ? h('span', {}, full.properties.content_type) : null,
           h('span', { class: 'muted' }, `${full.payload_encoding || 'string'}`)),
         h('pre', { class: 'payload', id: 'retained-payload' }, payload)));
     } catch (e) { fill(shown, errorBox(e)); }
@@ -53,29 +54,28 @@ export async function render(main, { vhost }) {
 
   async function refresh() {
     try {
-      const ss = items(await get('mqtt/sessions', params));
+      const ss = items(await get(scoped('mqtt/sessions')));
       fill(sessions, table([
         { label: 'Client id', render: (s) => h('code', {}, s.client_id) },
         { label: 'Vhost', key: 'vhost' },
         { label: 'Connected', render: (s) => (s.connected ? badge('online', 'ok') : badge('offline')) },
-        { label: 'Kind', value: (s) => ((s.clean_session ?? s.clean_start) ? 'clean' : 'persistent') },
+        { label: 'Kind', value: (s) => ((s.persistent ?? !(s.clean_session ?? s.clean_start)) ? 'persistent' : 'clean') },
         { label: 'Protocol', key: 'protocol' },
         { label: 'Expiry', value: expiry },
         { label: 'Subscriptions', render: subscriptions },
-        { label: 'Queued', value: (s) => num(s.queued ?? s.messages ?? 0), num: true },
-        { label: 'In flight', value: (s) => num(s.in_flight ?? s.inflight ?? 0), num: true },
+        { label: 'Queued', value: (s) => num(s.messages_queued ?? s.queued ?? 0), num: true },
+        { label: 'In flight', value: (s) => num(s.messages_in_flight ?? s.in_flight ?? 0), num: true },
       ], ss, { empty: 'No MQTT sessions.', rowAttrs: (s) => ({ dataset: { clientId: s.client_id } }) }));
     } catch (e) {
       fill(sessions, unavailable(e, 'sessions'));
     }
     try {
-      const rs = items(await get('mqtt/retained', params));
+      const rs = items(await get(scoped('mqtt/retained')));
       fill(retained, table([
         { label: 'Topic', render: (m) => h('button', { type: 'button', class: 'link', onclick: () => show(m) }, m.topic) },
         { label: 'Vhost', key: 'vhost' },
-        { label: 'QoS', key: 'qos', num: true },
+        { label: 'Content type', value: (m) => m.properties?.content_type ?? '' },
         { label: 'Size', value: (m) => bytes(m.payload_bytes ?? m.size), num: true },
-        { label: 'Stored', value: (m) => (m.timestamp ? timestamp(m.timestamp) : '') },
         {
           label: '',
           render: (m) => h('button', {
