@@ -269,6 +269,26 @@ test('the management UI: login, queues, live rates, publish, users, policies', a
     await page.locator('#queues-list tr.queue-row[data-name="trim-me"][data-messages="3"]').waitFor({ timeout: WAIT });
   });
 
+  await t.test('definitions export (download) and import (upload)', async () => {
+    await page.goto(`${base}/#/overview`);
+    await page.locator('#export-form').waitFor({ timeout: WAIT });
+    const [download] = await Promise.all([
+      page.waitForEvent('download', { timeout: WAIT }),
+      page.click('#export-form button[type=submit]'),
+    ]);
+    assert.match(download.suggestedFilename(), /^switchyard-definitions-.*\.json$/);
+    const defs = JSON.parse(fs.readFileSync(await download.path(), 'utf8'));
+    assert.ok(defs.queues.some((q) => q.name === 'pika-orders'), 'the export lists pika-orders');
+    // Upload a file with one more queue: it appears.
+    defs.queues.push({ name: 'from-upload', vhost: '/', durable: true, auto_delete: false, arguments: {} });
+    const file = path.join(dir, 'upload.json');
+    fs.writeFileSync(file, JSON.stringify(defs));
+    await page.setInputFiles('#import-file', file);
+    await page.click('#import-form button[type=submit]');
+    await page.locator('.toast.ok', { hasText: 'Imported upload.json' }).waitFor({ timeout: WAIT });
+    assert.equal((await api(base, 'GET', 'queues/%2F/from-upload')).status, 200);
+  });
+
   const hasMqttApi = (await api(base, 'GET', 'mqtt/sessions')).status === 200;
   await t.test('MQTT sessions and retained messages', { skip: !hasMqttApi && 'this build has no /api/mqtt yet' }, async () => {
     const port = addrs.mqtt.split(':').pop();
