@@ -115,7 +115,8 @@ fn vhosts_users_permissions_and_limits_round_trip() {
     let p = api.get_permissions("shop-1", "ann").unwrap();
     assert_eq!(p.configure, "^ann-.*");
     assert!(api.list_permissions().unwrap().len() >= 2);
-    assert_eq!(api.list_permissions_in("shop-1").unwrap().len(), 1);
+    // The vhost's creator (guest) got full permissions in it, as in RabbitMQ.
+    assert_eq!(api.list_permissions_in("shop-1").unwrap().len(), 2);
     assert_eq!(api.list_permissions_of("ann").unwrap().len(), 1);
     api.declare_topic_permissions(&TopicPermissions {
         user: "ann",

@@ -317,7 +317,8 @@ pub enum MetaWrite {
         kind: &'static str,
         prefix: String,
     },
-    /// Deletes every durable exchange, queue and binding of a vhost.
+    /// Deletes every durable exchange, queue and binding of a vhost, and every
+    /// adapter record keyed `vhost \0 ...` (see [`crate::persist::Store::save_record`]).
     DeleteVhostEntities {
         vhost: String,
     },

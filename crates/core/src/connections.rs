@@ -36,6 +36,29 @@ pub mod protocol {
     pub const STOMP_12: &str = "STOMP 1-2";
 }
 
+/// Where the connection served by the current task was accepted. The server
+/// sets it around each connection task ([`ACCEPTED`]`.scope(...)`), so that a
+/// session learns its local address without every adapter's `serve` taking one
+/// more argument (those loops are being merged into one driver; this keeps the
+/// registry out of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub local: SocketAddr,
+    pub tls: bool,
+    pub websocket: bool,
+}
+
+tokio::task_local! {
+    /// The [`Accepted`] facts of the connection this task serves.
+    pub static ACCEPTED: Accepted;
+}
+
+/// The [`Accepted`] facts of the current task's connection, if the server set
+/// them (a session built in a unit test has none).
+pub fn accepted() -> Option<Accepted> {
+    ACCEPTED.try_with(|a| *a).ok()
+}
+
 /// What an adapter tells the registry about a connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
@@ -58,6 +81,31 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
+    /// The facts common to every protocol, with the local address from
+    /// [`accepted`] (unspecified when unknown) and no client properties.
+    pub fn new(
+        protocol: &'static str,
+        user: &str,
+        vhost: &str,
+        peer: SocketAddr,
+        connected_at: u64,
+    ) -> Self {
+        let accepted = accepted();
+        let local = accepted.map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |a| a.local);
+        ConnectionInfo {
+            name: Self::name_for(peer, local),
+            protocol,
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            peer,
+            local,
+            connected_at,
+            client_properties: FieldTable::new(),
+            tls: accepted.is_some_and(|a| a.tls),
+            websocket: accepted.is_some_and(|a| a.websocket),
+        }
+    }
+
     /// RabbitMQ's connection name for a peer and a local address.
     pub fn name_for(peer: SocketAddr, local: SocketAddr) -> String {
         format!("{peer} -> {local}")

@@ -113,6 +113,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// persistent sessions). `kind` names the adapter's table (`"mqtt.retained"`),
     /// `key` the record within it; the adapter owns the encoding of `value`.
     /// Synchronous like the other metadata calls: on disk when it returns.
+    /// Records that belong to a vhost are keyed `vhost \0 ...`: deleting the
+    /// vhost deletes them in the same transaction.
     fn save_record(&self, kind: &str, key: &str, value: &[u8]) -> io::Result<()>;
     /// Deletes an adapter record (no error if there is none).
     fn delete_record(&self, kind: &str, key: &str) -> io::Result<()>;

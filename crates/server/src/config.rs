@@ -9,6 +9,11 @@
 //!   `[[permissions]]` left out entirely means guest's full rights on `/` when a user
 //!   `guest` exists (and none otherwise), so a file that only changes `[limits]`
 //!   behaves like the shipped one. Writing either list replaces its default.
+//! - `[[vhosts]]`, `[[users]]`, `[[permissions]]` and `[[policies]]` are boot
+//!   definitions ([`Config::boot_definitions`]): each object is created at start
+//!   only if the store has never seen it, so what was changed or deleted at
+//!   runtime stays so across restarts, and an object added to the file later is
+//!   created at the next start.
 //!
 //! Errors name the file, the line and the key (`limits.frame_max`), on one line, so
 //! they can be printed as they are.
@@ -20,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use switchyard_core::admin::{MetaCommand, PolicySpec};
 use switchyard_core::auth::Auth;
 
 /// The shipped `config.toml`, built into the binary and used when no `--config`
@@ -339,6 +345,15 @@ fn toml_to_field(v: &toml::Value) -> switchyard_core::FieldValue {
     }
 }
 
+/// A policy definition from TOML as a field table.
+fn policy_definition(table: &toml::Table) -> switchyard_core::FieldTable {
+    let mut definition = switchyard_core::FieldTable::new();
+    for (k, v) in table {
+        definition.insert(k.as_str(), toml_to_field(v));
+    }
+    definition
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("data")
 }
@@ -536,10 +551,7 @@ impl Config {
                     p.name, p.vhost
                 )));
             }
-            let mut definition = switchyard_core::FieldTable::new();
-            for (k, v) in &p.definition {
-                definition.insert(k.as_str(), toml_to_field(v));
-            }
+            let definition = policy_definition(&p.definition);
             let policy = Policy::new(
                 &p.name,
                 &p.vhost,
@@ -552,6 +564,74 @@ impl Config {
             out.push(policy);
         }
         Ok(Policies(out))
+    }
+
+    /// The objects of the config file as boot definitions, in the order they
+    /// must be applied (vhosts, users, permissions, policies), each with the id
+    /// under which the store remembers that it was created once (see
+    /// `Broker::seed`: an object the store has seen is never created again, so
+    /// runtime changes and deletions survive restarts, and an object added to the
+    /// file later is created at the next start). Call after [`Config::validate`].
+    pub fn boot_definitions(&self) -> Result<Vec<(String, MetaCommand)>, ConfigError> {
+        let mut out = Vec::new();
+        for name in self.vhost_names() {
+            out.push((
+                format!("vhost\0{name}"),
+                MetaCommand::PutVhost {
+                    name,
+                    description: String::new(),
+                    tags: Vec::new(),
+                    default_queue_type: None,
+                },
+            ));
+        }
+        for u in self.users() {
+            out.push((
+                format!("user\0{}", u.name),
+                MetaCommand::PutUser {
+                    name: u.name,
+                    password_hash: u.password_hash,
+                    hashing_algorithm: switchyard_core::admin::SHA256.to_owned(),
+                    tags: u.tags,
+                },
+            ));
+        }
+        for p in self.permissions() {
+            out.push((
+                format!("permission\0{}\0{}", p.vhost, p.user),
+                MetaCommand::SetPermissions {
+                    user: p.user,
+                    vhost: p.vhost,
+                    configure: p.configure,
+                    write: p.write,
+                    read: p.read,
+                },
+            ));
+        }
+        for p in &self.policies {
+            out.push((
+                format!("policy\0{}\0{}", p.vhost, p.name),
+                MetaCommand::SetPolicy(PolicySpec {
+                    vhost: p.vhost.clone(),
+                    name: p.name.clone(),
+                    pattern: p.pattern.clone(),
+                    apply_to: p.apply_to.clone(),
+                    priority: p.priority,
+                    definition: policy_definition(&p.definition),
+                }),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Users that may log in only from a loopback address (RabbitMQ's
+    /// `loopback_users`): a node setting, so it stays in the file.
+    pub fn loopback_users(&self) -> Vec<String> {
+        self.users()
+            .into_iter()
+            .filter(|u| u.loopback_only)
+            .map(|u| u.name)
+            .collect()
     }
 
     /// The user database the config describes; errors name the user.

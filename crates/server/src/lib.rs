@@ -193,7 +193,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         error,
     })?;
 
-    let auth = config.auth()?;
     let store_dir = config.data_dir.join("store");
     let (store, recovered, report) = DiskStore::open_with(
         &store_dir,
@@ -213,14 +212,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         truncated_segments = report.truncated_segments,
         "store opened"
     );
-    let broker = Broker::build(
-        auth,
-        &config.vhost_names(),
+    let broker = Broker::open(
+        store.clone(),
+        recovered,
         config.limits.memory_high_watermark_bytes,
-        Some((store.clone(), recovered)),
-        config.policies()?,
         switchyard_core::timer::Clock::System,
-    );
+    )
+    .map_err(|error| ServerError::Store {
+        path: store_dir.clone(),
+        error,
+    })?;
+    broker.auth.set_loopback_users(config.loopback_users());
+    apply_boot_definitions(&broker, &config)?;
 
     let shutdown = CancellationToken::new();
     if config.limits.disk_free_limit_bytes > 0 {
@@ -252,6 +255,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             "MQTT state restored"
         );
     }
+    // A vhost deleted at runtime takes its MQTT sessions and retained messages
+    // with it (their records go in the store's transaction; this is memory).
+    let forget = mqtt_state.clone();
+    broker.on_vhost_deleted(Arc::new(move |vhost: &str| forget.forget_vhost(vhost)));
     let mqtt_enabled = config.listeners.mqtt.is_some() || config.listeners.mqtt_ws.is_some();
     if let Some(addr) = config.listeners.mqtt {
         let settings = Arc::new(mqtt_settings(&config));
@@ -318,6 +325,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         let l = Listener {
             protocol,
             listener: tcp,
+            local,
             limit: limit.clone(),
             broker: broker.clone(),
             shutdown: shutdown.clone(),
@@ -393,6 +401,34 @@ fn listener_protocol(name: &str) -> &str {
         "prometheus" => "http/prometheus",
         other => other,
     }
+}
+
+/// Creates the config file's vhosts, users, permissions and policies that the
+/// store has never seen (see [`Config::boot_definitions`]), through the same
+/// commands as runtime administration. A definition whose vhost or user was
+/// deleted at runtime is skipped with a warning (and tried again next start).
+fn apply_boot_definitions(broker: &Broker, config: &Config) -> Result<(), ServerError> {
+    let mut created = 0;
+    for (id, command) in config.boot_definitions()? {
+        let what = command.describe();
+        match broker.seed(&id, command) {
+            Ok(true) => created += 1,
+            Ok(false) => {}
+            Err(e) if e.kind == switchyard_core::ErrorKind::NotFound => {
+                warn!(definition = %what, error = %e, "boot definition skipped");
+            }
+            Err(e) => {
+                return Err(ServerError::Config(ConfigError::Invalid {
+                    origin: config.origin().to_owned(),
+                    message: format!("{what}: {e}"),
+                }))
+            }
+        }
+    }
+    if created > 0 {
+        info!(created, "boot definitions applied");
+    }
+    Ok(())
 }
 
 /// Milliseconds since the Unix epoch: the time the core is given.

@@ -212,6 +212,23 @@ impl MetaStore {
                             }
                         }
                         remove_bindings(txn, |b| &b.vhost == vhost)?;
+                        // Adapters' records of the vhost (keyed `vhost \0 ...`,
+                        // kinds outside `meta.`): MQTT sessions and retained
+                        // messages go with it.
+                        let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+                        let mut doomed = Vec::new();
+                        for entry in t.iter().map_err(io_err)? {
+                            let (k, _) = entry.map_err(io_err)?;
+                            let k = k.value();
+                            if let Some((kind, rest)) = k.split_once('\0') {
+                                if !kind.starts_with("meta.") && rest.starts_with(prefix.as_str()) {
+                                    doomed.push(k.to_owned());
+                                }
+                            }
+                        }
+                        for k in doomed {
+                            t.remove(k.as_str()).map_err(io_err)?;
+                        }
                     }
                 }
             }

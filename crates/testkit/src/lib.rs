@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 pub use switchyard_server::config;
 
+pub mod amqp;
 pub mod stomp;
 
 /// How long [`RawClient::read_exact`] waits before failing the test.

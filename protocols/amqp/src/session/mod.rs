@@ -20,9 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::{Outbox, Outgoing};
 use switchyard_core::queue::Queue;
-use switchyard_core::stats::{ConnectionGuard, Protocol, SourceGuard, Stat};
+use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, CoreError, ErrorKind, FieldTable, FieldValue};
 use tokio::sync::watch;
@@ -213,9 +214,15 @@ pub struct Session {
     outbox: Arc<Outbox>,
     /// Exclusive queues this connection declared: deleted when it closes.
     exclusive_queues: Vec<Arc<Queue>>,
-    /// Cache of write permission per exchange: permissions only change with the
-    /// config, and a regex match per publish would dominate small messages.
+    /// Cache of write permission per exchange: a regex match per publish would
+    /// dominate small messages. Dropped when the broker's permissions change
+    /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
+    perm_generation: u64,
+    /// The client's properties from connection.start-ok, for the registry.
+    client_properties: FieldTable,
+    /// In the broker's connection registry from connection.open on.
+    registration: Option<ConnectionGuard>,
     /// Whether this connection has published (the memory alarm blocks publishers).
     has_published: bool,
     /// Whether connection.blocked was sent and not yet unblocked.
@@ -225,7 +232,7 @@ pub struct Session {
     /// The store's synced position (None: no store, nothing to wait for).
     synced: Option<watch::Receiver<u64>>,
     /// Counts the connection in the node's opened/closed totals.
-    _counted: ConnectionGuard,
+    _counted: CountedConnection,
     /// The connection's own statistics (octets), from connection.open on.
     stats: Option<SourceGuard>,
 }
@@ -252,6 +259,9 @@ impl Session {
             outbox: Outbox::new(OUTBOX_CAPACITY),
             exclusive_queues: Vec::new(),
             write_allowed: HashMap::new(),
+            perm_generation: 0,
+            client_properties: FieldTable::new(),
+            registration: None,
             has_published: false,
             blocked_sent: false,
             close_reason: None,
@@ -335,6 +345,11 @@ impl Session {
     /// Feeds bytes read from the socket. Whole frames are consumed from `input`;
     /// a partial frame stays for the next call.
     pub fn handle_input(&mut self, input: &mut BytesMut) {
+        let generation = self.broker.auth.generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.write_allowed.clear();
+        }
         let before = input.len();
         self.handle_frames(input);
         if let Some(stats) = &self.stats {
@@ -660,6 +675,7 @@ impl Session {
     }
 
     fn handle_start_ok(&mut self, m: codec::ConnectionStartOk) -> Result<(), ConnError> {
+        self.client_properties = m.client_properties.clone();
         if let Some(caps) = m
             .client_properties
             .get("capabilities")
@@ -774,6 +790,19 @@ impl Session {
                     .stats
                     .open_source(Protocol::Amqp091, self.id, 0, &name, false),
             );
+        let mut info = ConnectionInfo::new(
+            protocol::AMQP_091,
+            &self.user,
+            &name,
+            self.peer,
+            self.broker.timers().now_ms(),
+        );
+        info.client_properties = std::mem::take(&mut self.client_properties);
+        let guard = self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+            .map_err(|e| ConnError::not_allowed(e.text))?;
+        self.registration = Some(guard);
         self.vhost = Some(vhost);
         codec::encode_method(
             &mut self.out,
@@ -804,12 +833,17 @@ impl Session {
                 ))
                 .during(&method));
             }
+            // The user's `max-channels` limit over all its connections.
+            self.broker
+                .admit_channel(&self.user)
+                .map_err(|e| ConnError::not_allowed(e.text))?;
             let vhost = self.vhost.as_ref().map_or("/", |v| v.name.as_str());
             let stats = self
                 .broker
                 .stats
                 .open_source(Protocol::Amqp091, self.id, id, vhost, true);
             self.channels.insert(id, Channel::new(id, stats));
+            self.count_channels();
             codec::encode_method(
                 &mut self.out,
                 id,
@@ -830,6 +864,7 @@ impl Session {
             match method {
                 Method::ChannelCloseOk(_) => {
                     self.channels.remove(&id);
+                    self.count_channels();
                 }
                 Method::ChannelClose(_) => {
                     codec::encode_method(
@@ -853,6 +888,7 @@ impl Session {
                 if let Some(mut ch) = self.channels.remove(&id) {
                     ch.release(self.vhost.as_deref());
                 }
+                self.count_channels();
                 codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelCloseOk {}));
                 Ok(())
             }
@@ -884,9 +920,38 @@ impl Session {
 
     // ---- deliveries ----
 
+    /// Tells the registry how many channels are open (for listings and the
+    /// users' `max-channels`).
+    fn count_channels(&self) {
+        if let Some(g) = &self.registration {
+            g.set_channels(u32::try_from(self.channels.len()).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// The registry of the broker's live connections, while registered: the
+    /// management API's counters live there.
+    pub fn registration(&self) -> Option<&ConnectionGuard> {
+        self.registration.as_ref()
+    }
+
     /// Encodes what queues put in the outbox, and lets queues that were held back
-    /// for lack of outbox room dispatch again.
+    /// for lack of outbox room dispatch again. First honours a close request
+    /// from the broker (an operator, a deleted user or vhost): connection.close
+    /// 320 CONNECTION_FORCED with the reason, as RabbitMQ.
     pub fn handle_outbox(&mut self) {
+        if let Some(reason) = self
+            .registration
+            .as_ref()
+            .and_then(ConnectionGuard::take_close_request)
+        {
+            tracing::info!(peer = %self.peer, user = %self.user, %reason, "closing AMQP connection on request");
+            self.close_connection(ConnError::new(
+                reply_code::CONNECTION_FORCED,
+                "CONNECTION_FORCED",
+                reason,
+            ));
+            return;
+        }
         let items = self.outbox.drain();
         for item in items {
             match item {
@@ -960,6 +1025,8 @@ impl Session {
         }
         // Deliveries already in the outbox go back to their queues too.
         self.outbox.give_back_all();
+        // Out of the registry: no longer listed, counted or closable.
+        self.registration = None;
     }
 }
 

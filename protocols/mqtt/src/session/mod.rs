@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::auth::{Access, Resource};
+use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::Consumer;
 use switchyard_core::consumer::{ConsumerOptions, Credit, Delivery, Outbox, Outgoing};
 use switchyard_core::queue::QueueOptions;
-use switchyard_core::stats::{ConnectionGuard, Protocol, SourceGuard, Stat};
+use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::{QueueDeclare, VHost};
 use switchyard_core::{Broker, FieldTable};
 use tokio::sync::watch;
@@ -134,6 +135,11 @@ pub struct Session {
     out_aliases: HashMap<String, u16>,
     may_write: Option<bool>,
     may_read: Option<bool>,
+    /// The broker's permission generation `may_write`/`may_read` were cached
+    /// at: a runtime change drops them (from the next read batch on).
+    perm_generation: u64,
+    /// In the broker's connection registry while connected.
+    registration: Option<ConnectionGuard>,
     has_published: bool,
     close_reason: Option<String>,
     finished: bool,
@@ -145,7 +151,7 @@ pub struct Session {
     /// but it still waits for those before it so acks keep their order).
     pending_acks: VecDeque<(u64, Packet)>,
     /// Counts the connection in the node's opened/closed totals.
-    _counted: ConnectionGuard,
+    _counted: CountedConnection,
     /// The session's message statistics (stats.rs), from CONNECT on; written by
     /// this connection's task only.
     stats: Option<SourceGuard>,
@@ -192,6 +198,8 @@ impl Session {
             out_aliases: HashMap::new(),
             may_write: None,
             may_read: None,
+            perm_generation: 0,
+            registration: None,
             has_published: false,
             close_reason: None,
             finished: false,
@@ -324,6 +332,7 @@ impl Session {
         }
         self.close_reason = Some(c.text);
         self.phase = Phase::Closed;
+        self.registration = None;
     }
 
     /// Refuses a CONNECT with a CONNACK carrying the code, then closes.
@@ -348,6 +357,12 @@ impl Session {
 
     /// Decodes and handles every complete packet in `input`.
     pub fn handle_input(&mut self, input: &mut BytesMut, now: Now) {
+        let generation = self.broker.auth.generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.may_write = None;
+            self.may_read = None;
+        }
         let before = input.len();
         self.handle_packets(input, now);
         if let Some(stats) = &self.stats {
@@ -589,6 +604,35 @@ impl Session {
             }
         }
         self.will = c.will.clone();
+
+        // In the registry (listed, counted for the vhost's and user's
+        // `max-connections`, closable by the broker) before the CONNACK.
+        let mut info = ConnectionInfo::new(
+            match self.version {
+                Version::V31 => protocol::MQTT_31,
+                Version::V311 => protocol::MQTT_311,
+                Version::V5 => protocol::MQTT_50,
+            },
+            &self.user,
+            &vhost_name,
+            self.peer,
+            now.unix_ms,
+        );
+        info.client_properties.insert(
+            "client_id",
+            switchyard_core::FieldValue::string(client_id.as_str()),
+        );
+        match self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+        {
+            Ok(guard) => self.registration = Some(guard),
+            Err(e) => {
+                // RabbitMQ: quota exceeded (v5), not authorised (v3).
+                self.refuse(reason::QUOTA_EXCEEDED, v3::NOT_AUTHORIZED, e.text);
+                return;
+            }
+        }
 
         // Session expiry: v5 from the property, v3 from clean session; capped.
         let requested = if self.v5() {
@@ -1033,6 +1077,18 @@ impl Session {
     /// Encodes what queues put in the outbox, and lets queues that were held
     /// back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self, now: Now) {
+        // A close request from the broker (an operator, a deleted user or
+        // vhost): MQTT 5 gets DISCONNECT 0x98 Administrative action, 3.1.1 a
+        // plain close (it has no server DISCONNECT).
+        if let Some(reason) = self
+            .registration
+            .as_ref()
+            .and_then(ConnectionGuard::take_close_request)
+        {
+            tracing::info!(peer = %self.peer, client_id = %self.client_id, %reason, "closing MQTT connection on request");
+            self.close(Close::new(reason::ADMINISTRATIVE_ACTION, reason));
+            return;
+        }
         let items = self.outbox.drain();
         if items.is_empty() {
             return;

@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::auth::{Access, Resource};
+use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::{Consumer, Credit, Outbox, Outgoing};
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::queue::{Queue, QueuedMessage};
-use switchyard_core::stats::{ConnectionGuard, Protocol, SourceGuard, Stat};
+use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, Message};
 use tokio::sync::watch;
@@ -131,9 +132,13 @@ pub struct Session {
     temp_queues: HashMap<String, Arc<Queue>>,
     /// Exclusive queues this connection declared: deleted when it ends.
     owned_queues: Vec<Arc<Queue>>,
-    /// Write permission per exchange, cached: permissions change only with the
-    /// config, and a regex match per SEND would dominate small messages.
+    /// Write permission per exchange, cached: a regex match per SEND would
+    /// dominate small messages. Dropped when the broker's permissions change
+    /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
+    perm_generation: u64,
+    /// In the broker's connection registry from CONNECTED on.
+    registration: Option<ConnectionGuard>,
     has_published: bool,
     heartbeat_out: Duration,
     heartbeat_in: Duration,
@@ -147,7 +152,7 @@ pub struct Session {
     /// DISCONNECT came while receipts waited: close once they are written.
     disconnecting: bool,
     /// Counts the connection in the node's opened/closed totals.
-    _counted: ConnectionGuard,
+    _counted: CountedConnection,
     /// The session's message statistics (stats.rs), from CONNECT on; written by
     /// this connection's task only.
     stats: Option<SourceGuard>,
@@ -181,6 +186,8 @@ impl Session {
             temp_queues: HashMap::new(),
             owned_queues: Vec::new(),
             write_allowed: HashMap::new(),
+            perm_generation: 0,
+            registration: None,
             has_published: false,
             heartbeat_out: Duration::ZERO,
             heartbeat_in: Duration::ZERO,
@@ -279,6 +286,11 @@ impl Session {
     /// a partial frame stays for the next call (the decoder remembers how far it
     /// looked).
     pub fn handle_input(&mut self, input: &mut BytesMut) {
+        let generation = self.broker.auth.generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.write_allowed.clear();
+        }
         let before = input.len();
         self.handle_frames(input);
         if let Some(stats) = &self.stats {
@@ -466,6 +478,34 @@ impl Session {
             .auth
             .check_vhost(&user, &vhost_name)
             .map_err(|e| FrameError::new("access refused", e.to_string()))?;
+        let info = ConnectionInfo::new(
+            match version {
+                Version::V1_0 => protocol::STOMP_10,
+                Version::V1_1 => protocol::STOMP_11,
+                Version::V1_2 => protocol::STOMP_12,
+            },
+            &user,
+            &vhost_name,
+            self.peer,
+            self.broker.timers().now_ms(),
+        );
+        let guard = self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+            .map_err(|e| {
+                tracing::warn!(peer = %self.peer, user = %user, "STOMP connection refused: {e}");
+                // RabbitMQ's text for the vhost limit; the same shape for the user's.
+                let which = if e.text.starts_with("connection refused for user") {
+                    "user"
+                } else {
+                    "vhost"
+                };
+                FrameError::new(
+                    "Bad CONNECT",
+                    format!("Connection refused: {which} connection limit reached"),
+                )
+            })?;
+        self.registration = Some(guard);
         // Heart-beats (spec: max of what one side can do and the other wants; 0 on
         // either side means none). `heartbeat_min` keeps a client from making the
         // broker send or expect a beat every millisecond.
@@ -746,6 +786,17 @@ impl Session {
     /// Encodes what queues put in the outbox as MESSAGE frames, and lets queues
     /// that were held back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self) {
+        // A close request from the broker (an operator, a deleted user or
+        // vhost): an ERROR frame with the reason, then the socket closes.
+        if let Some(reason) = self
+            .registration
+            .as_ref()
+            .and_then(ConnectionGuard::take_close_request)
+        {
+            tracing::info!(peer = %self.peer, user = %self.user, %reason, "closing STOMP connection on request");
+            self.fail(FrameError::new("Connection forced", reason), None);
+            return;
+        }
         for item in self.outbox.drain() {
             match item {
                 Outgoing::Deliver(d) => {
@@ -855,6 +906,8 @@ impl Session {
         }
         // Deliveries already in the outbox go back to their queues too.
         self.outbox.give_back_all();
+        // Out of the registry: no longer listed, counted or closable.
+        self.registration = None;
     }
 }
 
