@@ -217,8 +217,7 @@ async fn counters_rates_and_prometheus_follow_real_traffic() {
     assert_eq!(amqp.rate("publish"), 2.4);
 
     // Prometheus, served as on its own listener.
-    let addr = serve_prometheus(Management::new(core.clone(), NodeInfo::local()))
-    .await;
+    let addr = serve_prometheus(Management::new(core.clone(), NodeInfo::local())).await;
     let r = http_get(addr, "/metrics").await;
     assert_eq!(r.status, 200);
     assert!(r
