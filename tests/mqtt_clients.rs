@@ -823,3 +823,56 @@ async fn sys_topics_are_published_retained_and_only_to_whom_may_read_them() {
         rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized
     );
 }
+
+/// Issue 12 item 7 with a real client: Server Keep Alive in CONNACK when
+/// `max_keep_alive_secs` is lower than the client's keep-alive, and topic
+/// aliases towards a client that allows them, for topics it receives again.
+#[tokio::test]
+async fn rumqttc_v5_gets_server_keep_alive_and_topic_aliases() {
+    let b = start_broker_with(|c| c.mqtt.max_keep_alive_secs = 20).await;
+    let addr = b.mqtt_addr();
+    let mut o = v5_opts(addr, "alias-sub");
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_topic_alias_max(Some(2));
+    let (sub, mut srx, _t) = v5_client(o);
+    let ack = v5_connack(&mut srx).await;
+    assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), Some(20));
+    sub.subscribe("tele/#", QoS5::AtMostOnce).await.unwrap();
+    v5_suback(&mut srx).await;
+    let mut o = v5_opts(addr, "alias-pub");
+    o.set_keep_alive(Duration::from_secs(10));
+    let (publ, mut prx, _t2) = v5_client(o);
+    let ack = v5_connack(&mut prx).await;
+    // 10 s asked for, within the limit: no Server Keep Alive.
+    assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), None);
+    for (topic, n) in [
+        ("tele/a", 1),
+        ("tele/b", 1),
+        ("tele/a", 2),
+        ("tele/c", 1),
+        ("tele/b", 2),
+    ] {
+        publ.publish(topic, QoS5::AtMostOnce, false, format!("{n}"))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let p = v5_publish(&mut srx).await;
+        let alias = p.properties.as_ref().and_then(|p| p.topic_alias);
+        got.push((topic5(&p), alias));
+    }
+    // A topic's first PUBLISH sets up its alias, the next ones carry the alias
+    // alone (rumqttc 0.25 hands the event out before it resolves the alias).
+    // Two aliases allowed: tele/c, the third topic, goes without one.
+    assert_eq!(
+        got,
+        [
+            ("tele/a".to_string(), Some(1)),
+            ("tele/b".to_string(), Some(2)),
+            (String::new(), Some(1)),
+            ("tele/c".to_string(), None),
+            (String::new(), Some(2)),
+        ]
+    );
+}
