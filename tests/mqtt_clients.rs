@@ -669,3 +669,210 @@ async fn dead_lettered_mqtt_message_keeps_its_topic() {
         ("parked/v1.2/x", &b"late"[..])
     );
 }
+
+/// Issue 12 item 8: `$SYS` topics as Mosquitto publishes them, every
+/// `sys_interval_secs` (1 here), retained, for users with read permission on
+/// `$SYS` only, and never to a bare `#` or `+/...` (nor to AMQP consumers of
+/// amq.topic).
+#[tokio::test]
+async fn sys_topics_are_published_retained_and_only_to_whom_may_read_them() {
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    let hash = switchyard_core::auth::hash_password("pw", [1, 2, 3, 4]);
+    let b = start_broker_with(|c| {
+        c.mqtt.sys_interval_secs = 1;
+        let mut users = c.users();
+        users.push(switchyard_testkit::config::UserConfig {
+            name: "limited".into(),
+            password_hash: hash.clone(),
+            tags: vec![],
+            loopback_only: false,
+        });
+        c.set_users(users);
+        let mut perms = c.permissions();
+        perms.push(switchyard_testkit::config::PermissionConfig {
+            user: "limited".into(),
+            vhost: "/".into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: "^mqtt-|^amq\\.topic$".into(),
+        });
+        c.set_permissions(perms);
+    })
+    .await;
+    let addr = b.mqtt_addr();
+    let (_conn, ch) = amqp(&b).await;
+    let q = amqp_queue(&ch, "#").await;
+    let (_tag, mut arx) = ch
+        .basic_consume_rx(BasicConsumeArguments::new(&q, "all").finish())
+        .await
+        .unwrap();
+
+    // Everything else first: a `#` subscriber, a retained message, a publish.
+    let (all, mut allrx, _t) = v5_client(v5_opts(addr, "sys-all"));
+    v5_connack(&mut allrx).await;
+    for f in ["#", "+/broker/#"] {
+        all.subscribe(f, QoS5::AtMostOnce).await.unwrap();
+        v5_suback(&mut allrx).await;
+    }
+    let (publ, mut prx, _t2) = v5_client(v5_opts(addr, "sys-pub"));
+    v5_connack(&mut prx).await;
+    publ.publish("status/door", QoS5::AtLeastOnce, true, "open")
+        .await
+        .unwrap();
+    assert_eq!(topic5(&v5_publish(&mut allrx).await), "status/door");
+
+    // A reader of $SYS: the retained values at once, then fresh ones each second.
+    let (sys, mut sysrx, _t3) = v5_client(v5_opts(addr, "sys-reader"));
+    v5_connack(&mut sysrx).await;
+    sys.subscribe("$SYS/broker/#", QoS5::AtMostOnce)
+        .await
+        .unwrap();
+    let ack = v5_suback(&mut sysrx).await;
+    assert_eq!(
+        ack.return_codes,
+        [SubscribeReasonCode::Success(QoS5::AtMostOnce)]
+    );
+    let mut seen = std::collections::BTreeMap::new();
+    let mut uptimes = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    // Until two rounds went by (two uptimes) and the counters show this test's
+    // clients: 3 connected, 4 sessions' subscriptions, 1 retained message.
+    while uptimes.len() < 3
+        || seen
+            .get("$SYS/broker/clients/connected")
+            .map(String::as_str)
+            != Some("3")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
+        let p = v5_publish(&mut sysrx).await;
+        let value = String::from_utf8(p.payload.to_vec()).unwrap();
+        if topic5(&p) == "$SYS/broker/uptime" {
+            uptimes.insert(value.clone());
+        }
+        seen.insert(topic5(&p), value);
+    }
+    let get = |t: &str| seen.get(t).cloned().unwrap_or_default();
+    assert!(get("$SYS/broker/version").starts_with("switchyard version "));
+    assert!(get("$SYS/broker/uptime").ends_with(" seconds"));
+    assert_eq!(get("$SYS/broker/clients/total"), "3");
+    assert_eq!(get("$SYS/broker/subscriptions/count"), "3");
+    assert_eq!(get("$SYS/broker/retained messages/count"), "1");
+    for counter in ["$SYS/broker/messages/received", "$SYS/broker/messages/sent"] {
+        assert!(
+            get(counter).parse::<u64>().unwrap() >= 6,
+            "{counter}: {seen:?}"
+        );
+    }
+    assert!(get("$SYS/broker/load/messages/received/1min")
+        .parse::<f64>()
+        .is_ok_and(|l| l > 0.0));
+
+    // A new subscriber gets the retained values at once (before any next round).
+    let (late, mut laterx, _t4) = v5_client(v5_opts(addr, "sys-late"));
+    v5_connack(&mut laterx).await;
+    late.subscribe("$SYS/broker/version", QoS5::AtMostOnce)
+        .await
+        .unwrap();
+    v5_suback(&mut laterx).await;
+    let p = v5_publish(&mut laterx).await;
+    assert!(p.retain, "retained");
+    assert_eq!(topic5(&p), "$SYS/broker/version");
+
+    // Without read permission on `$SYS`: refused (other topics are fine).
+    let mut o = v5_opts(addr, "sys-limited");
+    o.set_credentials("limited", "pw");
+    let (lim, mut limrx, _t5) = v5_client(o);
+    v5_connack(&mut limrx).await;
+    lim.subscribe("$SYS/#", QoS5::AtMostOnce).await.unwrap();
+    assert_eq!(
+        v5_suback(&mut limrx).await.return_codes,
+        [SubscribeReasonCode::NotAuthorized]
+    );
+    lim.subscribe("status/#", QoS5::AtMostOnce).await.unwrap();
+    assert_eq!(
+        v5_suback(&mut limrx).await.return_codes,
+        [SubscribeReasonCode::Success(QoS5::AtMostOnce)]
+    );
+
+    // Rounds of $SYS went by: the `#` subscriber and the AMQP consumer of `#`
+    // got none of them, their next message is the next publish.
+    publ.publish("status/done", QoS5::AtMostOnce, false, "")
+        .await
+        .unwrap();
+    assert_eq!(topic5(&v5_publish(&mut allrx).await), "status/done");
+    for expected in ["status.door", "status.done"] {
+        let m = tokio::time::timeout(WAIT, arx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.deliver.unwrap().routing_key(), expected);
+    }
+
+    // Only the broker publishes to `$SYS`.
+    publ.publish("$SYS/broker/uptime", QoS5::AtLeastOnce, true, "0 seconds")
+        .await
+        .unwrap();
+    // Its second QoS 1 PUBLISH (the first was status/door).
+    let ack = mqtt::v5_next(&mut prx, |p| match p {
+        rumqttc::v5::mqttbytes::v5::Packet::PubAck(a) if a.pkid == 2 => Some(a),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        ack.reason,
+        rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized
+    );
+}
+
+/// Issue 12 item 7 with a real client: Server Keep Alive in CONNACK when
+/// `max_keep_alive_secs` is lower than the client's keep-alive, and topic
+/// aliases towards a client that allows them, for topics it receives again.
+#[tokio::test]
+async fn rumqttc_v5_gets_server_keep_alive_and_topic_aliases() {
+    let b = start_broker_with(|c| c.mqtt.max_keep_alive_secs = 20).await;
+    let addr = b.mqtt_addr();
+    let mut o = v5_opts(addr, "alias-sub");
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_topic_alias_max(Some(2));
+    let (sub, mut srx, _t) = v5_client(o);
+    let ack = v5_connack(&mut srx).await;
+    assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), Some(20));
+    sub.subscribe("tele/#", QoS5::AtMostOnce).await.unwrap();
+    v5_suback(&mut srx).await;
+    let mut o = v5_opts(addr, "alias-pub");
+    o.set_keep_alive(Duration::from_secs(10));
+    let (publ, mut prx, _t2) = v5_client(o);
+    let ack = v5_connack(&mut prx).await;
+    // 10 s asked for, within the limit: no Server Keep Alive.
+    assert_eq!(ack.properties.and_then(|p| p.server_keep_alive), None);
+    for (topic, n) in [
+        ("tele/a", 1),
+        ("tele/b", 1),
+        ("tele/a", 2),
+        ("tele/c", 1),
+        ("tele/b", 2),
+    ] {
+        publ.publish(topic, QoS5::AtMostOnce, false, format!("{n}"))
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let p = v5_publish(&mut srx).await;
+        let alias = p.properties.as_ref().and_then(|p| p.topic_alias);
+        got.push((topic5(&p), alias));
+    }
+    // A topic's first PUBLISH sets up its alias, the next ones carry the alias
+    // alone (rumqttc 0.25 hands the event out before it resolves the alias).
+    // Two aliases allowed: tele/c, the third topic, goes without one.
+    assert_eq!(
+        got,
+        [
+            ("tele/a".to_string(), Some(1)),
+            ("tele/b".to_string(), Some(2)),
+            (String::new(), Some(1)),
+            ("tele/c".to_string(), None),
+            (String::new(), Some(2)),
+        ]
+    );
+}

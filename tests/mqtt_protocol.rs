@@ -165,7 +165,8 @@ async fn retained_set_replace_clear_and_wildcards_without_dollar_topics() {
     retained.packet_id = 2;
     p.send(&Packet::Publish(retained.clone())).await;
     p.recv().await;
-    let mut sys = publish("$SYS/x", QoS::AtMostOnce, 0, b"sys");
+    // A `$` topic (not `$SYS`, which only the broker publishes).
+    let mut sys = publish("$app/x", QoS::AtMostOnce, 0, b"sys");
     sys.retain = true;
     p.send(&Packet::Publish(sys)).await;
     p.sync().await;
@@ -180,7 +181,7 @@ async fn retained_set_replace_clear_and_wildcards_without_dollar_topics() {
             "{filter}"
         );
         s.puback(got.packet_id).await;
-        // `#` does not match `$SYS/x`; nothing else is retained.
+        // `#` does not match `$app/x` (nor `$SYS`); nothing else is retained.
         assert!(s.sync().await.is_empty(), "{filter}");
         // A live message to a subscriber has RETAIN clear.
         p.send(&Packet::Publish(retained.clone())).await;
@@ -191,7 +192,7 @@ async fn retained_set_replace_clear_and_wildcards_without_dollar_topics() {
         s.disconnect().await;
     }
     let mut s = Raw::connect(addr, V3, "s2").await;
-    s.subscribe(subscribe(1, "$SYS/#", QoS::AtMostOnce)).await;
+    s.subscribe(subscribe(1, "$app/#", QoS::AtMostOnce)).await;
     assert_eq!(&s.recv_publish().await.payload[..], b"sys");
     // An empty retained payload clears it.
     retained.payload = Bytes::new();

@@ -318,3 +318,29 @@ def test_v5_qos1_beyond_receive_maximum_gets_disconnect_0x93(mqtt_broker_factory
     ok = Client(b.mqtt, cid("rm-ok"), 5)
     for _ in range(5):
         assert ok.publish("rm/y", "fine", qos=1) == 0
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_topics_with_dots_arrive_exactly_and_amqp_sees_rabbitmq_keys(mqtt_broker, version):
+    """Issue 12 item 1: a dot inside a level is no reason to drop a message at
+    delivery; MQTT subscribers get the publisher's topic, AMQP RabbitMQ's key."""
+    conn = pika.BlockingConnection(mqtt_broker.params())
+    ch = conn.channel()
+    q = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(q, "amq.topic", "com.acme.#")
+    sub = Client(mqtt_broker.mqtt, cid("dots-s"), version)
+    assert sub.subscribe("com.acme/+", 1) == [1]
+    shared = Client(mqtt_broker.mqtt, cid("dots-g"), 5)
+    assert shared.subscribe("$share/g/com.acme/#", 1) == [1]
+    pub = Client(mqtt_broker.mqtt, cid("dots-p"), version)
+    pub.publish("com.acme/x", "1", qos=1)
+    m = sub.next()
+    assert (m.topic, m.payload) == ("com.acme/x", b"1")
+    assert shared.next().topic == "com.acme/x"
+    deliver, _, body = next(ch.consume(q, auto_ack=True, inactivity_timeout=10))
+    assert (deliver.routing_key, body) == ("com.acme.x", b"1")
+    # From AMQP: RabbitMQ's mapping of the key, delivered although the MQTT
+    # filter alone would not match `com/acme/y`.
+    ch.basic_publish("amq.topic", "com.acme.y", b"2")
+    assert sub.next().topic == "com/acme/y"
+    conn.close()

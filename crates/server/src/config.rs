@@ -211,6 +211,8 @@ pub struct MqttConfig {
     pub topic_alias_maximum: u16,
     /// The HTTP path of MQTT over WebSocket.
     pub ws_path: String,
+    /// How often `$SYS` topics are published (s); 0 = never.
+    pub sys_interval_secs: u64,
 }
 
 impl Default for MqttConfig {
@@ -229,6 +231,7 @@ impl Default for MqttConfig {
             max_inflight: 100,
             topic_alias_maximum: 16,
             ws_path: "/ws".into(),
+            sys_interval_secs: 10,
         }
     }
 }
@@ -1043,6 +1046,7 @@ mod mqtt_config_tests {
         assert_eq!(c.mqtt.max_inflight, d.max_inflight);
         assert_eq!(c.mqtt.topic_alias_maximum, d.topic_alias_maximum);
         assert_eq!(c.mqtt.ws_path, d.ws_path);
+        assert_eq!(c.mqtt.sys_interval_secs, d.sys_interval_secs);
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub fn mqtt_settings(config: &Config) -> switchyard_mqtt::MqttSettings {
         max_inflight: m.max_inflight,
         topic_alias_maximum: m.topic_alias_maximum,
         handshake_timeout: config.limits.handshake_timeout(),
+        sys_interval: Duration::from_secs(m.sys_interval_secs),
     }
 }
 
@@ -376,6 +377,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 .clone()
                 .run_timers(broker.clone(), shutdown.clone()),
         ));
+        let settings = Arc::new(mqtt_settings(&config));
+        if !settings.sys_interval.is_zero() {
+            // `$SYS` topics into every vhost, every `[mqtt] sys_interval_secs`.
+            let interval = settings.sys_interval;
+            accept_loops.push(tokio::spawn(mqtt_state.clone().run_sys(
+                broker.clone(),
+                settings,
+                config.vhost_names(),
+                interval,
+                shutdown.clone(),
+            )));
+        }
     }
 
     Ok(RunningServer {

@@ -9,6 +9,8 @@
 //!   registry and persistent sessions, retained messages, delayed wills.
 //! - [`persist`]: the stored form of retained messages and persistent sessions
 //!   (records in the broker's store, when it has one).
+//! - [`sys`]: `$SYS` topics (broker facts and counters), published every few
+//!   seconds.
 //! - [`conn`]: the one async part: owns the socket, feeds the session.
 //!
 //! Must not: depend on another protocol crate, or keep anything the core should
@@ -20,6 +22,7 @@ pub mod mapping;
 pub mod persist;
 pub mod session;
 pub mod state;
+pub mod sys;
 
 use std::time::Duration;
 
@@ -57,6 +60,8 @@ pub struct MqttSettings {
     pub topic_alias_maximum: u16,
     /// Time allowed from accept to CONNECT.
     pub handshake_timeout: Duration,
+    /// How often `$SYS` topics are published (zero: never).
+    pub sys_interval: Duration,
 }
 
 impl Default for MqttSettings {
@@ -75,6 +80,7 @@ impl Default for MqttSettings {
             max_inflight: 100,
             topic_alias_maximum: 16,
             handshake_timeout: Duration::from_secs(10),
+            sys_interval: Duration::from_secs(10),
         }
     }
 }

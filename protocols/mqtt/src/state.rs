@@ -316,6 +316,31 @@ impl RetainedStore {
             .unwrap_or_default()
     }
 
+    /// Sets a retained message in memory only (`$SYS`: facts about the running
+    /// broker, replaced every few seconds and meaningless after a restart).
+    pub fn set_volatile(&self, vhost: &str, topic: &str, message: Arc<Message>) {
+        self.by_vhost
+            .lock()
+            .entry(vhost.to_owned())
+            .or_default()
+            .insert(
+                topic.to_owned(),
+                Retained {
+                    topic: topic.to_owned(),
+                    message,
+                },
+            );
+    }
+
+    /// Retained messages of every vhost, `$SYS` ones left out.
+    pub fn count_durable(&self) -> usize {
+        self.by_vhost
+            .lock()
+            .values()
+            .map(|v| v.keys().filter(|t| !crate::sys::is_sys(t)).count())
+            .sum()
+    }
+
     pub fn len(&self, vhost: &str) -> usize {
         self.by_vhost.lock().get(vhost).map_or(0, BTreeMap::len)
     }
@@ -360,7 +385,7 @@ struct PendingWill {
 }
 
 /// The broker-wide MQTT state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MqttState {
     sessions: Mutex<HashMap<SessionKey, SessionRef>>,
     pub retained: RetainedStore,
@@ -369,6 +394,24 @@ pub struct MqttState {
     shared: Mutex<HashMap<(String, String), usize>>,
     /// Where persistent sessions are written (`None`: memory only).
     store: Option<Arc<dyn Store>>,
+    /// MQTT counters for `$SYS`.
+    pub stats: crate::sys::SysStats,
+    /// When this state was made (the broker's start), for `$SYS` uptime.
+    pub started: Instant,
+}
+
+impl Default for MqttState {
+    fn default() -> Self {
+        MqttState {
+            sessions: Mutex::default(),
+            retained: RetainedStore::default(),
+            wills: Mutex::default(),
+            shared: Mutex::default(),
+            store: None,
+            stats: crate::sys::SysStats::default(),
+            started: Instant::now(),
+        }
+    }
 }
 
 /// What [`MqttState::open`] read back, for the log.
@@ -776,6 +819,34 @@ impl MqttState {
     /// Number of sessions known (attached or waiting for expiry).
     pub fn session_count(&self) -> usize {
         self.sessions.lock().len()
+    }
+
+    /// Sessions, and subscriptions over all sessions (for `$SYS`).
+    pub fn session_and_subscription_counts(&self) -> (usize, usize) {
+        let sessions: Vec<SessionRef> = self.sessions.lock().values().cloned().collect();
+        let subs = sessions.iter().map(|s| s.lock().subscriptions.len()).sum();
+        (sessions.len(), subs)
+    }
+
+    /// (filter, queue) of every `$SYS` subscription in `vhost`.
+    pub fn sys_subscriptions(&self, vhost: &str) -> Vec<(String, String)> {
+        let sessions: Vec<SessionRef> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|(k, _)| k.vhost == vhost)
+            .map(|(_, s)| s.clone())
+            .collect();
+        let mut out = Vec::new();
+        for s in sessions {
+            let data = s.lock();
+            for sub in data.subscriptions.values() {
+                if crate::sys::is_sys(&sub.filter) {
+                    out.push((sub.filter.clone(), sub.queue.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Whether a session exists for (vhost, client id).

@@ -19,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ use crate::codec::{
 };
 use crate::mapping::{self, MqttMessage};
 use crate::state::{Inflight, MqttState, SessionKey, SessionRef, Stage, Subscription};
+use crate::sys::{self, SysStats};
 use crate::MqttSettings;
 
 /// Deliveries that may wait in a connection's outbox before queues hold back.
@@ -140,6 +142,9 @@ pub struct Session {
     perm_generation: u64,
     /// In the broker's connection registry while connected.
     registration: Option<ConnectionGuard>,
+    may_read_sys: Option<bool>,
+    /// Counted in `$SYS/broker/clients/connected`.
+    counted_connected: bool,
     has_published: bool,
     close_reason: Option<String>,
     finished: bool,
@@ -203,6 +208,8 @@ impl Session {
             may_read: None,
             perm_generation: 0,
             registration: None,
+            may_read_sys: None,
+            counted_connected: false,
             has_published: false,
             close_reason: None,
             finished: false,
@@ -342,6 +349,7 @@ impl Session {
     /// Queues a packet (our own control packets are never near any size limit
     /// that matters, except reason strings: see `send_limited`).
     fn send(&mut self, p: &Packet) {
+        SysStats::add(&self.state.stats.packets_sent, 1);
         if codec::encode(p, self.version, self.client.max_packet_size, &mut self.out).is_err() {
             // Only properties can make a control packet large: send it bare.
             let bare = strip_properties(p);
@@ -398,6 +406,7 @@ impl Session {
             self.perm_generation = generation;
             self.may_write = None;
             self.may_read = None;
+            self.may_read_sys = None;
         }
         let before = input.len();
         self.handle_packets(input, now);
@@ -410,6 +419,7 @@ impl Session {
         while self.phase != Phase::Closed {
             match self.decoder.decode(input) {
                 Ok(Some(packet)) => {
+                    SysStats::add(&self.state.stats.packets_received, 1);
                     if let Err(c) = self.handle_packet(packet, now) {
                         self.close(c);
                     }
@@ -630,7 +640,7 @@ impl Session {
                 );
                 return;
             }
-            if !self.may_write() {
+            if !self.may_write() || sys::is_sys(&w.topic) {
                 self.refuse(
                     reason::NOT_AUTHORIZED,
                     v3::NOT_AUTHORIZED,
@@ -737,6 +747,8 @@ impl Session {
             properties: ack,
         }));
         self.phase = Phase::Connected;
+        self.state.stats.connected.fetch_add(1, Ordering::Relaxed);
+        self.counted_connected = true;
         tracing::debug!(peer = %self.peer, client_id = %self.client_id, user = %self.user, version = ?self.version, present, "MQTT client connected");
 
         if present {
@@ -828,7 +840,29 @@ impl Session {
         ok
     }
 
+    /// Read permission on `$SYS` (see [`sys::SYS_RESOURCE`]).
+    fn may_read_sys(&mut self) -> bool {
+        if let Some(ok) = self.may_read_sys {
+            return ok;
+        }
+        let ok = self.vhost.as_ref().is_some_and(|v| {
+            self.broker
+                .auth
+                .check(
+                    &self.user,
+                    &v.name,
+                    Access::Read,
+                    Resource::Exchange,
+                    sys::SYS_RESOURCE,
+                )
+                .is_ok()
+        });
+        self.may_read_sys = Some(ok);
+        ok
+    }
+
     fn handle_publish(&mut self, mut p: Publish, now: Now) -> Result<(), Close> {
+        SysStats::add(&self.state.stats.publish_received, 1);
         // Topic alias (spec 3.3.2.3.4).
         if self.v5() {
             if let Some(alias) = p.properties.topic_alias.take() {
@@ -858,11 +892,15 @@ impl Session {
                 format!("invalid topic name '{}'", p.topic),
             ));
         }
-        if !self.may_write() {
-            let text = format!(
-                "write access to exchange '{}' refused for user '{}'",
-                self.settings.exchange, self.user
-            );
+        if !self.may_write() || sys::is_sys(&p.topic) {
+            let text = if sys::is_sys(&p.topic) {
+                format!("'{}': $SYS topics are the broker's to publish", p.topic)
+            } else {
+                format!(
+                    "write access to exchange '{}' refused for user '{}'",
+                    self.settings.exchange, self.user
+                )
+            };
             // 3.1.1 has no way to refuse a PUBLISH: RabbitMQ disconnects.
             if !self.v5() || p.qos == QoS::AtMostOnce {
                 return Err(Close::new(reason::NOT_AUTHORIZED, text));
@@ -1135,6 +1173,8 @@ impl Session {
             if let Some((topic, a)) = new_alias {
                 self.out_aliases.insert(topic, a);
             }
+            SysStats::add(&self.state.stats.packets_sent, 1);
+            SysStats::add(&self.state.stats.publish_sent, 1);
         }
         sent
     }
@@ -1442,7 +1482,7 @@ impl Session {
         if share.is_some() && options.no_local {
             return Err(Close::protocol("no-local on a shared subscription"));
         }
-        if !self.may_read() {
+        if !self.may_read() || (sys::is_sys(&filter) && !self.may_read_sys()) {
             return Ok(failure(reason::NOT_AUTHORIZED));
         }
         let key = mapping::filter_to_key(&filter, self.lossless);
@@ -1632,6 +1672,9 @@ impl Session {
             return;
         }
         self.finished = true;
+        if std::mem::take(&mut self.counted_connected) {
+            self.state.stats.connected.fetch_sub(1, Ordering::Relaxed);
+        }
         if self.close_reason.is_none() {
             self.close_reason = Some(reason.to_owned());
         }
