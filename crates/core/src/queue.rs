@@ -396,7 +396,6 @@ impl Queue {
         durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
-        let settings = Arc::new(settings);
         let queue = Arc::new_cyclic(|me| Queue {
             me: me.clone(),
             name,
@@ -408,6 +407,7 @@ impl Queue {
                 delayed: BinaryHeap::new(),
                 consumers: Vec::new(),
                 next_consumer: 0,
+                settings: Arc::new(settings.clone()),
                 next_id: 0,
                 unacked: 0,
                 exclusive_consumer: false,
@@ -416,9 +416,8 @@ impl Queue {
                 last_used: now,
                 dead: Vec::new(),
                 handover_pending: false,
-                settings: settings.clone(),
             }),
-            settings: RwLock::new(settings),
+            settings: RwLock::new(Arc::new(settings)),
             memory: env.memory,
             timers: env.timers,
             home: env.home,
