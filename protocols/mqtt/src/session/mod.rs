@@ -134,12 +134,12 @@ pub struct Session {
     out_aliases: HashMap<String, u16>,
     may_write: Option<bool>,
     may_read: Option<bool>,
+    has_published: bool,
     /// The broker's permission generation `may_write`/`may_read` were cached
     /// at: a runtime change drops them (from the next read batch on).
     perm_generation: u64,
     /// In the broker's connection registry while connected.
     registration: Option<ConnectionGuard>,
-    has_published: bool,
     close_reason: Option<String>,
     finished: bool,
     /// The store's synced position (None: no store, nothing to wait for).
@@ -189,9 +189,9 @@ impl Session {
             out_aliases: HashMap::new(),
             may_write: None,
             may_read: None,
+            has_published: false,
             perm_generation: 0,
             registration: None,
-            has_published: false,
             close_reason: None,
             finished: false,
             synced,
