@@ -113,6 +113,18 @@ pub enum MetaCommand {
 }
 
 impl MetaCommand {
+    /// A [`MetaCommand::PutUser`] for a plain password (the HTTP API's
+    /// `password`): hashed here, with a fresh random salt, before the command
+    /// exists, so that applying the command stays deterministic.
+    pub fn put_user_with_password(name: &str, password: &str, tags: Vec<String>) -> Self {
+        MetaCommand::PutUser {
+            name: name.to_owned(),
+            password_hash: crate::auth::hash_password(password, crate::auth::random_salt()),
+            hashing_algorithm: SHA256.to_owned(),
+            tags,
+        }
+    }
+
     /// A short description for logs and errors (`put_user 'bob'`).
     pub fn describe(&self) -> String {
         match self {

@@ -590,14 +590,26 @@ impl Broker {
                 value: Vec::new(),
             });
         }
+        // A vhost being deleted stops taking new entities before the store
+        // deletes its records, so none is written after them.
+        let deleting = match &cmd {
+            MetaCommand::DeleteVhost { name } => self.vhost(name).ok(),
+            _ => None,
+        };
+        if let Some(v) = &deleting {
+            v.begin_delete(false);
+        }
         if let Some(store) = &self.store {
-            store.apply_meta(&writes).map_err(|e| {
+            if let Err(e) = store.apply_meta(&writes) {
                 tracing::error!(command = %cmd.describe(), error = %e, "cannot write metadata");
-                CoreError::new(
+                if let Some(v) = &deleting {
+                    v.begin_delete(true);
+                }
+                return Err(CoreError::new(
                     ErrorKind::ResourceError,
                     format!("cannot store {}: {e}", cmd.describe()),
-                )
-            })?;
+                ));
+            }
         }
         if let Some(id) = seed {
             self.seeded.lock().insert(id.to_owned());

@@ -407,7 +407,6 @@ impl Queue {
         durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
-        let settings = Arc::new(settings);
         // Fixed at declaration (x-queue-type, or the vhost's default queue type).
         let kind = if settings.quorum {
             QueueType::Quorum
@@ -425,6 +424,7 @@ impl Queue {
                 delayed: BinaryHeap::new(),
                 consumers: Vec::new(),
                 next_consumer: 0,
+                settings: Arc::new(settings.clone()),
                 next_id: 0,
                 unacked: 0,
                 exclusive_consumer: false,
@@ -433,10 +433,9 @@ impl Queue {
                 last_used: now,
                 dead: Vec::new(),
                 handover_pending: false,
-                settings: settings.clone(),
                 counts: Snapshot::default(),
             }),
-            settings: RwLock::new(settings),
+            settings: RwLock::new(Arc::new(settings)),
             memory: env.memory,
             timers: env.timers,
             home: env.home,

@@ -318,6 +318,17 @@ impl VHost {
             .count()
     }
 
+    /// First step of a deletion, before the store deletes the vhost's records:
+    /// from now on nothing new is created in it. Declarations check the flag
+    /// under the exchange and queue maps' locks, so taking both locks once here
+    /// waits for any declaration that passed the check (and wrote its record)
+    /// before the store's deletion runs. `undo` when the store write failed.
+    pub(crate) fn begin_delete(&self, undo: bool) {
+        self.deleted.store(!undo, Ordering::Release);
+        drop(self.exchanges.write());
+        drop(self.queues.write());
+    }
+
     /// Marks the vhost deleted and drops everything in it from memory: queues
     /// (their messages, consumers cancelled), exchanges, bindings. The store's
     /// records were deleted by the caller, in the same transaction as the vhost.
@@ -550,6 +561,8 @@ impl VHost {
             CoreError::precondition(format!("unknown exchange type '{}'", req.kind))
         })?;
         let mut exchanges = self.exchanges.write();
+        // Under the map's lock: see `begin_delete`.
+        self.check_live()?;
         if let Some(existing) = exchanges.get(&req.name) {
             let current = &existing.options;
             let mismatch = if existing.kind != kind {

@@ -618,3 +618,15 @@ fn a_vhost_whose_default_queue_type_is_quorum_declares_quorum_queues() {
         ErrorKind::PreconditionFailed
     );
 }
+
+#[test]
+fn a_plain_password_is_hashed_before_the_command_exists() {
+    let b = broker();
+    let cmd = MetaCommand::put_user_with_password("eve", "secret", vec![]);
+    let MetaCommand::PutUser { password_hash, .. } = &cmd else {
+        panic!("not a PutUser");
+    };
+    assert!(!password_hash.contains("secret"));
+    b.apply(cmd).unwrap();
+    assert!(b.auth.login("eve", b"secret", None).is_ok());
+}

@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_core::admin::{MetaCommand, PolicySpec};
 use switchyard_core::auth::Auth;
 
 /// The shipped `config.toml`, built into the binary and used when no `--config`
@@ -614,7 +613,10 @@ impl Config {
     /// `Broker::seed`: an object the store has seen is never created again, so
     /// runtime changes and deletions survive restarts, and an object added to the
     /// file later is created at the next start). Call after [`Config::validate`].
-    pub fn boot_definitions(&self) -> Result<Vec<(String, MetaCommand)>, ConfigError> {
+    pub fn boot_definitions(
+        &self,
+    ) -> Result<Vec<(String, switchyard_core::admin::MetaCommand)>, ConfigError> {
+        use switchyard_core::admin::{MetaCommand, PolicySpec};
         let mut out = Vec::new();
         for name in self.vhost_names() {
             out.push((
