@@ -319,3 +319,91 @@ fn a_policy_set_over_http_trims_a_live_queue_and_peek_does_not_consume() {
         .collect();
     assert_eq!(bodies, ["m7", "m8", "m9"]);
 }
+
+#[test]
+fn the_mqtt_view_lists_sessions_and_reads_and_deletes_retained_messages() {
+    let b = BlockingBroker::start();
+    let http = Http::new(&b);
+    let mqtt = b.broker().mqtt_addr();
+    let mut opts = rumqttc::MqttOptions::new("sensor-7", mqtt.ip().to_string(), mqtt.port());
+    opts.set_clean_session(false);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = b.block_on(async {
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(p)) => {
+                        let _ = tx.send(format!("{p:?}"));
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+    });
+    let wait_for = |what: &str| loop {
+        let p = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        if p.starts_with(what) {
+            return p;
+        }
+    };
+    wait_for("ConnAck");
+    b.block_on(client.subscribe("rooms/+/temp", rumqttc::QoS::AtLeastOnce))
+        .unwrap();
+    wait_for("SubAck");
+    b.block_on(client.publish(
+        "rooms/kitchen/temp",
+        rumqttc::QoS::AtLeastOnce,
+        true,
+        "21.5",
+    ))
+    .unwrap();
+    wait_for("PubAck");
+
+    let sessions = http.get("/mqtt/sessions");
+    let s = &sessions.as_array().unwrap()[0];
+    assert_eq!(s["client_id"], json!("sensor-7"));
+    assert_eq!(s["connected"], json!(true));
+    assert_eq!(s["persistent"], json!(true));
+    assert_eq!(s["protocol"], json!("MQTT 3-1-1"));
+    assert_eq!(s["subscriptions"][0]["filter"], json!("rooms/+/temp"));
+    assert_eq!(s["subscriptions"][0]["qos"], json!(1));
+    let one = http.get("/mqtt/sessions/%2F/sensor-7");
+    assert_eq!(one["client_id"], json!("sensor-7"));
+
+    let retained = http.get("/mqtt/retained");
+    assert_eq!(retained[0]["topic"], json!("rooms/kitchen/temp"));
+    assert_eq!(retained[0]["payload_bytes"], json!(4));
+    let msg = http.get("/mqtt/retained/%2F/rooms%2Fkitchen%2Ftemp");
+    assert_eq!(msg["payload"], json!("21.5"));
+    let r = http
+        .client
+        .delete(format!(
+            "{}/mqtt/retained/%2F/rooms%2Fkitchen%2Ftemp",
+            http.api
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(http.get("/mqtt/retained"), json!([]));
+    let r = http
+        .client
+        .get(format!(
+            "{}/mqtt/retained/%2F/rooms%2Fkitchen%2Ftemp",
+            http.api
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Disconnected, the persistent session stays listed, detached.
+    b.block_on(client.disconnect()).unwrap();
+    eventually("the session to be detached", || {
+        let s = http.get("/mqtt/sessions");
+        (s[0]["connected"] == json!(false)).then_some(())
+    });
+    poller.abort();
+}
