@@ -154,21 +154,19 @@ fn a_user_made_over_http_logs_in_everywhere_and_is_governed_over_http() {
     opts.set_credentials("app", "app-pw");
     let (mqtt_client, mut events) = rumqttc::AsyncClient::new(opts, 10);
     let (acked_tx, acked_rx) = std::sync::mpsc::channel();
-    let poller = b.block_on(async {
-        tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
-                        let _ = acked_tx.send(Ok(ack.code));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = acked_tx.send(Err(e.to_string()));
-                        return;
-                    }
+    let poller = b.spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    let _ = acked_tx.send(Ok(ack.code));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = acked_tx.send(Err(e.to_string()));
+                    return;
                 }
             }
-        })
+        }
     });
     let code = acked_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(code, Ok(rumqttc::ConnectReturnCode::Success));
@@ -329,18 +327,16 @@ fn the_mqtt_view_lists_sessions_and_reads_and_deletes_retained_messages() {
     opts.set_clean_session(false);
     let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
     let (tx, rx) = std::sync::mpsc::channel();
-    let poller = b.block_on(async {
-        tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(p)) => {
-                        let _ = tx.send(format!("{p:?}"));
-                    }
-                    Ok(_) => {}
-                    Err(_) => return,
+    let poller = b.spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    let _ = tx.send(format!("{p:?}"));
                 }
+                Ok(_) => {}
+                Err(_) => return,
             }
-        })
+        }
     });
     let wait_for = |what: &str| loop {
         let p = rx.recv_timeout(Duration::from_secs(10)).unwrap();

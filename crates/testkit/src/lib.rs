@@ -276,6 +276,15 @@ impl BlockingBroker {
             .expect("testkit: the broker is running until drop")
     }
 
+    /// Spawns a task (a client's event loop) on the broker's runtime.
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(f)
+    }
+
     /// Runs a future (an AMQP, MQTT or STOMP client) on the broker's runtime.
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.block_on(f)
