@@ -34,10 +34,15 @@ use super::{
 };
 use crate::Management;
 
+/// Largest definitions file accepted (axum's default body limit is 2 MB; a
+/// cluster with thousands of queues exports more than that).
+const MAX_DEFINITIONS_BYTES: usize = 256 * 1024 * 1024;
+
 pub(super) fn routes() -> Router<Management> {
     Router::new()
         .route("/definitions", get(export_all).post(import_all))
         .route("/definitions/{vhost}", get(export_vhost).post(import_vhost))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_DEFINITIONS_BYTES))
 }
 
 // ---- export ----
