@@ -154,21 +154,19 @@ fn a_user_made_over_http_logs_in_everywhere_and_is_governed_over_http() {
     opts.set_credentials("app", "app-pw");
     let (mqtt_client, mut events) = rumqttc::AsyncClient::new(opts, 10);
     let (acked_tx, acked_rx) = std::sync::mpsc::channel();
-    let poller = b.block_on(async {
-        tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
-                        let _ = acked_tx.send(Ok(ack.code));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = acked_tx.send(Err(e.to_string()));
-                        return;
-                    }
+    let poller = b.spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
+                    let _ = acked_tx.send(Ok(ack.code));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = acked_tx.send(Err(e.to_string()));
+                    return;
                 }
             }
-        })
+        }
     });
     let code = acked_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(code, Ok(rumqttc::ConnectReturnCode::Success));
@@ -318,4 +316,232 @@ fn a_policy_set_over_http_trims_a_live_queue_and_peek_does_not_consume() {
         .map(|m| m["payload"].as_str().unwrap())
         .collect();
     assert_eq!(bodies, ["m7", "m8", "m9"]);
+}
+
+#[test]
+fn the_mqtt_view_lists_sessions_and_reads_and_deletes_retained_messages() {
+    let b = BlockingBroker::start();
+    let http = Http::new(&b);
+    let mqtt = b.broker().mqtt_addr();
+    let mut opts = rumqttc::MqttOptions::new("sensor-7", mqtt.ip().to_string(), mqtt.port());
+    opts.set_clean_session(false);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = b.spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(p)) => {
+                    let _ = tx.send(format!("{p:?}"));
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let p = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        if p.starts_with(what) {
+            return p;
+        }
+    };
+    wait_for("ConnAck");
+    b.block_on(client.subscribe("rooms/+/temp", rumqttc::QoS::AtLeastOnce))
+        .unwrap();
+    wait_for("SubAck");
+    b.block_on(client.publish(
+        "rooms/kitchen/temp",
+        rumqttc::QoS::AtLeastOnce,
+        true,
+        "21.5",
+    ))
+    .unwrap();
+    wait_for("PubAck");
+
+    let sessions = http.get("/mqtt/sessions");
+    let s = &sessions.as_array().unwrap()[0];
+    assert_eq!(s["client_id"], json!("sensor-7"));
+    assert_eq!(s["connected"], json!(true));
+    assert_eq!(s["persistent"], json!(true));
+    assert_eq!(s["protocol"], json!("MQTT 3-1-1"));
+    assert_eq!(s["subscriptions"][0]["filter"], json!("rooms/+/temp"));
+    assert_eq!(s["subscriptions"][0]["qos"], json!(1));
+    let one = http.get("/mqtt/sessions/%2F/sensor-7");
+    assert_eq!(one["client_id"], json!("sensor-7"));
+
+    let retained = http.get("/mqtt/retained");
+    assert_eq!(retained[0]["topic"], json!("rooms/kitchen/temp"));
+    assert_eq!(retained[0]["payload_bytes"], json!(4));
+    let msg = http.get("/mqtt/retained/%2F/rooms%2Fkitchen%2Ftemp");
+    assert_eq!(msg["payload"], json!("21.5"));
+    let r = http
+        .client
+        .delete(format!(
+            "{}/mqtt/retained/%2F/rooms%2Fkitchen%2Ftemp",
+            http.api
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(http.get("/mqtt/retained"), json!([]));
+    let r = http
+        .client
+        .get(format!(
+            "{}/mqtt/retained/%2F/rooms%2Fkitchen%2Ftemp",
+            http.api
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // Disconnected, the persistent session stays listed, detached.
+    b.block_on(client.disconnect()).unwrap();
+    eventually("the session to be detached", || {
+        let s = http.get("/mqtt/sessions");
+        (s[0]["connected"] == json!(false)).then_some(())
+    });
+    poller.abort();
+}
+
+/// The definitions RabbitMQ 3.10.8 exported (tests/fixtures, made with Debian's
+/// rabbitmq-server: a vhost with limits, a user with a password hash and user
+/// limits, permissions and topic permissions, a policy, topic/headers/fanout
+/// exchanges with an alternate exchange, classic and quorum queues, queue and
+/// exchange bindings, and a shovel Switchyard does not have).
+const RABBITMQ_EXPORT: &str = include_str!("fixtures/rabbitmq-3.10.8-definitions.json");
+const RABBITMQ_VHOST_EXPORT: &str =
+    include_str!("fixtures/rabbitmq-3.10.8-vhost-shop-definitions.json");
+
+fn post_raw(http: &Http, path: &str, body: &str) -> (StatusCode, String) {
+    let r = http
+        .client
+        .post(format!("{}{path}", http.api))
+        .basic_auth("guest", Some("guest"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .unwrap();
+    (r.status(), r.text().unwrap())
+}
+
+#[test]
+fn a_rabbitmq_3_10_export_imports_and_every_object_works() {
+    let b = BlockingBroker::start();
+    let http = Http::new(&b);
+    let (status, body) = post_raw(&http, "/definitions", RABBITMQ_EXPORT);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{report}");
+    assert!(skipped[0]
+        .as_str()
+        .unwrap()
+        .contains("'shovel' is not supported"));
+
+    assert_eq!(http.get("/users/importer")["tags"], json!(["management"]));
+    assert_eq!(
+        http.get("/vhost-limits/shop"),
+        json!([{"vhost": "shop", "value": {"max-queues": 100}}])
+    );
+    assert_eq!(
+        http.get("/user-limits/importer"),
+        json!([{"user": "importer", "value": {"max-connections": 10}}])
+    );
+    assert_eq!(
+        http.get("/topic-permissions/shop/importer")[0]["write"],
+        json!("^orders\\.")
+    );
+    assert_eq!(http.get("/queues/shop/shop.work")["type"], json!("quorum"));
+    assert_eq!(http.get("/queues/shop/shop.capped")["policy"], json!("cap"));
+
+    // The imported password hash logs in over AMQP, with the imported rights.
+    let amqp = b.broker().amqp_addr();
+    let conn = b.block_on(async {
+        Connection::connect(
+            &format!("amqp://importer:imported-pw@{amqp}/shop"),
+            ConnectionProperties::default(),
+        )
+        .await
+        .unwrap()
+    });
+    let ch = b.block_on(conn.create_channel()).unwrap();
+    let publish = |exchange: &'static str, key: &'static str, headers: FieldTable| {
+        b.block_on(async {
+            ch.basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                b"m",
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .unwrap();
+        })
+    };
+    publish("shop.orders", "orders.eu.42", FieldTable::default());
+    // shop.orders binds everything ("#") on to shop.by-header, so its
+    // alternate exchange never fires (as in RabbitMQ); the fanout still works.
+    assert_eq!(
+        http.get("/exchanges/shop/shop.orders")["arguments"],
+        json!({"alternate-exchange": "shop.unrouted"})
+    );
+    publish("shop.unrouted", "anything", FieldTable::default());
+    for _ in 0..3 {
+        publish("shop.orders", "capped", FieldTable::default());
+    }
+    let mut bulk = FieldTable::default();
+    bulk.insert(
+        "kind".into(),
+        lapin::types::AMQPValue::LongString("bulk".into()),
+    );
+    publish("shop.orders", "orders.us.1", bulk);
+    // configure is "^shop\.": other names are refused, as they were in RabbitMQ.
+    let refused = b.block_on(ch.queue_declare(
+        "other".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    ));
+    assert!(refused.is_err());
+    let depth = |q: &str| {
+        eventually(&format!("messages in {q}"), || {
+            let n = http.get(&format!("/queues/shop/{q}"))["messages"].as_u64()?;
+            (n > 0).then_some(n)
+        })
+    };
+    assert_eq!(depth("shop.eu"), 1, "topic binding");
+    assert_eq!(depth("shop.lost"), 1, "fanout binding");
+    assert_eq!(depth("shop.capped"), 2, "the policy's max-length");
+    assert_eq!(
+        depth("shop.work"),
+        1,
+        "exchange-to-exchange then headers binding"
+    );
+
+    // What Switchyard exports imports into a fresh broker, and so does
+    // RabbitMQ's single-vhost export into another vhost.
+    let exported = http.get("/definitions");
+    let fresh = BlockingBroker::start();
+    let http2 = Http::new(&fresh);
+    let (status, body) = post_raw(&http2, "/definitions", &exported.to_string());
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert_eq!(http2.get("/queues/shop/shop.work")["type"], json!("quorum"));
+    assert_eq!(
+        http2.get("/bindings/shop/e/shop.orders/q/shop.eu")[0]["routing_key"],
+        json!("orders.eu.*")
+    );
+    assert_eq!(http2.put("/vhosts/copy", json!({})), StatusCode::CREATED);
+    let (status, body) = post_raw(&http2, "/definitions/copy", RABBITMQ_VHOST_EXPORT);
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        http2.get("/queues/copy/shop.capped")["policy"],
+        json!("cap")
+    );
+    assert_eq!(
+        http2.get("/vhost-limits/copy"),
+        json!([{"vhost": "copy", "value": {"max-queues": 100}}])
+    );
+    // A cluster-wide import whose entities lack a vhost is refused.
+    let (status, _) = post_raw(&http2, "/definitions", RABBITMQ_VHOST_EXPORT);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

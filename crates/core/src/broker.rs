@@ -44,6 +44,8 @@ pub struct Broker {
     timers: Arc<Timers>,
     /// Message statistics of the node, its protocols and connections (stats.rs).
     pub stats: Arc<NodeStats>,
+    /// Adapters' session state, for the management API (sessions.rs).
+    pub session_directories: crate::sessions::SessionDirectories,
     policies: Arc<PolicyTable>,
     vhost_meta: RwLock<BTreeMap<String, VhostInfo>>,
     vhost_limits: RwLock<BTreeMap<String, VhostLimits>>,
@@ -248,6 +250,7 @@ impl Broker {
             store,
             timers,
             stats: Arc::new(NodeStats::default()),
+            session_directories: crate::sessions::SessionDirectories::default(),
             policies: Arc::new(PolicyTable::new(policies)),
             vhost_meta: RwLock::new(BTreeMap::new()),
             vhost_limits: RwLock::new(BTreeMap::new()),

@@ -20,6 +20,7 @@ pub mod message;
 pub mod persist;
 pub mod policy;
 pub mod queue;
+pub mod sessions;
 pub mod stats;
 pub mod timer;
 pub mod topic;

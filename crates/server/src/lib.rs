@@ -260,6 +260,9 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     // with it (their records go in the store's transaction; this is memory).
     let forget = mqtt_state.clone();
     broker.on_vhost_deleted(Arc::new(move |vhost: &str| forget.forget_vhost(vhost)));
+    // The management API's MQTT view reads sessions and retained messages
+    // through the core's protocol-neutral directory.
+    broker.session_directories.register(mqtt_state.clone());
     let mqtt_enabled = config.listeners.mqtt.is_some() || config.listeners.mqtt_ws.is_some();
     if let Some(addr) = config.listeners.mqtt {
         let settings = Arc::new(mqtt_settings(&config));

@@ -281,6 +281,62 @@ impl RawClient {
     }
 }
 
+/// A broker for tests written with blocking HTTP clients (which must not run on
+/// a tokio worker thread): the broker runs on its own runtime, the test thread
+/// stays free. Stops the broker when dropped.
+pub struct BlockingBroker {
+    runtime: tokio::runtime::Runtime,
+    broker: Option<TestBroker>,
+}
+
+impl BlockingBroker {
+    /// Starts a broker like [`start_broker_with`], on a runtime of its own.
+    pub fn start_with(configure: impl FnOnce(&mut Config)) -> BlockingBroker {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("testkit: cannot build a tokio runtime");
+        let broker = runtime.block_on(start_broker_with(configure));
+        BlockingBroker {
+            runtime,
+            broker: Some(broker),
+        }
+    }
+
+    pub fn start() -> BlockingBroker {
+        Self::start_with(|_| {})
+    }
+
+    pub fn broker(&self) -> &TestBroker {
+        self.broker
+            .as_ref()
+            .expect("testkit: the broker is running until drop")
+    }
+
+    /// Spawns a task (a client's event loop) on the broker's runtime.
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.spawn(f)
+    }
+
+    /// Runs a future (an AMQP, MQTT or STOMP client) on the broker's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+impl Drop for BlockingBroker {
+    fn drop(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            self.runtime.block_on(broker.stop());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,52 +392,5 @@ mod tests {
         peer.write_all(b"bye").await.unwrap();
         drop(peer);
         assert_eq!(client.expect_closed(Duration::from_secs(5)).await, b"bye");
-    }
-}
-
-/// A broker for tests written with blocking HTTP clients (which must not run on
-/// a tokio worker thread): the broker runs on its own runtime, the test thread
-/// stays free. Stops the broker when dropped.
-pub struct BlockingBroker {
-    runtime: tokio::runtime::Runtime,
-    broker: Option<TestBroker>,
-}
-
-impl BlockingBroker {
-    /// Starts a broker like [`start_broker_with`], on a runtime of its own.
-    pub fn start_with(configure: impl FnOnce(&mut Config)) -> BlockingBroker {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("testkit: cannot build a tokio runtime");
-        let broker = runtime.block_on(start_broker_with(configure));
-        BlockingBroker {
-            runtime,
-            broker: Some(broker),
-        }
-    }
-
-    pub fn start() -> BlockingBroker {
-        Self::start_with(|_| {})
-    }
-
-    pub fn broker(&self) -> &TestBroker {
-        self.broker
-            .as_ref()
-            .expect("testkit: the broker is running until drop")
-    }
-
-    /// Runs a future (an AMQP, MQTT or STOMP client) on the broker's runtime.
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.runtime.block_on(f)
-    }
-}
-
-impl Drop for BlockingBroker {
-    fn drop(&mut self) {
-        if let Some(broker) = self.broker.take() {
-            self.runtime.block_on(broker.stop());
-        }
     }
 }

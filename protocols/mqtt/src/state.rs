@@ -33,6 +33,8 @@ use switchyard_core::{Broker, CoreError, CoreResult, ErrorKind, FieldTable, Mess
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod view;
+
 use crate::codec::{Publish, SubOptions};
 use crate::mapping;
 use crate::persist::{self, SessionRecord};

@@ -34,10 +34,15 @@ use super::{
 };
 use crate::Management;
 
+/// Largest definitions file accepted (axum's default body limit is 2 MB; a
+/// cluster with thousands of queues exports more than that).
+const MAX_DEFINITIONS_BYTES: usize = 256 * 1024 * 1024;
+
 pub(super) fn routes() -> Router<Management> {
     Router::new()
         .route("/definitions", get(export_all).post(import_all))
         .route("/definitions/{vhost}", get(export_vhost).post(import_vhost))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_DEFINITIONS_BYTES))
 }
 
 // ---- export ----
@@ -493,6 +498,11 @@ fn import(m: &Management, doc: &Map<String, Value>, only: Option<&str>) -> ApiRe
         }
         for g in entries(doc, "global_parameters")? {
             let name = field_str(g, "name")?.unwrap_or_default();
+            // RabbitMQ's own bookkeeping (`internal_cluster_id`) and the cluster
+            // name belong to the cluster that exported them.
+            if name.starts_with("internal") || name == "cluster_name" {
+                continue;
+            }
             report.skipped.push(format!(
                 "global parameter '{name}': global parameters are not settable in Switchyard"
             ));
@@ -511,6 +521,16 @@ fn import(m: &Management, doc: &Map<String, Value>, only: Option<&str>) -> ApiRe
         let component = field_str(p, "component")?.unwrap_or_default();
         let name = field_str(p, "name")?.unwrap_or_default();
         let vhost = only.or(field_str(p, "vhost")?).unwrap_or_default();
+        if component == "vhost-limits" {
+            // RabbitMQ 3.x exports a vhost's limits as this runtime parameter.
+            let limits = match p.get("value") {
+                Some(Value::Object(l)) => l.clone(),
+                _ => Map::new(),
+            };
+            import_vhost_limits(m, vhost, &limits)
+                .map_err(about(format!("limits of vhost '{vhost}'")))?;
+            continue;
+        }
         report.skipped.push(format!(
             "parameter '{name}' in vhost '{vhost}': {}",
             super::parameters::unsupported_reason(component)

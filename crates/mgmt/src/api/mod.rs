@@ -18,6 +18,7 @@ mod definitions;
 mod exchanges;
 mod health;
 mod limits;
+mod mqtt;
 mod overview;
 mod parameters;
 mod permissions;
@@ -62,6 +63,7 @@ pub fn router(state: Management) -> axum::Router {
         .merge(parameters::routes())
         .merge(definitions::routes())
         .merge(connections::routes())
+        .merge(mqtt::routes())
         .fallback(|| async { ApiError::not_found() });
     axum::Router::new().nest("/api", api).with_state(state)
 }

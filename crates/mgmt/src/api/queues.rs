@@ -241,7 +241,11 @@ enum AckMode {
 }
 
 /// A message body for JSON: as text when `auto` allows and it is UTF-8, else base64.
-fn payload_json(body: &[u8], auto: bool, truncate: Option<usize>) -> (Value, &'static str) {
+pub(crate) fn payload_json(
+    body: &[u8],
+    auto: bool,
+    truncate: Option<usize>,
+) -> (Value, &'static str) {
     let body = match truncate {
         Some(n) => body.get(..n).unwrap_or(body),
         None => body,
