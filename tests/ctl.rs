@@ -578,3 +578,43 @@ async fn users_vhosts_permissions_policies_and_definitions() {
     let vhosts = ok(&b, &["--json", "list", "vhosts"]).await.json();
     assert!(find(&vhosts, "staging").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_close_connections() {
+    use amqprs::connection::{Connection, OpenConnectionArguments};
+    let b = start_broker().await;
+    let addr = b.amqp_addr();
+    let conn = Connection::open(&OpenConnectionArguments::new(
+        &addr.ip().to_string(),
+        addr.port(),
+        "guest",
+        "guest",
+    ))
+    .await
+    .unwrap();
+    let _ch = conn.open_channel(None).await.unwrap();
+
+    let list = ok(&b, &["--json", "list", "connections"]).await.json();
+    let rows = list.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{list}");
+    assert_eq!(rows[0]["protocol"], "AMQP 0-9-1");
+    let name = rows[0]["name"].as_str().unwrap().to_owned();
+    let table = ok(&b, &["list", "connections"]).await.stdout;
+    assert!(table.contains("AMQP 0-9-1"), "{table}");
+    let channels = ok(&b, &["--json", "list", "channels"]).await.json();
+    assert_eq!(channels.as_array().unwrap().len(), 1, "{channels}");
+
+    let closed = ok(&b, &["close", "connection", "--name", &name]).await;
+    assert_eq!(closed.stdout, format!("closed connection {name}\n"));
+    // The client learns it was closed (the close is asynchronous: wait for it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while conn.is_open() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection is still open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let again = ctl(&b, &["close", "connection", "--name", &name]).await;
+    assert_eq!(again.code, 66, "{}", again.stderr);
+}

@@ -225,10 +225,15 @@ test('the management UI: login, queues, live rates, publish, users, policies', a
     await page.locator('#connections-list tr[data-protocol="AMQP 0-9-1"]').first().waitFor({ timeout: WAIT });
     await page.locator('#connections-list tr[data-protocol^="MQTT"]').first().waitFor({ timeout: WAIT });
     await shot(page, '02-connections');
-    // Close the MQTT connection from the UI: the client sees it closed.
-    const closed = new Promise((resolve) => sub.once('close', resolve));
-    await page.locator('#connections-list tr[data-protocol^="MQTT"] button', { hasText: 'Close' }).first().click();
+    // Close this MQTT connection (named by its client port) from the UI: the client sees it closed.
+    const closed = new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('the MQTT client was not disconnected')), WAIT);
+      sub.once('close', () => { clearTimeout(timer); resolve(); });
+    });
+    const row = page.locator(`#connections-list tr[data-name^="127.0.0.1:${sub.stream.localPort} "]`);
+    await row.locator('button', { hasText: 'Close' }).click();
     await closed;
+    await row.waitFor({ state: 'detached', timeout: WAIT });
     await page.goto(`${base}/#/channels`);
     await page.locator('#channels-list table').waitFor({ timeout: WAIT });
     await shot(page, '02-channels');
