@@ -570,9 +570,7 @@ async fn runtime_changes_survive_kill_9_of_the_broker() {
     use switchyard_testkit::child::{write_config, ChildBroker};
     let data = tempfile::tempdir().unwrap();
     let dir = data.path();
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
-    let config = write_config(dir, &shipped);
+    let config = write_config(dir);
 
     // The child: this test binary, running only the child "test".
     let ready = dir.join("child-ready.json");

@@ -1,5 +1,5 @@
 //! A broker in a child process, for crash tests: a config file written from the
-//! shipped `config.toml` (AMQP only, on a free port, in a given data
+//! shipped `config.toml` (every listener on a free port, in a given data
 //! directory), the process started with `--ready-file`, its AMQP address read
 //! from that file, and `kill -9`.
 
@@ -10,22 +10,11 @@ use std::time::{Duration, Instant};
 /// How long a child broker may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Writes `dir/config.toml`: the shipped `config_toml` text with `data_dir` in
-/// `dir/data`, AMQP on 127.0.0.1 port 0 and no other listener.
-pub fn write_config(dir: &Path, config_toml: &str) -> PathBuf {
-    let mut text = String::new();
-    for line in config_toml.lines() {
-        if line.starts_with("data_dir") {
-            text.push_str(&format!("data_dir = {:?}\n", dir.join("data")));
-        } else if line.starts_with("amqp =") {
-            text.push_str("amqp = \"127.0.0.1:0\"\n");
-        } else if line.starts_with("mqtt") || line.starts_with("stomp") {
-            continue;
-        } else {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
+/// Writes `dir/config.toml`: the shipped config with `data_dir` in `dir/data`
+/// and every listener on 127.0.0.1 port 0 ([`crate::child_config_toml`]), so
+/// the child never needs a default port another process may hold.
+pub fn write_config(dir: &Path) -> PathBuf {
+    let text = crate::child_config_toml(&dir.join("data"), &[]);
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("testkit: cannot write config: {e}"));
     path
