@@ -11,6 +11,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+mod ctl;
 use switchyard_server::Config;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
@@ -35,14 +37,34 @@ struct Cli {
 enum Command {
     /// Print a RabbitMQ-format password hash (random salt) for config.toml.
     HashPassword { password: String },
+    /// Administer a running broker over its HTTP management API (like rabbitmqadmin).
+    Ctl(Box<ctl::CtlArgs>),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(Command::HashPassword { password }) = &cli.command {
-        let salt = switchyard_core::auth::random_salt();
-        println!("{}", switchyard_core::auth::hash_password(password, salt));
-        return ExitCode::SUCCESS;
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `switchyard ctl` promises scripts exit code 64 for bad usage (sysexits);
+            // the broker itself keeps clap's usual 2.
+            let is_ctl = std::env::args().nth(1).as_deref() == Some("ctl");
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return match (usage, is_ctl) {
+                (false, _) => ExitCode::SUCCESS,
+                (true, true) => ExitCode::from(ctl::exit::USAGE),
+                (true, false) => ExitCode::from(2),
+            };
+        }
+    };
+    match cli.command {
+        Some(Command::HashPassword { password }) => {
+            let salt = switchyard_core::auth::random_salt();
+            println!("{}", switchyard_core::auth::hash_password(&password, salt));
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Ctl(args)) => return ExitCode::from(ctl::run(*args)),
+        None => {}
     }
 
     tracing_subscriber::fmt()

@@ -406,3 +406,95 @@ async fn silent_peer_is_dropped_after_two_missed_heartbeats() {
         "the broker sent heartbeats before giving up"
     );
 }
+
+/// lapin 2.x, still what many Rust services run: its close paths must end in Ok,
+/// as they do against RabbitMQ (issue 12: `conn.close` without closing the channel
+/// first used to end in `IOError(Kind(ConnectionAborted))`).
+mod lapin2_client {
+    use super::*;
+    use lapin2::options::{BasicPublishOptions, QueueDeclareOptions};
+    use lapin2::types::FieldTable;
+    use lapin2::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+    /// Connects, declares a queue and publishes one message, as the program in the
+    /// issue does.
+    async fn connect_and_publish(url: &str, queue: &str) -> (Connection, Channel) {
+        let conn = timeout(
+            WAIT,
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(queue, QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        ch.basic_publish(
+            "",
+            queue,
+            BasicPublishOptions::default(),
+            b"hello",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+        (conn, ch)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lapin2_connection_close_with_an_open_channel_is_ok() {
+        let broker = start_broker().await;
+        let (conn, _ch) = connect_and_publish(&broker.amqp_url(), "lapin2-a").await;
+        let closed = timeout(WAIT, conn.close(0, "")).await.unwrap();
+        assert!(closed.is_ok(), "conn.close: {closed:?}");
+        // The message was published before the close.
+        let q = broker
+            .broker()
+            .vhost("/")
+            .unwrap()
+            .queue("lapin2-a")
+            .unwrap();
+        assert_eq!(q.message_count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lapin2_channel_close_then_connection_close_is_ok() {
+        let broker = start_broker().await;
+        let (conn, ch) = connect_and_publish(&broker.amqp_url(), "lapin2-b").await;
+        let closed = timeout(WAIT, ch.close(200, "bye")).await.unwrap();
+        assert!(closed.is_ok(), "channel.close: {closed:?}");
+        let closed = timeout(WAIT, conn.close(200, "bye")).await.unwrap();
+        assert!(closed.is_ok(), "conn.close: {closed:?}");
+    }
+
+    /// A close the broker starts (here 540 for `immediate`) reaches lapin 2 as the
+    /// broker's reply, not as a broken socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lapin2_sees_the_brokers_connection_close() {
+        let broker = start_broker().await;
+        let (conn, ch) = connect_and_publish(&broker.amqp_url(), "lapin2-c").await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        conn.on_error(move |e| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(e);
+            }
+        });
+        let _ = ch
+            .basic_publish(
+                "",
+                "lapin2-c",
+                BasicPublishOptions {
+                    immediate: true,
+                    ..Default::default()
+                },
+                b"now",
+                BasicProperties::default(),
+            )
+            .await;
+        let err = timeout(WAIT, rx).await.unwrap().unwrap();
+        let text = format!("{err:?}");
+        assert!(text.contains("NOT_IMPLEMENTED - immediate=true"), "{text}");
+    }
+}

@@ -303,7 +303,7 @@ async fn ended_and_expired_sessions_do_not_come_back() {
     assert!(b.stop().await);
 }
 
-/// The broker binary as a child process with only an MQTT listener.
+/// The broker binary as a child process (every listener on a free port).
 struct ChildBroker {
     child: Child,
     mqtt: SocketAddr,
@@ -311,24 +311,7 @@ struct ChildBroker {
 
 fn start_child(data: &Path, run: usize) -> ChildBroker {
     let config = data.join("config.toml");
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
-    let mut text = String::new();
-    for line in shipped.lines() {
-        if line.starts_with("data_dir") {
-            text.push_str(&format!("data_dir = {:?}\n", data.join("data")));
-        } else if line.starts_with("mqtt =") {
-            text.push_str("mqtt = \"127.0.0.1:0\"\n");
-        } else if line.starts_with("amqp =")
-            || line.starts_with("mqtt_ws =")
-            || line.starts_with("stomp")
-        {
-            continue;
-        } else {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
+    let text = switchyard_testkit::child_config_toml(&data.join("data"), &[]);
     std::fs::write(&config, text).unwrap();
     let ready = data.join(format!("ready-{run}.json"));
     let log = std::fs::File::create(data.join(format!("broker-{run}.log"))).unwrap();

@@ -191,31 +191,12 @@ fn start_child(data: &Path, run: usize) -> ChildBroker {
     start_child_with(data, run, &[])
 }
 
-/// Like `start_child`, replacing the shipped config's `key = ...` lines named in
-/// `overrides` (key, value).
+/// Like `start_child`, with the shipped config's keys named in `overrides`
+/// (key, value) replaced.
 fn start_child_with(data: &Path, run: usize, overrides: &[(&str, &str)]) -> ChildBroker {
     let config = data.join("config.toml");
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
-    let mut text = String::new();
-    for line in shipped.lines() {
-        // Only AMQP, on a free port; the data directory of this test.
-        if line.starts_with("data_dir") {
-            text.push_str(&format!("data_dir = {:?}\n", data.join("data")));
-        } else if line.starts_with("amqp =") {
-            text.push_str("amqp = \"127.0.0.1:0\"\n");
-        } else if line.starts_with("mqtt") || line.starts_with("stomp") {
-            continue;
-        } else if let Some((key, value)) = overrides
-            .iter()
-            .find(|(k, _)| line.starts_with(&format!("{k} =")))
-        {
-            text.push_str(&format!("{key} = {value}\n"));
-        } else {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
+    // Every listener on a free port; the data directory of this test.
+    let text = switchyard_testkit::child_config_toml(&data.join("data"), overrides);
     std::fs::write(&config, text).unwrap();
     let ready = data.join(format!("ready-{run}.json"));
     let log = std::fs::File::create(data.join(format!("broker-{run}.log"))).unwrap();

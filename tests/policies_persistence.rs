@@ -166,7 +166,7 @@ async fn a_queue_ttl_keeps_counting_from_arrival_across_a_restart() {
 
     let broker = start_broker_with(|c| c.data_dir = dir.clone()).await;
     let q = broker.broker().vhost("/").unwrap().queue("ttl").unwrap();
-    assert_eq!(q.settings.message_ttl, Some(4000));
+    assert_eq!(q.settings().message_ttl, Some(4000));
     // Still there (a restart takes far less than the 4 s TTL), expiring when it
     // was going to before the restart.
     assert_eq!(q.message_count(), 1);
@@ -203,8 +203,9 @@ async fn a_config_policy_applies_to_recovered_queues() {
                 .unwrap()
                 .queue("pol.orders")
                 .unwrap()
-                .settings
-                .policy,
+                .settings()
+                .policy
+                .clone(),
             None
         );
     }
@@ -231,7 +232,7 @@ async fn a_config_policy_applies_to_recovered_queues() {
         .unwrap()
         .queue("pol.orders")
         .unwrap();
-    assert_eq!(q.settings.policy.as_deref(), Some("short"));
+    assert_eq!(q.settings().policy.as_deref(), Some("short"));
     let (_conn, ch) = channel(&broker).await;
     let d = next_message(&ch, "pol.dlq").await;
     assert_eq!(d.data, b"old");

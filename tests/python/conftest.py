@@ -234,3 +234,34 @@ def names(broker):
             pass
 
 
+
+
+class Management:
+    """A managed broker with its HTTP management listener: ``api`` is
+    ``http://host:port/api``; ``broker`` is the AMQP side (a :class:`Broker`)."""
+
+    def __init__(self, proc: BrokerProcess, broker: Broker):
+        self.proc = proc
+        self.broker = broker
+        self.host, _, port = proc.ready["management"].rpartition(":")
+        self.port = int(port)
+        self.api = f"http://{self.host}:{self.port}/api"
+
+
+@pytest.fixture
+def mgmt(request, tmp_path):
+    """A fresh broker with the management API on port 0 (managed mode only: the
+    tests create users and vhosts over HTTP)."""
+    if EXTERNAL_URL:
+        pytest.skip("management tests start their own broker")
+    workdir = tmp_path / "mgmt"
+    (workdir / "data").mkdir(parents=True)
+    proc = BrokerProcess(workdir, render_config(workdir / "data", listeners=["management"]))
+    _attach_logs(request, proc)
+    try:
+        host, port = proc.start()
+        m = Management(proc, Broker(host, port, log_path=proc.log_path))
+        yield m
+        m.broker.close_all()
+    finally:
+        proc.stop()

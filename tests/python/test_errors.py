@@ -135,6 +135,22 @@ def test_prefetch_size_not_implemented_540(broker):
     assert_closed(ei.value, 540, "NOT_IMPLEMENTED - prefetch_size!=0 (1)", kind="connection")
 
 
+def test_publish_immediate_not_implemented_540(broker, names):
+    # pika's basic_publish has no `immediate`; older clients and ports of them send it.
+    conn = broker.connect()
+    ch = conn.channel()
+    q = names("q")
+    ch.queue_declare(q)
+    conn._impl._send_message(
+        ch.channel_number,
+        pika.spec.Basic.Publish(exchange="", routing_key=q, immediate=True),
+        (pika.BasicProperties(), b"m"))
+    _expect_connection_close(conn, 540, "NOT_IMPLEMENTED - immediate=true")
+    # Nothing was routed.
+    check = broker.connect().channel()
+    assert check.queue_declare(q, passive=True).method.message_count == 0
+
+
 @pytest.mark.parametrize("args,detail", [
     ({"x-max-length": "ten"}, '"expected integer, got longstr"'),
     ({"x-max-length": -1}, "{value_negative,-1}"),

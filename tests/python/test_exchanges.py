@@ -403,14 +403,21 @@ def test_exchange_delete_removes_bindings_and_missing_is_ok(broker, names):
     assert get_all(ch, q) == []
 
 
-def test_unknown_exchange_type_closes_connection(broker, names):
+def test_unknown_exchange_type_closes_the_channel_only(broker, names):
+    # RabbitMQ 4 (rabbitmq-server#11214): 406 on the channel; 3.x closed the connection with 503.
     conn = broker.connect()
     ch = conn.channel()
+    other = conn.channel()
     x = names("x")
-    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as ei:
-        ch.exchange_declare(x, exchange_type="no-such-type")
-    assert_closed(ei.value, 503, "COMMAND_INVALID - unknown exchange type 'no-such-type'",
-                  kind="connection")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+        ch.exchange_declare(x, exchange_type="ZZwwInvalid")
+    assert_closed(ei.value, 406, "PRECONDITION_FAILED - unknown exchange type 'ZZwwInvalid'")
+    # The connection and its other channels go on, and nothing was declared.
+    assert conn.is_open and other.is_open
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+        other.exchange_declare(x, passive=True)
+    assert_closed(ei.value, 404, f"NOT_FOUND - no exchange '{x}' in vhost '{broker.vhost}'")
+    conn.channel().exchange_declare(x, "fanout")
 
 
 def test_publish_to_missing_exchange(broker, names):

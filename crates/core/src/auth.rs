@@ -7,13 +7,16 @@
 //! names: `configure` (declare, delete), `write` (publish to an exchange, bind to a
 //! queue) and `read` (consume from a queue, bind from an exchange).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine;
+use parking_lot::RwLock;
 use regex::Regex;
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 
+use crate::admin::{PermissionInfo, TopicPermissionInfo, UserInfo};
 use crate::error::{CoreError, CoreResult};
 
 /// What a permission check is for.
@@ -40,23 +43,103 @@ impl Resource {
     }
 }
 
+/// How a user's password hash was made (RabbitMQ's `hashing_algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAlgorithm {
+    Sha256,
+    Sha512,
+}
+
+impl HashAlgorithm {
+    /// RabbitMQ's module name for it; an empty name is SHA-256 (its default).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "" | crate::admin::SHA256 => Some(HashAlgorithm::Sha256),
+            crate::admin::SHA512 => Some(HashAlgorithm::Sha512),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgorithm::Sha256 => crate::admin::SHA256,
+            HashAlgorithm::Sha512 => crate::admin::SHA512,
+        }
+    }
+
+    fn digest_len(self) -> usize {
+        match self {
+            HashAlgorithm::Sha256 => 32,
+            HashAlgorithm::Sha512 => 64,
+        }
+    }
+
+    fn digest(self, salt: &[u8], password: &[u8]) -> Vec<u8> {
+        match self {
+            HashAlgorithm::Sha256 => Sha256::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+            HashAlgorithm::Sha512 => Sha512::new()
+                .chain_update(salt)
+                .chain_update(password)
+                .finalize()
+                .to_vec(),
+        }
+    }
+}
+
 /// A user's stored credentials.
 #[derive(Debug, Clone)]
 pub struct User {
     pub name: String,
-    /// `salt ++ sha256(salt ++ password)`, decoded from base64.
+    /// `salt ++ H(salt ++ password)`, decoded from base64; empty: no password
+    /// login (RabbitMQ's `password_hash: ""`).
     hash: Vec<u8>,
+    pub algorithm: HashAlgorithm,
     pub tags: Vec<String>,
     /// May log in only from a loopback address (RabbitMQ's rule for `guest`).
     pub loopback_only: bool,
 }
 
+impl User {
+    /// The hash as RabbitMQ exports it (base64).
+    pub fn password_hash(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.hash)
+    }
+}
+
+/// One compiled pattern with its source text (for listing).
+#[derive(Debug, Clone)]
+struct Pattern {
+    source: String,
+    regex: Option<Regex>,
+}
+
+impl Pattern {
+    fn new(source: &str) -> Result<Self, regex::Error> {
+        Ok(Pattern {
+            source: source.to_owned(),
+            regex: compile_pattern(source)?,
+        })
+    }
+}
+
 /// A user's rights in one vhost.
 #[derive(Debug, Clone)]
 pub struct Permission {
-    configure: Option<Regex>,
-    write: Option<Regex>,
-    read: Option<Regex>,
+    configure: Pattern,
+    write: Pattern,
+    read: Pattern,
+}
+
+/// A user's rights on one topic exchange of a vhost (RabbitMQ's topic
+/// permissions: regexes over routing keys).
+#[derive(Debug, Clone)]
+struct TopicPermission {
+    write: Pattern,
+    read: Pattern,
 }
 
 /// Why a login failed. The text is safe to log: it never holds the password.
@@ -68,23 +151,31 @@ pub enum LoginError {
     NotLoopback(String),
 }
 
-/// The broker's user database.
 #[derive(Debug, Default)]
-pub struct Auth {
+struct AuthState {
     users: HashMap<String, User>,
     /// (user, vhost) -> permission
     permissions: HashMap<(String, String), Permission>,
+    /// (user, vhost, exchange) -> topic permission
+    topic_permissions: BTreeMap<(String, String, String), TopicPermission>,
+    /// Users that may log in only from loopback (the node's `loopback_users`).
+    loopback_users: HashSet<String>,
+}
+
+/// The broker's user database. Changes come only through
+/// [`crate::Broker::apply`] at runtime (and the builder methods at start); every
+/// change of rights bumps [`Auth::generation`], which sessions compare to drop
+/// the permission results they cached.
+#[derive(Debug, Default)]
+pub struct Auth {
+    state: RwLock<AuthState>,
+    generation: AtomicU64,
 }
 
 /// RabbitMQ's password hash of `password` with `salt`, base64-encoded.
 pub fn hash_password(password: &str, salt: [u8; 4]) -> String {
     let mut bytes = salt.to_vec();
-    bytes.extend_from_slice(
-        &Sha256::new()
-            .chain_update(salt)
-            .chain_update(password.as_bytes())
-            .finalize(),
-    );
+    bytes.extend_from_slice(&HashAlgorithm::Sha256.digest(&salt, password.as_bytes()));
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
@@ -103,12 +194,44 @@ fn compile_pattern(pattern: &str) -> Result<Option<Regex>, regex::Error> {
     }
 }
 
+/// Decodes and checks a base64 password hash.
+pub(crate) fn decode_hash(
+    name: &str,
+    password_hash: &str,
+    algorithm: HashAlgorithm,
+) -> Result<Vec<u8>, String> {
+    let hash = base64::engine::general_purpose::STANDARD
+        .decode(password_hash.trim())
+        .map_err(|e| format!("password_hash of user '{name}' is not base64: {e}"))?;
+    let want = 4 + algorithm.digest_len();
+    if !hash.is_empty() && hash.len() != want {
+        return Err(format!(
+            "password_hash of user '{name}' must be base64 of a 4-byte salt and a {} digest ({want} bytes), got {} bytes",
+            match algorithm {
+                HashAlgorithm::Sha256 => "SHA-256",
+                HashAlgorithm::Sha512 => "SHA-512",
+            },
+            hash.len()
+        ));
+    }
+    Ok(hash)
+}
+
 impl Auth {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Adds or replaces a user from its base64 password hash.
+    /// Bumped on every change of users or rights.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Adds or replaces a user from its base64 (SHA-256) password hash.
     pub fn add_user(
         &mut self,
         name: &str,
@@ -116,20 +239,20 @@ impl Auth {
         tags: Vec<String>,
         loopback_only: bool,
     ) -> Result<(), String> {
-        let hash = base64::engine::general_purpose::STANDARD
-            .decode(password_hash.trim())
-            .map_err(|e| format!("password_hash of user '{name}' is not base64: {e}"))?;
-        if hash.len() != 4 + 32 {
-            return Err(format!(
-                "password_hash of user '{name}' must be base64 of a 4-byte salt and a SHA-256 digest (36 bytes), got {} bytes",
-                hash.len()
-            ));
+        let hash = decode_hash(name, password_hash, HashAlgorithm::Sha256)?;
+        if hash.is_empty() {
+            return Err(format!("password_hash of user '{name}' is empty"));
         }
-        self.users.insert(
+        let state = self.state.get_mut();
+        if loopback_only {
+            state.loopback_users.insert(name.to_owned());
+        }
+        state.users.insert(
             name.to_owned(),
             User {
                 name: name.to_owned(),
                 hash,
+                algorithm: HashAlgorithm::Sha256,
                 tags,
                 loopback_only,
             },
@@ -146,8 +269,90 @@ impl Auth {
         write: &str,
         read: &str,
     ) -> Result<(), String> {
-        let compile = |what: &str, p: &str| {
+        self.put_permissions(user, vhost, configure, write, read)
+    }
+
+    /// Marks users that may log in only from a loopback address (RabbitMQ's
+    /// `loopback_users`, `guest` by default): a node setting, not metadata.
+    pub fn set_loopback_users(&self, users: impl IntoIterator<Item = String>) {
+        let mut st = self.state.write();
+        st.loopback_users = users.into_iter().collect();
+        let loopback = st.loopback_users.clone();
+        for u in st.users.values_mut() {
+            u.loopback_only = loopback.contains(&u.name);
+        }
+    }
+
+    /// Validates permission patterns without storing them.
+    pub(crate) fn validate_permissions(
+        user: &str,
+        vhost: &str,
+        patterns: &[(&str, &str)],
+    ) -> Result<(), String> {
+        for (what, p) in patterns {
             compile_pattern(p).map_err(|e| {
+                format!(
+                    "{what} pattern of user '{user}' in vhost '{vhost}' is not a valid regex: {e}"
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    // ---- runtime changes (called by Broker::apply once the store has them) ----
+
+    pub(crate) fn put_user(
+        &self,
+        name: &str,
+        hash: Vec<u8>,
+        algorithm: HashAlgorithm,
+        tags: Vec<String>,
+    ) {
+        let mut st = self.state.write();
+        let loopback_only = st.loopback_users.contains(name);
+        st.users.insert(
+            name.to_owned(),
+            User {
+                name: name.to_owned(),
+                hash,
+                algorithm,
+                tags,
+                loopback_only,
+            },
+        );
+        drop(st);
+        self.changed();
+    }
+
+    /// Removes a user with its permissions and topic permissions.
+    pub(crate) fn delete_user(&self, name: &str) {
+        let mut st = self.state.write();
+        st.users.remove(name);
+        st.permissions.retain(|(u, _), _| u != name);
+        st.topic_permissions.retain(|(u, _, _), _| u != name);
+        drop(st);
+        self.changed();
+    }
+
+    /// Removes every permission naming `vhost`.
+    pub(crate) fn delete_vhost(&self, vhost: &str) {
+        let mut st = self.state.write();
+        st.permissions.retain(|(_, v), _| v != vhost);
+        st.topic_permissions.retain(|(_, v, _), _| v != vhost);
+        drop(st);
+        self.changed();
+    }
+
+    pub(crate) fn put_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        configure: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), String> {
+        let compile = |what: &str, p: &str| {
+            Pattern::new(p).map_err(|e| {
                 format!(
                     "{what} pattern of user '{user}' in vhost '{vhost}' is not a valid regex: {e}"
                 )
@@ -158,13 +363,134 @@ impl Auth {
             write: compile("write", write)?,
             read: compile("read", read)?,
         };
-        self.permissions
+        self.state
+            .write()
+            .permissions
             .insert((user.to_owned(), vhost.to_owned()), perm);
+        self.changed();
         Ok(())
     }
 
-    pub fn user(&self, name: &str) -> Option<&User> {
-        self.users.get(name)
+    pub(crate) fn clear_permissions(&self, user: &str, vhost: &str) {
+        self.state
+            .write()
+            .permissions
+            .remove(&(user.to_owned(), vhost.to_owned()));
+        self.changed();
+    }
+
+    pub(crate) fn put_topic_permissions(
+        &self,
+        user: &str,
+        vhost: &str,
+        exchange: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), String> {
+        let compile = |what: &str, p: &str| {
+            Pattern::new(p).map_err(|e| {
+                format!(
+                    "topic {what} pattern of user '{user}' in vhost '{vhost}' is not a valid regex: {e}"
+                )
+            })
+        };
+        let perm = TopicPermission {
+            write: compile("write", write)?,
+            read: compile("read", read)?,
+        };
+        self.state.write().topic_permissions.insert(
+            (user.to_owned(), vhost.to_owned(), exchange.to_owned()),
+            perm,
+        );
+        self.changed();
+        Ok(())
+    }
+
+    pub(crate) fn clear_topic_permissions(&self, user: &str, vhost: &str, exchange: Option<&str>) {
+        self.state
+            .write()
+            .topic_permissions
+            .retain(|(u, v, x), _| !(u == user && v == vhost && exchange.is_none_or(|e| e == x)));
+        self.changed();
+    }
+
+    // ---- reads ----
+
+    /// A copy of a user's record.
+    pub fn user(&self, name: &str) -> Option<User> {
+        self.state.read().users.get(name).cloned()
+    }
+
+    pub fn has_user(&self, name: &str) -> bool {
+        self.state.read().users.contains_key(name)
+    }
+
+    pub fn has_permissions(&self, user: &str, vhost: &str) -> bool {
+        self.state
+            .read()
+            .permissions
+            .contains_key(&(user.to_owned(), vhost.to_owned()))
+    }
+
+    pub fn has_topic_permissions(&self, user: &str, vhost: &str, exchange: Option<&str>) -> bool {
+        self.state
+            .read()
+            .topic_permissions
+            .keys()
+            .any(|(u, v, x)| u == user && v == vhost && exchange.is_none_or(|e| e == x))
+    }
+
+    /// Every user, by name.
+    pub fn users(&self) -> Vec<UserInfo> {
+        let mut out: Vec<UserInfo> = self
+            .state
+            .read()
+            .users
+            .values()
+            .map(|u| UserInfo {
+                name: u.name.clone(),
+                password_hash: u.password_hash(),
+                hashing_algorithm: u.algorithm.name().to_owned(),
+                tags: u.tags.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every permission, by vhost then user.
+    pub fn permissions(&self) -> Vec<PermissionInfo> {
+        let mut out: Vec<PermissionInfo> = self
+            .state
+            .read()
+            .permissions
+            .iter()
+            .map(|((user, vhost), p)| PermissionInfo {
+                user: user.clone(),
+                vhost: vhost.clone(),
+                configure: p.configure.source.clone(),
+                write: p.write.source.clone(),
+                read: p.read.source.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.vhost, &a.user).cmp(&(&b.vhost, &b.user)));
+        out
+    }
+
+    /// Every topic permission, by user, vhost, exchange.
+    pub fn topic_permissions(&self) -> Vec<TopicPermissionInfo> {
+        self.state
+            .read()
+            .topic_permissions
+            .iter()
+            .map(|((user, vhost, exchange), p)| TopicPermissionInfo {
+                user: user.clone(),
+                vhost: vhost.clone(),
+                exchange: exchange.clone(),
+                write: p.write.source.clone(),
+                read: p.read.source.clone(),
+            })
+            .collect()
     }
 
     /// Checks a username and password, and where the client connects from.
@@ -173,14 +499,16 @@ impl Auth {
         username: &str,
         password: &[u8],
         peer: Option<IpAddr>,
-    ) -> Result<&User, LoginError> {
+    ) -> Result<User, LoginError> {
         let bad = || LoginError::BadCredentials(username.to_owned());
-        let user = self.users.get(username).ok_or_else(bad)?;
+        let st = self.state.read();
+        let user = st.users.get(username).ok_or_else(bad)?;
+        if user.hash.len() < 4 {
+            // No password set: password logins are refused (RabbitMQ's rule).
+            return Err(bad());
+        }
         let (salt, digest) = user.hash.split_at(4);
-        let computed = Sha256::new()
-            .chain_update(salt)
-            .chain_update(password)
-            .finalize();
+        let computed = user.algorithm.digest(salt, password);
         // Constant-time compare: the time taken must not tell how much matched.
         let diff = computed
             .iter()
@@ -194,15 +522,12 @@ impl Auth {
         {
             return Err(LoginError::NotLoopback(username.to_owned()));
         }
-        Ok(user)
+        Ok(user.clone())
     }
 
     /// Whether `user` may use `vhost` at all.
     pub fn check_vhost(&self, user: &str, vhost: &str) -> CoreResult<()> {
-        if self
-            .permissions
-            .contains_key(&(user.to_owned(), vhost.to_owned()))
-        {
+        if self.has_permissions(user, vhost) {
             Ok(())
         } else {
             Err(CoreError::not_allowed(format!(
@@ -220,11 +545,12 @@ impl Auth {
         resource: Resource,
         name: &str,
     ) -> CoreResult<()> {
-        let perm = self.permissions.get(&(user.to_owned(), vhost.to_owned()));
+        let st = self.state.read();
+        let perm = st.permissions.get(&(user.to_owned(), vhost.to_owned()));
         let pattern = perm.and_then(|p| match access {
-            Access::Configure => p.configure.as_ref(),
-            Access::Write => p.write.as_ref(),
-            Access::Read => p.read.as_ref(),
+            Access::Configure => p.configure.regex.as_ref(),
+            Access::Write => p.write.regex.as_ref(),
+            Access::Read => p.read.regex.as_ref(),
         });
         if pattern.is_some_and(|re| re.is_match(name)) {
             Ok(())

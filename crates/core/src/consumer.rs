@@ -164,6 +164,13 @@ impl Outbox {
         self.starved.swap(false, Ordering::AcqRel)
     }
 
+    /// Wakes the connection task as a push would, with nothing to deliver: it
+    /// then drains the outbox and looks at its other signals (a close request
+    /// from the connection registry).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
     /// Resolves when something was pushed since the last drain.
     pub async fn wait(&self) {
         self.notify.notified().await;

@@ -36,10 +36,10 @@ impl DeathReason {
 }
 
 /// Where a queue dead-letters to: its arguments merged with its policy.
-pub fn target(queue: &Queue) -> Option<(&str, Option<&str>)> {
-    let s = &queue.settings;
-    let exchange = s.dead_letter_exchange.as_deref()?;
-    Some((exchange, s.dead_letter_routing_key.as_deref()))
+pub fn target(queue: &Queue) -> Option<(String, Option<String>)> {
+    let s = queue.settings();
+    let exchange = s.dead_letter_exchange.clone()?;
+    Some((exchange, s.dead_letter_routing_key.clone()))
 }
 
 /// RabbitMQ's `is_cycle` (rabbit_dead_letter): the dead-lettered `message`

@@ -13,6 +13,7 @@ use parking_lot::RwLock;
 
 use crate::field::{FieldTable, FieldValue};
 use crate::queue::Queue;
+use crate::stats::{self, Counters, History, MessageStats, Range, Stat};
 use crate::topic::TopicTrie;
 
 /// The four exchange types.
@@ -109,6 +110,9 @@ pub struct Exchange {
     pub kind: ExchangeKind,
     pub options: ExchangeOptions,
     bindings: RwLock<Bindings>,
+    /// `publish_in` / `publish_out`, bumped by routing (stats.rs).
+    pub stats: Counters,
+    pub history: History,
 }
 
 impl Exchange {
@@ -118,7 +122,25 @@ impl Exchange {
             kind,
             options,
             bindings: RwLock::new(Bindings::default()),
+            stats: Counters::default(),
+            history: History::default(),
         }
+    }
+
+    /// Counts one message published to this exchange that reached `queues`
+    /// queues (RabbitMQ's `publish_in`, and `publish_out` per queue reached).
+    #[inline]
+    pub fn count_routed(&self, queues: usize) {
+        self.stats.add(Stat::PublishIn, 1);
+        if queues > 0 {
+            self.stats.add(Stat::PublishOut, queues as u64);
+        }
+    }
+
+    /// RabbitMQ's `message_stats` of this exchange.
+    pub fn message_stats(&self, range: Option<Range>) -> MessageStats {
+        self.history
+            .message_stats(&self.stats.snapshot(), stats::EXCHANGE_KEYS, range)
     }
 
     /// The `alternate-exchange` argument: where messages this exchange cannot

@@ -6,8 +6,10 @@
 //! take deliveries from a [`consumer::Outbox`]. Everything here is synchronous and
 //! holds locks only briefly, so it can be called from any async task.
 
+pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod connections;
 pub mod consumer;
 pub mod deadletter;
 pub mod error;
@@ -18,6 +20,7 @@ pub mod message;
 pub mod persist;
 pub mod policy;
 pub mod queue;
+pub mod stats;
 pub mod timer;
 pub mod topic;
 pub mod vhost;

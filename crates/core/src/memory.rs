@@ -10,7 +10,7 @@
 //! the publish path. Disk is measured by the server (free space under `data_dir`)
 //! and reported here.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// What a message held in a queue costs besides its body: the `Message` with its
 /// properties and routing key, the `Arc`, the queue entry and, for small bodies,
@@ -38,6 +38,9 @@ pub struct MemoryMonitor {
     paging_threshold: usize,
     memory_alarm: AtomicBool,
     disk_alarm: AtomicBool,
+    /// Free disk space and its limit as last measured (0/0: never measured).
+    disk_free: AtomicU64,
+    disk_limit: AtomicU64,
     /// Either alarm is set; what publishers watch.
     alarm_tx: watch::Sender<bool>,
 }
@@ -51,6 +54,8 @@ impl MemoryMonitor {
             paging_threshold: high_watermark / 2,
             memory_alarm: AtomicBool::new(false),
             disk_alarm: AtomicBool::new(false),
+            disk_free: AtomicU64::new(0),
+            disk_limit: AtomicU64::new(0),
             alarm_tx,
         }
     }
@@ -120,8 +125,32 @@ impl MemoryMonitor {
         }
     }
 
+    /// The memory high watermark in bytes (0: no memory alarm).
+    pub fn high_watermark(&self) -> usize {
+        self.high_watermark
+    }
+
+    /// Whether the memory alarm is set.
+    pub fn memory_alarm(&self) -> bool {
+        self.memory_alarm.load(Ordering::Acquire)
+    }
+
+    /// Whether the disk alarm is set.
+    pub fn disk_alarm(&self) -> bool {
+        self.disk_alarm.load(Ordering::Acquire)
+    }
+
+    /// Free disk space and its limit as last measured; `None` when the disk
+    /// is not watched.
+    pub fn disk(&self) -> Option<(u64, u64)> {
+        let limit = self.disk_limit.load(Ordering::Relaxed);
+        (limit > 0).then(|| (self.disk_free.load(Ordering::Relaxed), limit))
+    }
+
     /// Sets or clears the disk alarm (free space under the limit).
     pub fn set_disk_alarm(&self, on: bool, free_bytes: u64, limit: u64) {
+        self.disk_free.store(free_bytes, Ordering::Relaxed);
+        self.disk_limit.store(limit, Ordering::Relaxed);
         if self.disk_alarm.swap(on, Ordering::AcqRel) != on {
             if on {
                 tracing::warn!(free_bytes, limit, "disk alarm set: blocking publishers");

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::admin::MetaWrite;
 use crate::exchange::{DestinationName, ExchangeOptions};
 use crate::field::FieldTable;
 use crate::message::Message;
@@ -112,9 +113,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// persistent sessions). `kind` names the adapter's table (`"mqtt.retained"`),
     /// `key` the record within it; the adapter owns the encoding of `value`.
     /// Synchronous like the other metadata calls: on disk when it returns.
+    /// Records that belong to a vhost are keyed `vhost \0 ...`: deleting the
+    /// vhost deletes them in the same transaction.
     fn save_record(&self, kind: &str, key: &str, value: &[u8]) -> io::Result<()>;
     /// Deletes an adapter record (no error if there is none).
     fn delete_record(&self, kind: &str, key: &str) -> io::Result<()>;
     /// Every record of `kind`, as (key, value), in key order: read once at start.
     fn records(&self, kind: &str) -> io::Result<Vec<(String, Vec<u8>)>>;
+
+    /// Commits the writes of one metadata command ([`crate::admin::MetaCommand`])
+    /// in one transaction: all of them are on disk when it returns, or none.
+    fn apply_meta(&self, writes: &[MetaWrite]) -> io::Result<()>;
 }

@@ -17,8 +17,10 @@
 //! (they change how a queue is built, so they can only be fixed at declaration):
 //! a policy naming them is refused, as `rabbitmqctl set_policy` refuses it.
 
+use parking_lot::RwLock;
 use regex::Regex;
 
+use crate::admin::PolicySpec;
 use crate::field::{FieldTable, FieldValue};
 
 /// What kinds of entity a policy applies to (RabbitMQ's `apply-to`).
@@ -30,6 +32,14 @@ pub enum ApplyTo {
 }
 
 impl ApplyTo {
+    pub fn name(self) -> &'static str {
+        match self {
+            ApplyTo::Queues => "queues",
+            ApplyTo::Exchanges => "exchanges",
+            ApplyTo::All => "all",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "queues" => Some(ApplyTo::Queues),
@@ -145,7 +155,20 @@ pub struct Policy {
     pub apply_to: ApplyTo,
     pub priority: i64,
     pub definition: PolicyDefinition,
+    /// The definition as given, for listing and export.
+    pub definition_table: FieldTable,
 }
+
+/// The keys an operator policy may set (RabbitMQ's `operator_policy_validator`
+/// registrations that Switchyard implements).
+const OPERATOR_KEYS: [&str; 6] = [
+    "expires",
+    "message-ttl",
+    "max-length",
+    "max-length-bytes",
+    "delivery-limit",
+    "overflow",
+];
 
 impl Policy {
     /// Builds a policy, checking the pattern, `apply_to` and definition.
@@ -155,9 +178,10 @@ impl Policy {
         pattern: &str,
         apply_to: &str,
         priority: i64,
-        definition: &FieldTable,
+        definition_table: &FieldTable,
     ) -> Result<Self, String> {
         let name = name.into();
+        let definition = definition_table;
         let pattern = Regex::new(pattern)
             .map_err(|e| format!("policy '{name}': invalid pattern '{pattern}': {e}"))?;
         let apply_to = ApplyTo::parse(apply_to).ok_or_else(|| {
@@ -172,7 +196,45 @@ impl Policy {
             apply_to,
             priority,
             definition,
+            definition_table: definition_table.clone(),
         })
+    }
+
+    /// Builds an operator policy: as [`Policy::new`], limited to the keys
+    /// operators may set.
+    pub fn new_operator(
+        name: impl Into<String>,
+        vhost: impl Into<String>,
+        pattern: &str,
+        apply_to: &str,
+        priority: i64,
+        definition: &FieldTable,
+    ) -> Result<Self, String> {
+        let name = name.into();
+        let unknown: Vec<String> = definition
+            .iter()
+            .filter(|(k, _)| !OPERATOR_KEYS.contains(k))
+            .map(|(k, v)| format!("{{<<\"{k}\">>,{}}}", show(v)))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "operator policy '{name}': Validation failed: [{}] are not recognised policy settings",
+                unknown.join(",")
+            ));
+        }
+        Self::new(name, vhost, pattern, apply_to, priority, definition)
+    }
+
+    /// The policy as set, for listing.
+    pub fn spec(&self) -> PolicySpec {
+        PolicySpec {
+            vhost: self.vhost.clone(),
+            name: self.name.clone(),
+            pattern: self.pattern.as_str().to_owned(),
+            apply_to: self.apply_to.name().to_owned(),
+            priority: self.priority,
+            definition: self.definition_table.clone(),
+        }
     }
 
     fn applies_to_queue(&self, vhost: &str, queue: &str) -> bool {
@@ -199,6 +261,115 @@ impl Policies {
     }
 }
 
+/// The policies and operator policies in force, changed at runtime by
+/// [`crate::Broker::apply`]. Read when a queue is declared or recovered and when
+/// a policy change is applied to existing queues; never on the message path.
+#[derive(Debug, Default)]
+pub struct PolicyTable {
+    policies: RwLock<Policies>,
+    operator: RwLock<Policies>,
+}
+
+impl PolicyTable {
+    pub fn new(policies: Policies) -> Self {
+        PolicyTable {
+            policies: RwLock::new(policies),
+            operator: RwLock::new(Policies::default()),
+        }
+    }
+
+    fn table(&self, operator: bool) -> &RwLock<Policies> {
+        if operator {
+            &self.operator
+        } else {
+            &self.policies
+        }
+    }
+
+    /// A queue's effective settings under the policies in force now.
+    pub fn settings_for(&self, vhost: &str, queue: &str, arguments: &FieldTable) -> QueueSettings {
+        let policies = self.policies.read();
+        let operator = self.operator.read();
+        QueueSettings::resolve_with(
+            arguments,
+            policies.for_queue(vhost, queue),
+            operator.for_queue(vhost, queue),
+        )
+    }
+
+    /// Adds or replaces (same vhost and name, keeping its place) a policy.
+    pub fn put(&self, operator: bool, policy: Policy) {
+        let mut t = self.table(operator).write();
+        match t
+            .0
+            .iter_mut()
+            .find(|p| p.vhost == policy.vhost && p.name == policy.name)
+        {
+            Some(slot) => *slot = policy,
+            None => t.0.push(policy),
+        }
+    }
+
+    /// Removes a policy; false if there was none.
+    pub fn remove(&self, operator: bool, vhost: &str, name: &str) -> bool {
+        let mut t = self.table(operator).write();
+        let before = t.0.len();
+        t.0.retain(|p| !(p.vhost == vhost && p.name == name));
+        t.0.len() != before
+    }
+
+    /// Removes every policy and operator policy of a vhost.
+    pub fn remove_vhost(&self, vhost: &str) {
+        self.policies.write().0.retain(|p| p.vhost != vhost);
+        self.operator.write().0.retain(|p| p.vhost != vhost);
+    }
+
+    pub fn contains(&self, operator: bool, vhost: &str, name: &str) -> bool {
+        self.table(operator)
+            .read()
+            .0
+            .iter()
+            .any(|p| p.vhost == vhost && p.name == name)
+    }
+
+    /// The policies (or operator policies) as set, by vhost then name.
+    pub fn list(&self, operator: bool) -> Vec<PolicySpec> {
+        let mut out: Vec<PolicySpec> = self
+            .table(operator)
+            .read()
+            .0
+            .iter()
+            .map(Policy::spec)
+            .collect();
+        out.sort_by(|a, b| (&a.vhost, &a.name).cmp(&(&b.vhost, &b.name)));
+        out
+    }
+}
+
+/// A policy's definition merged with an operator policy's, as RabbitMQ's
+/// `merge_operator_definitions`: for the numeric limits the lower value wins,
+/// for `overflow` the operator's; keys only one side sets are taken as they are.
+fn merge_operator(
+    policy: Option<&PolicyDefinition>,
+    op: Option<&PolicyDefinition>,
+) -> Option<PolicyDefinition> {
+    match (policy, op) {
+        (None, None) => None,
+        (Some(p), None) => Some(p.clone()),
+        (None, Some(o)) => Some(o.clone()),
+        (Some(p), Some(o)) => Some(PolicyDefinition {
+            message_ttl: min_opt(p.message_ttl, o.message_ttl),
+            expires: min_opt(p.expires, o.expires),
+            max_length: min_opt(p.max_length, o.max_length),
+            max_length_bytes: min_opt(p.max_length_bytes, o.max_length_bytes),
+            overflow: o.overflow.or(p.overflow),
+            dead_letter_exchange: p.dead_letter_exchange.clone(),
+            dead_letter_routing_key: p.dead_letter_routing_key.clone(),
+            delivery_limit: min_opt(p.delivery_limit, o.delivery_limit),
+        }),
+    }
+}
+
 /// A queue's effective settings: its arguments merged with its policy.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueSettings {
@@ -218,6 +389,8 @@ pub struct QueueSettings {
     pub quorum: bool,
     /// The policy that applies, if any.
     pub policy: Option<String>,
+    /// The operator policy that applies, if any.
+    pub operator_policy: Option<String>,
 }
 
 fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
@@ -231,6 +404,21 @@ impl QueueSettings {
     /// Merges validated queue arguments with the policy that applies (see the
     /// module comment for which side wins).
     pub fn resolve(arguments: &FieldTable, policy: Option<&Policy>) -> Self {
+        Self::resolve_with(arguments, policy, None)
+    }
+
+    /// Merges queue arguments with the policy and the operator policy that
+    /// apply: the two policies first (see [`merge_operator`]), then the result
+    /// with the arguments (see the module comment).
+    pub fn resolve_with(
+        arguments: &FieldTable,
+        policy: Option<&Policy>,
+        operator: Option<&Policy>,
+    ) -> Self {
+        let merged = merge_operator(
+            policy.map(|p| &p.definition),
+            operator.map(|p| &p.definition),
+        );
         let uint = |k: &str| {
             arguments
                 .get(k)
@@ -238,7 +426,7 @@ impl QueueSettings {
                 .and_then(|n| u64::try_from(n).ok())
         };
         let text = |k: &str| arguments.get_str(k).map(str::to_owned);
-        let def = policy.map(|p| &p.definition);
+        let def = merged.as_ref();
         let quorum = arguments.get_str("x-queue-type") == Some("quorum");
         let delivery_limit = min_opt(uint("x-delivery-limit"), def.and_then(|d| d.delivery_limit));
         QueueSettings {
@@ -265,6 +453,7 @@ impl QueueSettings {
             single_active_consumer: arguments.get_bool("x-single-active-consumer") == Some(true),
             quorum,
             policy: policy.map(|p| p.name.clone()),
+            operator_policy: operator.map(|p| p.name.clone()),
         }
     }
 

@@ -34,7 +34,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::consumer::{Consumer, Delivery};
 use crate::deadletter::DeathReason;
@@ -44,6 +44,7 @@ use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{RecoveredMessage, Store, StoredRef};
 use crate::policy::{Overflow, QueueSettings};
+use crate::stats::{self, History, Lengths, MessageStats, QueueType, Range, Snapshot, Stat};
 use crate::timer::{Timers, NEVER};
 use crate::vhost::VHost;
 
@@ -55,6 +56,9 @@ pub const DELAY_HEADER: &str = "x-delay";
 /// returned before.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
+mod consumers;
+mod peek;
+pub use peek::Peeked;
 /// A message in a queue, with what the queue knows of its history.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
@@ -223,6 +227,19 @@ impl Ready {
             .unwrap_or(NEVER)
     }
 
+    /// Gives every ready message a new expiry, `f(message, current expiry)`,
+    /// and recounts the expiring ones.
+    fn reexpire(&mut self, f: impl Fn(&Message, Option<u64>) -> Option<u64>) {
+        let mut expiring = 0;
+        for q in &mut self.levels {
+            for m in q.iter_mut() {
+                m.expires_at = f(&m.message, m.expires_at);
+                expiring += usize::from(m.expires_at.is_some());
+            }
+        }
+        self.expiring = expiring;
+    }
+
     fn take_all(&mut self) -> Vec<QueuedMessage> {
         let mut all = Vec::with_capacity(self.len);
         for q in self.levels.iter_mut().rev() {
@@ -265,6 +282,9 @@ type Dead = (QueuedMessage, Option<DeathReason>);
 
 #[derive(Debug)]
 struct QueueState {
+    /// The effective settings, as [`Queue::settings`] but read under the lock
+    /// the message path holds anyway (no second lock per message).
+    settings: Arc<QueueSettings>,
     ready: Ready,
     /// Min-heap by due time.
     delayed: BinaryHeap<Reverse<Delayed>>,
@@ -287,6 +307,9 @@ struct QueueState {
     /// Its successor starts once they are settled or back in the queue, so that
     /// returned messages keep their place ahead of later ones (as in RabbitMQ).
     handover_pending: bool,
+    /// Message counters (stats.rs): plain integers, since every path that
+    /// bumps them holds this lock already.
+    counts: Snapshot,
 }
 
 /// What the vhost gives a queue it creates.
@@ -303,8 +326,9 @@ pub struct Queue {
     pub name: String,
     pub vhost: String,
     pub options: QueueOptions,
-    /// Its arguments merged with the policy that applies to it.
-    pub settings: QueueSettings,
+    /// Its arguments merged with the policies that apply to it; replaced when a
+    /// policy changes ([`Queue::update_settings`]). Read with [`Queue::settings`].
+    settings: RwLock<Arc<QueueSettings>>,
     /// The connection that declared an exclusive queue.
     pub owner: Option<u64>,
     state: Mutex<QueueState>,
@@ -319,6 +343,10 @@ pub struct Queue {
     /// The next moment something timed is due (`NEVER`: nothing), read by the
     /// tick without taking the lock.
     deadline: AtomicU64,
+    /// The samples of its counters and lengths (stats.rs), recorded every 5 s.
+    pub history: History,
+    /// Classic or quorum, from the declared `x-queue-type`.
+    kind: QueueType,
 }
 
 /// What `basic.get` takes from a queue.
@@ -379,6 +407,13 @@ impl Queue {
         durable: Option<(Arc<dyn Store>, u64)>,
     ) -> Arc<Self> {
         let now = env.timers.now_ms();
+        let settings = Arc::new(settings);
+        // Fixed at declaration (x-queue-type, or the vhost's default queue type).
+        let kind = if settings.quorum {
+            QueueType::Quorum
+        } else {
+            QueueType::Classic
+        };
         let queue = Arc::new_cyclic(|me| Queue {
             me: me.clone(),
             name,
@@ -398,13 +433,17 @@ impl Queue {
                 last_used: now,
                 dead: Vec::new(),
                 handover_pending: false,
+                settings: settings.clone(),
+                counts: Snapshot::default(),
             }),
-            settings,
+            settings: RwLock::new(settings),
             memory: env.memory,
             timers: env.timers,
             home: env.home,
             durable,
             deadline: AtomicU64::new(NEVER),
+            history: History::default(),
+            kind,
         });
         let st = queue.state.lock();
         queue.refresh_deadline(&st);
@@ -412,9 +451,135 @@ impl Queue {
         queue
     }
 
+    /// Its effective settings now (arguments merged with the policies). A read
+    /// lock and a reference count: the lock is written only by a policy change.
+    pub fn settings(&self) -> Arc<QueueSettings> {
+        self.settings.read().clone()
+    }
+
+    /// Applies new effective settings (a policy was set, changed or cleared) to
+    /// the queue as it is: a lower `max-length`/`max-length-bytes` with
+    /// drop-head overflow drops (or dead-letters) the oldest ready messages now;
+    /// a new `message-ttl` gives every ready message an expiry at most `ttl` from
+    /// `now`, and a lifted one leaves each message only its own `expiration`
+    /// (counted from `now`: the queue does not keep arrival times); a new
+    /// `expires` restarts its countdown. Returns whether anything changed.
+    /// `max-priority` and single-active-consumer are fixed at declaration.
+    pub fn update_settings(self: &Arc<Self>, mut new: QueueSettings, now: u64) -> bool {
+        let old = self.settings();
+        new.max_priority = old.max_priority;
+        new.single_active_consumer = old.single_active_consumer;
+        new.quorum = old.quorum;
+        if *old == new {
+            return false;
+        }
+        let mut st = self.state.lock();
+        let shared = Arc::new(new.clone());
+        *self.settings.write() = shared.clone();
+        st.settings = shared;
+        if old.message_ttl != new.message_ttl {
+            st.ready.reexpire(|m, current| {
+                let own = m.properties.expiration_ms().map(|e| now.saturating_add(e));
+                match new.message_ttl {
+                    Some(ttl) => {
+                        let by_queue = now.saturating_add(ttl);
+                        Some(current.map_or(by_queue, |c| c.min(by_queue)))
+                    }
+                    None => own,
+                }
+            });
+        }
+        if old.expires != new.expires {
+            st.last_used = st.last_used.max(now);
+        }
+        if st.ready.expiring > 0 {
+            let mut expired = Vec::new();
+            st.ready.pop_expired(now, false, &mut expired);
+            st.dead
+                .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
+        }
+        if new.has_length_limit() && new.overflow == Overflow::DropHead {
+            while new.max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || new
+                    .max_length_bytes
+                    .is_some_and(|max| st.ready.bytes as u64 > max)
+            {
+                let Some(head) = st.ready.pop_front() else {
+                    break;
+                };
+                st.dead.push((head, Some(DeathReason::MaxLen)));
+            }
+        }
+        // A raised limit may let a held-back consumer go on.
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
+        true
+    }
+
+    /// The queue as the management API lists it (a snapshot).
+    pub fn info(&self) -> crate::admin::QueueInfo {
+        let settings = self.settings();
+        let (ready, unacked, delayed, consumers) = {
+            let st = self.state.lock();
+            (
+                st.ready.len,
+                st.unacked,
+                st.delayed.len(),
+                st.consumers.len(),
+            )
+        };
+        crate::admin::QueueInfo {
+            vhost: self.vhost.clone(),
+            name: self.name.clone(),
+            durable: self.options.durable,
+            exclusive: self.options.exclusive,
+            auto_delete: self.options.auto_delete,
+            arguments: self.options.arguments.clone(),
+            queue_type: if settings.quorum { "quorum" } else { "classic" }.to_owned(),
+            policy: settings.policy.clone(),
+            operator_policy: settings.operator_policy.clone(),
+            owner: self.owner,
+            messages_ready: ready,
+            messages_unacknowledged: unacked,
+            messages_delayed: delayed,
+            consumers,
+        }
+    }
+
     /// The queue's id in the store, if it is durable and a store is in use.
     pub fn store_id(&self) -> Option<u64> {
         self.durable.as_ref().map(|(_, id)| *id)
+    }
+
+    /// RabbitMQ's queue type, the `queue_type` label of statistics.
+    /// Fixed at declaration (`x-queue-type`; no policy changes it), so it is
+    /// read from the declared arguments without the settings lock: the
+    /// sessions ask for it on every delivery.
+    pub fn queue_type(&self) -> QueueType {
+        self.kind
+    }
+
+    /// The queue's message counters and lengths now, under one short lock.
+    pub fn counters(&self) -> (Snapshot, Lengths) {
+        let st = self.state.lock();
+        let ready = st.ready.len as u64;
+        let unacked = st.unacked as u64;
+        (
+            st.counts,
+            Lengths {
+                messages: ready + unacked,
+                ready,
+                unacked,
+            },
+        )
+    }
+
+    /// RabbitMQ's `message_stats` of this queue: counts now, rates from the
+    /// last 5 s sample, `samples` when `range` is given.
+    pub fn message_stats(&self, range: Option<Range>) -> MessageStats {
+        let (counts, _) = self.counters();
+        self.history
+            .message_stats(&counts, stats::QUEUE_KEYS, range)
     }
 
     /// When something timed is next due in this queue (`timer::NEVER`: nothing).
@@ -465,6 +630,7 @@ impl Queue {
             self.forget_stored(stored.iter());
             return Enqueued::Accepted;
         }
+        st.counts.bump(Stat::Publish);
         let id = st.next_id;
         st.next_id += 1;
         let qm = QueuedMessage {
@@ -488,11 +654,8 @@ impl Queue {
     }
 
     /// The expiry of a message entering the queue at `base`.
-    fn expiry_of(&self, message: &Message, base: u64) -> Option<u64> {
-        let ttl = match (
-            self.settings.message_ttl,
-            message.properties.expiration_ms(),
-        ) {
+    fn expiry_of(queue_ttl: Option<u64>, message: &Message, base: u64) -> Option<u64> {
+        let ttl = match (queue_ttl, message.properties.expiration_ms()) {
             (Some(q), Some(m)) => Some(q.min(m)),
             (q, m) => q.or(m),
         }?;
@@ -508,20 +671,29 @@ impl Queue {
         base: u64,
         now: u64,
     ) -> Enqueued {
-        let s = &self.settings;
-        if s.has_length_limit() && s.overflow != Overflow::DropHead {
+        // Copies of the limits: no reference count touched per message.
+        let (limited, overflow, max_length, max_length_bytes) = {
+            let s = &st.settings;
+            (
+                s.has_length_limit(),
+                s.overflow,
+                s.max_length,
+                s.max_length_bytes,
+            )
+        };
+        if limited && overflow != Overflow::DropHead {
             // RabbitMQ's will_overflow: would the ready count or bytes pass the limit?
-            let over = s.max_length.is_some_and(|max| st.ready.len as u64 >= max)
-                || s.max_length_bytes
+            let over = max_length.is_some_and(|max| st.ready.len as u64 >= max)
+                || max_length_bytes
                     .is_some_and(|max| (st.ready.bytes.saturating_add(qm.body_len())) as u64 > max);
             if over {
                 let reason =
-                    (s.overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
+                    (overflow == Overflow::RejectPublishDlx).then_some(DeathReason::MaxLen);
                 st.dead.push((qm, reason));
                 return Enqueued::Rejected;
             }
         }
-        qm.expires_at = self.expiry_of(&qm.message, base);
+        qm.expires_at = Self::expiry_of(st.settings.message_ttl, &qm.message, base);
         st.ready.push_back(qm);
         self.dispatch_locked(st, now);
         if st.ready.expiring > 0 {
@@ -531,10 +703,9 @@ impl Queue {
             st.dead
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
-        if s.has_length_limit() && s.overflow == Overflow::DropHead {
-            while s.max_length.is_some_and(|max| st.ready.len as u64 > max)
-                || s.max_length_bytes
-                    .is_some_and(|max| st.ready.bytes as u64 > max)
+        if limited && overflow == Overflow::DropHead {
+            while max_length.is_some_and(|max| st.ready.len as u64 > max)
+                || max_length_bytes.is_some_and(|max| st.ready.bytes as u64 > max)
             {
                 let Some(head) = st.ready.pop_front() else {
                     break;
@@ -575,7 +746,11 @@ impl Queue {
                 }
                 _ => {
                     qm.message = released(&qm.message);
-                    qm.expires_at = self.expiry_of(&qm.message, due.unwrap_or(received));
+                    qm.expires_at = Self::expiry_of(
+                        st.settings.message_ttl,
+                        &qm.message,
+                        due.unwrap_or(received),
+                    );
                     st.ready.push_back(qm);
                 }
             }
@@ -634,7 +809,7 @@ impl Queue {
         if let Some(top) = st.delayed.peek() {
             next = next.min(top.0.due);
         }
-        if let Some(expires) = self.settings.expires {
+        if let Some(expires) = st.settings.expires {
             if st.consumers.is_empty() && !st.deleted {
                 next = next.min(st.last_used.saturating_add(expires));
             }
@@ -665,7 +840,17 @@ impl Queue {
         }
         self.memory
             .sub(dead.iter().map(|(m, _)| m.resident()).sum());
-        if self.settings.dead_letter_exchange.is_some() {
+        if self.settings().dead_letter_exchange.is_none() && dead.iter().any(|(_, r)| r.is_some()) {
+            // Dropped for good: RabbitMQ counts these under strategy `disabled`.
+            if let Some(vhost) = self.home.upgrade() {
+                for reason in dead.iter().filter_map(|(_, r)| *r) {
+                    vhost
+                        .dead_lettered
+                        .count(self.queue_type(), reason.into(), false);
+                }
+            }
+        }
+        if self.settings().dead_letter_exchange.is_some() {
             if let Some(vhost) = self.home.upgrade() {
                 for (m, reason) in &dead {
                     if let Some(reason) = reason {
@@ -709,7 +894,7 @@ impl Queue {
             if st.ready.len == 0 || st.consumers.is_empty() || st.handover_pending {
                 break;
             }
-            let chosen = if self.settings.single_active_consumer {
+            let chosen = if st.settings.single_active_consumer {
                 // Single active consumer: only the first registered one still
                 // active gets messages (one being cancelled is passed over).
                 st.consumers
@@ -736,10 +921,15 @@ impl Queue {
                 consumer.release(1);
                 continue;
             };
+            if message.redelivered {
+                st.counts.bump(Stat::Redeliver);
+            }
             if consumer.no_ack() {
+                st.counts.bump(Stat::DeliverNoAck);
                 self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
             } else {
+                st.counts.bump(Stat::Deliver);
                 st.unacked += 1;
                 self.note_delivered(&message);
             }
@@ -806,7 +996,7 @@ impl Queue {
         if st.next_consumer >= st.consumers.len() {
             st.next_consumer = 0;
         }
-        if was_active && self.settings.single_active_consumer {
+        if was_active && st.settings.single_active_consumer {
             // The next registered consumer takes over, at once or once the
             // leaving one's deliveries are settled or returned.
             let unsettled = removed.iter().any(|c| c.in_flight() > 0);
@@ -821,7 +1011,7 @@ impl Queue {
 
     /// The queue was used (declared again): restarts its `x-expires` countdown.
     pub fn touch(&self, now: u64) {
-        if self.settings.expires.is_none() {
+        if self.settings().expires.is_none() {
             return;
         }
         let mut st = self.state.lock();
@@ -847,7 +1037,15 @@ impl Queue {
                 break;
             }
         }
+        if next.is_none() {
+            st.counts.bump(Stat::GetEmpty);
+        }
         let got = next.map(|message| {
+            if message.redelivered {
+                st.counts.bump(Stat::Redeliver);
+            }
+            st.counts
+                .bump(if no_ack { Stat::GetNoAck } else { Stat::Get });
             if no_ack {
                 self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
@@ -864,14 +1062,27 @@ impl Queue {
         got
     }
 
-    /// Settles delivered messages for good (acked, or rejected without requeue).
+    /// Settles delivered messages for good: acknowledged (counted as `ack`).
     pub fn settle(&self, messages: &[QueuedMessage]) {
+        self.settle_counted(messages, true);
+    }
+
+    /// Settles delivered messages that were rejected without requeue (they are
+    /// dead-lettered or dropped, not acknowledged).
+    pub fn settle_rejected(&self, messages: &[QueuedMessage]) {
+        self.settle_counted(messages, false);
+    }
+
+    fn settle_counted(&self, messages: &[QueuedMessage], acked: bool) {
         if messages.is_empty() {
             return;
         }
         let bytes: usize = messages.iter().map(QueuedMessage::resident).sum();
         let resume = {
             let mut st = self.state.lock();
+            if acked {
+                st.counts.add(Stat::Ack, messages.len() as u64);
+            }
             st.unacked = st.unacked.saturating_sub(messages.len());
             std::mem::take(&mut st.handover_pending)
         };
@@ -908,12 +1119,12 @@ impl Queue {
             self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
             return;
         }
+        let settings = st.settings.clone();
         for mut m in messages {
             m.redelivered = true;
-            if self.settings.quorum {
+            if settings.quorum {
                 m.delivery_count = m.delivery_count.saturating_add(1);
-                if self
-                    .settings
+                if settings
                     .delivery_limit
                     .is_some_and(|limit| u64::from(m.delivery_count) > limit)
                 {
@@ -951,7 +1162,7 @@ impl Queue {
                 .extend(expired.into_iter().map(|m| (m, Some(DeathReason::Expired))));
         }
         self.dispatch_locked(&mut st, now);
-        let expired = self
+        let expired = st
             .settings
             .expires
             .is_some_and(|e| st.consumers.is_empty() && now >= st.last_used.saturating_add(e));

@@ -9,11 +9,13 @@
 //! lock and looks them up after releasing it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
+use crate::admin::{BindingInfo, ExchangeInfo, QueueInfo};
 use crate::consumer::Consumer;
 use crate::deadletter::{self, DeathReason};
 use crate::error::{CoreError, CoreResult};
@@ -22,8 +24,11 @@ use crate::field::{FieldTable, FieldValue};
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store};
-use crate::policy::{Policies, QueueSettings};
+use crate::policy::{PolicyTable, QueueSettings};
 use crate::queue::{delay_of, Enqueued, Queue, QueueEnv, QueueOptions, QueuedMessage};
+use crate::stats::{
+    self, Churn, DeadLettered, History, Lengths, MessageStats, Range, Snapshot, Stat,
+};
 use crate::timer::{Clock, Timers, NEVER};
 
 /// The pseudo-queue of RabbitMQ's direct reply-to.
@@ -95,7 +100,25 @@ pub struct VHost {
     /// Itself, handed to its queues so they can dead-letter on their own.
     me: Weak<VHost>,
     timers: Arc<Timers>,
-    policies: Arc<Policies>,
+    /// The default exchange `""`, also in `exchanges`: routing to it skips the
+    /// map, so its counters are bumped through this handle.
+    default_exchange: Arc<Exchange>,
+    /// Queue declarations, creations and deletions (stats.rs).
+    pub churn: Churn,
+    /// Messages dead-lettered or dropped by its queues, per reason.
+    pub dead_lettered: DeadLettered,
+    /// What deleted queues counted, so the vhost's totals never go down.
+    retired: Mutex<Snapshot>,
+    /// The vhost's totals, sampled every 5 s.
+    pub history: History,
+    policies: Arc<PolicyTable>,
+    /// The vhost limit `max-queues` (negative: none).
+    max_queues: AtomicI64,
+    /// Deleted at runtime: connections still holding it may not create anything.
+    deleted: AtomicBool,
+    /// The vhost's default queue type is quorum (RabbitMQ's
+    /// `default_queue_type`): see [`VHost::declare_queue`].
+    default_quorum: AtomicBool,
 }
 
 fn opts(durable: bool) -> ExchangeOptions {
@@ -200,7 +223,7 @@ impl VHost {
             memory,
             store,
             Arc::new(Timers::new(Clock::System)),
-            Arc::new(Policies::default()),
+            Arc::new(PolicyTable::default()),
         )
     }
 
@@ -211,13 +234,11 @@ impl VHost {
         memory: Arc<MemoryMonitor>,
         store: Option<Arc<dyn Store>>,
         timers: Arc<Timers>,
-        policies: Arc<Policies>,
+        policies: Arc<PolicyTable>,
     ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
-        exchanges.insert(
-            String::new(),
-            Arc::new(Exchange::new("", ExchangeKind::Direct, opts(true))),
-        );
+        let default_exchange = Arc::new(Exchange::new("", ExchangeKind::Direct, opts(true)));
+        exchanges.insert(String::new(), default_exchange.clone());
         for (name, kind) in PREDECLARED {
             exchanges.insert(
                 name.to_owned(),
@@ -234,6 +255,14 @@ impl VHost {
             me: me.clone(),
             timers,
             policies,
+            default_exchange,
+            churn: Churn::default(),
+            dead_lettered: DeadLettered::default(),
+            retired: Mutex::new(Snapshot::default()),
+            history: History::default(),
+            max_queues: AtomicI64::new(-1),
+            deleted: AtomicBool::new(false),
+            default_quorum: AtomicBool::new(false),
         })
     }
 
@@ -248,10 +277,131 @@ impl VHost {
 
     /// A queue's arguments merged with the policy that applies to it.
     fn settings_for(&self, name: &str, options: &QueueOptions) -> QueueSettings {
-        QueueSettings::resolve(
-            &options.arguments,
-            self.policies.for_queue(&self.name, name),
-        )
+        self.policies
+            .settings_for(&self.name, name, &options.arguments)
+    }
+
+    /// Sets the `max-queues` limit (negative: none).
+    pub fn set_max_queues(&self, limit: i64) {
+        self.max_queues.store(limit, Ordering::Relaxed);
+    }
+
+    /// Sets the vhost's default queue type (`classic` when `None`).
+    pub fn set_default_queue_type(&self, queue_type: Option<&str>) {
+        self.default_quorum
+            .store(queue_type == Some("quorum"), Ordering::Relaxed);
+    }
+
+    /// Whether the vhost was deleted (connections may still hold it).
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    fn check_live(&self) -> CoreResult<()> {
+        if self.is_deleted() {
+            Err(CoreError::not_allowed(format!(
+                "vhost '{}' is deleted",
+                self.name
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies the policies in force now to every queue (after a policy or
+    /// operator policy of this vhost was set or cleared). Returns how many
+    /// queues changed.
+    pub fn reapply_policies(&self, now: u64) -> usize {
+        self.queues()
+            .iter()
+            .filter(|q| q.update_settings(self.settings_for(&q.name, &q.options), now))
+            .count()
+    }
+
+    /// Marks the vhost deleted and drops everything in it from memory: queues
+    /// (their messages, consumers cancelled), exchanges, bindings. The store's
+    /// records were deleted by the caller, in the same transaction as the vhost.
+    pub(crate) fn destroy(&self) {
+        self.deleted.store(true, Ordering::Release);
+        let queues: Vec<Arc<Queue>> = self.queues.write().drain().map(|(_, q)| q).collect();
+        for q in &queues {
+            q.mark_deleted();
+        }
+        let exchanges: Vec<Arc<Exchange>> =
+            self.exchanges.write().drain().map(|(_, x)| x).collect();
+        for x in &exchanges {
+            for b in x.bindings() {
+                x.unbind_all(&b.destination.name());
+            }
+        }
+        let replies: Vec<Arc<Queue>> = self.reply_to.lock().drain().map(|(_, q)| q).collect();
+        for q in replies {
+            q.mark_deleted();
+        }
+    }
+
+    /// Every queue as listed (a snapshot), in name order.
+    pub fn queue_infos(&self) -> Vec<QueueInfo> {
+        let mut out: Vec<QueueInfo> = self.queues().iter().map(|q| q.info()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every exchange as listed (the default exchange `""` included), in name
+    /// order.
+    pub fn exchange_infos(&self) -> Vec<ExchangeInfo> {
+        let mut out: Vec<ExchangeInfo> = self
+            .exchanges()
+            .iter()
+            .map(|x| ExchangeInfo {
+                vhost: self.name.clone(),
+                name: x.name.clone(),
+                kind: x.kind.as_str().to_owned(),
+                durable: x.options.durable,
+                auto_delete: x.options.auto_delete,
+                internal: x.options.internal,
+                arguments: x.options.arguments.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every binding: first the default exchange's implicit binding to each
+    /// queue (RabbitMQ lists them, source `""`, key = queue name), then the
+    /// others by source.
+    pub fn binding_infos(&self) -> Vec<BindingInfo> {
+        let mut out: Vec<BindingInfo> = self
+            .queue_infos()
+            .into_iter()
+            .map(|q| BindingInfo {
+                vhost: self.name.clone(),
+                source: String::new(),
+                destination: q.name.clone(),
+                destination_type: "queue".to_owned(),
+                routing_key: q.name,
+                arguments: FieldTable::new(),
+            })
+            .collect();
+        let mut exchanges = self.exchanges();
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        for x in exchanges.iter().filter(|x| !x.name.is_empty()) {
+            for b in x.bindings() {
+                let (destination, destination_type) = match b.destination.name() {
+                    DestinationName::Queue(n) => (n, "queue"),
+                    DestinationName::Exchange(n) => (n, "exchange"),
+                };
+                out.push(BindingInfo {
+                    vhost: self.name.clone(),
+                    source: x.name.clone(),
+                    destination,
+                    destination_type: destination_type.to_owned(),
+                    routing_key: b.routing_key.clone(),
+                    arguments: b.arguments.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// The clock and deadlines this vhost's queues use.
@@ -371,6 +521,10 @@ impl VHost {
         self.queues.read().values().cloned().collect()
     }
 
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
     /// Checks that `connection` may use `queue` (exclusive queues belong to the
     /// connection that declared them).
     pub fn check_owner(&self, queue: &Queue, connection: u64) -> CoreResult<()> {
@@ -389,8 +543,11 @@ impl VHost {
         if req.passive {
             return self.exchange(&req.name);
         }
+        // A channel error (406), not a connection error (503 in RabbitMQ 3.x): since
+        // RabbitMQ 4 one bad declare no longer takes down the connection's other channels.
+        self.check_live()?;
         let kind = ExchangeKind::parse(&req.kind).ok_or_else(|| {
-            CoreError::command_invalid(format!("unknown exchange type '{}'", req.kind))
+            CoreError::precondition(format!("unknown exchange type '{}'", req.kind))
         })?;
         let mut exchanges = self.exchanges.write();
         if let Some(existing) = exchanges.get(&req.name) {
@@ -516,7 +673,23 @@ impl VHost {
                 req.name
             )));
         }
+        // RabbitMQ 4's default queue type: a queue declared without
+        // `x-queue-type` in a vhost whose default is quorum is a quorum queue
+        // when it can be one (durable, not exclusive, not auto-delete); a
+        // re-declaration without the argument is then equivalent.
+        let o = &req.options;
+        if self.default_quorum.load(Ordering::Relaxed)
+            && o.arguments.get("x-queue-type").is_none()
+            && o.durable
+            && !o.exclusive
+            && !o.auto_delete
+        {
+            req.options
+                .arguments
+                .insert("x-queue-type", FieldValue::string("quorum"));
+        }
         validate_queue_arguments(&req.name, &self.name, &req.options)?;
+        Churn::bump(&self.churn.declared);
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&req.name) {
             self.check_owner(existing, req.connection)?;
@@ -537,6 +710,14 @@ impl VHost {
             // A re-declaration counts as use for `x-expires`.
             existing.touch(self.timers.now_ms());
             return Ok(answer(existing));
+        }
+        self.check_live()?;
+        let limit = self.max_queues.load(Ordering::Relaxed);
+        if limit >= 0 && queues.len() as u64 >= limit.unsigned_abs() {
+            return Err(CoreError::precondition(format!(
+                "cannot declare queue '{}': queue limit in vhost '{}' ({}) is reached",
+                req.name, self.name, limit
+            )));
         }
         let settings = self.settings_for(&req.name, &req.options);
         let owner = req.options.exclusive.then_some(req.connection);
@@ -577,6 +758,7 @@ impl VHost {
             ),
         };
         queues.insert(req.name, queue.clone());
+        Churn::bump(&self.churn.created);
         Ok(answer(&queue))
     }
 
@@ -627,6 +809,8 @@ impl VHost {
             });
         }
         let count = queue.mark_deleted();
+        Churn::bump(&self.churn.deleted);
+        self.retired.lock().merge(&queue.counters().0);
         let sources = self.exchanges();
         self.unbind_everywhere(&sources, &DestinationName::Queue(queue.name.clone()));
         count
@@ -822,6 +1006,7 @@ impl VHost {
                 self.queues.read().get(key).cloned()
             };
             out.extend(found);
+            self.default_exchange.count_routed(out.len());
             return Ok(out);
         }
         let start = self.exchange(&message.exchange)?;
@@ -832,6 +1017,7 @@ impl VHost {
             )));
         }
         let headers = message.properties.headers.as_ref();
+        let first = start.clone();
         let mut pending: SmallVec<[Arc<Exchange>; 2]> = SmallVec::from_elem(start, 1);
         let mut visited: SmallVec<[Arc<Exchange>; 2]> = SmallVec::new();
         while let Some(x) = pending.pop() {
@@ -868,6 +1054,7 @@ impl VHost {
                 }
             }
         }
+        first.count_routed(out.len());
         Ok(out)
     }
 
@@ -884,7 +1071,7 @@ impl VHost {
         for m in messages {
             self.republish_dead(queue, &m.message, reason, now_secs, now);
         }
-        queue.settle(messages);
+        queue.settle_rejected(messages);
     }
 
     /// Publishes the dead-lettered copy of a message to the queue's dead-letter
@@ -901,14 +1088,18 @@ impl VHost {
         now: u64,
     ) {
         let Some((exchange, routing_key)) = deadletter::target(queue) else {
+            self.dead_lettered
+                .count(queue.queue_type(), reason.into(), false);
             return;
         };
+        self.dead_lettered
+            .count(queue.queue_type(), reason.into(), true);
         let copy = deadletter::dead_lettered(
             message,
             &queue.name,
             reason,
-            exchange,
-            routing_key,
+            &exchange,
+            routing_key.as_deref(),
             now_secs,
         );
         // A missing dead-letter exchange drops the message, as in RabbitMQ.
@@ -937,6 +1128,58 @@ impl VHost {
             next = next.min(q.deadline());
         }
         next
+    }
+
+    // ---- statistics ----
+
+    /// Records a sample of every queue and exchange at `now` and of the vhost
+    /// itself, whose totals are its queues' delivery-side counters (live and
+    /// deleted) plus `sources`, the channel-side counters of the connections
+    /// in it. Returns those totals. Called by [`crate::Broker::sample_stats`].
+    pub(crate) fn sample_stats(&self, now: u64, sources: &Snapshot) -> (Snapshot, Lengths) {
+        let mut queue_side = *self.retired.lock();
+        let mut lengths = Lengths::default();
+        for q in self.queues() {
+            let (c, l) = q.counters();
+            q.history.record(now, c, l);
+            queue_side.merge(&c);
+            lengths.merge(&l);
+        }
+        for x in self.exchanges() {
+            x.history
+                .record(now, x.stats.snapshot(), Lengths::default());
+        }
+        let mut total = Snapshot::default();
+        for s in [
+            Stat::Publish,
+            Stat::Confirm,
+            Stat::ReturnUnroutable,
+            Stat::DropUnroutable,
+            Stat::RecvOct,
+            Stat::SendOct,
+        ] {
+            total.set(s, sources.get(s));
+        }
+        for s in [
+            Stat::Deliver,
+            Stat::DeliverNoAck,
+            Stat::Get,
+            Stat::GetNoAck,
+            Stat::GetEmpty,
+            Stat::Ack,
+            Stat::Redeliver,
+        ] {
+            total.set(s, queue_side.get(s));
+        }
+        self.history.record(now, total, lengths);
+        (total, lengths)
+    }
+
+    /// The vhost's `message_stats`, as of the last 5 s sample.
+    pub fn message_stats(&self, range: Option<Range>) -> MessageStats {
+        let (current, _) = self.history.last();
+        self.history
+            .message_stats(&current, stats::TOTAL_KEYS, range)
     }
 
     // ---- recovery ----

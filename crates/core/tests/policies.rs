@@ -18,7 +18,7 @@ use switchyard_core::consumer::{Consumer, ConsumerOptions, Credit, Outbox, Outgo
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::memory::MemoryMonitor;
 use switchyard_core::message::{Message, Properties};
-use switchyard_core::policy::{Policies, Policy};
+use switchyard_core::policy::{Policies, Policy, PolicyTable};
 use switchyard_core::queue::{Queue, QueueOptions};
 use switchyard_core::timer::{Clock, Timers, NEVER};
 use switchyard_core::vhost::{QueueDeclare, VHost};
@@ -38,7 +38,7 @@ fn harness(policies: Vec<Policy>) -> H {
         Arc::new(MemoryMonitor::new(0)),
         None,
         timers.clone(),
-        Arc::new(Policies(policies)),
+        Arc::new(PolicyTable::new(Policies(policies))),
     );
     H { v, timers }
 }
@@ -612,15 +612,15 @@ fn a_policy_sets_arguments_by_pattern_and_the_lower_limit_wins() {
         "p.plain",
         &[("x-message-ttl", int(50)), ("x-max-length", int(5))],
     );
-    assert_eq!(plain.settings.policy.as_deref(), Some("ttl"));
-    assert_eq!(plain.settings.message_ttl, Some(50), "argument lower");
-    assert_eq!(plain.settings.max_length, Some(1), "policy lower");
+    assert_eq!(plain.settings().policy.as_deref(), Some("ttl"));
+    assert_eq!(plain.settings().message_ttl, Some(50), "argument lower");
+    assert_eq!(plain.settings().max_length, Some(1), "policy lower");
     // Only the highest-priority policy applies: no TTL from "ttl" here.
     let dl = h.declare("p.dlx", &[("x-message-ttl", int(10))]);
-    assert_eq!(dl.settings.policy.as_deref(), Some("dlx"));
+    assert_eq!(dl.settings().policy.as_deref(), Some("dlx"));
     h.publish("p.dlx", "a", Properties::default(), 0);
     h.tick(10);
     assert_eq!(bodies(&dlq), vec!["a"]);
     let other = h.declare("other", &[]);
-    assert_eq!(other.settings.policy, None);
+    assert_eq!(other.settings().policy, None);
 }

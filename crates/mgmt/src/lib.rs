@@ -13,6 +13,8 @@ pub mod api;
 pub mod prometheus;
 pub mod ui;
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use switchyard_core::Broker;
@@ -22,6 +24,66 @@ use switchyard_core::Broker;
 #[derive(Clone)]
 pub struct Management {
     pub broker: Arc<Broker>,
+    pub node: Arc<NodeInfo>,
+}
+
+/// One listener of the node, as `/api/overview` and the health checks show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    /// RabbitMQ's listener protocol name: `amqp`, `mqtt`, `stomp`,
+    /// `http/web-mqtt`, `http/web-stomp`, `http`, `http/prometheus`.
+    pub protocol: String,
+    pub addr: SocketAddr,
+}
+
+/// Facts about this node that only the server knows.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// RabbitMQ-style node name, `switchyard@<host>`.
+    pub name: String,
+    pub cluster_name: String,
+    /// When the node started, in ms since the Unix epoch.
+    pub started_ms: u64,
+    pub listeners: Vec<ListenerInfo>,
+    /// Free-disk alarm threshold in bytes (0: no disk alarm).
+    pub disk_free_limit: u64,
+    /// Where the broker keeps its data: free disk space is measured there.
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+impl NodeInfo {
+    /// A node named after this host, started now, with no listeners known.
+    pub fn local() -> Self {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+                    .filter(|h| !h.is_empty())
+            })
+            .unwrap_or_else(|| "localhost".to_owned());
+        let name = format!("switchyard@{host}");
+        NodeInfo {
+            cluster_name: name.clone(),
+            name,
+            started_ms: api::now_ms(),
+            listeners: Vec::new(),
+            disk_free_limit: 0,
+            data_dir: None,
+        }
+    }
+}
+
+impl Management {
+    /// Management of `broker` on a node described by `node`.
+    pub fn new(broker: Arc<Broker>, node: NodeInfo) -> Self {
+        Management {
+            broker,
+            node: Arc::new(node),
+        }
+    }
 }
 
 /// The router of the management listener (15672): the API and the UI.
@@ -32,4 +94,19 @@ pub fn management_router(state: Management) -> axum::Router {
 /// The router of the Prometheus listener (15692).
 pub fn prometheus_router(state: Management) -> axum::Router {
     prometheus::router(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes. The peer address is
+/// available to handlers (guest may log in from loopback only).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -9,17 +9,23 @@
 //!   `[[permissions]]` left out entirely means guest's full rights on `/` when a user
 //!   `guest` exists (and none otherwise), so a file that only changes `[limits]`
 //!   behaves like the shipped one. Writing either list replaces its default.
+//! - `[[vhosts]]`, `[[users]]`, `[[permissions]]` and `[[policies]]` are boot
+//!   definitions ([`Config::boot_definitions`]): each object is created at start
+//!   only if the store has never seen it, so what was changed or deleted at
+//!   runtime stays so across restarts, and an object added to the file later is
+//!   created at the next start.
 //!
 //! Errors name the file, the line and the key (`limits.frame_max`), on one line, so
 //! they can be printed as they are.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use switchyard_core::admin::{MetaCommand, PolicySpec};
 use switchyard_core::auth::Auth;
 
 /// The shipped `config.toml`, built into the binary and used when no `--config`
@@ -74,7 +80,11 @@ pub struct Config {
 }
 
 /// `[listeners]`: one address per protocol; an absent key switches it off.
-#[derive(Debug, Clone, Default, Deserialize)]
+///
+/// Every listener the broker opens belongs here (a test in this module checks
+/// that the shipped file has no socket address elsewhere), so that
+/// [`Listeners::move_all_to_port_zero`] moves them all.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listeners {
     /// AMQP 0-9-1 over TCP.
@@ -92,6 +102,47 @@ pub struct Listeners {
     /// STOMP over WebSocket (path `[stomp] ws_path`).
     #[serde(default)]
     pub stomp_ws: Option<SocketAddr>,
+    /// The HTTP management API (`/api`) and the web UI (`/`).
+    #[serde(default)]
+    pub management: Option<SocketAddr>,
+    /// Prometheus metrics (`/metrics`, `/metrics/per-object`).
+    #[serde(default)]
+    pub prometheus: Option<SocketAddr>,
+}
+
+impl Listeners {
+    /// Moves every listener that is on, whatever its name, to `ip` port 0 (a
+    /// port the kernel picks), for tests and tools that must not need the
+    /// default ports free. It goes through serde rather than a list of names, so
+    /// a listener added later is moved too the day it is added.
+    pub fn move_all_to_port_zero(&mut self, ip: IpAddr) -> Result<(), ConfigError> {
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid {
+            origin: "[listeners]".into(),
+            message: e.to_string(),
+        };
+        let mut value = toml::Value::try_from(&*self).map_err(|e| invalid(&e))?;
+        move_addresses_to_port_zero(&mut value, ip);
+        *self = value.try_into().map_err(|e| invalid(&e))?;
+        Ok(())
+    }
+}
+
+/// Rewrites every socket address inside `value` (a listener's address, in a
+/// configuration's `[listeners]` table or any table below it) to `ip` port 0.
+/// What is not a socket address is left as it is.
+pub fn move_addresses_to_port_zero(value: &mut toml::Value, ip: IpAddr) {
+    match value {
+        toml::Value::String(s) if s.parse::<SocketAddr>().is_ok() => {
+            *s = SocketAddr::new(ip, 0).to_string();
+        }
+        toml::Value::Table(t) => t
+            .iter_mut()
+            .for_each(|(_, v)| move_addresses_to_port_zero(v, ip)),
+        toml::Value::Array(a) => a
+            .iter_mut()
+            .for_each(|v| move_addresses_to_port_zero(v, ip)),
+        _ => {}
+    }
 }
 
 /// `[stomp]`: the STOMP adapter (TCP and WebSocket alike).
@@ -336,6 +387,15 @@ fn toml_to_field(v: &toml::Value) -> switchyard_core::FieldValue {
     }
 }
 
+/// A policy definition from TOML as a field table.
+fn policy_definition(table: &toml::Table) -> switchyard_core::FieldTable {
+    let mut definition = switchyard_core::FieldTable::new();
+    for (k, v) in table {
+        definition.insert(k.as_str(), toml_to_field(v));
+    }
+    definition
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("data")
 }
@@ -533,10 +593,7 @@ impl Config {
                     p.name, p.vhost
                 )));
             }
-            let mut definition = switchyard_core::FieldTable::new();
-            for (k, v) in &p.definition {
-                definition.insert(k.as_str(), toml_to_field(v));
-            }
+            let definition = policy_definition(&p.definition);
             let policy = Policy::new(
                 &p.name,
                 &p.vhost,
@@ -549,6 +606,74 @@ impl Config {
             out.push(policy);
         }
         Ok(Policies(out))
+    }
+
+    /// The objects of the config file as boot definitions, in the order they
+    /// must be applied (vhosts, users, permissions, policies), each with the id
+    /// under which the store remembers that it was created once (see
+    /// `Broker::seed`: an object the store has seen is never created again, so
+    /// runtime changes and deletions survive restarts, and an object added to the
+    /// file later is created at the next start). Call after [`Config::validate`].
+    pub fn boot_definitions(&self) -> Result<Vec<(String, MetaCommand)>, ConfigError> {
+        let mut out = Vec::new();
+        for name in self.vhost_names() {
+            out.push((
+                format!("vhost\0{name}"),
+                MetaCommand::PutVhost {
+                    name,
+                    description: String::new(),
+                    tags: Vec::new(),
+                    default_queue_type: None,
+                },
+            ));
+        }
+        for u in self.users() {
+            out.push((
+                format!("user\0{}", u.name),
+                MetaCommand::PutUser {
+                    name: u.name,
+                    password_hash: u.password_hash,
+                    hashing_algorithm: switchyard_core::admin::SHA256.to_owned(),
+                    tags: u.tags,
+                },
+            ));
+        }
+        for p in self.permissions() {
+            out.push((
+                format!("permission\0{}\0{}", p.vhost, p.user),
+                MetaCommand::SetPermissions {
+                    user: p.user,
+                    vhost: p.vhost,
+                    configure: p.configure,
+                    write: p.write,
+                    read: p.read,
+                },
+            ));
+        }
+        for p in &self.policies {
+            out.push((
+                format!("policy\0{}\0{}", p.vhost, p.name),
+                MetaCommand::SetPolicy(PolicySpec {
+                    vhost: p.vhost.clone(),
+                    name: p.name.clone(),
+                    pattern: p.pattern.clone(),
+                    apply_to: p.apply_to.clone(),
+                    priority: p.priority,
+                    definition: policy_definition(&p.definition),
+                }),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Users that may log in only from a loopback address (RabbitMQ's
+    /// `loopback_users`): a node setting, so it stays in the file.
+    pub fn loopback_users(&self) -> Vec<String> {
+        self.users()
+            .into_iter()
+            .filter(|u| u.loopback_only)
+            .map(|u| u.name)
+            .collect()
     }
 
     /// The user database the config describes; errors name the user.
@@ -676,6 +801,56 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::from_str(text, "test.toml").unwrap_err().to_string()
+    }
+
+    /// Every socket address in a TOML value, with the path of its key.
+    fn addresses(prefix: &str, v: &toml::Value, out: &mut Vec<String>) {
+        match v {
+            toml::Value::String(s) if s.parse::<SocketAddr>().is_ok() => {
+                out.push(format!("{prefix} = {s}"));
+            }
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    addresses(&format!("{prefix}.{k}"), v, out);
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| addresses(prefix, v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_address_of_the_shipped_config_is_a_listener() {
+        // Tests move every listener to port 0 through [listeners]; a listener
+        // configured anywhere else would stay on its default port in every test.
+        let mut shipped: toml::Value = toml::from_str(EMBEDDED_CONFIG).unwrap();
+        let listeners = shipped.as_table_mut().unwrap().remove("listeners").unwrap();
+        let mut elsewhere = Vec::new();
+        addresses("", &shipped, &mut elsewhere);
+        assert!(
+            elsewhere.is_empty(),
+            "listener addresses outside [listeners]: {elsewhere:?}"
+        );
+        let mut found = Vec::new();
+        addresses("listeners", &listeners, &mut found);
+        assert!(found.len() >= 5, "{found:?}");
+    }
+
+    #[test]
+    fn moving_listeners_to_port_zero_moves_every_one_and_keeps_the_off_ones_off() {
+        let mut l = Config::embedded().unwrap().listeners;
+        let on_before = toml::Value::try_from(&l).unwrap().as_table().unwrap().len();
+        l.stomp_ws = None;
+        l.move_all_to_port_zero(IpAddr::from([127, 0, 0, 1]))
+            .unwrap();
+        let after = toml::Value::try_from(&l).unwrap();
+        let after = after.as_table().unwrap();
+        assert_eq!(after.len(), on_before - 1, "{after:?}");
+        for (name, addr) in after {
+            assert_eq!(addr.as_str(), Some("127.0.0.1:0"), "{name}");
+        }
+        assert_eq!(l.stomp_ws, None);
+        assert_eq!(l.amqp, Some("127.0.0.1:0".parse().unwrap()));
     }
 
     #[test]

@@ -194,7 +194,6 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         error,
     })?;
 
-    let auth = config.auth()?;
     let store_dir = config.data_dir.join("store");
     let (store, recovered, report) = DiskStore::open_with(
         &store_dir,
@@ -214,14 +213,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         truncated_segments = report.truncated_segments,
         "store opened"
     );
-    let broker = Broker::build(
-        auth,
-        &config.vhost_names(),
+    let broker = Broker::open(
+        store.clone(),
+        recovered,
         config.limits.memory_high_watermark_bytes,
-        Some((store.clone(), recovered)),
-        config.policies()?,
         switchyard_core::timer::Clock::System,
-    );
+    )
+    .map_err(|error| ServerError::Store {
+        path: store_dir.clone(),
+        error,
+    })?;
+    broker.auth.set_loopback_users(config.loopback_users());
+    apply_boot_definitions(&broker, &config)?;
 
     let shutdown = CancellationToken::new();
     if config.limits.disk_free_limit_bytes > 0 {
@@ -253,6 +256,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             "MQTT state restored"
         );
     }
+    // A vhost deleted at runtime takes its MQTT sessions and retained messages
+    // with it (their records go in the store's transaction; this is memory).
+    let forget = mqtt_state.clone();
+    broker.on_vhost_deleted(Arc::new(move |vhost: &str| forget.forget_vhost(vhost)));
     let mqtt_enabled = config.listeners.mqtt.is_some() || config.listeners.mqtt_ws.is_some();
     if let Some(addr) = config.listeners.mqtt {
         let settings = Arc::new(mqtt_settings(&config));
@@ -290,6 +297,24 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         bound.push((protocol, tcp, local));
     }
 
+    // The HTTP listeners (management API + UI, Prometheus), bound with the others so
+    // a taken port fails the start just the same.
+    let mut http = Vec::new();
+    for (name, addr) in [
+        ("management", config.listeners.management),
+        ("prometheus", config.listeners.prometheus),
+    ] {
+        let Some(addr) = addr else { continue };
+        let (tcp, local) = listener::bind(addr)
+            .await
+            .map_err(|error| ServerError::Bind {
+                protocol: name,
+                addr,
+                error,
+            })?;
+        http.push((name, tcp, local));
+    }
+
     let connections = TaskTracker::new();
     // One cap for all listeners: it guards the process's file descriptors and memory.
     let limit = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -301,12 +326,46 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         let l = Listener {
             protocol,
             listener: tcp,
+            local,
             limit: limit.clone(),
             broker: broker.clone(),
             shutdown: shutdown.clone(),
             connections: connections.clone(),
         };
         accept_loops.push(tokio::spawn(l.run()));
+    }
+    for (name, _, local) in &http {
+        info!(protocol = *name, addr = %local, "listening");
+        addrs.insert(*name, *local);
+    }
+    if !http.is_empty() {
+        let mut node = switchyard_mgmt::NodeInfo::local();
+        node.disk_free_limit = config.limits.disk_free_limit_bytes;
+        node.data_dir = Some(config.data_dir.clone());
+        node.listeners = addrs
+            .iter()
+            .map(|(name, addr)| switchyard_mgmt::ListenerInfo {
+                protocol: listener_protocol(name).to_owned(),
+                addr: *addr,
+            })
+            .collect();
+        let state = switchyard_mgmt::Management::new(broker.clone(), node);
+        for (name, tcp, _) in http {
+            let router = if name == "prometheus" {
+                switchyard_mgmt::prometheus_router(state.clone())
+            } else {
+                switchyard_mgmt::management_router(state.clone())
+            };
+            let stop = shutdown.clone();
+            accept_loops.push(tokio::spawn(async move {
+                let served =
+                    switchyard_mgmt::serve(tcp, router, async move { stop.cancelled().await })
+                        .await;
+                if let Err(e) = served {
+                    warn!(protocol = name, error = %e, "HTTP listener failed");
+                }
+            }));
+        }
     }
     // Message TTL, queue expiry and delayed messages; stops with the listeners.
     accept_loops.push(tokio::spawn(run_timers(broker.clone(), shutdown.clone())));
@@ -345,6 +404,46 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     })
 }
 
+/// RabbitMQ's protocol name of a listener (what `/api/overview` lists and the
+/// health checks match), from the ready-file key.
+fn listener_protocol(name: &str) -> &str {
+    match name {
+        "mqtt_ws" => "http/web-mqtt",
+        "stomp_ws" => "http/web-stomp",
+        "management" => "http",
+        "prometheus" => "http/prometheus",
+        other => other,
+    }
+}
+
+/// Creates the config file's vhosts, users, permissions and policies that the
+/// store has never seen (see [`Config::boot_definitions`]), through the same
+/// commands as runtime administration. A definition whose vhost or user was
+/// deleted at runtime is skipped with a warning (and tried again next start).
+fn apply_boot_definitions(broker: &Broker, config: &Config) -> Result<(), ServerError> {
+    let mut created = 0;
+    for (id, command) in config.boot_definitions()? {
+        let what = command.describe();
+        match broker.seed(&id, command) {
+            Ok(true) => created += 1,
+            Ok(false) => {}
+            Err(e) if e.kind == switchyard_core::ErrorKind::NotFound => {
+                warn!(definition = %what, error = %e, "boot definition skipped");
+            }
+            Err(e) => {
+                return Err(ServerError::Config(ConfigError::Invalid {
+                    origin: config.origin().to_owned(),
+                    message: format!("{what}: {e}"),
+                }))
+            }
+        }
+    }
+    if created > 0 {
+        info!(created, "boot definitions applied");
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch: the time the core is given.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -360,6 +459,9 @@ async fn run_timers(broker: Arc<Broker>, shutdown: CancellationToken) {
     /// Longest sleep: bounds the damage of a missed wake-up (and of clock jumps).
     const MAX_SLEEP_MS: u64 = 1000;
     loop {
+        // Statistics samples every 5 s (the rate rings of stats.rs); this task
+        // wakes at least once a second, so no task of their own is needed.
+        broker.sample_stats(unix_ms());
         let next = broker.tick(unix_ms());
         let wait = next
             .min(broker.timers().earliest())
@@ -436,10 +538,10 @@ mod tests {
 
     fn local_config(dir: &std::path::Path) -> Config {
         let mut c = Config::embedded().unwrap();
-        c.listeners.amqp = Some("127.0.0.1:0".parse().unwrap());
-        // The shipped ports of the other listeners may be taken on a test machine.
-        c.listeners.stomp = Some("127.0.0.1:0".parse().unwrap());
-        c.listeners.stomp_ws = Some("127.0.0.1:0".parse().unwrap());
+        // The shipped ports may be taken on a test machine (Mosquitto, RabbitMQ).
+        c.listeners
+            .move_all_to_port_zero([127, 0, 0, 1].into())
+            .unwrap();
         c.data_dir = dir.join("data");
         c
     }
@@ -451,6 +553,10 @@ mod tests {
         assert!(dir.join("data").is_dir());
         let addr = server.local_addrs()["amqp"];
         assert_ne!(addr.port(), 0);
+        // Every listener of the shipped config runs, each on a port of its own.
+        let addrs = server.local_addrs();
+        assert!(addrs.len() >= 5, "{addrs:?}");
+        assert!(addrs.values().all(|a| a.ip().is_loopback()), "{addrs:?}");
         // Whether a connection ends in time on shutdown is the adapter's business;
         // here the listener must stop.
         drop(tokio::net::TcpStream::connect(addr).await.unwrap());

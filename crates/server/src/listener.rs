@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_amqp::AmqpSettings;
+use switchyard_core::connections::{Accepted, ACCEPTED};
 use switchyard_core::Broker;
 use switchyard_mqtt::{MqttSettings, MqttState};
 use switchyard_stomp::StompSettings;
@@ -54,6 +55,8 @@ impl Protocol {
 pub(crate) struct Listener {
     pub(crate) protocol: Protocol,
     pub(crate) listener: TcpListener,
+    /// The address the listener is bound to.
+    pub(crate) local: SocketAddr,
     pub(crate) limit: Arc<Semaphore>,
     pub(crate) broker: Arc<Broker>,
     pub(crate) shutdown: CancellationToken,
@@ -98,87 +101,104 @@ impl Listener {
             let token = self.shutdown.child_token();
             let broker = self.broker.clone();
             let span = tracing::info_span!("conn", protocol = name, %peer);
+            // What the session reports to the connection registry: the socket's
+            // own local address (the listener's may be 0.0.0.0).
+            let facts = Accepted {
+                local: socket.local_addr().unwrap_or(self.local),
+                tls: false,
+                websocket: matches!(self.protocol, Protocol::MqttWs(..) | Protocol::StompWs(..)),
+            };
             match &self.protocol {
                 Protocol::Mqtt(settings, state) => {
                     let (settings, state) = (settings.clone(), state.clone());
                     self.connections.spawn(
-                        async move {
-                            switchyard_mqtt::serve(socket, peer, broker, state, settings, token)
+                        ACCEPTED
+                            .scope(facts, async move {
+                                switchyard_mqtt::serve(
+                                    socket, peer, broker, state, settings, token,
+                                )
                                 .await;
-                            drop(permit);
-                            debug!("connection ended");
-                        }
-                        .instrument(span),
+                                drop(permit);
+                                debug!("connection ended");
+                            })
+                            .instrument(span),
                     );
                 }
                 Protocol::MqttWs(settings, state, ws) => {
                     let (settings, state, ws) = (settings.clone(), state.clone(), ws.clone());
                     self.connections.spawn(
-                        async move {
-                            // The upgrade counts against the handshake timeout too.
-                            let upgrade = tokio::time::timeout(
-                                settings.handshake_timeout,
-                                crate::ws::accept(socket, &ws),
-                            );
-                            match upgrade.await {
-                                Ok(Ok(stream)) => {
-                                    switchyard_mqtt::serve(
-                                        stream, peer, broker, state, settings, token,
-                                    )
-                                    .await;
+                        ACCEPTED
+                            .scope(facts, async move {
+                                // The upgrade counts against the handshake timeout too.
+                                let upgrade = tokio::time::timeout(
+                                    settings.handshake_timeout,
+                                    crate::ws::accept(socket, &ws),
+                                );
+                                match upgrade.await {
+                                    Ok(Ok(stream)) => {
+                                        switchyard_mqtt::serve(
+                                            stream, peer, broker, state, settings, token,
+                                        )
+                                        .await;
+                                    }
+                                    Ok(Err(e)) => debug!(error = %e, "WebSocket upgrade failed"),
+                                    Err(_) => debug!("WebSocket upgrade timed out"),
                                 }
-                                Ok(Err(e)) => debug!(error = %e, "WebSocket upgrade failed"),
-                                Err(_) => debug!("WebSocket upgrade timed out"),
-                            }
-                            drop(permit);
-                            debug!("connection ended");
-                        }
-                        .instrument(span),
+                                drop(permit);
+                                debug!("connection ended");
+                            })
+                            .instrument(span),
                     );
                 }
                 Protocol::Amqp(settings) => {
                     let settings = settings.clone();
                     self.connections.spawn(
-                        async move {
-                            switchyard_amqp::serve(socket, peer, broker, settings, token).await;
-                            drop(permit);
-                            debug!("connection ended");
-                        }
-                        .instrument(span),
+                        ACCEPTED
+                            .scope(facts, async move {
+                                switchyard_amqp::serve(socket, peer, broker, settings, token).await;
+                                drop(permit);
+                                debug!("connection ended");
+                            })
+                            .instrument(span),
                     );
                 }
                 Protocol::Stomp(settings) => {
                     let settings = settings.clone();
                     self.connections.spawn(
-                        async move {
-                            switchyard_stomp::serve(socket, peer, broker, settings, token).await;
-                            drop(permit);
-                            debug!("connection ended");
-                        }
-                        .instrument(span),
+                        ACCEPTED
+                            .scope(facts, async move {
+                                switchyard_stomp::serve(socket, peer, broker, settings, token)
+                                    .await;
+                                drop(permit);
+                                debug!("connection ended");
+                            })
+                            .instrument(span),
                     );
                 }
                 Protocol::StompWs(settings, ws) => {
                     let (settings, ws) = (settings.clone(), ws.clone());
                     self.connections.spawn(
-                        async move {
-                            // The upgrade counts against the handshake timeout too.
-                            let upgrade = tokio::time::timeout(
-                                settings.handshake_timeout,
-                                crate::ws::accept(socket, &ws),
-                            );
-                            match upgrade.await {
-                                Ok(Ok(stream)) => {
-                                    switchyard_stomp::serve(stream, peer, broker, settings, token)
+                        ACCEPTED
+                            .scope(facts, async move {
+                                // The upgrade counts against the handshake timeout too.
+                                let upgrade = tokio::time::timeout(
+                                    settings.handshake_timeout,
+                                    crate::ws::accept(socket, &ws),
+                                );
+                                match upgrade.await {
+                                    Ok(Ok(stream)) => {
+                                        switchyard_stomp::serve(
+                                            stream, peer, broker, settings, token,
+                                        )
                                         .await;
+                                    }
+                                    Ok(Err(e)) => debug!(error = %e, "WebSocket upgrade failed"),
+                                    Err(_) => debug!("WebSocket upgrade timed out"),
                                 }
-                                Ok(Err(e)) => debug!(error = %e, "WebSocket upgrade failed"),
-                                Err(_) => debug!("WebSocket upgrade timed out"),
-                            }
-                            drop(permit);
-                            debug!("connection ended");
-                        }
-                        .instrument(span),
+                                drop(permit);
+                                debug!("connection ended");
+                            })
+                            .instrument(span),
                     );
                 }
             }

@@ -17,6 +17,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
+use switchyard_core::admin::MetaWrite;
 use switchyard_core::message::Message;
 use switchyard_core::persist::{
     BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store, StoredRef,
@@ -144,5 +145,8 @@ impl Store for DiskStore {
     }
     fn records(&self, kind: &str) -> io::Result<Vec<(String, Vec<u8>)>> {
         self.meta.records(kind)
+    }
+    fn apply_meta(&self, writes: &[MetaWrite]) -> io::Result<()> {
+        self.meta.apply(writes)
     }
 }

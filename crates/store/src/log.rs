@@ -75,7 +75,8 @@ struct Shared {
 #[derive(Debug)]
 pub struct MessageLog {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer thread; it returns whether everything handed to it was written.
+    writer: Mutex<Option<JoinHandle<bool>>>,
 }
 
 /// What recovery found in the log for the queues that still exist.
@@ -493,7 +494,8 @@ impl MessageLog {
         self.shared.pending.lock().shutdown = true;
         self.shared.wake.notify_one();
         if let Some(writer) = self.writer.lock().take() {
-            if writer.join().is_ok() {
+            // Marked clean only if everything appended is on disk.
+            if writer.join().unwrap_or(false) {
                 let marked = File::create(self.shared.dir.join(CLEAN_MARKER))
                     .and_then(|f| f.sync_all())
                     .and_then(|()| File::open(&self.shared.dir)?.sync_all());
@@ -534,7 +536,9 @@ fn delete_dead_segments(shared: &Shared, current: u32, existing: &[u32]) {
     }
 }
 
-fn writer_loop(shared: &Shared) {
+/// Writes what is appended, in batches, until the log is closed; returns whether
+/// everything handed to it was written.
+fn writer_loop(shared: &Shared) -> bool {
     let mut files: BTreeMap<u32, File> = BTreeMap::new();
     loop {
         let (chunks, position, current, shutdown) = {
@@ -550,11 +554,18 @@ fn writer_loop(shared: &Shared) {
             )
         };
         if chunks.is_empty() && shutdown {
-            break;
+            return true;
         }
         let mut backoff = Duration::from_millis(10);
         while let Err(e) = write_batch(shared, &mut files, &chunks) {
-            // Nothing of this batch is confirmed until it is on disk; keep trying.
+            // Nothing of this batch is confirmed until it is on disk; keep trying,
+            // unless the log is being closed: then nobody waits for a confirm any
+            // more, and retrying forever would hang the close (and the process)
+            // on a disk that fails or a data directory that was removed.
+            if shared.pending.lock().shutdown {
+                tracing::error!(error = %e, "cannot write the message log while closing; giving up (nothing of it was confirmed)");
+                return false;
+            }
             tracing::error!(error = %e, "cannot write the message log; retrying");
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -11,6 +11,7 @@ use std::io;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use switchyard_core::admin::MetaWrite;
 use switchyard_core::exchange::DestinationName;
 use switchyard_core::persist::{BindingRecord, ExchangeRecord, QueueRecord};
 
@@ -156,6 +157,81 @@ impl MetaStore {
         self.write(|txn| {
             let mut t = txn.open_table(RECORDS).map_err(io_err)?;
             t.remove(key(kind, k).as_str()).map_err(io_err)?;
+            Ok(())
+        })
+    }
+
+    /// Commits the writes of one metadata command in one transaction.
+    pub fn apply(&self, writes: &[MetaWrite]) -> io::Result<()> {
+        self.write(|txn| {
+            for w in writes {
+                match w {
+                    MetaWrite::Put {
+                        kind,
+                        key: k,
+                        value,
+                    } => {
+                        let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+                        t.insert(key(kind, k).as_str(), value.as_slice())
+                            .map_err(io_err)?;
+                    }
+                    MetaWrite::Delete { kind, key: k } => {
+                        let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+                        t.remove(key(kind, k).as_str()).map_err(io_err)?;
+                    }
+                    MetaWrite::DeletePrefix { kind, prefix } => {
+                        let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+                        let from = key(kind, prefix);
+                        let to = format!("{kind}\u{1}");
+                        let mut doomed = Vec::new();
+                        for entry in t.range(from.as_str()..to.as_str()).map_err(io_err)? {
+                            let (k, _) = entry.map_err(io_err)?;
+                            let k = k.value();
+                            if !k.starts_with(from.as_str()) {
+                                break;
+                            }
+                            doomed.push(k.to_owned());
+                        }
+                        for k in doomed {
+                            t.remove(k.as_str()).map_err(io_err)?;
+                        }
+                    }
+                    MetaWrite::DeleteVhostEntities { vhost } => {
+                        let prefix = format!("{vhost}\0");
+                        for table in [EXCHANGES, QUEUES] {
+                            let mut t = txn.open_table(table).map_err(io_err)?;
+                            let mut doomed = Vec::new();
+                            for entry in t.iter().map_err(io_err)? {
+                                let (k, _) = entry.map_err(io_err)?;
+                                if k.value().starts_with(prefix.as_str()) {
+                                    doomed.push(k.value().to_owned());
+                                }
+                            }
+                            for k in doomed {
+                                t.remove(k.as_str()).map_err(io_err)?;
+                            }
+                        }
+                        remove_bindings(txn, |b| &b.vhost == vhost)?;
+                        // Adapters' records of the vhost (keyed `vhost \0 ...`,
+                        // kinds outside `meta.`): MQTT sessions and retained
+                        // messages go with it.
+                        let mut t = txn.open_table(RECORDS).map_err(io_err)?;
+                        let mut doomed = Vec::new();
+                        for entry in t.iter().map_err(io_err)? {
+                            let (k, _) = entry.map_err(io_err)?;
+                            let k = k.value();
+                            if let Some((kind, rest)) = k.split_once('\0') {
+                                if !kind.starts_with("meta.") && rest.starts_with(prefix.as_str()) {
+                                    doomed.push(k.to_owned());
+                                }
+                            }
+                        }
+                        for k in doomed {
+                            t.remove(k.as_str()).map_err(io_err)?;
+                        }
+                    }
+                }
+            }
             Ok(())
         })
     }

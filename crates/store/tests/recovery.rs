@@ -351,3 +351,31 @@ fn adapter_records_survive_a_reopen_per_kind() {
     );
     assert!(store.records("b").unwrap().is_empty());
 }
+
+/// Closing a log that cannot be written (a failing disk, or here its directory
+/// removed, as a test's temporary directory is) returns instead of retrying
+/// forever: nothing waits for a confirm any more, and the process must be able
+/// to end. What could not be written is not marked cleanly closed.
+#[test]
+fn closing_a_log_that_cannot_be_written_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, _) = DiskStore::open(dir.path()).unwrap();
+    let q = store.new_queue_id().unwrap();
+    store.save_queue(&queue(q, "q")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("messages")).unwrap();
+    let (_, position) = store.append_message(&[q], &msg("lost"));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        store.close();
+        done_tx.send(*store.synced().borrow()).unwrap();
+    });
+    let synced = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("close() did not return");
+    closer.join().unwrap();
+    assert!(
+        synced < position,
+        "an unwritten message was reported synced"
+    );
+    assert!(!dir.path().join("messages/clean-shutdown").exists());
+}

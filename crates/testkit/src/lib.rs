@@ -10,7 +10,8 @@
 //! the workspace's panic lints are relaxed for this crate alone.
 #![allow(clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,47 @@ use tokio::net::TcpStream;
 
 pub use switchyard_server::config;
 
+pub mod amqp;
+pub mod child;
+pub mod http;
 pub mod stomp;
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// The shipped `config.toml` as text for a broker run as a child process
+/// (`switchyard --config FILE`): every listener of it on 127.0.0.1 port 0
+/// (read the ports from `--ready-file`), `data_dir` set, and each `(key, value)`
+/// of `overrides` (a TOML value, e.g. `("heartbeat_secs", "5")`) replacing that
+/// key's value in whichever table has it.
+pub fn child_config_toml(data_dir: &Path, overrides: &[(&str, &str)]) -> String {
+    let mut config: toml::Table = toml::from_str(config::EMBEDDED_CONFIG)
+        .expect("testkit: the built-in config.toml is invalid");
+    let listeners = config
+        .get_mut("listeners")
+        .expect("testkit: the built-in config.toml has no [listeners]");
+    config::move_addresses_to_port_zero(listeners, LOOPBACK);
+    config.insert(
+        "data_dir".into(),
+        toml::Value::String(data_dir.display().to_string()),
+    );
+    for (key, value) in overrides {
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| panic!("testkit: {value} is not a TOML value"));
+        let table = if config.contains_key(*key) {
+            &mut config
+        } else {
+            config
+                .iter_mut()
+                .filter_map(|(_, v)| v.as_table_mut())
+                .find(|t| t.contains_key(*key))
+                .unwrap_or_else(|| panic!("testkit: no key {key} in the built-in config.toml"))
+        };
+        table.insert((*key).to_owned(), value);
+    }
+    toml::to_string(&config).expect("testkit: cannot write the config back")
+}
 
 /// How long [`RawClient::read_exact`] waits before failing the test.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,22 +77,22 @@ pub struct TestBroker {
     _data_dir: TempDir,
 }
 
-/// Starts a broker with the shipped configuration, listening on 127.0.0.1 port 0.
+/// Starts a broker with the shipped configuration, every listener on 127.0.0.1 port 0.
 pub async fn start_broker() -> TestBroker {
     start_broker_with(|_| {}).await
 }
 
 /// Like [`start_broker`], after `configure` has changed the configuration (limits,
-/// users, ...). The AMQP listener and `data_dir` are set before `configure` runs,
-/// so it may change them too.
+/// users, ...). The listeners and `data_dir` are set before `configure` runs, so
+/// it may change them too.
 pub async fn start_broker_with(configure: impl FnOnce(&mut Config)) -> TestBroker {
     let data_dir = tempfile::tempdir().expect("testkit: cannot create a temporary directory");
     let mut config = Config::embedded().expect("testkit: the built-in config.toml is invalid");
-    config.listeners.amqp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.listeners.mqtt = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.listeners.mqtt_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.listeners.stomp = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.listeners.stomp_ws = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    // Every listener, whatever its name: the default ports may be taken here.
+    config
+        .listeners
+        .move_all_to_port_zero(LOOPBACK)
+        .unwrap_or_else(|e| panic!("testkit: cannot move the listeners: {e}"));
     config.data_dir = data_dir.path().join("data");
     configure(&mut config);
     let server = switchyard_server::start(config)
@@ -108,6 +149,29 @@ impl TestBroker {
             .local_addrs()
             .get("mqtt_ws")
             .expect("testkit: the configuration has no MQTT WebSocket listener")
+    }
+
+    /// The address of the HTTP management listener (API and UI).
+    pub fn management_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("management")
+            .expect("testkit: the configuration has no management listener")
+    }
+
+    /// `http://127.0.0.1:PORT/api`, the management API's root.
+    pub fn api_url(&self) -> String {
+        format!("http://{}/api", self.management_addr())
+    }
+
+    /// The address of the Prometheus listener.
+    pub fn prometheus_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("prometheus")
+            .expect("testkit: the configuration has no Prometheus listener")
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`, for client libraries.
@@ -272,5 +336,52 @@ mod tests {
         peer.write_all(b"bye").await.unwrap();
         drop(peer);
         assert_eq!(client.expect_closed(Duration::from_secs(5)).await, b"bye");
+    }
+}
+
+/// A broker for tests written with blocking HTTP clients (which must not run on
+/// a tokio worker thread): the broker runs on its own runtime, the test thread
+/// stays free. Stops the broker when dropped.
+pub struct BlockingBroker {
+    runtime: tokio::runtime::Runtime,
+    broker: Option<TestBroker>,
+}
+
+impl BlockingBroker {
+    /// Starts a broker like [`start_broker_with`], on a runtime of its own.
+    pub fn start_with(configure: impl FnOnce(&mut Config)) -> BlockingBroker {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("testkit: cannot build a tokio runtime");
+        let broker = runtime.block_on(start_broker_with(configure));
+        BlockingBroker {
+            runtime,
+            broker: Some(broker),
+        }
+    }
+
+    pub fn start() -> BlockingBroker {
+        Self::start_with(|_| {})
+    }
+
+    pub fn broker(&self) -> &TestBroker {
+        self.broker
+            .as_ref()
+            .expect("testkit: the broker is running until drop")
+    }
+
+    /// Runs a future (an AMQP, MQTT or STOMP client) on the broker's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+impl Drop for BlockingBroker {
+    fn drop(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            self.runtime.block_on(broker.stop());
+        }
     }
 }

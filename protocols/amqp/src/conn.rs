@@ -45,6 +45,9 @@ const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// How long to wait for the client's close-ok after our connection.close.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the socket stays open after our close-ok for the client to close it
+/// (RabbitMQ's `CLOSING_TIMEOUT`; a shorter negotiated heartbeat wins).
+const PEER_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one AMQP connection until it closes or `shutdown` fires (then the
 /// client gets connection.close 320 CONNECTION_FORCED).
@@ -77,6 +80,15 @@ pub async fn serve<S>(
             // Flush what is left (e.g. connection.close-ok), then close.
             if !output.is_empty() {
                 let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, writer.write_all(&output)).await;
+            }
+            if session.peer_closes() && !shutting_down {
+                let hb = Duration::from_secs(u64::from(session.heartbeat()));
+                let wait = if hb.is_zero() {
+                    PEER_CLOSE_TIMEOUT
+                } else {
+                    hb.min(PEER_CLOSE_TIMEOUT)
+                };
+                await_peer_close(&mut reader, &mut input, Instant::now() + wait, &shutdown).await;
             }
             break;
         }
@@ -169,6 +181,27 @@ pub async fn serve<S>(
     let _ = writer.shutdown().await;
     let reason = session.close_reason().unwrap_or("closed");
     tracing::debug!(%peer, user = session.user(), reason, "AMQP connection closed");
+}
+
+/// After our close-ok, leaves the socket open until the client closes it (reading
+/// and dropping anything it still sends), `deadline` passes or the broker stops.
+async fn await_peer_close<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        input.clear();
+        tokio::select! {
+            read = reader.read_buf(input) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            () = sleep_until(deadline) => return,
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Waits for the store's synced position to move; false if it never will.

@@ -744,6 +744,28 @@ impl MqttState {
         data.incoming_qos2.clear();
     }
 
+    /// Forgets everything of a deleted vhost in memory: its sessions (their
+    /// records, queues and retained messages were deleted with the vhost, in
+    /// the store's transaction) and retained messages. A connection still
+    /// attached is being closed by the broker; its detach then ends the session
+    /// without writing anything back.
+    pub fn forget_vhost(&self, vhost: &str) {
+        let mut sessions = self.sessions.lock();
+        sessions.retain(|key, session| {
+            if key.vhost != vhost {
+                return true;
+            }
+            let mut data = session.lock();
+            data.expiry_secs = 0;
+            data.stored = None;
+            false
+        });
+        drop(sessions);
+        self.retained.by_vhost.lock().remove(vhost);
+        self.shared.lock().retain(|(v, _), _| v != vhost);
+        self.wills.lock().retain(|w| w.key.vhost != vhost);
+    }
+
     /// Counts one more session subscribed through a shared queue.
     pub fn acquire_shared(&self, vhost: &str, queue: &str) {
         *self

@@ -15,6 +15,7 @@ use switchyard_core::consumer::{Consumer, ConsumerOptions, Credit, Delivery, Out
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::exchange::ExchangeOptions;
 use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
+use switchyard_core::stats::{SourceGuard, Stat};
 use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, Routed, VHost, DIRECT_REPLY_TO};
 use switchyard_core::{Broker, Message, Properties};
 
@@ -142,13 +143,16 @@ pub(crate) struct Channel {
     last_queue: Option<String>,
     /// This channel's direct reply-to address, if it consumes one.
     reply_to: Option<String>,
+    /// The channel's message statistics (stats.rs): written by this
+    /// connection's task only.
+    stats: SourceGuard,
 }
 
 /// What completing a content-bearing publish yields.
 pub(crate) type Published = (codec::BasicPublish, Properties, Bytes);
 
 impl Channel {
-    pub(crate) fn new(id: u16) -> Self {
+    pub(crate) fn new(id: u16, stats: SourceGuard) -> Self {
         Channel {
             id,
             closing: false,
@@ -167,6 +171,7 @@ impl Channel {
             tx: None,
             last_queue: None,
             reply_to: None,
+            stats,
         }
     }
 
@@ -198,6 +203,7 @@ impl Channel {
     pub(crate) fn forget_consumer(&mut self, consumer: &Arc<Consumer>) -> bool {
         if self.has_consumer(consumer) {
             self.consumers.remove(consumer.tag());
+            self.stats.set_consumers(self.consumers.len());
             true
         } else {
             false
@@ -374,6 +380,20 @@ impl Channel {
             .vhost
             .publish_at(message.clone(), now)
             .map_err(MethodError::from)?;
+        self.stats.published(message.body_size());
+        if self.confirm {
+            self.stats.add(Stat::PublishConfirm, 1);
+        }
+        if routed.queues == 0 {
+            self.stats.add(
+                if mandatory {
+                    Stat::ReturnUnroutable
+                } else {
+                    Stat::DropUnroutable
+                },
+                1,
+            );
+        }
         if routed.queues == 0 && mandatory {
             let ret = codec::BasicReturn {
                 reply_code: reply_code::NO_ROUTE,
@@ -425,6 +445,7 @@ impl Channel {
         if !self.confirm || self.closing {
             return;
         }
+        let before = self.confirmed;
         // Refused publishes are nacked one by one, in order with the acks around them.
         while let Some(&seq) = self.nacks.front().filter(|&&seq| seq <= confirmable) {
             self.nacks.pop_front();
@@ -451,6 +472,8 @@ impl Channel {
             codec::encode_method(out, self.id, &Method::from(ack));
             self.confirmed = confirmable;
         }
+        self.stats
+            .add(Stat::Confirm, self.confirmed.saturating_sub(before));
     }
 
     // ---- deliveries ----
@@ -458,6 +481,16 @@ impl Channel {
     pub(crate) fn write_delivery(&mut self, out: &mut BytesMut, d: Delivery, frame_max: u32) {
         let tag = self.next_tag;
         self.next_tag += 1;
+        let qt = d.queue.queue_type();
+        if d.message.redelivered {
+            self.stats.add_for(qt, Stat::Redeliver, 1);
+        }
+        let kind = if d.consumer.no_ack() {
+            Stat::DeliverNoAck
+        } else {
+            Stat::Deliver
+        };
+        self.stats.add_for(qt, kind, 1);
         let msg = &d.message.message;
         let deliver = codec::BasicDeliver {
             consumer_tag: d.consumer.tag().to_owned(),
@@ -515,6 +548,11 @@ impl Channel {
         requeue: Option<bool>,
     ) -> Result<(), MethodError> {
         let entries = self.take_unacked(tag, multiple)?;
+        if requeue.is_none() {
+            for e in &entries {
+                self.stats.add_for(e.queue.queue_type(), Stat::Ack, 1);
+            }
+        }
         settle_entries(entries, Outcome::of(requeue), Some(vhost));
         self.redispatch();
         Ok(())
@@ -544,6 +582,7 @@ impl Channel {
             }
         }
         self.reply_to = None;
+        self.stats.set_consumers(0);
     }
 
     // ---- methods ----
@@ -552,6 +591,11 @@ impl Channel {
         let id = self.id;
         match method {
             Method::BasicPublish(m) => {
+                if m.immediate {
+                    // RabbitMQ dropped `immediate` in 3.0 and refuses it with this
+                    // connection error, before looking at anything else.
+                    return Err(ConnError::not_implemented("immediate=true").into());
+                }
                 // The exchange is checked when the content is complete (as RabbitMQ).
                 self.content = Some(Content {
                     publish: m,
@@ -591,7 +635,9 @@ impl Channel {
             }
             Method::BasicConsume(m) => self.consume(ctx, m),
             Method::BasicCancel(m) => {
-                if let Some(e) = self.consumers.remove(&m.consumer_tag) {
+                let removed = self.consumers.remove(&m.consumer_tag);
+                self.stats.set_consumers(self.consumers.len());
+                if let Some(e) = removed {
                     e.consumer.deactivate();
                     match e.reply_to {
                         Some(address) => {
@@ -980,6 +1026,7 @@ impl Channel {
             }
         };
         self.consumers.insert(tag.clone(), entry);
+        self.stats.set_consumers(self.consumers.len());
         if !m.no_wait {
             ctx.send(self.id, codec::BasicConsumeOk { consumer_tag: tag });
         }
@@ -991,7 +1038,9 @@ impl Channel {
         ctx.check(Access::Read, Resource::Queue, &name)?;
         let queue = ctx.vhost.queue(&name)?;
         ctx.vhost.check_owner(&queue, ctx.connection)?;
+        let qt = queue.queue_type();
         let Some(got) = queue.get(m.no_ack) else {
+            self.stats.add_for(qt, Stat::GetEmpty, 1);
             ctx.send(
                 self.id,
                 codec::BasicGetEmpty {
@@ -1002,6 +1051,11 @@ impl Channel {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
+        if got.message.redelivered {
+            self.stats.add_for(qt, Stat::Redeliver, 1);
+        }
+        self.stats
+            .add_for(qt, if m.no_ack { Stat::GetNoAck } else { Stat::Get }, 1);
         let msg = &got.message.message;
         let ok = codec::BasicGetOk {
             delivery_tag: tag,

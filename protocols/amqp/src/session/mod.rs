@@ -20,8 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::{Outbox, Outgoing};
 use switchyard_core::queue::Queue;
+use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, CoreError, ErrorKind, FieldTable, FieldValue};
 use tokio::sync::watch;
@@ -212,23 +214,37 @@ pub struct Session {
     outbox: Arc<Outbox>,
     /// Exclusive queues this connection declared: deleted when it closes.
     exclusive_queues: Vec<Arc<Queue>>,
-    /// Cache of write permission per exchange: permissions only change with the
-    /// config, and a regex match per publish would dominate small messages.
+    /// Cache of write permission per exchange: a regex match per publish would
+    /// dominate small messages. Dropped when the broker's permissions change
+    /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
+    perm_generation: u64,
+    /// The client's properties from connection.start-ok, for the registry.
+    client_properties: FieldTable,
+    /// In the broker's connection registry from connection.open on.
+    registration: Option<ConnectionGuard>,
     /// Whether this connection has published (the memory alarm blocks publishers).
     has_published: bool,
     /// Whether connection.blocked was sent and not yet unblocked.
     blocked_sent: bool,
     /// Why the connection ended, for the log.
     close_reason: Option<String>,
+    /// The client started the close handshake and has our close-ok: it closes the
+    /// socket itself, and must be given the time to (see [`Session::peer_closes`]).
+    peer_closes: bool,
     /// The store's synced position (None: no store, nothing to wait for).
     synced: Option<watch::Receiver<u64>>,
+    /// Counts the connection in the node's opened/closed totals.
+    _counted: CountedConnection,
+    /// The connection's own statistics (octets), from connection.open on.
+    stats: Option<SourceGuard>,
 }
 
 impl Session {
     pub fn new(broker: Arc<Broker>, settings: Arc<AmqpSettings>, peer: SocketAddr) -> Self {
         let id = broker.next_id();
         let synced = broker.synced();
+        let counted = broker.stats.open_connection();
         Session {
             broker,
             settings,
@@ -246,15 +262,25 @@ impl Session {
             outbox: Outbox::new(OUTBOX_CAPACITY),
             exclusive_queues: Vec::new(),
             write_allowed: HashMap::new(),
+            perm_generation: 0,
+            client_properties: FieldTable::new(),
+            registration: None,
             has_published: false,
             blocked_sent: false,
             close_reason: None,
+            peer_closes: false,
+            _counted: counted,
+            stats: None,
             synced,
         }
     }
 
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
+        // What the caller takes now is what goes out on the wire.
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::SendOct, self.out.len() as u64);
+        }
         &mut self.out
     }
 
@@ -270,6 +296,17 @@ impl Session {
     /// The socket should be closed once the output is flushed.
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// The connection ended with our close-ok to the client's connection.close: the
+    /// client closes the socket once it has read the close-ok, and the socket must
+    /// stay open until then (as RabbitMQ keeps it, for up to 30 s).
+    ///
+    /// Closing it first puts our FIN right behind the close-ok, and a client that
+    /// reads until the socket would block before it parses (lapin 2.x) then sees
+    /// end-of-stream before the close-ok and reports `ConnectionAborted`.
+    pub fn peer_closes(&self) -> bool {
+        self.peer_closes && self.state == State::Closed
     }
 
     /// connection.open-ok has been sent: the handshake timeout no longer applies.
@@ -323,6 +360,19 @@ impl Session {
     /// Feeds bytes read from the socket. Whole frames are consumed from `input`;
     /// a partial frame stays for the next call.
     pub fn handle_input(&mut self, input: &mut BytesMut) {
+        let generation = self.broker.auth.generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.write_allowed.clear();
+        }
+        let before = input.len();
+        self.handle_frames(input);
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
+        }
+    }
+
+    fn handle_frames(&mut self, input: &mut BytesMut) {
         while !matches!(self.state, State::Closed) {
             if self.state == State::Header {
                 match codec::decode_protocol_header(input) {
@@ -431,6 +481,7 @@ impl Session {
                                 0,
                                 &Method::from(codec::ConnectionCloseOk {}),
                             );
+                            self.peer_closes = true;
                         }
                         self.state = State::Closed;
                     }
@@ -612,6 +663,7 @@ impl Session {
             (State::Running, Method::ConnectionClose(_)) => {
                 codec::encode_method(&mut self.out, 0, &Method::from(codec::ConnectionCloseOk {}));
                 self.finish("client closed the connection".into());
+                self.peer_closes = true;
                 Ok(())
             }
             (_, Method::ConnectionClose(_)) => {
@@ -640,6 +692,7 @@ impl Session {
     }
 
     fn handle_start_ok(&mut self, m: codec::ConnectionStartOk) -> Result<(), ConnError> {
+        self.client_properties = m.client_properties.clone();
         if let Some(caps) = m
             .client_properties
             .get("capabilities")
@@ -748,6 +801,25 @@ impl Session {
             .auth
             .check_vhost(&self.user, &name)
             .map_err(|e| ConnError::not_allowed(e.text))?;
+        self.stats =
+            Some(
+                self.broker
+                    .stats
+                    .open_source(Protocol::Amqp091, self.id, 0, &name, false),
+            );
+        let mut info = ConnectionInfo::new(
+            protocol::AMQP_091,
+            &self.user,
+            &name,
+            self.peer,
+            self.broker.timers().now_ms(),
+        );
+        info.client_properties = std::mem::take(&mut self.client_properties);
+        let guard = self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+            .map_err(|e| ConnError::not_allowed(e.text))?;
+        self.registration = Some(guard);
         self.vhost = Some(vhost);
         codec::encode_method(
             &mut self.out,
@@ -778,7 +850,17 @@ impl Session {
                 ))
                 .during(&method));
             }
-            self.channels.insert(id, Channel::new(id));
+            // The user's `max-channels` limit over all its connections.
+            self.broker
+                .admit_channel(&self.user)
+                .map_err(|e| ConnError::not_allowed(e.text))?;
+            let vhost = self.vhost.as_ref().map_or("/", |v| v.name.as_str());
+            let stats = self
+                .broker
+                .stats
+                .open_source(Protocol::Amqp091, self.id, id, vhost, true);
+            self.channels.insert(id, Channel::new(id, stats));
+            self.count_channels();
             codec::encode_method(
                 &mut self.out,
                 id,
@@ -799,6 +881,7 @@ impl Session {
             match method {
                 Method::ChannelCloseOk(_) => {
                     self.channels.remove(&id);
+                    self.count_channels();
                 }
                 Method::ChannelClose(_) => {
                     codec::encode_method(
@@ -822,6 +905,7 @@ impl Session {
                 if let Some(mut ch) = self.channels.remove(&id) {
                     ch.release(self.vhost.as_deref());
                 }
+                self.count_channels();
                 codec::encode_method(&mut self.out, id, &Method::from(codec::ChannelCloseOk {}));
                 Ok(())
             }
@@ -853,9 +937,38 @@ impl Session {
 
     // ---- deliveries ----
 
+    /// Tells the registry how many channels are open (for listings and the
+    /// users' `max-channels`).
+    fn count_channels(&self) {
+        if let Some(g) = &self.registration {
+            g.set_channels(u32::try_from(self.channels.len()).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// The registry of the broker's live connections, while registered: the
+    /// management API's counters live there.
+    pub fn registration(&self) -> Option<&ConnectionGuard> {
+        self.registration.as_ref()
+    }
+
     /// Encodes what queues put in the outbox, and lets queues that were held back
-    /// for lack of outbox room dispatch again.
+    /// for lack of outbox room dispatch again. First honours a close request
+    /// from the broker (an operator, a deleted user or vhost): connection.close
+    /// 320 CONNECTION_FORCED with the reason, as RabbitMQ.
     pub fn handle_outbox(&mut self) {
+        if let Some(reason) = self
+            .registration
+            .as_ref()
+            .and_then(ConnectionGuard::take_close_request)
+        {
+            tracing::info!(peer = %self.peer, user = %self.user, %reason, "closing AMQP connection on request");
+            self.close_connection(ConnError::new(
+                reply_code::CONNECTION_FORCED,
+                "CONNECTION_FORCED",
+                reason,
+            ));
+            return;
+        }
         let items = self.outbox.drain();
         for item in items {
             match item {
@@ -929,6 +1042,8 @@ impl Session {
         }
         // Deliveries already in the outbox go back to their queues too.
         self.outbox.give_back_all();
+        // Out of the registry: no longer listed, counted or closable.
+        self.registration = None;
     }
 }
 

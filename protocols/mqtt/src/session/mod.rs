@@ -25,9 +25,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::auth::{Access, Resource};
+use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::Consumer;
 use switchyard_core::consumer::{ConsumerOptions, Credit, Delivery, Outbox, Outgoing};
 use switchyard_core::queue::QueueOptions;
+use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::{QueueDeclare, VHost};
 use switchyard_core::{Broker, FieldTable};
 use tokio::sync::watch;
@@ -138,6 +140,11 @@ pub struct Session {
     may_read_sys: Option<bool>,
     /// Counted in `$SYS/broker/clients/connected`.
     counted_connected: bool,
+    /// The broker's permission generation `may_write`/`may_read` were cached
+    /// at: a runtime change drops them (from the next read batch on).
+    perm_generation: u64,
+    /// In the broker's connection registry while connected.
+    registration: Option<ConnectionGuard>,
     has_published: bool,
     close_reason: Option<String>,
     finished: bool,
@@ -151,6 +158,11 @@ pub struct Session {
     /// PUBACKs among `pending_acks`: QoS 1 PUBLISHes the client sent that we
     /// have not acknowledged yet, counted against our Receive Maximum.
     unacked_qos1: usize,
+    /// Counts the connection in the node's opened/closed totals.
+    _counted: CountedConnection,
+    /// The session's message statistics (stats.rs), from CONNECT on; written by
+    /// this connection's task only.
+    stats: Option<SourceGuard>,
 }
 
 impl Session {
@@ -163,7 +175,10 @@ impl Session {
         let id = broker.next_id();
         let decoder = Decoder::new(settings.max_packet_size_unauthenticated);
         let synced = broker.synced();
+        let counted = broker.stats.open_connection();
         Session {
+            _counted: counted,
+            stats: None,
             broker,
             state,
             peer,
@@ -193,6 +208,8 @@ impl Session {
             may_read: None,
             may_read_sys: None,
             counted_connected: false,
+            perm_generation: 0,
+            registration: None,
             has_published: false,
             close_reason: None,
             finished: false,
@@ -275,6 +292,10 @@ impl Session {
 
     /// Packets produced so far, to be written to the socket.
     pub fn output(&mut self) -> &mut BytesMut {
+        // What the caller takes now is what goes out on the wire.
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::SendOct, self.out.len() as u64);
+        }
         &mut self.out
     }
 
@@ -355,6 +376,7 @@ impl Session {
         }
         self.close_reason = Some(c.text);
         self.phase = Phase::Closed;
+        self.registration = None;
     }
 
     /// Refuses a CONNECT with a CONNACK carrying the code, then closes.
@@ -379,6 +401,21 @@ impl Session {
 
     /// Decodes and handles every complete packet in `input`.
     pub fn handle_input(&mut self, input: &mut BytesMut, now: Now) {
+        let generation = self.broker.auth.generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.may_write = None;
+            self.may_read = None;
+            self.may_read_sys = None;
+        }
+        let before = input.len();
+        self.handle_packets(input, now);
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
+        }
+    }
+
+    fn handle_packets(&mut self, input: &mut BytesMut, now: Now) {
         while self.phase != Phase::Closed {
             match self.decoder.decode(input) {
                 Ok(Some(packet)) => {
@@ -583,6 +620,16 @@ impl Session {
         self.user = user;
         self.lossless = self.settings.lossless_vhosts.contains(&vhost_name);
         self.vhost = Some(vhost.clone());
+        let protocol = match self.version {
+            Version::V31 => Protocol::Mqtt310,
+            Version::V311 => Protocol::Mqtt311,
+            Version::V5 => Protocol::Mqtt50,
+        };
+        self.stats = Some(
+            self.broker
+                .stats
+                .open_source(protocol, self.id, 0, &vhost.name, false),
+        );
 
         if let Some(w) = &c.will {
             if !mapping::valid_topic_name(&w.topic) {
@@ -603,6 +650,35 @@ impl Session {
             }
         }
         self.will = c.will.clone();
+
+        // In the registry (listed, counted for the vhost's and user's
+        // `max-connections`, closable by the broker) before the CONNACK.
+        let mut info = ConnectionInfo::new(
+            match self.version {
+                Version::V31 => protocol::MQTT_31,
+                Version::V311 => protocol::MQTT_311,
+                Version::V5 => protocol::MQTT_50,
+            },
+            &self.user,
+            &vhost_name,
+            self.peer,
+            now.unix_ms,
+        );
+        info.client_properties.insert(
+            "client_id",
+            switchyard_core::FieldValue::string(client_id.as_str()),
+        );
+        match self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+        {
+            Ok(guard) => self.registration = Some(guard),
+            Err(e) => {
+                // RabbitMQ: quota exceeded (v5), not authorised (v3).
+                self.refuse(reason::QUOTA_EXCEEDED, v3::NOT_AUTHORIZED, e.text);
+                return;
+            }
+        }
 
         // Session expiry: v5 from the property, v3 from clean session; capped.
         let requested = if self.v5() {
@@ -888,7 +964,15 @@ impl Session {
             origin,
             now.unix_ms,
         );
-        let (code, durable_at) = match self.state.publish(&vhost, &topic, message, retain) {
+        let size = message.body_size();
+        let published = self.state.publish(&vhost, &topic, message, retain);
+        if let (Some(stats), Ok(r)) = (&self.stats, &published) {
+            stats.published(size);
+            if r.queues == 0 {
+                stats.add(Stat::DropUnroutable, 1);
+            }
+        }
+        let (code, durable_at) = match published {
             Ok(r) if r.queues == 0 && self.v5() => (reason::NO_MATCHING_SUBSCRIBERS, r.durable_at),
             Ok(r) => (reason::SUCCESS, r.durable_at),
             Err(e) => {
@@ -951,6 +1035,9 @@ impl Session {
 
     fn settle(&self, f: &mut Inflight) {
         if let Some((q, m)) = f.source.take() {
+            if let Some(stats) = &self.stats {
+                stats.add_for(q.queue_type(), Stat::Ack, 1);
+            }
             q.settle(&[m]);
         }
     }
@@ -1094,9 +1181,27 @@ impl Session {
 
     // --------------------------------------------------------- deliveries
 
+    /// The connection's entry in the broker's registry, while registered: the
+    /// management API's counters live there.
+    pub fn registration(&self) -> Option<&ConnectionGuard> {
+        self.registration.as_ref()
+    }
+
     /// Encodes what queues put in the outbox, and lets queues that were held
     /// back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self, now: Now) {
+        // A close request from the broker (an operator, a deleted user or
+        // vhost): MQTT 5 gets DISCONNECT 0x98 Administrative action, 3.1.1 a
+        // plain close (it has no server DISCONNECT).
+        if let Some(reason) = self
+            .registration
+            .as_ref()
+            .and_then(ConnectionGuard::take_close_request)
+        {
+            tracing::info!(peer = %self.peer, client_id = %self.client_id, %reason, "closing MQTT connection on request");
+            self.close(Close::new(reason::ADMINISTRATIVE_ACTION, reason));
+            return;
+        }
         let items = self.outbox.drain();
         if items.is_empty() {
             return;
@@ -1199,6 +1304,18 @@ impl Session {
             properties: props,
             payload: msg.body.clone(),
         };
+        if let Some(stats) = &self.stats {
+            let qt = d.queue.queue_type();
+            if d.message.redelivered {
+                stats.add_for(qt, Stat::Redeliver, 1);
+            }
+            let kind = if qos == QoS::AtMostOnce {
+                Stat::DeliverNoAck
+            } else {
+                Stat::Deliver
+            };
+            stats.add_for(qt, kind, 1);
+        }
         if qos == QoS::AtMostOnce {
             self.discard(&d);
             self.send_publish(p);
@@ -1256,6 +1373,9 @@ impl Session {
             self.outbox.clone(),
         );
         data.consumers.push((q.clone(), consumer.clone()));
+        if let Some(stats) = &self.stats {
+            stats.set_consumers(data.consumers.len());
+        }
         q.add_consumer(consumer)
     }
 
@@ -1474,6 +1594,9 @@ impl Session {
                 });
                 for (q, c) in mine {
                     vhost.cancel_consumer(&q, c.id);
+                }
+                if let Some(stats) = &self.stats {
+                    stats.set_consumers(data.consumers.len());
                 }
                 self.state.release_shared(&vhost, &sub.queue, &sub.key);
             } else if !key_still_used {

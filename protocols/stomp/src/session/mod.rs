@@ -24,9 +24,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::auth::{Access, Resource};
+use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::{Consumer, Credit, Outbox, Outgoing};
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::queue::{Queue, QueuedMessage};
+use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, Message};
 use tokio::sync::watch;
@@ -130,9 +132,13 @@ pub struct Session {
     temp_queues: HashMap<String, Arc<Queue>>,
     /// Exclusive queues this connection declared: deleted when it ends.
     owned_queues: Vec<Arc<Queue>>,
-    /// Write permission per exchange, cached: permissions change only with the
-    /// config, and a regex match per SEND would dominate small messages.
+    /// Write permission per exchange, cached: a regex match per SEND would
+    /// dominate small messages. Dropped when the broker's permissions change
+    /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
+    perm_generation: u64,
+    /// In the broker's connection registry from CONNECTED on.
+    registration: Option<ConnectionGuard>,
     has_published: bool,
     heartbeat_out: Duration,
     heartbeat_in: Duration,
@@ -145,6 +151,11 @@ pub struct Session {
     pending_receipts: VecDeque<(u64, String)>,
     /// DISCONNECT came while receipts waited: close once they are written.
     disconnecting: bool,
+    /// Counts the connection in the node's opened/closed totals.
+    _counted: CountedConnection,
+    /// The session's message statistics (stats.rs), from CONNECT on; written by
+    /// this connection's task only.
+    stats: Option<SourceGuard>,
 }
 
 impl Session {
@@ -152,7 +163,10 @@ impl Session {
         let id = broker.next_id();
         let decoder = Decoder::new(settings.limits);
         let synced = broker.synced();
+        let counted = broker.stats.open_connection();
         Session {
+            _counted: counted,
+            stats: None,
             broker,
             settings,
             peer,
@@ -172,6 +186,8 @@ impl Session {
             temp_queues: HashMap::new(),
             owned_queues: Vec::new(),
             write_allowed: HashMap::new(),
+            perm_generation: 0,
+            registration: None,
             has_published: false,
             heartbeat_out: Duration::ZERO,
             heartbeat_in: Duration::ZERO,
@@ -182,8 +198,19 @@ impl Session {
         }
     }
 
+    /// Keeps the session's consumer gauge (statistics) current.
+    fn note_consumers(&self) {
+        if let Some(stats) = &self.stats {
+            stats.set_consumers(self.subscriptions.len());
+        }
+    }
+
     /// The bytes to write next. The caller writes and clears them.
     pub fn output(&mut self) -> &mut BytesMut {
+        // What the caller takes now is what goes out on the wire.
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::SendOct, self.out.len() as u64);
+        }
         &mut self.out
     }
 
@@ -266,6 +293,19 @@ impl Session {
     /// a partial frame stays for the next call (the decoder remembers how far it
     /// looked).
     pub fn handle_input(&mut self, input: &mut BytesMut) {
+        let generation = self.broker.auth.generation();
+        if generation != self.perm_generation {
+            self.perm_generation = generation;
+            self.write_allowed.clear();
+        }
+        let before = input.len();
+        self.handle_frames(input);
+        if let Some(stats) = &self.stats {
+            stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
+        }
+    }
+
+    fn handle_frames(&mut self, input: &mut BytesMut) {
         while self.state != State::Closed {
             match self.decoder.decode(input) {
                 Ok(None) => break,
@@ -445,6 +485,34 @@ impl Session {
             .auth
             .check_vhost(&user, &vhost_name)
             .map_err(|e| FrameError::new("access refused", e.to_string()))?;
+        let info = ConnectionInfo::new(
+            match version {
+                Version::V1_0 => protocol::STOMP_10,
+                Version::V1_1 => protocol::STOMP_11,
+                Version::V1_2 => protocol::STOMP_12,
+            },
+            &user,
+            &vhost_name,
+            self.peer,
+            self.broker.timers().now_ms(),
+        );
+        let guard = self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+            .map_err(|e| {
+                tracing::warn!(peer = %self.peer, user = %user, "STOMP connection refused: {e}");
+                // RabbitMQ's text for the vhost limit; the same shape for the user's.
+                let which = if e.text.starts_with("connection refused for user") {
+                    "user"
+                } else {
+                    "vhost"
+                };
+                FrameError::new(
+                    "Bad CONNECT",
+                    format!("Connection refused: {which} connection limit reached"),
+                )
+            })?;
+        self.registration = Some(guard);
         // Heart-beats (spec: max of what one side can do and the other wants; 0 on
         // either side means none). `heartbeat_min` keeps a client from making the
         // broker send or expect a beat every millisecond.
@@ -459,6 +527,16 @@ impl Session {
         self.heartbeat_out = bound(cy);
         self.heartbeat_in = bound(cx);
         self.user = user;
+        let protocol = match self.version {
+            Version::V1_0 => Protocol::Stomp10,
+            Version::V1_1 => Protocol::Stomp11,
+            Version::V1_2 => Protocol::Stomp12,
+        };
+        self.stats = Some(
+            self.broker
+                .stats
+                .open_source(protocol, self.id, 0, &vhost.name, false),
+        );
         self.vhost = Some(vhost);
         self.decoder.set_version(version);
         self.state = State::Open;
@@ -560,7 +638,15 @@ impl Session {
     /// INTEROP.md: "A RECEIPT for a persistent SEND is sent after it is stored";
     /// one fsync covers every message that arrived meanwhile (group commit).
     fn publish(&mut self, message: Arc<Message>) -> Result<u64, FrameError> {
-        Ok(self.vhost()?.publish(message)?.durable_at)
+        let size = message.body_size();
+        let routed = self.vhost()?.publish(message)?;
+        if let Some(stats) = &self.stats {
+            stats.published(size);
+            if routed.queues == 0 {
+                stats.add(Stat::DropUnroutable, 1);
+            }
+        }
+        Ok(routed.durable_at)
     }
 
     /// `reply-to` as the property carries it: `/temp-queue/<id>` becomes the real
@@ -647,6 +733,11 @@ impl Session {
         } else {
             self.unacked.remove(pos).into_iter().collect()
         };
+        if let (Outcome::Ack, Some(stats)) = (outcome, &self.stats) {
+            for u in &taken {
+                stats.add_for(u.queue.queue_type(), Stat::Ack, 1);
+            }
+        }
         let vhost = self.vhost.clone();
         settle_entries(taken, outcome, vhost.as_deref());
         Ok(())
@@ -699,9 +790,26 @@ impl Session {
 
     // ---- deliveries ----
 
+    /// The connection's entry in the broker's registry, while registered: the
+    /// management API's counters live there.
+    pub fn registration(&self) -> Option<&ConnectionGuard> {
+        self.registration.as_ref()
+    }
+
     /// Encodes what queues put in the outbox as MESSAGE frames, and lets queues
     /// that were held back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self) {
+        // A close request from the broker (an operator, a deleted user or
+        // vhost): an ERROR frame with the reason, then the socket closes.
+        if let Some(reason) = self
+            .registration
+            .as_ref()
+            .and_then(ConnectionGuard::take_close_request)
+        {
+            tracing::info!(peer = %self.peer, user = %self.user, %reason, "closing STOMP connection on request");
+            self.fail(FrameError::new("Connection forced", reason), None);
+            return;
+        }
         for item in self.outbox.drain() {
             match item {
                 Outgoing::Deliver(d) => {
@@ -717,6 +825,18 @@ impl Session {
                     }
                     let id = self.next_message_id;
                     self.next_message_id += 1;
+                    if let Some(stats) = &self.stats {
+                        let qt = d.queue.queue_type();
+                        if d.message.redelivered {
+                            stats.add_for(qt, Stat::Redeliver, 1);
+                        }
+                        let kind = if d.consumer.no_ack() {
+                            Stat::DeliverNoAck
+                        } else {
+                            Stat::Deliver
+                        };
+                        stats.add_for(qt, kind, 1);
+                    }
                     self.write_message(id, d.consumer.tag(), &d.message);
                     if !d.consumer.no_ack() {
                         self.unacked.push_back(Unacked {
@@ -799,6 +919,8 @@ impl Session {
         }
         // Deliveries already in the outbox go back to their queues too.
         self.outbox.give_back_all();
+        // Out of the registry: no longer listed, counted or closable.
+        self.registration = None;
     }
 }
 

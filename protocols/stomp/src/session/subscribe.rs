@@ -125,6 +125,7 @@ impl Session {
                 durable,
             },
         );
+        self.note_consumers();
         Ok(())
     }
 
@@ -257,7 +258,9 @@ impl Session {
             (None, _) => return Err(FrameError::missing_header("UNSUBSCRIBE", "id")),
         }
         .to_owned();
-        let sub = self.subscriptions.remove(&id).ok_or_else(|| {
+        let sub = self.subscriptions.remove(&id);
+        self.note_consumers();
+        let sub = sub.ok_or_else(|| {
             FrameError::new(
                 "unknown subscription",
                 format!("there is no subscription with id '{id}' on this connection"),
