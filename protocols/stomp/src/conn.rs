@@ -1,14 +1,9 @@
-//! The connection task: the only async code of the STOMP adapter.
-//!
-//! One task per connection owns the byte stream (a TCP socket, or a WebSocket
-//! seen as bytes: the same code serves both) and the [`Session`], and waits with
-//! `select!` on: bytes to read, room to write, deliveries in its outbox, the
-//! memory alarm, the handshake and heart-beat timers and broker shutdown. Reading
-//! and writing proceed independently, so a client that writes to us without
-//! reading cannot deadlock the connection; instead the task stops reading once
-//! too much output waits (back-pressure) and stops taking deliveries from the
-//! outbox, which makes queues hold back. Everything produced while handling one
-//! read is written with one `write` call when the stream accepts it.
+//! The connection task: the STOMP session run by the shared connection driver
+//! ([`switchyard_driver::drive`]: the select loop over the byte stream, outbox,
+//! store sync, memory alarm, timers and shutdown). The stream is a TCP socket or
+//! a WebSocket seen as bytes: the same code serves both. What is STOMP's here:
+//! its timers (handshake, heart-beats both ways). On the memory alarm reading
+//! simply pauses: there is nothing to tell a STOMP client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +11,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::Broker;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{sleep_until, Instant};
+use switchyard_driver::{Activity, End, Signals};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, Limits};
@@ -51,13 +47,6 @@ impl Default for StompSettings {
     }
 }
 
-/// Stop reading and taking deliveries while this much output waits to be written.
-const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
-/// Read buffer growth step.
-const READ_CHUNK: usize = 64 * 1024;
-/// How long the last frames (ERROR, RECEIPT of DISCONNECT) may take to flush.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// A client silent for this many of its promised heart-beat intervals is dead.
 /// The spec asks receivers to be tolerant; two intervals absorb one late beat
 /// (what RabbitMQ and stompjs do).
@@ -74,154 +63,120 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut session = Session::new(broker.clone(), settings.clone(), peer);
-    let outbox = session.outbox();
-    let mut alarm = broker.memory.subscribe();
-    let mut synced = session.synced();
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut output = BytesMut::with_capacity(READ_CHUNK);
-    let started = Instant::now();
-    let handshake_deadline = started + settings.handshake_timeout;
-    let mut last_read = started;
-    let mut last_write = started;
-    let mut shutting_down = false;
-
-    loop {
-        take_output(&mut session, &mut output);
-        if session.is_closed() {
-            if !output.is_empty() {
-                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output)).await;
-            }
-            break;
-        }
-        let alarm_on = *alarm.borrow();
-        let room = output.len() < OUTPUT_HIGH_WATER;
-        let may_read = room && !(alarm_on && session.blocks_on_alarm());
-        if input.capacity() - input.len() < READ_CHUNK / 4 {
-            input.reserve(READ_CHUNK);
-        }
-        let timer = next_timer(&session, started, handshake_deadline, last_read, last_write);
-
-        tokio::select! {
-            written = writer.write_buf(&mut output), if !output.is_empty() => match written {
-                Ok(0) | Err(_) => {
-                    session.finish("socket closed while writing".into());
-                    break;
-                }
-                Ok(_) => last_write = Instant::now(),
-            },
-            read = reader.read_buf(&mut input), if may_read => match read {
-                Ok(0) => {
-                    session.finish("client closed the connection".into());
-                    break;
-                }
-                Err(e) => {
-                    session.finish(format!("read error: {e}"));
-                    break;
-                }
-                Ok(_) => {
-                    last_read = Instant::now();
-                    session.handle_input(&mut input);
-                }
-            },
-            () = outbox.wait(), if room => session.handle_outbox(),
-            changed = wait_synced(&mut synced), if session.awaits_sync() => {
-                if changed {
-                    session.flush_receipts();
-                } else {
-                    // The store is gone (shutting down): nothing more will sync.
-                    synced = None;
-                }
-            }
-            changed = alarm.changed() => {
-                // Nothing to tell a STOMP client: reading simply pauses (above).
-                if changed.is_ok() {
-                    alarm.borrow_and_update();
-                }
-            }
-            () = sleep_until(timer) => {
-                let now = Instant::now();
-                if !session.is_open() && now >= handshake_deadline {
-                    session.finish("no CONNECT within the handshake timeout".into());
-                    continue;
-                }
-                let beat_in = session.heartbeat_in();
-                if session.is_open() && !beat_in.is_zero()
-                    && now.duration_since(last_read) >= beat_in * HEARTBEAT_TOLERANCE
-                {
-                    session.finish(format!(
-                        "no heart-beat from the client for {} ms",
-                        now.duration_since(last_read).as_millis()
-                    ));
-                    continue;
-                }
-                let beat_out = session.heartbeat_out();
-                if session.is_open() && !beat_out.is_zero()
-                    && now.duration_since(last_write) >= beat_out / 2 && output.is_empty()
-                {
-                    codec::encode_heartbeat(&mut output);
-                    // Counted as written once it is; until then the timer must
-                    // not fire again for the same beat.
-                    last_write = now;
-                }
-            }
-            () = shutdown.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                session.shutdown();
-            }
-        }
-    }
-    let _ = writer.shutdown().await;
-    let reason = session.close_reason().unwrap_or("closed");
-    tracing::debug!(%peer, user = session.user(), reason, "STOMP connection closed");
+    let session = Session::new(broker.clone(), settings.clone(), peer);
+    let signals = Signals {
+        outbox: session.outbox(),
+        synced: session.synced(),
+        alarm: broker.memory.subscribe(),
+        takeover: None,
+        shutdown,
+    };
+    let conn = Conn {
+        session,
+        peer,
+        handshake_deadline: Instant::now() + settings.handshake_timeout,
+    };
+    switchyard_driver::drive(stream, conn, signals).await;
 }
 
-/// Waits for the store's synced position to move; false if it never will.
-async fn wait_synced(synced: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
-    match synced {
-        Some(rx) => rx.changed().await.is_ok(),
-        None => std::future::pending().await,
-    }
-}
-
-/// Moves what the session produced into the stream's output buffer.
-fn take_output(session: &mut Session, output: &mut BytesMut) {
-    let produced = session.output();
-    if produced.is_empty() {
-        return;
-    }
-    if output.is_empty() {
-        std::mem::swap(output, produced);
-    } else {
-        output.extend_from_slice(produced);
-        produced.clear();
-    }
-}
-
-/// When the task must next look at the clock.
-fn next_timer(
-    session: &Session,
-    started: Instant,
+/// The session with the timers the driver asks it about.
+struct Conn {
+    session: Session,
+    peer: SocketAddr,
     handshake_deadline: Instant,
-    last_read: Instant,
-    last_write: Instant,
-) -> Instant {
-    let mut next = started + Duration::from_secs(365 * 24 * 3600);
-    if !session.is_open() {
-        next = next.min(handshake_deadline);
+}
+
+impl switchyard_driver::Session for Conn {
+    fn output(&mut self) -> &mut BytesMut {
+        self.session.output()
     }
-    if session.is_open() {
-        let beat_out = session.heartbeat_out();
-        if !beat_out.is_zero() {
+
+    fn handle_input(&mut self, input: &mut BytesMut) {
+        self.session.handle_input(input);
+    }
+
+    fn handle_outbox(&mut self) {
+        self.session.handle_outbox();
+    }
+
+    fn awaits_sync(&self) -> bool {
+        self.session.awaits_sync()
+    }
+
+    fn synced(&mut self) {
+        self.session.flush_receipts();
+    }
+
+    fn blocks_on_alarm(&self) -> bool {
+        self.session.blocks_on_alarm()
+    }
+
+    fn next_deadline(&mut self, activity: &Activity) -> Option<Instant> {
+        let s = &self.session;
+        if !s.is_open() {
+            return Some(self.handshake_deadline);
+        }
+        let mut next = None;
+        let beat_out = s.heartbeat_out();
+        if !beat_out.is_zero() && !activity.output_pending {
             // Beat at half the interval: a beat that is a little late on the
             // wire still arrives within the client's window.
-            next = next.min(last_write + beat_out / 2);
+            next = Some(activity.last_write + beat_out / 2);
         }
-        let beat_in = session.heartbeat_in();
+        let beat_in = s.heartbeat_in();
         if !beat_in.is_zero() {
-            next = next.min(last_read + beat_in * HEARTBEAT_TOLERANCE);
+            let silent = activity.last_read + beat_in * HEARTBEAT_TOLERANCE;
+            next = Some(next.map_or(silent, |n: Instant| n.min(silent)));
+        }
+        next
+    }
+
+    fn deadline(&mut self, now: Instant, activity: &Activity) {
+        let s = &mut self.session;
+        if !s.is_open() && now >= self.handshake_deadline {
+            s.finish("no CONNECT within the handshake timeout".into());
+            return;
+        }
+        let beat_in = s.heartbeat_in();
+        if s.is_open()
+            && !beat_in.is_zero()
+            && now.duration_since(activity.last_read) >= beat_in * HEARTBEAT_TOLERANCE
+        {
+            s.finish(format!(
+                "no heart-beat from the client for {} ms",
+                now.duration_since(activity.last_read).as_millis()
+            ));
+            return;
+        }
+        let beat_out = s.heartbeat_out();
+        if s.is_open()
+            && !beat_out.is_zero()
+            && now.duration_since(activity.last_write) >= beat_out / 2
+            && !activity.output_pending
+        {
+            // Pending output from now on: no further beat until it is written.
+            codec::encode_heartbeat(s.output());
         }
     }
-    next
+
+    fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+
+    fn shutdown(&mut self) {
+        self.session.shutdown();
+    }
+
+    fn finish(&mut self, end: End) {
+        let s = &mut self.session;
+        match end {
+            End::Closed => {}
+            End::PeerClosed => s.finish("client closed the connection".into()),
+            End::ReadError(e) => s.finish(format!("read error: {e}")),
+            End::WriteFailed => s.finish("socket closed while writing".into()),
+            End::BrokerGone => s.finish("broker stopped".into()),
+        }
+        let reason = s.close_reason().unwrap_or("closed");
+        tracing::debug!(peer = %self.peer, user = s.user(), reason, "STOMP connection closed");
+    }
 }

@@ -1,0 +1,479 @@
+//! The connection driver: the one async loop that every protocol adapter (AMQP,
+//! MQTT, STOMP, and the next one) runs its sessions in.
+//!
+//! A protocol's session is a state machine that never touches a socket: it takes
+//! bytes and produces bytes (DESIGN.md, "Transport layer + connection driver").
+//! [`drive`] owns the byte stream (TCP, or a WebSocket seen as bytes) and the
+//! session, and waits with one `select!` on: bytes to read, room to write,
+//! deliveries in the session's outbox, the store's synced position, the memory
+//! alarm, the session's next deadline (handshake, heartbeats, keep-alive), a
+//! takeover of the session by another connection, and broker shutdown.
+//!
+//! - Reading and writing proceed independently, so a client that writes without
+//!   reading cannot deadlock its connection; instead the driver stops reading,
+//!   and stops taking deliveries from the outbox, while more than
+//!   [`OUTPUT_HIGH_WATER`] bytes wait to be written. That is how back-pressure
+//!   reaches publishers and queues.
+//! - Everything produced while handling one read (replies, confirms,
+//!   deliveries) goes out with one `write` when the stream accepts it.
+//! - When the session closes, what it produced last (a close, an ERROR, a
+//!   DISCONNECT) is flushed within [`FLUSH_TIMEOUT`]; a session whose peer closes
+//!   the socket (AMQP after close-ok) is given the time to.
+//!
+//! The driver is generic over the [`Session`] trait and the stream, so each
+//! adapter gets its own monomorphised copy: no dynamic dispatch and no allocation
+//! per message beyond what the loops it replaces did.
+//!
+//! It must not know any protocol (no parsing, no reply codes, no texts), and it
+//! must not open listeners or touch files.
+//!
+//! It is a crate of its own rather than a module of the core because it does I/O
+//! and the core never touches a socket; the protocol crates depend on it and on
+//! the core, never on each other. The transport layer (TLS, WebSocket as one
+//! stream type, issue 10) belongs beside it, so every adapter gets it at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use switchyard_core::consumer::Outbox;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Stop reading and taking deliveries while this much output waits to be written.
+pub const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+/// Read buffer growth step.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// How long the last bytes of a closed session (a close, an ERROR, a DISCONNECT)
+/// may take to be written before the socket is closed anyway.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the driver knows about the connection's traffic, for deadlines.
+#[derive(Debug, Clone, Copy)]
+pub struct Activity {
+    /// When the connection was accepted.
+    pub started: Instant,
+    /// When bytes were last read.
+    pub last_read: Instant,
+    /// When bytes were last written.
+    pub last_write: Instant,
+    /// Output is waiting to be written: no heartbeat is needed to show life.
+    pub output_pending: bool,
+}
+
+/// Why the driver stopped (see [`Session::finish`]).
+#[derive(Debug)]
+pub enum End {
+    /// The session closed (it said so with [`Session::is_closed`]).
+    Closed,
+    /// The peer closed the stream (end of stream).
+    PeerClosed,
+    /// Reading failed.
+    ReadError(std::io::Error),
+    /// Writing failed, or the stream accepted nothing.
+    WriteFailed,
+    /// The broker is gone: the memory alarm's sender was dropped.
+    BrokerGone,
+}
+
+/// A protocol session as the driver runs it. Methods are called from the
+/// connection's task only, one at a time; none of them may block.
+pub trait Session {
+    /// The bytes the session produced, appended in order; the driver takes them
+    /// (leaving the buffer empty) before every wait.
+    fn output(&mut self) -> &mut BytesMut;
+
+    /// Bytes arrived. Whole frames are consumed from `input`; a partial frame
+    /// stays for the next call.
+    fn handle_input(&mut self, input: &mut BytesMut);
+
+    /// The outbox was signalled: take deliveries from it.
+    fn handle_outbox(&mut self);
+
+    /// Whether something waits for the store to sync (confirms, acks, receipts).
+    fn awaits_sync(&self) -> bool;
+
+    /// The store's synced position moved: send what waited for it.
+    fn synced(&mut self);
+
+    /// Whether the memory alarm, when on, should stop reading from this client.
+    fn blocks_on_alarm(&self) -> bool;
+
+    /// The memory alarm is `on` (called when it changes, and while it is on and
+    /// [`Session::blocks_on_alarm`]); e.g. AMQP's connection.blocked.
+    fn alarm(&mut self, _on: bool) {}
+
+    /// Whether a takeover (see [`Signals::takeover`]) applies now.
+    fn takeover_applies(&self) -> bool {
+        false
+    }
+
+    /// Another connection took this session over.
+    fn taken_over(&mut self) {}
+
+    /// When [`Session::deadline`] must next be called; `None`: no deadline.
+    fn next_deadline(&mut self, activity: &Activity) -> Option<Instant>;
+
+    /// The deadline given by [`Session::next_deadline`] has passed.
+    fn deadline(&mut self, now: Instant, activity: &Activity);
+
+    /// The stream should be closed once the output is flushed.
+    fn is_closed(&self) -> bool;
+
+    /// The broker is shutting down: close as the protocol says.
+    fn shutdown(&mut self);
+
+    /// Once closed and flushed, how long to leave the stream open for the peer
+    /// to close it first (reading and dropping anything it still sends); `None`:
+    /// close at once.
+    fn peer_closes(&self) -> Option<Duration> {
+        None
+    }
+
+    /// The driver stopped, for `end`: release what the connection held and log.
+    /// Called exactly once, last.
+    fn finish(&mut self, end: End);
+}
+
+/// What the driver waits on besides the stream and the clock.
+pub struct Signals {
+    /// Where queues put deliveries for this connection.
+    pub outbox: Arc<Outbox>,
+    /// The store's synced position (`None`: no store, nothing to wait for).
+    pub synced: Option<watch::Receiver<u64>>,
+    /// The broker's memory alarm.
+    pub alarm: watch::Receiver<bool>,
+    /// Cancelled when another connection takes the session over (MQTT).
+    pub takeover: Option<CancellationToken>,
+    /// Cancelled when the broker shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs `session` over `stream` until the session closes, the stream ends or
+/// fails, or shutdown has closed it.
+pub async fn drive<S, T>(stream: T, mut session: S, signals: Signals)
+where
+    S: Session,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let Signals {
+        outbox,
+        mut synced,
+        mut alarm,
+        takeover,
+        shutdown,
+    } = signals;
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    let mut output = BytesMut::new();
+    let started = Instant::now();
+    let mut activity = Activity {
+        started,
+        last_read: started,
+        last_write: started,
+        output_pending: false,
+    };
+    let far = started + Duration::from_secs(365 * 24 * 3600);
+    let mut shutting_down = false;
+
+    let end = loop {
+        take_output(&mut session, &mut output);
+        if session.is_closed() {
+            if !output.is_empty() {
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output)).await;
+            }
+            if let Some(wait) = session.peer_closes().filter(|_| !shutting_down) {
+                let deadline = Instant::now() + wait;
+                await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
+            }
+            break End::Closed;
+        }
+        let alarm_on = *alarm.borrow();
+        let blocked = alarm_on && session.blocks_on_alarm();
+        if blocked {
+            session.alarm(true);
+            take_output(&mut session, &mut output);
+        }
+        let room = output.len() < OUTPUT_HIGH_WATER;
+        let may_read = room && !blocked;
+        if input.capacity() - input.len() < READ_CHUNK / 4 {
+            input.reserve(READ_CHUNK);
+        }
+        activity.output_pending = !output.is_empty();
+        let timer = session.next_deadline(&activity).unwrap_or(far);
+
+        tokio::select! {
+            written = writer.write_buf(&mut output), if !output.is_empty() => match written {
+                Ok(0) | Err(_) => break End::WriteFailed,
+                Ok(_) => activity.last_write = Instant::now(),
+            },
+            read = reader.read_buf(&mut input), if may_read => match read {
+                Ok(0) => break End::PeerClosed,
+                Err(e) => break End::ReadError(e),
+                Ok(_) => {
+                    activity.last_read = Instant::now();
+                    session.handle_input(&mut input);
+                }
+            },
+            () = outbox.wait(), if room => session.handle_outbox(),
+            changed = wait_synced(&mut synced), if session.awaits_sync() => {
+                if changed {
+                    session.synced();
+                } else {
+                    // The store is gone (shutting down): nothing more will sync.
+                    synced = None;
+                }
+            }
+            changed = alarm.changed() => {
+                if changed.is_err() {
+                    // The broker dropped its alarm: it is gone.
+                    break End::BrokerGone;
+                }
+                let on = *alarm.borrow_and_update();
+                session.alarm(on);
+            }
+            () = cancelled(takeover.as_ref()), if session.takeover_applies() => session.taken_over(),
+            () = sleep_until(timer) => session.deadline(Instant::now(), &activity),
+            () = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                session.shutdown();
+            }
+        }
+    };
+    session.finish(end);
+    let _ = writer.shutdown().await;
+}
+
+/// Moves what the session produced into the stream's output buffer: a swap when
+/// nothing is pending (no copy on the hot path), else an append.
+fn take_output<S: Session>(session: &mut S, output: &mut BytesMut) {
+    let produced = session.output();
+    if produced.is_empty() {
+        return;
+    }
+    if output.is_empty() {
+        std::mem::swap(output, produced);
+    } else {
+        output.extend_from_slice(produced);
+        produced.clear();
+    }
+}
+
+/// Waits for the store's synced position to move; false if it never will.
+async fn wait_synced(synced: &mut Option<watch::Receiver<u64>>) -> bool {
+    match synced {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for `token` to be cancelled; forever if there is none.
+async fn cancelled(token: Option<&CancellationToken>) {
+    match token {
+        Some(t) => t.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// After the session closed, leaves the stream open until the peer closes it
+/// (reading and dropping anything it still sends), `deadline` passes or the
+/// broker stops.
+async fn await_peer_close<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        input.clear();
+        tokio::select! {
+            read = reader.read_buf(input) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            () = sleep_until(deadline) => return,
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    /// Echoes each line back; "bye\n" closes (after "ok\n"); a deadline, when
+    /// set, writes "tick\n"; shutdown writes "shutdown\n" and closes.
+    #[derive(Default)]
+    struct Echo {
+        out: BytesMut,
+        closed: bool,
+        linger: Option<Duration>,
+        tick_every: Option<Duration>,
+        ticks: usize,
+        ended: Option<tokio::sync::oneshot::Sender<String>>,
+    }
+
+    impl Session for Echo {
+        fn output(&mut self) -> &mut BytesMut {
+            &mut self.out
+        }
+        fn handle_input(&mut self, input: &mut BytesMut) {
+            while let Some(n) = input.iter().position(|b| *b == b'\n') {
+                let line = input.split_to(n + 1);
+                if &line[..] == b"bye\n" {
+                    self.out.extend_from_slice(b"ok\n");
+                    self.closed = true;
+                    return;
+                }
+                self.out.extend_from_slice(&line);
+            }
+        }
+        fn handle_outbox(&mut self) {}
+        fn awaits_sync(&self) -> bool {
+            false
+        }
+        fn synced(&mut self) {}
+        fn blocks_on_alarm(&self) -> bool {
+            false
+        }
+        fn next_deadline(&mut self, activity: &Activity) -> Option<Instant> {
+            // As a heartbeat: none while output waits to be written.
+            self.tick_every
+                .filter(|_| !activity.output_pending)
+                .map(|t| activity.last_write + t)
+        }
+        fn deadline(&mut self, _now: Instant, _activity: &Activity) {
+            self.ticks += 1;
+            self.out.extend_from_slice(b"tick\n");
+        }
+        fn is_closed(&self) -> bool {
+            self.closed
+        }
+        fn shutdown(&mut self) {
+            self.out.extend_from_slice(b"shutdown\n");
+            self.closed = true;
+        }
+        fn peer_closes(&self) -> Option<Duration> {
+            self.linger
+        }
+        fn finish(&mut self, end: End) {
+            if let Some(tx) = self.ended.take() {
+                let _ = tx.send(format!("{end:?}"));
+            }
+        }
+    }
+
+    /// The signals, and the alarm's sender (the broker's), which must outlive
+    /// the driver: its loss means the broker is gone.
+    fn signals(shutdown: &CancellationToken) -> (Signals, watch::Sender<bool>) {
+        let (alarm_tx, alarm) = watch::channel(false);
+        let signals = Signals {
+            outbox: Outbox::new(16),
+            synced: None,
+            alarm,
+            takeover: None,
+            shutdown: shutdown.clone(),
+        };
+        (signals, alarm_tx)
+    }
+
+    async fn read_all(c: &mut DuplexStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn input_reaches_the_session_and_its_output_the_peer_then_close_flushes() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let session = Echo {
+            ended: Some(tx),
+            ..Default::default()
+        };
+        let (signals, _alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, session, signals));
+        client.write_all(b"one\ntwo\nbye\nignored\n").await.unwrap();
+        assert_eq!(read_all(&mut client).await, b"one\ntwo\nok\n");
+        task.await.unwrap();
+        assert_eq!(rx.await.unwrap(), "Closed");
+    }
+
+    #[tokio::test]
+    async fn the_peer_closing_ends_the_driver() {
+        let (client, server) = tokio::io::duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let session = Echo {
+            ended: Some(tx),
+            ..Default::default()
+        };
+        let (signals, _alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, session, signals));
+        drop(client);
+        task.await.unwrap();
+        assert_eq!(rx.await.unwrap(), "PeerClosed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_session_waits_for_the_peer_to_close_or_the_deadline() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let session = Echo {
+            linger: Some(Duration::from_secs(30)),
+            ..Default::default()
+        };
+        let (signals, _alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, session, signals));
+        client.write_all(b"bye\n").await.unwrap();
+        let mut ok = [0u8; 3];
+        client.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"ok\n");
+        // Still open: nothing more to read, and no end of stream, for 29 s.
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_secs(29), client.read(&mut byte)).await;
+        assert!(early.is_err(), "closed before the peer or the deadline");
+        // What the peer sends meanwhile is dropped; the deadline then closes.
+        client.write_all(b"more\n").await.unwrap();
+        assert_eq!(read_all(&mut client).await, b"");
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_fire_when_the_session_says_and_shutdown_closes() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let session = Echo {
+            tick_every: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let (signals, _alarm) = signals(&shutdown);
+        let task = tokio::spawn(drive(server, session, signals));
+        let start = Instant::now();
+        let mut tick = [0u8; 5];
+        client.read_exact(&mut tick).await.unwrap();
+        assert_eq!(&tick, b"tick\n");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        client.read_exact(&mut tick).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        shutdown.cancel();
+        assert_eq!(read_all(&mut client).await, b"shutdown\n");
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_broker_going_away_ends_the_driver() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let session = Echo {
+            ended: Some(tx),
+            ..Default::default()
+        };
+        let (signals, alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, session, signals));
+        drop(alarm);
+        task.await.unwrap();
+        assert_eq!(rx.await.unwrap(), "BrokerGone");
+    }
+}
