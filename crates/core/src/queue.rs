@@ -44,7 +44,9 @@ use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{RecoveredMessage, Store, StoredRef};
 use crate::policy::{Overflow, QueueSettings};
-use crate::stats::{self, History, Lengths, MessageStats, QueueType, Range, Snapshot, Stat};
+use crate::stats::{
+    self, History, Lengths, MessageStats, QueueCounts, QueueType, Range, Snapshot, Stat,
+};
 use crate::timer::{Timers, NEVER};
 use crate::vhost::VHost;
 
@@ -309,7 +311,7 @@ struct QueueState {
     handover_pending: bool,
     /// Message counters (stats.rs): plain integers, since every path that
     /// bumps them holds this lock already.
-    counts: Snapshot,
+    counts: QueueCounts,
 }
 
 /// What the vhost gives a queue it creates.
@@ -433,7 +435,7 @@ impl Queue {
                 last_used: now,
                 dead: Vec::new(),
                 handover_pending: false,
-                counts: Snapshot::default(),
+                counts: QueueCounts::default(),
             }),
             settings: RwLock::new(Arc::new(settings)),
             memory: env.memory,
@@ -564,7 +566,7 @@ impl Queue {
         let ready = st.ready.len as u64;
         let unacked = st.unacked as u64;
         (
-            st.counts,
+            st.counts.snapshot(),
             Lengths {
                 messages: ready + unacked,
                 ready,

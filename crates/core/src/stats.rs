@@ -168,6 +168,51 @@ impl Snapshot {
     }
 }
 
+/// A queue's counters, kept under its lock: the eight queue keys in one
+/// 64-byte cache line (a full [`Snapshot`] would spread them over two or
+/// three lines, each moving between the publisher's and the consumer's core).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub struct QueueCounts([u64; 8]);
+
+impl QueueCounts {
+    fn slot(s: Stat) -> Option<usize> {
+        Some(match s {
+            Stat::Publish => 0,
+            Stat::Deliver => 1,
+            Stat::DeliverNoAck => 2,
+            Stat::Get => 3,
+            Stat::GetNoAck => 4,
+            Stat::GetEmpty => 5,
+            Stat::Ack => 6,
+            Stat::Redeliver => 7,
+            _ => return None,
+        })
+    }
+
+    #[inline]
+    pub fn bump(&mut self, s: Stat) {
+        self.add(s, 1);
+    }
+
+    #[inline]
+    pub fn add(&mut self, s: Stat, n: u64) {
+        if let Some(x) = Self::slot(s).and_then(|i| self.0.get_mut(i)) {
+            *x = x.wrapping_add(n);
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut out = Snapshot::default();
+        for s in QUEUE_KEYS {
+            if let Some(v) = Self::slot(*s).and_then(|i| self.0.get(i)) {
+                out.set(*s, *v);
+            }
+        }
+        out
+    }
+}
+
 /// Counters as atomics, for objects read without a lock.
 #[derive(Debug, Default)]
 pub struct Counters([AtomicU64; N_STATS]);

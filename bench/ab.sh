@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A/B of two Switchyard binaries on one scenario (default S1: AMQP, 1 publisher,
+# 1 consumer, 16-byte messages), alternating A and B each round so that the
+# shared machine's noise falls on both alike. Prints each run's receive rate
+# and the medians. Used to check that a change does not slow the message path
+# (issue 9: statistics must stay within 3% of S1 without them).
+#
+#   bench/ab.sh BIN_A BIN_B [ROUNDS=3] [DURATION=10] [PERF_ARGS="-x 1 -y 1"]
+#
+# PERF defaults to target/release/switchyard-perf. Each broker gets config.toml
+# with loopback ports of its own and a temporary data directory, and is stopped
+# after its run.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+a="$1" b="$2" rounds="${3:-3}" duration="${4:-10}" args="${5:--x 1 -y 1}"
+perf="${PERF:-$repo/target/release/switchyard-perf}"
+tmp="$(mktemp -d)"
+pid=""
+cleanup() { [[ -n "$pid" ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"; }
+trap cleanup EXIT
+port=$((20000 + RANDOM % 20000))
+
+run() {
+    local bin="$1" label="$2"
+    rm -rf "$tmp/data" "$tmp/ready.json"
+    sed -e "s#^data_dir = .*#data_dir = \"$tmp/data\"#" \
+        -e "s#^amqp = .*#amqp = \"127.0.0.1:$port\"#" \
+        -e "s#^\(mqtt\|mqtt_ws\|stomp\|stomp_ws\|management\|prometheus\) = .*#\1 = \"127.0.0.1:0\"#" \
+        "$repo/config.toml" >"$tmp/sy.toml"
+    "$bin" --config "$tmp/sy.toml" --ready-file "$tmp/ready.json" >"$tmp/sy.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do [[ -s "$tmp/ready.json" ]] && break; sleep 0.1; done
+    # shellcheck disable=SC2086 # word splitting of the argument list is wanted
+    "$perf" --protocol amqp --port "$port" --broker-pid "$pid" $args -z "$duration" --quiet --json \
+        --label "$label" >>"$tmp/results.jsonl"
+    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+}
+
+for r in $(seq "$rounds"); do
+    run "$a" "A|$r"
+    run "$b" "B|$r"
+done
+python3 - "$tmp/results.jsonl" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+rate, eff = {}, {}
+for r in rows:
+    side = r["label"].split("|")[0]
+    per_cpu = (r.get("broker") or {}).get("msgs_per_cpu_sec") or 0.0
+    rate.setdefault(side, []).append(r["recv_rate"])
+    eff.setdefault(side, []).append(per_cpu)
+    other = r.get("other_cpu_secs") or 0.0
+    print(f'{r["label"]:6} {r["recv_rate"]:>10,.0f} msg/s  {per_cpu:>10,.0f} msg per broker CPU s  (other processes: {other:.1f} CPU s)')
+for name, d in (("msg/s", rate), ("msg per broker CPU s", eff)):
+    ma, mb = statistics.median(d["A"]), statistics.median(d["B"])
+    print(f"median {name}: A {ma:,.0f}  B {mb:,.0f}  B/A {mb/ma:.4f} ({(mb/ma-1)*100:+.2f}%)")
+PY
