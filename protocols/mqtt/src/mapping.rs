@@ -260,8 +260,15 @@ pub fn to_core(
         ..AmqpProperties::default()
     };
     let routing_key = topic_to_key(&m.topic, lossless);
-    // The topic rides along only when the key cannot give it back.
-    let topic = (key_to_topic(&routing_key, lossless) != m.topic).then_some(m.topic);
+    // The topic rides along only when the key cannot give it back. In the
+    // default mode that is exactly a topic with a `.` inside a level (`/` and `.`
+    // both become `.`), so the common case costs a scan, not a second string.
+    let loses_topic = if lossless {
+        key_to_topic(&routing_key, lossless) != m.topic
+    } else {
+        m.topic.contains('.')
+    };
+    let topic = loses_topic.then_some(m.topic);
     Arc::new(Message {
         exchange: exchange.to_owned(),
         routing_key,
