@@ -49,6 +49,9 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// How long the last bytes of a closed session (a close, an ERROR, a DISCONNECT)
 /// may take to be written before the socket is closed anyway.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection we closed first keeps draining the client's input, so
+/// that our last packet is read before the socket goes (see [`drive`]).
+pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// What the driver knows about the connection's traffic, for deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -186,6 +189,15 @@ where
             }
             if let Some(wait) = session.peer_closes().filter(|_| !shutting_down) {
                 let deadline = Instant::now() + wait;
+                await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
+            } else if !shutting_down {
+                // We close first (a DISCONNECT, an ERROR, a refusal): send our FIN,
+                // then read and drop what the client still sends for a moment.
+                // Closing a socket with unread input makes the kernel answer with a
+                // RST, which can reach the client before it has read our last packet
+                // (a client publishing fast sees "connection reset", not the reason).
+                let _ = writer.shutdown().await;
+                let deadline = Instant::now() + CLOSE_LINGER;
                 await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
             }
             break End::Closed;
