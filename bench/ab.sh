@@ -8,8 +8,9 @@
 #   bench/ab.sh BIN_A BIN_B [ROUNDS=3] [DURATION=10] [PERF_ARGS="-x 1 -y 1"]
 #
 # PERF defaults to target/release/switchyard-perf. Each broker gets config.toml
-# with loopback ports of its own and a temporary data directory, and is stopped
-# after its run.
+# (CONFIG_A / CONFIG_B: another file for that side, e.g. an older binary's own
+# config.toml, which rejects keys added since) with loopback ports of its own and
+# a temporary data directory, and is stopped after its run.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 a="$1" b="$2" rounds="${3:-3}" duration="${4:-10}" args="${5:--x 1 -y 1}"
@@ -21,12 +22,12 @@ trap cleanup EXIT
 port=$((20000 + RANDOM % 20000))
 
 run() {
-    local bin="$1" label="$2"
+    local bin="$1" label="$2" config="$3"
     rm -rf "$tmp/data" "$tmp/ready.json"
     sed -e "s#^data_dir = .*#data_dir = \"$tmp/data\"#" \
         -e "s#^amqp = .*#amqp = \"127.0.0.1:$port\"#" \
         -e "s#^\(mqtt\|mqtt_ws\|stomp\|stomp_ws\|management\|prometheus\) = .*#\1 = \"127.0.0.1:0\"#" \
-        "$repo/config.toml" >"$tmp/sy.toml"
+        "$config" >"$tmp/sy.toml"
     "$bin" --config "$tmp/sy.toml" --ready-file "$tmp/ready.json" >"$tmp/sy.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do [[ -s "$tmp/ready.json" ]] && break; sleep 0.1; done
@@ -37,8 +38,8 @@ run() {
 }
 
 for r in $(seq "$rounds"); do
-    run "$a" "A|$r"
-    run "$b" "B|$r"
+    run "$a" "A|$r" "${CONFIG_A:-$repo/config.toml}"
+    run "$b" "B|$r" "${CONFIG_B:-$repo/config.toml}"
 done
 python3 - "$tmp/results.jsonl" <<'PY'
 import json, statistics, sys

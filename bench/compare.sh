@@ -7,6 +7,8 @@
 #   bench/compare.sh                  # everything, 3 rounds of 10 s per run
 #   ROUNDS=5 DURATION=15 bench/compare.sh
 #   ONLY="S1 S2" bench/compare.sh     # some scenarios (S7 is the idle-connection one)
+#   ONLY=FLOOD bench/compare.sh       # the flood case alone (issue 11): a publisher with no
+#                                     # consumer under a 128 MiB memory watermark
 #
 # Not part of the test suite: it takes about half an hour. Every broker it starts
 # listens on loopback ports of its own (so a RabbitMQ already running on 5672 is
@@ -21,6 +23,10 @@ DURATION="${DURATION:-10}"
 ONLY="${ONLY:-}"
 OUT="${OUT:-$repo/BENCHMARKS.md}"
 IDLE_CONNS="${IDLE_CONNS:-10000}"
+# The memory watermark of the flood case (FLOOD), for both brokers.
+FLOOD_WATERMARK="${FLOOD_WATERMARK:-134217728}"
+# Set (to bytes) while the flood case runs: the brokers start with that watermark.
+WATERMARK=""
 
 # Ports: Switchyard, RabbitMQ and Mosquitto each on their own, none the defaults.
 SY_AMQP=5872 SY_MQTT=1893 SY_MQTT_WS=15875 SY_STOMP=61813 SY_STOMP_WS=15874
@@ -71,6 +77,7 @@ start_switchyard() {
         -e "s#^mqtt_ws = .*#mqtt_ws = \"127.0.0.1:$SY_MQTT_WS\"#" \
         -e "s#^stomp = .*#stomp = \"127.0.0.1:$SY_STOMP\"#" \
         -e "s#^stomp_ws = .*#stomp_ws = \"127.0.0.1:$SY_STOMP_WS\"#" \
+        ${WATERMARK:+-e "s#^memory_high_watermark_bytes = .*#memory_high_watermark_bytes = $WATERMARK#"} \
         config.toml >"$tmp/switchyard.toml"
     rm -f "$tmp/sy-ready.json"
     "$SY_BIN" --config "$tmp/switchyard.toml" --ready-file "$tmp/sy-ready.json" >"$tmp/switchyard.log" 2>&1 &
@@ -106,6 +113,9 @@ web_mqtt.tcp.port = $RB_MQTT_WS
 web_stomp.tcp.ip = 127.0.0.1
 web_stomp.tcp.port = $RB_STOMP_WS
 EOF
+    if [[ -n "$WATERMARK" ]]; then
+        echo "vm_memory_high_watermark.absolute = $WATERMARK" >>"$tmp/rabbit/rabbitmq.conf"
+    fi
     rb_env /usr/lib/rabbitmq/bin/rabbitmq-plugins enable --offline \
         rabbitmq_stomp rabbitmq_mqtt rabbitmq_web_stomp rabbitmq_web_mqtt >/dev/null
     rb_env /usr/lib/rabbitmq/bin/rabbitmq-server >"$tmp/rabbit/stdout.log" 2>&1 &
@@ -184,6 +194,14 @@ S7-stomp|rabbitmq|stomp|-x 0 -y 0 --idle $IDLE_CONNS
 EOF
 }
 
+# A publisher flooding a queue nobody consumes, on fresh brokers with a memory
+# watermark of FLOOD_WATERMARK: the peak resident set over the broker's start.
+flood_cases() {
+    cat <<EOF
+FLOOD|rabbitmq|amqp|-x 1 -y 0
+EOF
+}
+
 wanted() {
     [[ -z "$ONLY" ]] && return 0
     local id="$1" w
@@ -221,7 +239,7 @@ run_case() {
     fi
 }
 
-{ idle_cases; cases; } | while IFS='|' read -r id rest; do
+{ idle_cases; flood_cases; cases; } | while IFS='|' read -r id rest; do
     if wanted "$id"; then echo "$id|$rest"; fi
 done >"$tmp/cases.txt"
 load_before="$(cat /proc/loadavg)"
@@ -244,6 +262,23 @@ if grep -q '^S7' "$tmp/cases.txt"; then
     done
 fi
 
+# FLOOD: fresh brokers per run, so the peak resident set is this run's.
+if grep -q '^FLOOD' "$tmp/cases.txt"; then
+    WATERMARK="$FLOOD_WATERMARK"
+    for round in $(seq "$ROUNDS"); do
+        while IFS='|' read -r -u 3 id ref key args; do
+            wanted "$id" || continue
+            for broker in switchyard "$ref"; do
+                "start_$broker"
+                run_case "$round" "$id" "$broker" "$key" "$args" "$DURATION"
+                "stop_$broker"
+            done
+        done 3< <(flood_cases)
+    done
+    WATERMARK=""
+fi
+
+if grep -qv -e '^S7' -e '^FLOOD' "$tmp/cases.txt"; then
 start_switchyard
 start_rabbitmq
 start_mosquitto
@@ -257,6 +292,7 @@ for round in $(seq "$ROUNDS"); do
         done
     done 3< <(cases)
 done
+fi
 load_after="$(cat /proc/loadavg)"
 cleanup
 

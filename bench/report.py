@@ -26,6 +26,9 @@ GOALS = {
     "S9": ("recv_rate", "msg/s", True, "", None),
     "S10": ("recv_mb_per_sec", "MB/s", True, ">= 500 MB/s", lambda s, r, q: s >= 500),
     "S11": ("recv_rate", "msg/s", True, "", None),
+    # Issue 11: peak RSS over the broker's start while flooding under a 128 MiB watermark.
+    "FLOOD": ("flood_mb", "peak RSS over start, MB", False, "<= 1.25 x 128 MiB",
+              lambda s, r, q: s <= 1.25 * 134.217728),
 }
 
 
@@ -43,6 +46,11 @@ def metric(r, key):
         return r["latency"][key]
     if key == "idle_bytes_per_conn":
         return (r.get("broker") or {}).get(key)
+    if key == "flood_mb":
+        b = r.get("broker") or {}
+        if b.get("hwm_kb") is None or b.get("rss_kb_start") is None:
+            return None
+        return (b["hwm_kb"] - b["rss_kb_start"]) * 1024 / 1e6
     if key in ("cpu_secs", "msgs_per_cpu_sec", "hwm_kb"):
         return (r.get("broker") or {}).get(key)
     return r.get(key)

@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod cluster_local;
 mod ctl;
 use switchyard_server::Config;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// One broker for AMQP 0-9-1, MQTT and STOMP.
@@ -39,6 +40,15 @@ enum Command {
     HashPassword { password: String },
     /// Administer a running broker over its HTTP management API (like rabbitmqadmin).
     Ctl(Box<ctl::CtlArgs>),
+    /// Start a local cluster of N nodes (own ports each, printed) until Ctrl-C.
+    ClusterLocal {
+        /// How many nodes (n1..nN).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Where the nodes' configs, data and logs live (reused on restart).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +74,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some(Command::Ctl(args)) => return ExitCode::from(ctl::run(*args)),
+        Some(Command::ClusterLocal { nodes, dir }) => {
+            return match cluster_local::run(nodes, &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard cluster-local: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         None => {}
     }
 
@@ -71,7 +90,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn")),
         )
         .init();
 
@@ -101,15 +121,27 @@ async fn serve(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> 
     // Install the handlers before announcing readiness, so a SIGTERM sent by whoever
     // reads the ready file is never missed.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let server = switchyard_server::start(config).await?;
     if let Some(path) = ready_file {
         write_ready_file(path, &server.local_addrs())?;
     }
     info!("switchyard is running");
 
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot handle Ctrl-C")?,
-        _ = sigterm.recv() => {}
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r.context("cannot handle Ctrl-C")?;
+                break;
+            }
+            _ = sigterm.recv() => break,
+            // SIGHUP: reload the TLS certificates for new connections.
+            _ = sighup.recv() => match server.reload_tls() {
+                Ok(true) => info!("TLS certificates reloaded (SIGHUP)"),
+                Ok(false) => info!("SIGHUP: no TLS listener, nothing to reload"),
+                Err(e) => warn!(error = %e, "SIGHUP: TLS certificates do not load; keeping the previous ones"),
+            },
+        }
     }
     info!("shutting down");
     if server.shutdown().await {

@@ -515,6 +515,9 @@ const CHILD_CONFIG: &str = "SWITCHYARD_ADMIN_TEST_CHILD_CONFIG";
 /// The file the child writes once every command was applied.
 const CHILD_READY: &str = "SWITCHYARD_ADMIN_TEST_CHILD_READY";
 
+/// Durable queues the child declares in one bulk metadata change.
+const BULK_QUEUES: usize = 20;
+
 /// The runtime changes the kill -9 test makes, in the child.
 fn runtime_changes() -> Vec<MetaCommand> {
     let mut definition = FieldTable::new();
@@ -559,6 +562,25 @@ async fn child_applies_commands_then_waits() {
     for command in runtime_changes() {
         server.broker().apply(command).unwrap();
     }
+    // A bulk change (what a definitions import does): durable once
+    // `bulk_metadata` returns, though each declare inside did not sync.
+    let shop = server.broker().vhost("shop").unwrap();
+    let store = server.broker().store().unwrap();
+    store
+        .bulk_metadata(&mut || {
+            for i in 0..BULK_QUEUES {
+                shop.declare_queue(switchyard_core::vhost::QueueDeclare {
+                    name: format!("bulk-{i}"),
+                    options: switchyard_core::queue::QueueOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .unwrap();
+            }
+        })
+        .unwrap();
     let amqp = server.local_addrs()["amqp"];
     std::fs::write(&ready, format!("{{\"amqp\":\"{amqp}\"}}")).unwrap();
     // Killed here by the parent (SIGKILL): nothing is shut down or flushed.
@@ -644,6 +666,18 @@ async fn runtime_changes_survive_kill_9_of_the_broker() {
         .unwrap()
         .message_count();
     assert_eq!(count, 2, "the runtime policy's max-length");
+    for i in 0..BULK_QUEUES {
+        ch.queue_declare(
+            format!("bulk-{i}").as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            LapinTable::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("bulk-{i} after kill -9: {e}"));
+    }
     let e = ch
         .basic_publish(
             "amq.topic".into(),

@@ -49,6 +49,34 @@ fn overview_nodes_whoami_and_health_checks_decode() {
     assert_eq!(nodes.len(), 1);
     assert!(!nodes[0].being_drained);
     api.get_node_info(&nodes[0].name).unwrap();
+    // Measured, not placeholders: threads, descriptors, the listeners' sockets,
+    // memory and disk of this very process.
+    let node: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/nodes", b.broker().api_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let node = &node[0];
+    let positive = |k: &str| node[k].as_u64().is_some_and(|n| n > 0);
+    for k in [
+        "proc_used",
+        "proc_total",
+        "fd_used",
+        "fd_total",
+        "sockets_used",
+        "sockets_total",
+        "mem_used",
+        "disk_free",
+        "tokio_workers",
+        "tokio_tasks",
+    ] {
+        assert!(positive(k), "{k}: {node}");
+    }
+    assert!(node["run_queue"].is_u64(), "{node}");
+    assert!(node["proc_used"].as_u64() <= node["proc_total"].as_u64());
+    assert!(node["sockets_used"].as_u64() <= node["fd_used"].as_u64());
     let me = api.current_user().unwrap();
     assert_eq!(me.name, "guest");
     assert_eq!(me.tags, vec!["administrator".to_owned()].into());
@@ -354,4 +382,233 @@ fn connections_channels_and_consumers_lists_decode() {
     api.list_channels().unwrap();
     api.list_consumers().unwrap();
     assert!(api.close_connection("nope", Some("bye"), false).is_err());
+}
+
+/// What a channel really does shows in `/api/channels`, and each consumer
+/// names its channel and connection (`channel_details`), in `/api/consumers`
+/// and in the queue's `consumer_details`: lapin sets a prefetch, turns on
+/// confirms, publishes and leaves three deliveries unacknowledged.
+#[test]
+fn channels_report_prefetch_confirms_and_unacked_and_consumers_their_channel() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let b = BlockingBroker::start();
+    let api = client(&b, "guest", "guest");
+    let url = b.broker().amqp_url();
+    let (conn, ch, tx_ch, mut consumer) = b.block_on(async {
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            "cd.q".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.basic_qos(7, BasicQosOptions::default()).await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let consumer = ch
+            .basic_consume(
+                "cd.q".into(),
+                "cd-tag".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        // A second channel: a channel-wide prefetch, a transaction holding
+        // one publish.
+        let tx_ch = conn.create_channel().await.unwrap();
+        tx_ch
+            .basic_qos(11, BasicQosOptions { global: true })
+            .await
+            .unwrap();
+        tx_ch.tx_select().await.unwrap();
+        tx_ch
+            .basic_publish(
+                "".into(),
+                "nowhere".into(),
+                BasicPublishOptions::default(),
+                b"held",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        for i in 0..3u8 {
+            ch.basic_publish(
+                "".into(),
+                "cd.q".into(),
+                BasicPublishOptions::default(),
+                &[i],
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        (conn, ch, tx_ch, consumer)
+    });
+    // Three deliveries received and not acked.
+    b.block_on(async {
+        for _ in 0..3 {
+            consumer.next().await.unwrap().unwrap();
+        }
+    });
+    // tx.select-ok came back after the publish frames were sent: one more
+    // round trip makes sure the broker handled that publish too.
+    b.block_on(tx_ch.basic_qos(11, BasicQosOptions { global: true }))
+        .unwrap();
+
+    let connections = api.list_connections().unwrap();
+    assert_eq!(connections.len(), 1);
+    let connection = &connections[0];
+    // lapin accepts the server's channel_max (2047 by default) and frame_max.
+    assert_eq!(connection.channel_max, Some(2047));
+    let raw: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/connections", b.broker().api_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(raw[0]["frame_max"], 131_072, "{raw}");
+    assert_eq!(raw[0]["auth_mechanism"], "PLAIN", "{raw}");
+    assert!(raw[0]["timeout"].is_u64(), "{raw}");
+    let channels = api.list_channels().unwrap();
+    assert_eq!(channels.len(), 2, "{channels:?}");
+    let consuming = channels
+        .iter()
+        .find(|c| c.id == u32::from(ch.id()))
+        .unwrap();
+    assert_eq!(consuming.prefetch_count, 7);
+    assert!(consuming.has_publisher_confirms_enabled);
+    assert_eq!(consuming.messages_unacknowledged, 3);
+    assert_eq!(consuming.messages_unconfirmed, 0);
+    assert_eq!(consuming.consumer_count, 1);
+    assert_eq!(consuming.connection_details.name, connection.name);
+
+    // The fields RabbitMQ has and the typed client does not decode.
+    let raw: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/channels", b.broker().api_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let tx_raw = raw
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["number"] == json!(tx_ch.id()))
+        .unwrap();
+    assert_eq!(tx_raw["transactional"], json!(true));
+    assert_eq!(tx_raw["confirm"], json!(false));
+    assert_eq!(tx_raw["global_prefetch_count"], json!(11));
+    assert_eq!(tx_raw["messages_uncommitted"], json!(1));
+
+    let consumers = api.list_consumers().unwrap();
+    assert_eq!(consumers.len(), 1);
+    let details = consumers[0].channel_details.as_ref().unwrap();
+    assert_eq!(details.id, u32::from(ch.id()));
+    assert_eq!(details.connection_name, connection.name);
+    assert_eq!(details.name, consuming.name);
+    assert_eq!(details.username, "guest");
+    assert_eq!(Some(details.client_port), connection.client_port);
+    assert!(!details.node.is_empty());
+
+    let queue: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/queues/%2F/cd.q", b.broker().api_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let cd = &queue["consumer_details"];
+    assert_eq!(cd.as_array().unwrap().len(), 1, "{queue}");
+    assert_eq!(cd[0]["consumer_tag"], json!("cd-tag"));
+    assert_eq!(
+        cd[0]["channel_details"]["connection_name"],
+        json!(connection.name)
+    );
+    assert_eq!(cd[0]["channel_details"]["number"], json!(ch.id()));
+
+    // RabbitMQ's light listings: definitions only, or with the queue totals.
+    let light = |query: &str| -> Value {
+        reqwest::blocking::Client::new()
+            .get(format!("{}/queues/%2F?{query}", b.broker().api_url()))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .unwrap()
+            .json::<Value>()
+            .unwrap()[0]
+            .clone()
+    };
+    assert!(queue.get("message_stats").is_some(), "{queue}");
+    let bare = light("disable_stats=true");
+    assert_eq!(bare["name"], json!("cd.q"));
+    assert!(
+        bare.get("message_stats").is_none() && bare.get("messages").is_none(),
+        "{bare}"
+    );
+    let totals = light("disable_stats=true&enable_queue_totals=true");
+    assert_eq!(totals["messages"], json!(3), "{totals}");
+    assert!(totals.get("message_stats").is_none(), "{totals}");
+
+    b.block_on(conn.close(200, "bye".into())).unwrap();
+}
+
+/// An MQTT connection shows its one channel: its subscription and its
+/// in-flight window.
+#[test]
+fn an_mqtt_session_shows_as_one_channel() {
+    let b = BlockingBroker::start();
+    let api = client(&b, "guest", "guest");
+    let mqtt = b.broker().mqtt_addr();
+    let opts = rumqttc::MqttOptions::new("chan-view", mqtt.ip().to_string(), mqtt.port());
+    let (mqtt_client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = b.spawn(async move {
+        while let Ok(e) = events.poll().await {
+            if let rumqttc::Event::Incoming(p) = e {
+                let _ = tx.send(format!("{p:?}"));
+            }
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let p = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        if p.starts_with(what) {
+            return;
+        }
+    };
+    wait_for("ConnAck");
+    b.block_on(mqtt_client.subscribe("chan/view", rumqttc::QoS::AtLeastOnce))
+        .unwrap();
+    wait_for("SubAck");
+
+    let channels = api.list_channels().unwrap();
+    assert_eq!(channels.len(), 1, "{channels:?}");
+    let c = &channels[0];
+    assert_eq!(c.consumer_count, 1);
+    // The broker's default `max_inflight`.
+    assert_eq!(c.prefetch_count, 100);
+    assert!(c.has_publisher_confirms_enabled);
+    let connections = api.list_connections().unwrap();
+    assert_eq!(c.connection_details.name, connections[0].name);
+    let consumers = api.list_consumers().unwrap();
+    let details = consumers[0].channel_details.as_ref().unwrap();
+    assert_eq!(details.name, c.name);
+
+    b.block_on(mqtt_client.disconnect()).unwrap();
+    poller.abort();
 }

@@ -475,7 +475,7 @@ async fn lossless_topic_mode_round_trips_dots() {
     p.publish("fw/v1.2/status", QoS::AtMostOnce, false, "ok")
         .await
         .unwrap();
-    // `+` over a level with a dot routes only in lossless mode.
+    // `+` over a level with a dot (escaped keys: `fw.v1%2E2.temp%2Ecelsius`).
     p.publish("fw/v1.2/temp.celsius", QoS::AtMostOnce, false, "21")
         .await
         .unwrap();
@@ -544,10 +544,10 @@ async fn topics_with_dots_percent_and_stars_reach_mqtt_subscribers_exactly() {
     }
     let (sh, mut shrx, _t2) = v5_client(v5_opts(addr, "dots-shared"));
     v5_connack(&mut shrx).await;
-    sh.subscribe("$share/g/com.acme/#", QoS5::AtLeastOnce)
-        .await
-        .unwrap();
-    v5_suback(&mut shrx).await;
+    for f in ["$share/g/com.acme/#", "$share/h/units/+/x"] {
+        sh.subscribe(f, QoS5::AtLeastOnce).await.unwrap();
+        v5_suback(&mut shrx).await;
+    }
     let (publ, mut prx, _t3) = v5_client(v5_opts(addr, "dots-pub"));
     v5_connack(&mut prx).await;
 
@@ -567,12 +567,34 @@ async fn topics_with_dots_percent_and_stars_reach_mqtt_subscribers_exactly() {
         .unwrap();
     assert_eq!(m.deliver.unwrap().routing_key(), "plant.v1.2.temp");
 
+    // The issue's own example: `+` over a level that itself has a dot. RabbitMQ's
+    // key `plant.v1.2.temp.celsius` cannot match `plant.v1.2.*`; the binding's
+    // MQTT filter does, on the published topic.
+    publ.publish("plant/v1.2/temp.celsius", QoS5::AtLeastOnce, false, "21.5")
+        .await
+        .unwrap();
+    let p = v5_publish(&mut srx).await;
+    assert_eq!(
+        (topic5(&p).as_str(), &p.payload[..]),
+        ("plant/v1.2/temp.celsius", &b"21.5"[..])
+    );
+    let m = tokio::time::timeout(WAIT, arx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.deliver.unwrap().routing_key(), "plant.v1.2.temp.celsius");
+
     // A plain filter with a dot, and a shared subscription with `#`.
     publ.publish("com.acme/x", QoS5::AtLeastOnce, false, "acme")
         .await
         .unwrap();
     assert_eq!(topic5(&v5_publish(&mut srx).await), "com.acme/x");
     assert_eq!(topic5(&v5_publish(&mut shrx).await), "com.acme/x");
+    // A shared subscription's `+` over a dotted level.
+    publ.publish("units/m.s-2/x", QoS5::AtLeastOnce, false, "g")
+        .await
+        .unwrap();
+    assert_eq!(topic5(&v5_publish(&mut shrx).await), "units/m.s-2/x");
 
     // `%`, `*` and `.` inside levels under `#`.
     publ.publish("odd/50%/a*b/c.d", QoS5::AtLeastOnce, false, "odd")

@@ -189,6 +189,9 @@ async fn persistent_sessions_resume_after_a_restart_with_what_was_published_whil
         0
     );
     assert_eq!(p.publish_qos1("cmd/8/run", 2, b"after restart 5").await, 0);
+    // The recovered binding still routes by its MQTT filter: `+` takes a level
+    // with a dot (issue 12).
+    assert_eq!(p.publish_qos1("cmd/v2.0/run", 3, b"dotted level").await, 0);
 
     let o4 = {
         let mut o = v4_opts(addr, "v4-dev");
@@ -210,6 +213,11 @@ async fn persistent_sessions_resume_after_a_restart_with_what_was_published_whil
     assert!(v5_connack(&mut rx5).await.session_present);
     assert_eq!(&v5_publish(&mut rx5).await.payload[..], b"while away 5");
     assert_eq!(&v5_publish(&mut rx5).await.payload[..], b"after restart 5");
+    let dotted = v5_publish(&mut rx5).await;
+    assert_eq!(
+        (&dotted.topic[..], &dotted.payload[..]),
+        (&b"cmd/v2.0/run"[..], &b"dotted level"[..])
+    );
 
     let mut c = connect_packet(V5, "raw-dev");
     c.clean_start = false;

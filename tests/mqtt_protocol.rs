@@ -819,6 +819,42 @@ async fn shared_subscriptions_compete_across_mqtt_and_amqp() {
     assert!(amqp_count > 0 && amqp_count < 9, "competing: {amqp_count}");
 }
 
+/// `a.b/c` and `a/b.c` have the same binding key (`a.b.c`): one group
+/// subscribed to both has a queue per filter, and each subscriber gets only
+/// what its own filter matches.
+#[tokio::test]
+async fn shared_subscriptions_on_filters_with_the_same_key_stay_apart() {
+    let b = start_broker().await;
+    let addr = b.mqtt_addr();
+    let mut s1 = Raw::connect(addr, V5, "s1").await;
+    let mut s2 = Raw::connect(addr, V5, "s2").await;
+    assert_eq!(
+        s1.subscribe(subscribe(1, "$share/g/a.b/c", QoS::AtLeastOnce))
+            .await,
+        [1]
+    );
+    assert_eq!(
+        s2.subscribe(subscribe(1, "$share/g/a/b.c", QoS::AtLeastOnce))
+            .await,
+        [1]
+    );
+    let vhost = b.broker().vhost("/").unwrap();
+    assert!(vhost.queue("mqtt-shared-g/a.b/c").is_ok());
+    assert!(vhost.queue("mqtt-shared-g/a/b.c").is_ok());
+    let mut p = Raw::connect(addr, V3, "p").await;
+    p.publish_qos1("a.b/c", 1, b"for s1").await;
+    p.publish_qos1("a/b.c", 2, b"for s2").await;
+    for (raw, topic, body) in [(&mut s1, "a.b/c", "for s1"), (&mut s2, "a/b.c", "for s2")] {
+        let got = raw.recv_publish().await;
+        assert_eq!(
+            (got.topic.as_str(), &got.payload[..]),
+            (topic, body.as_bytes())
+        );
+        raw.puback(got.packet_id).await;
+        assert!(raw.sync().await.is_empty(), "only its own filter's message");
+    }
+}
+
 #[tokio::test]
 async fn session_expiry_ends_a_detached_session() {
     let b = start_broker().await;

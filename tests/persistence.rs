@@ -422,9 +422,11 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 /// back intact and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
-    const WATERMARK: u64 = 32 * 1024 * 1024;
+    // The alarm measures resident memory, and a debug broker alone takes ~30 MB:
+    // the watermark leaves room for that.
+    const WATERMARK: u64 = 48 * 1024 * 1024;
     const COUNT: usize = 1500;
-    const SIZE: usize = 100 * 1024; // 150 MB in all: ~5x the watermark
+    const SIZE: usize = 100 * 1024; // 150 MB in all: ~3x the watermark
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_owned();
     let watermark = WATERMARK.to_string();
@@ -505,7 +507,7 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
     for i in 0..COUNT {
         let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
             .await
-            .unwrap()
+            .unwrap_or_else(|_| panic!("delivery {i} of {COUNT} did not come"))
             .unwrap()
             .unwrap();
         assert_eq!(d.data.len(), SIZE);

@@ -1148,7 +1148,7 @@ async fn a_deleted_queue_ends_its_subscription_with_an_error() {
 
 #[tokio::test]
 async fn the_memory_alarm_stops_reading_from_publishers_until_consumers_drain() {
-    let b = start_broker_with(|c| c.limits.memory_high_watermark_bytes = 10_000).await;
+    let b = start_broker().await;
     let mut p = StompClient::connect(b.stomp_addr()).await;
     // A publisher (the alarm blocks publishers only)...
     p.with_receipt(
@@ -1158,14 +1158,18 @@ async fn the_memory_alarm_stops_reading_from_publishers_until_consumers_drain() 
     )
     .await;
     // ...then the queue fills past the watermark (straight through the core, so
-    // the publisher's own reads are not what trips it).
+    // the publisher's own reads are not what trips it). The alarm measures this
+    // process's memory: the watermark goes 16 MiB above what it uses now, and the
+    // queue takes 20 MiB.
+    let memory = b.broker().memory.clone();
+    memory.set_high_watermark(memory.level() + 16 * 1024 * 1024);
     let q = b.broker().vhost("/").unwrap().queue("mem").unwrap();
     for _ in 0..20 {
         q.publish(switchyard_core::Message::new(
             "",
             "mem",
             Default::default(),
-            bytes::Bytes::from(vec![b'x'; 1024]),
+            bytes::Bytes::from(vec![b'x'; 1024 * 1024]),
         ));
     }
     assert!(b.broker().memory.alarm());

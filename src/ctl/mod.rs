@@ -7,6 +7,7 @@
 //! never links the broker's internals.
 
 mod client;
+mod cluster;
 mod table;
 
 use std::io::{Read, Write};
@@ -123,6 +124,11 @@ enum CtlCommand {
     HealthCheck {
         #[command(subcommand)]
         what: HealthCheck,
+    },
+    /// Cluster membership and status, over a node's inter-node port.
+    Cluster {
+        #[command(subcommand)]
+        what: cluster::ClusterCmd,
     },
 }
 
@@ -703,6 +709,7 @@ fn dispatch(args: &CtlArgs, c: &Client, out: &mut impl Write) -> Result<u8, CtlE
     let v = vhost(args);
     let vs = seg(v);
     match &args.command {
+        CtlCommand::Cluster { what } => cluster::run(what, args.json, out),
         CtlCommand::Show {
             what: ShowWhat::Overview,
         } => {

@@ -344,3 +344,27 @@ def test_topics_with_dots_arrive_exactly_and_amqp_sees_rabbitmq_keys(mqtt_broker
     ch.basic_publish("amq.topic", "com.acme.y", b"2")
     assert sub.next().topic == "com/acme/y"
     conn.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_plus_over_a_dotted_level_as_mosquitto(mqtt_broker, version):
+    """Issue 12 item 1, the issue's own example in the default (RabbitMQ) topic
+    mode: `plant/v1.2/+` takes `plant/v1.2/temp.celsius` (Mosquitto does), and
+    `plant/+/temp` takes `plant/v1.2/temp`; `plant/v1/+/temp` does not, although
+    RabbitMQ's key `plant.v1.2.temp` matches its binding key `plant.v1.*.temp`."""
+    sub = Client(mqtt_broker.mqtt, cid("plus-s"), version)
+    assert sub.subscribe("plant/v1.2/+", 1) == [1]
+    other = Client(mqtt_broker.mqtt, cid("plus-o"), version)
+    assert other.subscribe("plant/+/temp", 1) == [1]
+    assert other.subscribe("plant/v1/+/temp", 1) == [1]
+    pub = Client(mqtt_broker.mqtt, cid("plus-p"), version)
+    pub.publish("plant/v1.2/temp.celsius", "21.5", qos=1)
+    m = sub.next()
+    assert (m.topic, m.payload) == ("plant/v1.2/temp.celsius", b"21.5")
+    pub.publish("plant/v1.2/temp", "22", qos=1)
+    assert sub.next().topic == "plant/v1.2/temp"
+    m = other.next()
+    assert (m.topic, m.payload) == ("plant/v1.2/temp", b"22")
+    pub.publish("plant/v1/9/temp", "23", qos=1)
+    assert other.next().topic == "plant/v1/9/temp"
+    assert other.nothing_within(0.3)

@@ -10,14 +10,18 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use base64::Engine;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use regex::Regex;
 use sha2::{Digest, Sha256, Sha512};
 
 use crate::admin::{PermissionInfo, TopicPermissionInfo, UserInfo};
+use crate::authn::{Backend, Decision, LoginRequest, LoginStart, PendingLogin};
 use crate::error::{CoreError, CoreResult};
+use crate::exchange::ExchangeKind;
+use crate::vhost::VHost;
 
 /// What a permission check is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,11 +139,12 @@ pub struct Permission {
 }
 
 /// A user's rights on one topic exchange of a vhost (RabbitMQ's topic
-/// permissions: regexes over routing keys).
+/// permissions: regexes over routing keys), as written: the variables in them
+/// are expanded per connection, see [`Auth::topic_rules`].
 #[derive(Debug, Clone)]
 struct TopicPermission {
-    write: Pattern,
-    read: Pattern,
+    write: String,
+    read: String,
 }
 
 /// Why a login failed. The text is safe to log: it never holds the password.
@@ -170,6 +175,117 @@ struct AuthState {
 pub struct Auth {
     state: RwLock<AuthState>,
     generation: AtomicU64,
+    /// Compiled topic rules by (user, vhost, client id if a pattern names it),
+    /// valid for the generation kept with them. A mutex: held only for a map
+    /// lookup or insert, never while compiling.
+    topic_cache: Mutex<(u64, TopicCache)>,
+    /// `[auth] backends`; empty means `["internal"]`.
+    backends: RwLock<Vec<Backend>>,
+}
+
+type TopicCache = HashMap<(String, String, Option<String>), Arc<TopicRules>>;
+
+/// Bound on the compiled topic rules kept (one per client id at most).
+const TOPIC_CACHE_MAX: usize = 10_000;
+
+/// The values a topic permission pattern may name.
+#[derive(Debug, Clone, Copy)]
+pub struct TopicVars<'a> {
+    pub username: &'a str,
+    pub vhost: &'a str,
+    /// MQTT's client id; other protocols have none, and a `{client_id}` in a
+    /// pattern then stays literal text (as in RabbitMQ).
+    pub client_id: Option<&'a str>,
+}
+
+/// Expands `{username}`, `{vhost}` and `{client_id}` in a topic permission
+/// pattern and compiles it. The values are inserted as literal text (escaped),
+/// so a user named `a.b` does not match `axb`. An empty pattern allows only
+/// the empty routing key (RabbitMQ turns it into `^$`).
+fn compile_topic_pattern(pattern: &str, vars: &TopicVars<'_>) -> Result<Regex, regex::Error> {
+    if pattern.is_empty() {
+        return Regex::new("^$");
+    }
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut rest = pattern;
+    while let Some(at) = rest.find('{') {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let var = [
+            ("{username}", Some(vars.username)),
+            ("{vhost}", Some(vars.vhost)),
+            ("{client_id}", vars.client_id),
+        ]
+        .into_iter()
+        .find(|(name, _)| from.starts_with(name));
+        match var {
+            Some((name, value)) => {
+                match value {
+                    Some(v) => out.push_str(&regex::escape(v)),
+                    None => out.push_str(&regex::escape(name)),
+                }
+                rest = from.get(name.len()..).unwrap_or("");
+            }
+            None => {
+                out.push('{');
+                rest = from.get(1..).unwrap_or("");
+            }
+        }
+    }
+    out.push_str(rest);
+    Regex::new(&out)
+}
+
+/// One exchange's compiled topic rule (None: the pattern grants nothing).
+#[derive(Debug)]
+struct TopicRule {
+    write: Option<Regex>,
+    read: Option<Regex>,
+}
+
+/// A user's topic permissions in one vhost, compiled for one connection: what
+/// sessions hold and check routing keys against.
+#[derive(Debug)]
+pub struct TopicRules {
+    user: String,
+    vhost: String,
+    exchanges: HashMap<String, TopicRule>,
+}
+
+impl TopicRules {
+    /// Checks `routing_key` for `access` (write: a published routing key; read:
+    /// a binding key) on `exchange` of `vhost`. Only topic exchanges are
+    /// subject to topic permissions; an exchange without a rule allows all; an
+    /// exchange that does not exist is left to the operation to report.
+    pub fn authorize(
+        &self,
+        vhost: &VHost,
+        exchange: &str,
+        access: Access,
+        routing_key: &str,
+    ) -> CoreResult<()> {
+        let Some(rule) = self.exchanges.get(exchange) else {
+            return Ok(());
+        };
+        match vhost.exchange(exchange) {
+            Ok(x) if x.kind == ExchangeKind::Topic => {}
+            _ => return Ok(()),
+        }
+        let (re, what) = match access {
+            Access::Write => (rule.write.as_ref(), "write"),
+            Access::Read => (rule.read.as_ref(), "read"),
+            Access::Configure => return Ok(()),
+        };
+        if re.is_some_and(|re| re.is_match(routing_key)) {
+            Ok(())
+        } else {
+            // RabbitMQ's rabbit_access_control text.
+            Err(CoreError::access_refused(format!(
+                "{what} access to topic '{routing_key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+                self.vhost, self.user
+            )))
+        }
+    }
 }
 
 /// RabbitMQ's password hash of `password` with `salt`, base64-encoded.
@@ -299,6 +415,39 @@ impl Auth {
         Ok(())
     }
 
+    /// Validates topic permission patterns: they are compiled after their
+    /// `{username}`, `{vhost}` and `{client_id}` are expanded, so they are
+    /// checked with sample values in those places.
+    pub(crate) fn validate_topic_permissions(
+        user: &str,
+        vhost: &str,
+        patterns: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let sample = TopicVars {
+            username: "user",
+            vhost: "vhost",
+            client_id: Some("client"),
+        };
+        for (what, p) in patterns {
+            compile_topic_pattern(p, &sample).map_err(|e| {
+                format!(
+                    "topic {what} pattern of user '{user}' in vhost '{vhost}' is not a valid regex: {e}"
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks a topic permission's write and read patterns (for the config).
+    pub fn check_topic_patterns(
+        user: &str,
+        vhost: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<(), String> {
+        Self::validate_topic_permissions(user, vhost, &[("write", write), ("read", read)])
+    }
+
     // ---- runtime changes (called by Broker::apply once the store has them) ----
 
     pub(crate) fn put_user(
@@ -387,16 +536,11 @@ impl Auth {
         write: &str,
         read: &str,
     ) -> Result<(), String> {
-        let compile = |what: &str, p: &str| {
-            Pattern::new(p).map_err(|e| {
-                format!(
-                    "topic {what} pattern of user '{user}' in vhost '{vhost}' is not a valid regex: {e}"
-                )
-            })
-        };
+        Self::validate_topic_permissions(user, vhost, &[("write", write), ("read", read)])?;
+        // Compiled per session once the variables are known (`topic_rules`).
         let perm = TopicPermission {
-            write: compile("write", write)?,
-            read: compile("read", read)?,
+            write: write.to_owned(),
+            read: read.to_owned(),
         };
         self.state.write().topic_permissions.insert(
             (user.to_owned(), vhost.to_owned(), exchange.to_owned()),
@@ -487,10 +631,186 @@ impl Auth {
                 user: user.clone(),
                 vhost: vhost.clone(),
                 exchange: exchange.clone(),
-                write: p.write.source.clone(),
-                read: p.read.source.clone(),
+                write: p.write.clone(),
+                read: p.read.clone(),
             })
             .collect()
+    }
+
+    /// The topic permissions of `user` in `vhost`, compiled with the
+    /// connection's variables; None when there are none (then every routing
+    /// key is allowed, RabbitMQ's opt-in rule), which costs a session nothing
+    /// per message. Compiled rules are cached per (user, vhost[, client id when
+    /// a pattern names it]) until the next change of rights.
+    pub fn topic_rules(
+        &self,
+        user: &str,
+        vhost: &str,
+        client_id: Option<&str>,
+    ) -> Option<Arc<TopicRules>> {
+        let st = self.state.read();
+        let mine: Vec<(&String, &TopicPermission)> = st
+            .topic_permissions
+            .range((user.to_owned(), vhost.to_owned(), String::new())..)
+            .take_while(|((u, v, _), _)| u == user && v == vhost)
+            .map(|((_, _, x), p)| (x, p))
+            .collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let per_client = mine
+            .iter()
+            .any(|(_, p)| p.write.contains("{client_id}") || p.read.contains("{client_id}"));
+        let key = (
+            user.to_owned(),
+            vhost.to_owned(),
+            if per_client {
+                client_id.map(str::to_owned)
+            } else {
+                None
+            },
+        );
+        let generation = self.generation();
+        {
+            let cache = self.topic_cache.lock();
+            if cache.0 == generation {
+                if let Some(rules) = cache.1.get(&key) {
+                    return Some(rules.clone());
+                }
+            }
+        }
+        let vars = TopicVars {
+            username: user,
+            vhost,
+            client_id,
+        };
+        let mut exchanges = HashMap::with_capacity(mine.len());
+        for (exchange, p) in mine {
+            // Validated when stored; a pattern that still fails grants nothing.
+            let write = compile_topic_pattern(&p.write, &vars).ok();
+            let read = compile_topic_pattern(&p.read, &vars).ok();
+            exchanges.insert(exchange.clone(), TopicRule { write, read });
+        }
+        drop(st);
+        let rules = Arc::new(TopicRules {
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            exchanges,
+        });
+        let mut cache = self.topic_cache.lock();
+        if cache.0 != generation || cache.1.len() >= TOPIC_CACHE_MAX {
+            cache.1.clear();
+            cache.0 = generation;
+        }
+        cache.1.insert(key, rules.clone());
+        Some(rules)
+    }
+
+    /// Sets the authentication chain (`[auth] backends`).
+    pub fn set_backends(&self, backends: Vec<Backend>) {
+        *self.backends.write() = backends;
+    }
+
+    /// Whether only the internal database authenticates (logins never wait).
+    pub fn internal_only(&self) -> bool {
+        self.backends
+            .read()
+            .iter()
+            .all(|b| matches!(b, Backend::Internal))
+    }
+
+    /// Starts a login through the backend chain. Internal backends answer at
+    /// once; from the first external one on, the rest of the chain runs in a
+    /// spawned task (so this must be called inside a tokio runtime when an
+    /// external backend is configured), which calls `wake` once the answer is
+    /// in the [`PendingLogin`].
+    pub fn begin_login(
+        self: &Arc<Self>,
+        request: LoginRequest,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> LoginStart {
+        let chain: Vec<Backend> = {
+            let b = self.backends.read();
+            if b.is_empty() {
+                vec![Backend::Internal]
+            } else {
+                b.clone()
+            }
+        };
+        let mut last = Err(LoginError::BadCredentials(request.username.clone()));
+        for (i, backend) in chain.iter().enumerate() {
+            match backend {
+                Backend::Internal => {
+                    last = self.login(&request.username, &request.password, request.peer);
+                    if last.is_ok() {
+                        return LoginStart::Done(last);
+                    }
+                }
+                Backend::External(_) => {
+                    let rest: Vec<Backend> = chain.get(i..).unwrap_or_default().to_vec();
+                    let pending = PendingLogin::default();
+                    let (auth, slot) = (self.clone(), pending.clone());
+                    tokio::spawn(async move {
+                        let result = auth.run_chain(rest, request, last).await;
+                        slot.fill(result);
+                        wake();
+                    });
+                    return LoginStart::Pending(pending);
+                }
+            }
+        }
+        LoginStart::Done(last)
+    }
+
+    /// A login through the backend chain, for async callers (the management
+    /// API): waits for external backends without blocking.
+    pub async fn login_chain(self: &Arc<Self>, request: LoginRequest) -> Result<User, LoginError> {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let wake = notify.clone();
+        match self.begin_login(request, move || wake.notify_one()) {
+            LoginStart::Done(result) => result,
+            LoginStart::Pending(pending) => loop {
+                if let Some(result) = pending.take() {
+                    break result;
+                }
+                // notify_one keeps a permit: a wake before this wait is not lost.
+                notify.notified().await;
+            },
+        }
+    }
+
+    async fn run_chain(
+        &self,
+        chain: Vec<Backend>,
+        request: LoginRequest,
+        mut last: Result<User, LoginError>,
+    ) -> Result<User, LoginError> {
+        for backend in chain {
+            match backend {
+                Backend::Internal => {
+                    last = self.login(&request.username, &request.password, request.peer);
+                }
+                Backend::External(b) => match b.authenticate(request.clone()).await {
+                    Decision::Allow { tags } => {
+                        last = Ok(User {
+                            name: request.username.clone(),
+                            hash: Vec::new(),
+                            algorithm: HashAlgorithm::Sha256,
+                            tags,
+                            loopback_only: false,
+                        });
+                    }
+                    Decision::Deny(why) => {
+                        tracing::info!(backend = b.name(), user = %request.username, "login refused: {why}");
+                        last = Err(LoginError::BadCredentials(request.username.clone()));
+                    }
+                },
+            }
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
     }
 
     /// Checks a username and password, and where the client connects from.
@@ -517,6 +837,23 @@ impl Auth {
         if diff != 0 || digest.len() != computed.len() {
             return Err(bad());
         }
+        if user.loopback_only
+            && !peer.is_some_and(|ip| ip.is_loopback() || ipv4_mapped_loopback(ip))
+        {
+            return Err(LoginError::NotLoopback(username.to_owned()));
+        }
+        Ok(user.clone())
+    }
+
+    /// A login without a password, for an identity already proven another way (a
+    /// verified client certificate: SASL EXTERNAL, MQTT/STOMP certificate login).
+    /// The user must exist; RabbitMQ's loopback rule still applies.
+    pub fn login_external(&self, username: &str, peer: Option<IpAddr>) -> Result<User, LoginError> {
+        let st = self.state.read();
+        let user = st
+            .users
+            .get(username)
+            .ok_or_else(|| LoginError::BadCredentials(username.to_owned()))?;
         if user.loopback_only
             && !peer.is_some_and(|ip| ip.is_loopback() || ipv4_mapped_loopback(ip))
         {
@@ -647,5 +984,54 @@ mod tests {
             .check("app", "/", Access::Configure, Resource::Queue, "app.q")
             .is_err());
         assert!(a.check_vhost("app", "other").is_err());
+    }
+
+    #[test]
+    fn topic_patterns_expand_variables_as_literal_text() {
+        let vars = TopicVars {
+            username: "a.b",
+            vhost: "/",
+            client_id: Some("dev-1"),
+        };
+        let re = compile_topic_pattern("^{username}\\.{client_id}\\..*$", &vars).unwrap();
+        assert!(re.is_match("a.b.dev-1.x"));
+        assert!(!re.is_match("axb.dev-1.x"));
+        let re = compile_topic_pattern("^x{1,2}$", &vars).unwrap();
+        assert!(re.is_match("xx"));
+        // No client id (AMQP, STOMP): the placeholder stays literal text.
+        let none = TopicVars {
+            client_id: None,
+            ..vars
+        };
+        let re = compile_topic_pattern("^{client_id}$", &none).unwrap();
+        assert!(re.is_match("{client_id}"));
+        // Empty grants only the empty routing key.
+        let re = compile_topic_pattern("", &vars).unwrap();
+        assert!(re.is_match("") && !re.is_match("a"));
+    }
+
+    #[test]
+    fn topic_rules_exist_only_for_users_with_topic_permissions() {
+        let a = auth();
+        assert!(a.topic_rules("app", "/", None).is_none());
+        a.put_topic_permissions("app", "/", "amq.topic", "^{username}\\.", "^r\\.")
+            .unwrap();
+        let rules = a.topic_rules("app", "/", None).unwrap();
+        let rule = rules.exchanges.get("amq.topic").unwrap();
+        assert!(rule.write.as_ref().unwrap().is_match("app.x"));
+        assert!(!rule.write.as_ref().unwrap().is_match("bob.x"));
+        assert!(a.topic_rules("app", "other", None).is_none());
+        assert!(a.topic_rules("guest", "/", None).is_none());
+        // Cached until the rights change.
+        assert!(Arc::ptr_eq(
+            &rules,
+            &a.topic_rules("app", "/", None).unwrap()
+        ));
+        a.clear_topic_permissions("app", "/", None);
+        assert!(a.topic_rules("app", "/", None).is_none());
+        assert!(Auth::validate_topic_permissions("app", "/", &[("write", "(")]).is_err());
+        assert!(
+            Auth::validate_topic_permissions("app", "/", &[("write", "^{username}-.*")]).is_ok()
+        );
     }
 }

@@ -31,9 +31,18 @@ use crate::vhost::VHost;
 /// records of it (MQTT sessions and retained messages).
 pub type VhostDeletedHook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Where [`Broker::apply`] sends metadata commands when the node is clustered:
+/// a replicated log (crates/cluster) that commits the command on a majority and
+/// applies it on every node through [`Broker::apply_local`]. `replicate` returns
+/// once the command is committed and applied on this node, with the result of
+/// applying it; a cluster without a majority returns an error within its timeout.
+pub trait MetaLog: Send + Sync {
+    fn replicate(&self, cmd: MetaCommand) -> CoreResult<()>;
+}
+
 pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub memory: Arc<MemoryMonitor>,
     next_id: AtomicU64,
     /// The store's synced position, when there is a store.
@@ -51,6 +60,8 @@ pub struct Broker {
     vhost_limits: RwLock<BTreeMap<String, VhostLimits>>,
     user_limits: RwLock<BTreeMap<String, UserLimits>>,
     connections: Arc<Registry>,
+    /// `[limits] connection_rate_per_ip`, checked when a connection registers.
+    pub connection_rate: crate::ratelimit::ConnectionRate,
     /// Serialises [`Broker::apply`]: validation, the store write and the live
     /// change of one command happen before the next command starts.
     admin: Mutex<()>,
@@ -61,6 +72,8 @@ pub struct Broker {
     /// vhosts come from the config file at boot. Restored when the vhost is put.
     pending: Mutex<Recovered>,
     vhost_hooks: Mutex<Vec<VhostDeletedHook>>,
+    /// Set when the node is clustered: metadata commands go through it.
+    meta_log: std::sync::OnceLock<Arc<dyn MetaLog>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -243,7 +256,7 @@ impl Broker {
         let synced = store.as_ref().map(|s| s.synced());
         Arc::new(Broker {
             vhosts: RwLock::new(HashMap::new()),
-            auth,
+            auth: Arc::new(auth),
             memory,
             next_id: AtomicU64::new(1),
             synced,
@@ -256,10 +269,12 @@ impl Broker {
             vhost_limits: RwLock::new(BTreeMap::new()),
             user_limits: RwLock::new(BTreeMap::new()),
             connections: Registry::new(),
+            connection_rate: crate::ratelimit::ConnectionRate::default(),
             admin: Mutex::new(()),
             seeded: Mutex::new(HashSet::new()),
             pending: Mutex::new(recovered),
             vhost_hooks: Mutex::new(Vec::new()),
+            meta_log: std::sync::OnceLock::new(),
         })
     }
 
@@ -416,6 +431,14 @@ impl Broker {
         if !self.has_vhost(&vhost) {
             return Err(CoreError::not_allowed(format!("vhost {vhost} not found")));
         }
+        let ip = info.peer.ip();
+        if !self.connection_rate.admit(ip, info.connected_at) {
+            return Err(CoreError::not_allowed(format!(
+                "connection refused for user '{user}': {} ({} per second from {ip}) is reached",
+                crate::ratelimit::REFUSAL,
+                self.connection_rate.rate()
+            )));
+        }
         self.connections.register(id, info, outbox, |counts| {
             if let Some(limit) = vhost_limit.filter(|l| counts.vhost as u64 >= *l) {
                 return Err(CoreError::not_allowed(format!(
@@ -560,8 +583,31 @@ impl Broker {
     /// there), `PreconditionFailed` for an invalid value (a bad regex, policy
     /// definition, hash or limit name), `ResourceError` when the store failed
     /// (nothing changed).
+    ///
+    /// On a clustered node the command goes through the replicated log instead
+    /// (see [`MetaLog`]) and this returns once it is committed and applied here.
     pub fn apply(&self, cmd: MetaCommand) -> CoreResult<()> {
+        match self.meta_log.get() {
+            Some(log) => log.replicate(cmd),
+            None => self.apply_seeded(cmd, None),
+        }
+    }
+
+    /// Applies a command on this node only: what the replicated log's state
+    /// machine calls on every node for a committed command.
+    pub fn apply_local(&self, cmd: MetaCommand) -> CoreResult<()> {
         self.apply_seeded(cmd, None)
+    }
+
+    /// Routes every later [`Broker::apply`] through `log` (once; false if a log
+    /// was set already).
+    pub fn set_meta_log(&self, log: Arc<dyn MetaLog>) -> bool {
+        self.meta_log.set(log).is_ok()
+    }
+
+    /// Whether metadata commands go through a replicated log.
+    pub fn is_clustered(&self) -> bool {
+        self.meta_log.get().is_some()
     }
 
     /// Applies a boot definition from the config file once: `id` names the
@@ -738,7 +784,7 @@ impl Broker {
                 if exchange.is_empty() {
                     return Err(invalid("topic permissions need an exchange name".into()));
                 }
-                Auth::validate_permissions(user, vhost, &[("write", write), ("read", read)])
+                Auth::validate_topic_permissions(user, vhost, &[("write", write), ("read", read)])
                     .map_err(invalid)?;
                 Ok(Prepared::None)
             }

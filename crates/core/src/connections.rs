@@ -41,11 +41,16 @@ pub mod protocol {
 /// session learns its local address without every adapter's `serve` taking one
 /// more argument (those loops are being merged into one driver; this keeps the
 /// registry out of them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     pub local: SocketAddr,
     pub tls: bool,
     pub websocket: bool,
+    /// The user name a certificate login takes (SASL EXTERNAL, MQTT and STOMP
+    /// without credentials): set on a TLS listener with `verify_peer` when the
+    /// client presented a verified certificate that names a user (per
+    /// `[auth] ssl_cert_login_from`).
+    pub cert_login: Option<std::sync::Arc<str>>,
 }
 
 tokio::task_local! {
@@ -56,7 +61,7 @@ tokio::task_local! {
 /// The [`Accepted`] facts of the current task's connection, if the server set
 /// them (a session built in a unit test has none).
 pub fn accepted() -> Option<Accepted> {
-    ACCEPTED.try_with(|a| *a).ok()
+    ACCEPTED.try_with(Accepted::clone).ok()
 }
 
 /// What an adapter tells the registry about a connection.
@@ -78,6 +83,15 @@ pub struct ConnectionInfo {
     /// Whether it arrived over TLS / WebSocket, for display.
     pub tls: bool,
     pub websocket: bool,
+    /// What was negotiated, as RabbitMQ lists it: AMQP's `channel_max` and
+    /// `frame_max` (0 for the other protocols), and the heartbeat or MQTT
+    /// keep-alive in seconds (0: none).
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub timeout: u16,
+    /// How the client logged in: `PLAIN`, `AMQPLAIN` or `EXTERNAL`
+    /// (a certificate).
+    pub auth_mechanism: &'static str,
 }
 
 impl ConnectionInfo {
@@ -91,7 +105,9 @@ impl ConnectionInfo {
         connected_at: u64,
     ) -> Self {
         let accepted = accepted();
-        let local = accepted.map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |a| a.local);
+        let local = accepted
+            .as_ref()
+            .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |a| a.local);
         ConnectionInfo {
             name: Self::name_for(peer, local),
             protocol,
@@ -101,8 +117,12 @@ impl ConnectionInfo {
             local,
             connected_at,
             client_properties: FieldTable::new(),
-            tls: accepted.is_some_and(|a| a.tls),
-            websocket: accepted.is_some_and(|a| a.websocket),
+            tls: accepted.as_ref().is_some_and(|a| a.tls),
+            websocket: accepted.as_ref().is_some_and(|a| a.websocket),
+            channel_max: 0,
+            frame_max: 0,
+            timeout: 0,
+            auth_mechanism: "PLAIN",
         }
     }
 
@@ -148,18 +168,25 @@ impl Connection {
         self.close_requested.load(Ordering::Acquire)
     }
 
+    /// The identity of the outbox this connection drains: equal to
+    /// [`crate::consumer::Consumer::outbox_id`] of its consumers.
+    pub fn outbox_id(&self) -> usize {
+        Arc::as_ptr(&self.outbox) as usize
+    }
+
     pub fn channel_count(&self) -> u32 {
         self.channels.load(Ordering::Relaxed)
     }
 }
 
 /// Every live connection, by id.
+///
+/// Connections opened and closed are counted by the statistics
+/// ([`crate::stats::NodeStats::open_connection`], from the first byte on, as
+/// RabbitMQ counts them), not here: the registry holds logged-in connections only.
 #[derive(Debug, Default)]
 pub struct Registry {
     connections: RwLock<HashMap<u64, Arc<Connection>>>,
-    /// Counters for the Prometheus `_opened_total` / `_closed_total` series.
-    opened: AtomicU64,
-    closed: AtomicU64,
 }
 
 /// Held by a connection while it is registered; unregisters on drop.
@@ -214,14 +241,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
-            if registry
-                .connections
-                .write()
-                .remove(&self.connection.id)
-                .is_some()
-            {
-                registry.closed.fetch_add(1, Ordering::Relaxed);
-            }
+            registry.connections.write().remove(&self.connection.id);
         }
     }
 }
@@ -269,7 +289,6 @@ impl Registry {
         admit(counts)?;
         map.insert(id, connection.clone());
         drop(map);
-        self.opened.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionGuard {
             connection,
             registry: Arc::downgrade(self),
@@ -337,16 +356,6 @@ impl Registry {
             .map(|c| u64::from(c.channel_count()))
             .sum()
     }
-
-    /// Connections opened since start.
-    pub fn opened_total(&self) -> u64 {
-        self.opened.load(Ordering::Relaxed)
-    }
-
-    /// Connections closed since start.
-    pub fn closed_total(&self) -> u64 {
-        self.closed.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]
@@ -358,15 +367,8 @@ mod tests {
         let local: SocketAddr = "127.0.0.1:5672".parse().unwrap();
         ConnectionInfo {
             name: ConnectionInfo::name_for(peer, local),
-            protocol: protocol::AMQP_091,
-            user: user.into(),
-            vhost: vhost.into(),
-            peer,
             local,
-            connected_at: 1,
-            client_properties: FieldTable::new(),
-            tls: false,
-            websocket: false,
+            ..ConnectionInfo::new(protocol::AMQP_091, user, vhost, peer, 1)
         }
     }
 
@@ -388,7 +390,6 @@ mod tests {
         assert!(g.take_close_request().is_none());
         drop(g);
         assert!(r.is_empty());
-        assert_eq!((r.opened_total(), r.closed_total()), (1, 1));
     }
 
     #[test]

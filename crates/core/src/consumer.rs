@@ -22,11 +22,14 @@ use crate::field::FieldTable;
 use crate::queue::{Queue, QueuedMessage};
 
 /// A counting limit shared between dispatchers and the acking connection.
-/// `limit == 0` means unlimited.
+/// `limit == 0` means unlimited. A credit with a parent (an AMQP channel's
+/// within its connection's `max_unacked_per_connection`) takes a slot from
+/// both, and gives both back.
 #[derive(Debug, Default)]
 pub struct Credit {
     limit: AtomicU32,
     used: AtomicU32,
+    parent: Option<Arc<Credit>>,
 }
 
 impl Credit {
@@ -34,7 +37,22 @@ impl Credit {
         Credit {
             limit: AtomicU32::new(limit),
             used: AtomicU32::new(0),
+            parent: None,
         }
+    }
+
+    /// A credit that also takes its slots from `parent`.
+    pub fn with_parent(limit: u32, parent: Arc<Credit>) -> Self {
+        Credit {
+            parent: Some(parent),
+            ..Credit::new(limit)
+        }
+    }
+
+    /// Whether every slot is taken (never, when unlimited).
+    pub fn is_full(&self) -> bool {
+        let limit = self.limit();
+        limit != 0 && self.used() >= limit
     }
 
     pub fn set_limit(&self, limit: u32) {
@@ -49,17 +67,35 @@ impl Credit {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Takes one slot if one is free.
+    /// Takes one slot if one is free (here and in the parent).
     pub fn try_acquire(&self) -> bool {
-        self.used
+        let own = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 let limit = self.limit.load(Ordering::Relaxed);
                 (limit == 0 || used < limit).then_some(used.saturating_add(1))
             })
-            .is_ok()
+            .is_ok();
+        if !own {
+            return false;
+        }
+        if let Some(parent) = &self.parent {
+            if !parent.try_acquire() {
+                self.release_own(1);
+                return false;
+            }
+        }
+        true
     }
 
     pub fn release(&self, n: u32) {
+        self.release_own(n);
+        if let Some(parent) = &self.parent {
+            parent.release(n);
+        }
+    }
+
+    fn release_own(&self, n: u32) {
         let _ = self
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -224,6 +260,13 @@ impl Consumer {
         })
     }
 
+    /// Identifies the connection this consumer delivers to (its outbox), for
+    /// the management API's `channel_details`: see
+    /// [`crate::connections::Connection::outbox_id`].
+    pub fn outbox_id(&self) -> usize {
+        Arc::as_ptr(&self.outbox) as usize
+    }
+
     pub fn tag(&self) -> &str {
         &self.options.tag
     }
@@ -302,6 +345,22 @@ mod tests {
         assert!(c.try_acquire());
         c.release(10);
         assert_eq!(c.used(), 0);
+    }
+
+    #[test]
+    fn a_child_credit_takes_and_gives_back_its_parents_slots_too() {
+        let conn = Arc::new(Credit::new(2));
+        let a = Credit::with_parent(0, conn.clone());
+        let b = Credit::with_parent(1, conn.clone());
+        assert!(a.try_acquire());
+        assert!(b.try_acquire());
+        assert!(conn.is_full());
+        assert!(!a.try_acquire(), "the connection's cap");
+        assert_eq!(a.used(), 1, "a refused slot is given back");
+        a.release(1);
+        assert!(!conn.is_full());
+        assert!(!b.try_acquire(), "b's own limit");
+        assert!(a.try_acquire());
     }
 
     #[test]

@@ -5,6 +5,17 @@
 //! Bindings are indexed by exchange type so routing cost does not grow with the
 //! number of bindings: a hash map for `direct`, a trie for `topic`, a list for
 //! `fanout` and `headers` (headers must test each binding anyway).
+//!
+//! A topic exchange also indexes the bindings MQTT subscriptions made
+//! ([`MQTT_TOPIC_FILTER_ARG`]) by their MQTT filter. RabbitMQ's mapping turns both
+//! `/` and `.` of an MQTT topic into `.`, so its binding keys cannot tell
+//! `plant/v1.2/+` from `plant/v1/2/+`: a message an MQTT client published on a
+//! topic with a `.` inside a level (it carries that topic, [`Message::topic`])
+//! is matched against those bindings with MQTT's own rules on its real topic,
+//! exactly as Mosquitto would, and against every other binding by its routing
+//! key as RabbitMQ does. Every other message matches every binding by key.
+//!
+//! [`Message::topic`]: crate::message::Message::topic
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +25,12 @@ use parking_lot::RwLock;
 use crate::field::{FieldTable, FieldValue};
 use crate::queue::Queue;
 use crate::stats::{self, Counters, History, MessageStats, Range, Stat};
-use crate::topic::TopicTrie;
+use crate::topic::{Syntax, TopicTrie};
+
+/// The binding argument an MQTT subscription's binding carries: its MQTT topic
+/// filter (without `$share/<group>/`), so that routing can apply MQTT's rules to
+/// messages whose real topic the routing key does not give back.
+pub const MQTT_TOPIC_FILTER_ARG: &str = "x-mqtt-topic-filter";
 
 /// The four exchange types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +94,12 @@ pub struct Binding {
     pub arguments: FieldTable,
     /// Pre-parsed `headers`-exchange matching rule.
     headers: Option<HeadersMatch>,
+    /// The MQTT filter of a topic-exchange binding an MQTT subscription made.
+    mqtt_filter: Option<Box<str>>,
 }
 
 /// The bindings of one exchange, indexed for its type.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Bindings {
     /// Every binding by destination, then routing key: for unbind, listing and
     /// queue deletion. Keyed twice so that binding one queue under 100k keys
@@ -90,6 +108,9 @@ struct Bindings {
     /// The routing index (for `fanout` and `headers` this is just the list).
     direct: HashMap<String, Vec<Arc<Binding>>>,
     topic: TopicTrie<Arc<Binding>>,
+    /// The topic bindings that carry an MQTT filter, by that filter (they are
+    /// in `topic` too).
+    mqtt: TopicTrie<Arc<Binding>>,
     list: Vec<Arc<Binding>>,
     count: usize,
 }
@@ -162,11 +183,16 @@ impl Exchange {
             return false;
         }
         let headers = (self.kind == ExchangeKind::Headers).then(|| HeadersMatch::new(&arguments));
+        let mqtt_filter = (self.kind == ExchangeKind::Topic)
+            .then(|| arguments.get_str(MQTT_TOPIC_FILTER_ARG))
+            .flatten()
+            .map(Box::from);
         let binding = Arc::new(Binding {
             destination,
             routing_key: routing_key.to_owned(),
             arguments,
             headers,
+            mqtt_filter,
         });
         match self.kind {
             ExchangeKind::Direct => b
@@ -174,7 +200,12 @@ impl Exchange {
                 .entry(routing_key.to_owned())
                 .or_default()
                 .push(binding.clone()),
-            ExchangeKind::Topic => b.topic.insert(routing_key, binding.clone()),
+            ExchangeKind::Topic => {
+                if let Some(filter) = &binding.mqtt_filter {
+                    b.mqtt.insert(filter, binding.clone());
+                }
+                b.topic.insert(routing_key, binding.clone());
+            }
             ExchangeKind::Fanout | ExchangeKind::Headers => b.list.push(binding.clone()),
         }
         b.by_destination
@@ -256,10 +287,13 @@ impl Exchange {
 
     /// Calls `found` with the destination of every binding matching the message.
     /// The same destination may be reported more than once; the caller dedups.
+    /// `mqtt_topic` is the real MQTT topic of a message an MQTT client published
+    /// when its routing key cannot give it back (module docs).
     pub fn route(
         &self,
         routing_key: &str,
         headers: Option<&FieldTable>,
+        mqtt_topic: Option<&str>,
         mut found: impl FnMut(&Destination),
     ) {
         let b = self.bindings.read();
@@ -270,7 +304,17 @@ impl Exchange {
                 }
             }
             ExchangeKind::Fanout => b.list.iter().for_each(|x| found(&x.destination)),
-            ExchangeKind::Topic => b.topic.matches(routing_key, |x| found(&x.destination)),
+            ExchangeKind::Topic => match mqtt_topic {
+                Some(topic) if !b.mqtt.is_empty() => {
+                    b.topic.matches(routing_key, |x| {
+                        if x.mqtt_filter.is_none() {
+                            found(&x.destination);
+                        }
+                    });
+                    b.mqtt.matches(topic, |x| found(&x.destination));
+                }
+                _ => b.topic.matches(routing_key, |x| found(&x.destination)),
+            },
             ExchangeKind::Headers => {
                 for x in &b.list {
                     if x.headers.as_ref().is_some_and(|m| m.matches(headers)) {
@@ -278,6 +322,19 @@ impl Exchange {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Default for Bindings {
+    fn default() -> Self {
+        Bindings {
+            by_destination: HashMap::new(),
+            direct: HashMap::new(),
+            topic: TopicTrie::new(),
+            mqtt: TopicTrie::with_syntax(Syntax::Mqtt),
+            list: Vec::new(),
+            count: 0,
         }
     }
 }
@@ -308,6 +365,9 @@ impl Bindings {
                 }
             }
             ExchangeKind::Topic => {
+                if let Some(filter) = &binding.mqtt_filter {
+                    self.mqtt.remove(filter, same);
+                }
                 self.topic.remove(&binding.routing_key, same);
             }
             ExchangeKind::Fanout | ExchangeKind::Headers => self.list.retain(|x| !same(x)),

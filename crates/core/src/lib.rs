@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authn;
 pub mod broker;
 pub mod connections;
 pub mod consumer;
@@ -15,18 +16,22 @@ pub mod deadletter;
 pub mod error;
 pub mod exchange;
 pub mod field;
+pub mod flow;
 pub mod memory;
 pub mod message;
 pub mod persist;
 pub mod policy;
 pub mod queue;
+pub mod ratelimit;
 pub mod sessions;
 pub mod stats;
+pub mod stream;
+pub mod stream_queue;
 pub mod timer;
 pub mod topic;
 pub mod vhost;
 
-pub use broker::Broker;
+pub use broker::{Broker, MetaLog};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use field::{FieldTable, FieldValue};
 pub use message::{Message, Properties};

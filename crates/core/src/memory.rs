@@ -3,26 +3,53 @@
 //! clears, so the broker slows producers down instead of running out of memory or
 //! disk.
 //!
-//! Memory is counted as the bytes of message bodies held in queues plus a fixed
-//! per-message overhead ([`cost`]), per queue copy:
-//! a message routed to three queues counts three times. That over-estimates fan-out
-//! (the body is shared) but errs on the safe side and needs no shared bookkeeping on
-//! the publish path. Disk is measured by the server (free space under `data_dir`)
-//! and reported here.
+//! Memory is measured, not estimated: the server samples the process's resident
+//! memory (VmRSS) every [`MEASURE_INTERVAL`] and reports it with
+//! [`MemoryMonitor::measured`]. Between two samples a burst can grow the process by
+//! hundreds of MB (700k msg/s at 600 bytes each is 40 MB per 100 ms), so queues
+//! also keep a running estimate of what they hold ([`cost`] per message, charged
+//! with [`MemoryMonitor::add`] and released with [`MemoryMonitor::sub`]) and the
+//! level the alarm compares with the watermark is the last sample plus how much
+//! that estimate moved since ([`MemoryMonitor::level`]): the sample is the truth,
+//! the estimate only bridges the gap to the next one. Without samples (the core on
+//! its own, in unit tests) the level is the estimate alone.
+//!
+//! Freed memory is not always given back to the system: the allocator keeps
+//! some for reuse, so after consumers drain a queue the next sample can still
+//! be above the watermark with nothing queued, and publishers would stay
+//! blocked for good. So what the queues released between two samples (the
+//! estimate's net fall) is counted as retained for reuse, and what they took
+//! since as reusing it; retained memory is left out of the comparison, and it is
+//! never more than the sample shows above the idle broker (the first sample)
+//! and the queues' estimate, so memory the allocator gave back stops counting
+//! ([`MemoryMonitor::retained`]). Growth that the queues do not explain (buffers,
+//! connections) is never retained and sets the alarm.
+//!
+//! The estimate counts per queue copy: a message routed to three queues counts
+//! three times. That over-estimates fan-out (the body is shared) but errs on the
+//! safe side and needs no shared bookkeeping on the publish path. Disk is
+//! measured by the server (free space under `data_dir`) and reported here.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
-/// What a message held in a queue costs besides its body: the `Message` with its
-/// properties and routing key, the `Arc`, the queue entry and, for small bodies,
-/// the read buffer it is a slice of. Measured (issue 6, bench/notes.md) as resident
-/// memory grown per queued 16-byte message: about 600 bytes for AMQP (2.7 M
-/// messages, 1.6 GB) and 350-400 for MQTT QoS 0, where 100 unlimited publishers
-/// grew the broker to 6.5 GB in 10 s while the alarm, seeing 16 bytes a message,
-/// never fired. Counting this too makes the watermark a bound on memory rather
-/// than on body bytes.
+/// How often the server should sample resident memory.
+pub const MEASURE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Above this fraction of the watermark, queues keep the bodies of stored
+/// messages on disk only (RabbitMQ's `vm_memory_high_watermark_paging_ratio`).
+pub const PAGING_RATIO: f64 = 0.5;
+
+/// What a message held in a queue costs besides its body, for the estimate that
+/// bridges two samples: the `Message` with its properties and routing key, the
+/// `Arc`, the queue entry and, for small bodies, the read buffer it is a slice
+/// of. Measured (issue 6, bench/notes.md) as resident memory grown per queued
+/// 16-byte message: about 600 bytes for AMQP (2.7 M messages, 1.6 GB) and
+/// 350-400 for MQTT QoS 0.
 pub const MESSAGE_OVERHEAD: usize = 600;
 
-/// What the memory alarm charges for one in-memory message with `body_bytes`.
+/// What the memory alarm's estimate charges for one in-memory message with
+/// `body_bytes`.
 pub fn cost(body_bytes: usize) -> usize {
     body_bytes.saturating_add(MESSAGE_OVERHEAD)
 }
@@ -31,11 +58,19 @@ use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct MemoryMonitor {
+    /// The estimate: what queues hold, by [`cost`].
     used: AtomicUsize,
+    /// The last measured resident memory (0: never measured).
+    measured: AtomicUsize,
+    /// `used` when `measured` was taken.
+    used_at_sample: AtomicUsize,
+    /// Freed memory the allocator is taken to hold for reuse (see the module
+    /// comment); left out of the comparison.
+    retained: AtomicUsize,
+    /// The first sample: the idle broker.
+    baseline: AtomicUsize,
     /// 0 = memory alarm off.
-    high_watermark: usize,
-    /// Above this, queues keep the bodies of stored messages on disk only.
-    paging_threshold: usize,
+    high_watermark: AtomicUsize,
     memory_alarm: AtomicBool,
     disk_alarm: AtomicBool,
     /// Free disk space and its limit as last measured (0/0: never measured).
@@ -50,8 +85,11 @@ impl MemoryMonitor {
         let (alarm_tx, _) = watch::channel(false);
         MemoryMonitor {
             used: AtomicUsize::new(0),
-            high_watermark,
-            paging_threshold: high_watermark / 2,
+            measured: AtomicUsize::new(0),
+            used_at_sample: AtomicUsize::new(0),
+            retained: AtomicUsize::new(0),
+            baseline: AtomicUsize::new(0),
+            high_watermark: AtomicUsize::new(high_watermark),
             memory_alarm: AtomicBool::new(false),
             disk_alarm: AtomicBool::new(false),
             disk_free: AtomicU64::new(0),
@@ -60,14 +98,82 @@ impl MemoryMonitor {
         }
     }
 
+    /// What queues hold by the estimate ([`cost`] per message).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Whether queues should keep new stored messages on disk only: above half
-    /// the watermark (RabbitMQ's paging ratio), so the alarm is the last resort.
+    /// The last measured resident memory, if the server measures it.
+    pub fn resident(&self) -> Option<usize> {
+        Some(self.measured.load(Ordering::Relaxed)).filter(|m| *m > 0)
+    }
+
+    /// The memory the alarm compares with the watermark: the last sample moved
+    /// by what the estimate moved since (the estimate alone if never sampled).
+    pub fn level(&self) -> usize {
+        let used = self.used();
+        let measured = self.measured.load(Ordering::Relaxed);
+        if measured == 0 {
+            return used;
+        }
+        let at_sample = self.used_at_sample.load(Ordering::Relaxed);
+        if used >= at_sample {
+            measured.saturating_add(used - at_sample)
+        } else {
+            measured.saturating_sub(at_sample - used)
+        }
+    }
+
+    /// Memory measured above the watermark that is taken as free for reuse
+    /// inside the allocator (see the module comment).
+    pub fn retained(&self) -> usize {
+        self.retained.load(Ordering::Relaxed)
+    }
+
+    /// What is compared with the watermark: [`Self::level`] less what is
+    /// [`Self::retained`].
+    fn effective(&self) -> usize {
+        self.level().saturating_sub(self.retained())
+    }
+
+    /// A new sample of the process's resident memory, in bytes.
+    pub fn measured(&self, resident: usize) {
+        let used = self.used();
+        let before = self.used_at_sample.swap(used, Ordering::Relaxed);
+        let first = self.measured.swap(resident.max(1), Ordering::Relaxed) == 0;
+        if first {
+            self.baseline.store(resident, Ordering::Relaxed);
+        }
+        // Released since the last sample: retained; taken: reused. Never more
+        // than the sample shows beyond the idle broker and what queues hold.
+        let cap = resident
+            .saturating_sub(self.baseline.load(Ordering::Relaxed))
+            .saturating_sub(used);
+        let _ = self
+            .retained
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                let r = if before >= used {
+                    r.saturating_add(before - used)
+                } else {
+                    r.saturating_sub(used - before)
+                };
+                Some(r.min(cap))
+            });
+        self.evaluate();
+    }
+
+    /// Changes the watermark at run time (0: alarm off); RabbitMQ's
+    /// `rabbitmqctl set_vm_memory_high_watermark`.
+    pub fn set_high_watermark(&self, bytes: usize) {
+        self.high_watermark.store(bytes, Ordering::Relaxed);
+        self.evaluate();
+    }
+
+    /// Whether queues should keep new stored messages on disk only: above
+    /// [`PAGING_RATIO`] of the watermark, so the alarm is the last resort.
     pub fn paging(&self) -> bool {
-        self.paging_threshold != 0 && self.used() > self.paging_threshold
+        let wm = self.high_watermark();
+        wm != 0 && self.effective() as f64 > wm as f64 * PAGING_RATIO
     }
 
     /// Whether publishers are blocked now (memory or disk).
@@ -90,44 +196,48 @@ impl MemoryMonitor {
         });
     }
 
-    pub fn add(&self, bytes: usize) {
-        let now = self
-            .used
-            .fetch_add(bytes, Ordering::Relaxed)
-            .saturating_add(bytes);
-        if self.high_watermark != 0
-            && now > self.high_watermark
-            && !self.memory_alarm.swap(true, Ordering::AcqRel)
+    /// Sets or clears the memory alarm from the current level.
+    fn evaluate(&self) {
+        let wm = self.high_watermark();
+        let level = self.effective();
+        if wm != 0 && level > wm {
+            if !self.memory_alarm.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    memory = level,
+                    high_watermark = wm,
+                    "memory alarm set: blocking publishers"
+                );
+                self.publish_state();
+            }
+        } else if self.memory_alarm.load(Ordering::Acquire)
+            && self.memory_alarm.swap(false, Ordering::AcqRel)
         {
-            tracing::warn!(
-                used = now,
-                high_watermark = self.high_watermark,
-                "memory alarm set: blocking publishers"
-            );
+            tracing::info!(memory = level, high_watermark = wm, "memory alarm cleared");
             self.publish_state();
         }
     }
 
+    pub fn add(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        if !self.memory_alarm.load(Ordering::Relaxed) {
+            self.evaluate();
+        }
+    }
+
     pub fn sub(&self, bytes: usize) {
-        let prev = self
+        let _ = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
                 Some(u.saturating_sub(bytes))
-            })
-            .unwrap_or(0);
-        let now = prev.saturating_sub(bytes);
-        if now <= self.high_watermark
-            && self.memory_alarm.load(Ordering::Acquire)
-            && self.memory_alarm.swap(false, Ordering::AcqRel)
-        {
-            tracing::info!(used = now, "memory alarm cleared");
-            self.publish_state();
+            });
+        if self.memory_alarm.load(Ordering::Relaxed) {
+            self.evaluate();
         }
     }
 
     /// The memory high watermark in bytes (0: no memory alarm).
     pub fn high_watermark(&self) -> usize {
-        self.high_watermark
+        self.high_watermark.load(Ordering::Relaxed)
     }
 
     /// Whether the memory alarm is set.
@@ -177,5 +287,57 @@ mod tests {
         assert!(m.alarm(), "disk alarm still set");
         m.set_disk_alarm(false, 20, 10);
         assert!(!m.alarm());
+    }
+
+    #[test]
+    fn a_measurement_sets_and_clears_the_alarm_and_the_estimate_bridges_samples() {
+        let m = MemoryMonitor::new(1000);
+        m.add(100);
+        assert_eq!(m.level(), 100, "never measured: the estimate alone");
+        m.sub(100);
+        m.measured(300); // the idle broker (baseline)
+        m.measured(1200);
+        assert!(m.memory_alarm(), "measured above the watermark");
+        m.measured(900);
+        assert!(!m.memory_alarm());
+        assert_eq!(m.level(), 900);
+        m.add(150); // a burst before the next sample
+        assert_eq!(m.level(), 1050);
+        assert!(m.memory_alarm());
+        m.sub(150);
+        assert_eq!(m.level(), 900);
+        assert!(!m.memory_alarm());
+        assert!(m.paging(), "above half the watermark");
+        m.measured(300);
+        // The queues take 800 and a sample sees it; then consumers drain it
+        // all, but the allocator keeps the memory: the next sample is as high
+        // as before. That memory is retained for reuse, not blocking.
+        m.add(800);
+        m.measured(1150);
+        assert!(m.memory_alarm());
+        m.sub(800);
+        assert!(
+            !m.memory_alarm(),
+            "the estimate fell below before the sample"
+        );
+        m.measured(1150);
+        assert_eq!(m.retained(), 800);
+        assert!(!m.memory_alarm(), "retained memory does not block");
+        // Queues reuse it: no growth, no alarm.
+        m.add(500);
+        m.measured(1150);
+        assert_eq!(m.retained(), 300);
+        assert!(!m.memory_alarm());
+        // Growth the queues do not explain sets it.
+        m.measured(1400);
+        assert!(m.memory_alarm());
+        // Given back to the system: retained no more than what is measured.
+        m.sub(500);
+        m.measured(400);
+        assert!(!m.memory_alarm());
+        assert_eq!(m.retained(), 100);
+        m.set_high_watermark(0);
+        m.add(1_000_000);
+        assert!(!m.memory_alarm() && !m.paging(), "0: off");
     }
 }

@@ -125,6 +125,21 @@ impl Message {
         })
     }
 
+    /// The MQTT topic an MQTT client published this message on, when it rides
+    /// along ([`Message::topic`]) and the routing key is still the one RabbitMQ's
+    /// mapping made of it (`/` -> `.`): routing then matches MQTT subscriptions
+    /// on it with MQTT's rules (exchange.rs). A dead-lettered copy with another
+    /// routing key is routed by its key alone.
+    pub fn mqtt_routing_topic(&self) -> Option<&str> {
+        let topic = self.topic.as_deref()?;
+        let same = topic.len() == self.routing_key.len()
+            && topic
+                .bytes()
+                .zip(self.routing_key.bytes())
+                .all(|(t, k)| t == k || (t == b'/' && k == b'.'));
+        same.then_some(topic)
+    }
+
     /// Bytes this message accounts for in queue length limits and memory: the body
     /// (RabbitMQ's `x-max-length-bytes` counts bodies only).
     pub fn body_size(&self) -> usize {

@@ -40,6 +40,7 @@ use crate::consumer::{Consumer, Delivery};
 use crate::deadletter::DeathReason;
 use crate::error::{CoreError, CoreResult};
 use crate::field::{FieldTable, FieldValue};
+use crate::flow;
 use crate::memory::MemoryMonitor;
 use crate::message::Message;
 use crate::persist::{RecoveredMessage, Store, StoredRef};
@@ -349,6 +350,11 @@ pub struct Queue {
     pub history: History,
     /// Classic or quorum, from the declared `x-queue-type`.
     kind: QueueType,
+    /// Set once for a stream queue (stream_queue.rs): its entry points hand over.
+    stream: std::sync::OnceLock<Arc<crate::stream_queue::StreamQueue>>,
+    /// Whether its consumers have fallen behind, for the connections that
+    /// publish into it (flow.rs).
+    flow: Arc<flow::Gate>,
 }
 
 /// What `basic.get` takes from a queue.
@@ -445,6 +451,8 @@ impl Queue {
             deadline: AtomicU64::new(NEVER),
             history: History::default(),
             kind,
+            stream: std::sync::OnceLock::new(),
+            flow: Arc::default(),
         });
         let st = queue.state.lock();
         queue.refresh_deadline(&st);
@@ -520,14 +528,17 @@ impl Queue {
     /// The queue as the management API lists it (a snapshot).
     pub fn info(&self) -> crate::admin::QueueInfo {
         let settings = self.settings();
-        let (ready, unacked, delayed, consumers) = {
-            let st = self.state.lock();
-            (
-                st.ready.len,
-                st.unacked,
-                st.delayed.len(),
-                st.consumers.len(),
-            )
+        let (ready, unacked, delayed, consumers) = match self.stream() {
+            Some(s) => (s.message_count(), 0, 0, s.consumer_count()),
+            None => {
+                let st = self.state.lock();
+                (
+                    st.ready.len,
+                    st.unacked,
+                    st.delayed.len(),
+                    st.consumers.len(),
+                )
+            }
         };
         crate::admin::QueueInfo {
             vhost: self.vhost.clone(),
@@ -536,7 +547,14 @@ impl Queue {
             exclusive: self.options.exclusive,
             auto_delete: self.options.auto_delete,
             arguments: self.options.arguments.clone(),
-            queue_type: if settings.quorum { "quorum" } else { "classic" }.to_owned(),
+            queue_type: if self.stream().is_some() {
+                "stream"
+            } else if settings.quorum {
+                "quorum"
+            } else {
+                "classic"
+            }
+            .to_owned(),
             policy: settings.policy.clone(),
             operator_policy: settings.operator_policy.clone(),
             owner: self.owner,
@@ -544,6 +562,35 @@ impl Queue {
             messages_unacknowledged: unacked,
             messages_delayed: delayed,
             consumers,
+        }
+    }
+
+    /// The stream side of a stream queue.
+    pub fn stream(&self) -> Option<&Arc<crate::stream_queue::StreamQueue>> {
+        self.stream.get()
+    }
+
+    /// Makes this (new, durable) queue a stream queue on `log`.
+    pub(crate) fn attach_stream(
+        self: &Arc<Self>,
+        log: Arc<dyn crate::stream::StreamLog>,
+        store: Arc<dyn Store>,
+    ) {
+        let sq = crate::stream_queue::StreamQueue::new(log, Arc::downgrade(self), store);
+        let _ = self.stream.set(sq);
+        self.stream_tick(self.timers.now_ms());
+    }
+
+    /// Applies a stream's retention now and schedules the next check: `max-age`
+    /// must work even when nothing is written (RabbitMQ only checks on roll).
+    fn stream_tick(&self, now: u64) {
+        let Some(s) = self.stream() else {
+            return;
+        };
+        let next = s.enforce_retention(now);
+        self.deadline.store(next, Ordering::Release);
+        if next != NEVER {
+            self.timers.schedule(next);
         }
     }
 
@@ -651,6 +698,11 @@ impl Queue {
             None => self.accept_locked(&mut st, qm, now, now),
         };
         self.finish(st, now);
+        if self.flow.is_behind() {
+            // The publishing connection (if one is being recorded) pauses its
+            // reads until this queue's consumers catch up.
+            flow::note(&self.flow);
+        }
         outcome
     }
 
@@ -806,6 +858,10 @@ impl Queue {
     /// Publishes the queue's next deadline for the timer task. Costs one atomic
     /// load when the queue has nothing timed.
     fn refresh_deadline(&self, st: &QueueState) {
+        if self.stream().is_some() {
+            // A stream's only deadline is its retention check (stream_tick).
+            return;
+        }
         let mut next = st.ready.next_expiry();
         if let Some(top) = st.delayed.peek() {
             next = next.min(top.0.due);
@@ -827,6 +883,11 @@ impl Queue {
     /// buries what left the queue.
     fn finish(&self, mut st: parking_lot::MutexGuard<'_, QueueState>, now: u64) {
         self.refresh_deadline(&st);
+        self.flow.update(
+            st.ready.len,
+            st.ready.bytes,
+            !st.consumers.is_empty() && !st.deleted,
+        );
         let dead = std::mem::take(&mut st.dead);
         drop(st);
         self.bury(dead, now);
@@ -878,6 +939,10 @@ impl Queue {
     /// Hands ready messages to consumers with credit, round robin, until either
     /// runs out.
     pub fn dispatch(self: &Arc<Self>) {
+        if let Some(s) = self.stream() {
+            s.dispatch();
+            return;
+        }
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
         self.dispatch_locked(&mut st, now);
@@ -945,6 +1010,9 @@ impl Queue {
     /// Adds a consumer. `exclusive` consumers need the queue to themselves.
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> CoreResult<()> {
         let now = self.timers.now_ms();
+        if let Some(s) = self.stream() {
+            return s.add_consumer(consumer, now);
+        }
         let mut st = self.state.lock();
         if st.deleted {
             return Err(CoreError::not_found(format!(
@@ -969,6 +1037,11 @@ impl Queue {
     /// Removes a consumer. Returns true when the queue is auto-delete and this was
     /// its last consumer, i.e. the caller should delete it.
     pub fn remove_consumer(self: &Arc<Self>, consumer_id: u64) -> bool {
+        if let Some(s) = self.stream() {
+            // Streams are never auto-delete.
+            s.remove_consumer(consumer_id);
+            return false;
+        }
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
         let before = st.consumers.len();
@@ -1022,6 +1095,10 @@ impl Queue {
 
     /// Takes the first ready message (`basic.get`). With `no_ack` it is settled at once.
     pub fn get(&self, no_ack: bool) -> Option<Got> {
+        if self.stream().is_some() {
+            // Refused by the adapters (540) before they get here.
+            return None;
+        }
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
         st.last_used = st.last_used.max(now);
@@ -1065,12 +1142,20 @@ impl Queue {
 
     /// Settles delivered messages for good: acknowledged (counted as `ack`).
     pub fn settle(&self, messages: &[QueuedMessage]) {
+        if let Some(s) = self.stream() {
+            s.settled(messages);
+            return;
+        }
         self.settle_counted(messages, true);
     }
 
     /// Settles delivered messages that were rejected without requeue (they are
     /// dead-lettered or dropped, not acknowledged).
     pub fn settle_rejected(&self, messages: &[QueuedMessage]) {
+        if let Some(s) = self.stream() {
+            s.settled(messages);
+            return;
+        }
         self.settle_counted(messages, false);
     }
 
@@ -1107,6 +1192,11 @@ impl Queue {
     /// dead-letters (reason `delivery_limit`) a message returned more often than
     /// its delivery limit; the others come back with `x-delivery-count`.
     pub fn requeue_at(self: &Arc<Self>, messages: Vec<QueuedMessage>, now: u64) {
+        if let Some(s) = self.stream() {
+            // A stream never takes a message back: a requeue settles (RabbitMQ).
+            s.settled(&messages);
+            return;
+        }
         if messages.is_empty() {
             return;
         }
@@ -1144,6 +1234,10 @@ impl Queue {
     /// dispatches. Returns true when the queue itself expired (`x-expires`) and
     /// should be deleted.
     pub fn tick(self: &Arc<Self>, now: u64) -> bool {
+        if self.stream().is_some() {
+            self.stream_tick(now);
+            return false;
+        }
         let mut st = self.state.lock();
         if st.deleted {
             return false;
@@ -1173,6 +1267,9 @@ impl Queue {
 
     /// Drops every ready message; returns how many. Delayed messages stay.
     pub fn purge(&self) -> usize {
+        if self.stream().is_some() {
+            return 0;
+        }
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
         let dropped = st.ready.take_all();
@@ -1185,6 +1282,9 @@ impl Queue {
 
     /// Ready messages (delayed ones are not counted until due).
     pub fn message_count(&self) -> usize {
+        if let Some(s) = self.stream() {
+            return s.message_count();
+        }
         self.state.lock().ready.len
     }
 
@@ -1197,7 +1297,16 @@ impl Queue {
         self.state.lock().unacked
     }
 
+    /// Whether its consumers have fallen behind, so that connections publishing
+    /// into it pause (flow.rs).
+    pub fn flow_behind(&self) -> bool {
+        self.flow.is_behind()
+    }
+
     pub fn consumer_count(&self) -> usize {
+        if let Some(s) = self.stream() {
+            return s.consumer_count();
+        }
         self.state.lock().consumers.len()
     }
 
@@ -1208,6 +1317,14 @@ impl Queue {
     /// Marks the queue deleted, drops its messages and tells its consumers they
     /// were cancelled. Returns the number of ready messages it held.
     pub(crate) fn mark_deleted(&self) -> usize {
+        if let Some(s) = self.stream() {
+            self.state.lock().deleted = true;
+            let count = s.message_count();
+            for c in s.destroy() {
+                c.notify_cancelled();
+            }
+            return count;
+        }
         let (consumers, dropped, delayed) = {
             let mut st = self.state.lock();
             st.deleted = true;
@@ -1219,6 +1336,8 @@ impl Queue {
             self.refresh_deadline(&st);
             out
         };
+        // Nothing left to wait for: publishers paused on it resume.
+        self.flow.set(false);
         let count = dropped.len();
         let delayed: Vec<QueuedMessage> = delayed.into_iter().map(|d| d.0.message).collect();
         self.memory.sub(

@@ -697,7 +697,36 @@ pub struct Source {
     size_sum: AtomicU64,
     /// Consumers open now (a gauge set by the session).
     consumers: AtomicU64,
+    /// The channel's settings and in-flight counts (gauges the session
+    /// publishes after each batch it handles; see [`ChannelState`]).
+    state: [AtomicU64; 8],
     pub history: History,
+}
+
+/// What `/api/channels` shows of a channel beyond its counters: its settings
+/// and what it has in flight. The session owns the real state; it copies it
+/// here with [`Source::set_state`] once per read batch or outbox drain
+/// (single writer: eight relaxed stores, no lock), so a listing is at most one
+/// batch old.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelState {
+    /// Per-consumer prefetch (AMQP `basic.qos` global=false; MQTT: the
+    /// in-flight window; STOMP: the largest subscription's `prefetch-count`).
+    pub prefetch_count: u64,
+    /// Channel-wide prefetch (AMQP `basic.qos` global=true).
+    pub global_prefetch_count: u64,
+    /// Publisher confirms on (AMQP `confirm.select`; MQTT: QoS 1/2 publishes
+    /// are acknowledged once routed and stored).
+    pub confirm: bool,
+    /// Transactions on (AMQP `tx.select`; STOMP: a BEGIN is open).
+    pub transactional: bool,
+    /// Deliveries awaiting the client's ack.
+    pub messages_unacknowledged: u64,
+    /// Publishes not yet confirmed to the client.
+    pub messages_unconfirmed: u64,
+    /// Publishes / acks held by an open transaction.
+    pub messages_uncommitted: u64,
+    pub acks_uncommitted: u64,
 }
 
 impl Source {
@@ -744,6 +773,49 @@ impl Source {
 
     pub fn consumers(&self) -> u64 {
         self.consumers.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the channel's [`ChannelState`] (single writer: its session).
+    #[inline]
+    pub fn set_state(&self, st: &ChannelState) {
+        let values = [
+            st.prefetch_count,
+            st.global_prefetch_count,
+            u64::from(st.confirm),
+            u64::from(st.transactional),
+            st.messages_unacknowledged,
+            st.messages_unconfirmed,
+            st.messages_uncommitted,
+            st.acks_uncommitted,
+        ];
+        for (slot, v) in self.state.iter().zip(values) {
+            // Skip the store when nothing changed: the line then stays shared
+            // with readers instead of being invalidated on every batch.
+            if slot.load(Ordering::Relaxed) != v {
+                slot.store(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// An MQTT or STOMP session: the one channel of its connection.
+    pub fn protocol_is_session(&self) -> bool {
+        self.protocol != Protocol::Amqp091
+    }
+
+    /// The channel's last published [`ChannelState`].
+    pub fn state(&self) -> ChannelState {
+        let [prefetch_count, global_prefetch_count, confirm, transactional, messages_unacknowledged, messages_unconfirmed, messages_uncommitted, acks_uncommitted] =
+            self.state.each_ref().map(|a| a.load(Ordering::Relaxed));
+        ChannelState {
+            prefetch_count,
+            global_prefetch_count,
+            confirm: confirm != 0,
+            transactional: transactional != 0,
+            messages_unacknowledged,
+            messages_unconfirmed,
+            messages_uncommitted,
+            acks_uncommitted,
+        }
     }
 
     /// Both queue types together: the channel's own `message_stats` counts.
@@ -967,6 +1039,7 @@ impl NodeStats {
             sizes: Default::default(),
             size_sum: AtomicU64::new(0),
             consumers: AtomicU64::new(0),
+            state: Default::default(),
             history: History::default(),
         });
         if is_channel {
@@ -1192,17 +1265,55 @@ pub mod process {
 
     /// The soft limit on open files (`/proc/self/limits`).
     pub fn max_fds() -> u64 {
-        let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
-            return 0;
-        };
+        soft_limit("Max open files").unwrap_or(0)
+    }
+
+    /// A soft limit of `/proc/self/limits` (`None`: unknown or unlimited).
+    fn soft_limit(name: &str) -> Option<u64> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
         limits
             .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .and_then(|l| {
-                l.trim_start_matches("Max open files")
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
+            .find(|l| l.starts_with(name))?
+            .trim_start_matches(name)
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Open file descriptors that are sockets (listeners and connections).
+    pub fn open_sockets() -> u64 {
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+            return 0;
+        };
+        dir.filter_map(Result::ok)
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|t| t.as_os_str().as_encoded_bytes().starts_with(b"socket:"))
+            })
+            .count() as u64
+    }
+
+    /// OS threads of this process (`Threads:` of `/proc/self/status`).
+    pub fn threads() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Threads:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// How many threads this process may have: the soft `Max processes`
+    /// limit (it counts threads), or the kernel's `threads-max` when unlimited.
+    pub fn max_threads() -> u64 {
+        soft_limit("Max processes")
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/threads-max")
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
             })
             .unwrap_or(0)
     }

@@ -1,8 +1,10 @@
-//! Topic matching: a trie over the dot-separated words of binding keys.
+//! Topic matching: a trie over the words of binding keys.
 //!
-//! Grammar (RabbitMQ's): a routing key is words separated by `.`; in a binding key
-//! `*` matches exactly one word and `#` matches zero or more words. The empty key
-//! has zero words. Matching walks the trie once per publish, so its cost depends on
+//! Grammar (RabbitMQ's, [`Syntax::Amqp`]): a routing key is words separated by
+//! `.`; in a binding key `*` matches exactly one word and `#` matches zero or more
+//! words. The empty key has zero words. [`Syntax::Mqtt`] is the same trie over
+//! MQTT topic levels: `/` separates, `+` is one level, `#` zero or more (so `a/#`
+//! also takes `a`, as MQTT says). Matching walks the trie once per publish, so its cost depends on
 //! the key's length and the patterns that can match, not on how many bindings exist
 //! (100k bindings stay fast). A `#` node may be entered at many word positions; the
 //! walk remembers (node, position) pairs it has visited so that hostile patterns such
@@ -15,6 +17,39 @@ use std::collections::{HashMap, HashSet};
 pub struct TopicTrie<T> {
     root: Node<T>,
     len: usize,
+    syntax: Syntax,
+}
+
+/// Which topic grammar a trie speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Syntax {
+    /// RabbitMQ's binding keys: `.` between words, `*` one word, `#` any.
+    #[default]
+    Amqp,
+    /// MQTT topic filters: `/` between levels, `+` one level, `#` any.
+    Mqtt,
+}
+
+impl Syntax {
+    fn separator(self) -> char {
+        match self {
+            Syntax::Amqp => '.',
+            Syntax::Mqtt => '/',
+        }
+    }
+
+    fn one(self) -> &'static str {
+        match self {
+            Syntax::Amqp => "*",
+            Syntax::Mqtt => "+",
+        }
+    }
+
+    /// The words of `key`; the empty key has none.
+    fn words(self, key: &str) -> impl Iterator<Item = &str> {
+        let mut it = (!key.is_empty()).then(|| key.split(self.separator()));
+        std::iter::from_fn(move || it.as_mut().and_then(Iterator::next))
+    }
 }
 
 #[derive(Debug)]
@@ -45,24 +80,28 @@ impl<T> Node<T> {
     }
 }
 
-/// Splits a key into words; the empty key has none.
+/// Splits a routing key into words; the empty key has none.
 pub fn words(key: &str) -> impl Iterator<Item = &str> {
-    let mut it = (!key.is_empty()).then(|| key.split('.'));
-    std::iter::from_fn(move || it.as_mut().and_then(Iterator::next))
+    Syntax::Amqp.words(key)
 }
 
 impl<T> Default for TopicTrie<T> {
     fn default() -> Self {
-        TopicTrie {
-            root: Node::default(),
-            len: 0,
-        }
+        TopicTrie::with_syntax(Syntax::Amqp)
     }
 }
 
 impl<T> TopicTrie<T> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_syntax(syntax: Syntax) -> Self {
+        TopicTrie {
+            root: Node::default(),
+            len: 0,
+            syntax,
+        }
     }
 
     /// How many values the trie holds.
@@ -77,10 +116,11 @@ impl<T> TopicTrie<T> {
     /// Adds `value` under the binding key `pattern`.
     pub fn insert(&mut self, pattern: &str, value: T) {
         let mut node = &mut self.root;
-        for word in words(pattern) {
+        let one = self.syntax.one();
+        for word in self.syntax.words(pattern) {
             node = match word {
-                "*" => node.star.get_or_insert_with(Box::default),
                 "#" => node.hash.get_or_insert_with(Box::default),
+                w if w == one => node.star.get_or_insert_with(Box::default),
                 w => node.words.entry(w.into()).or_default(),
             };
         }
@@ -91,8 +131,8 @@ impl<T> TopicTrie<T> {
     /// Removes the first value under `pattern` for which `is_it` holds; prunes
     /// nodes left empty. Returns the removed value.
     pub fn remove(&mut self, pattern: &str, is_it: impl Fn(&T) -> bool) -> Option<T> {
-        let parts: Vec<&str> = words(pattern).collect();
-        let removed = remove_at(&mut self.root, &parts, &is_it);
+        let parts: Vec<&str> = self.syntax.words(pattern).collect();
+        let removed = remove_at(&mut self.root, &parts, self.syntax.one(), &is_it);
         if removed.is_some() {
             self.len -= 1;
         }
@@ -102,38 +142,45 @@ impl<T> TopicTrie<T> {
     /// Calls `found` for every value whose pattern matches `key`. A value may be
     /// reported more than once when several paths match; callers deduplicate.
     pub fn matches<'a>(&'a self, key: &str, mut found: impl FnMut(&'a T)) {
-        let parts: Vec<&str> = words(key).collect();
+        let parts: Vec<&str> = self.syntax.words(key).collect();
         let mut seen = HashSet::new();
         walk(&self.root, &parts, 0, &mut seen, &mut found);
     }
 }
 
-fn remove_at<T>(node: &mut Node<T>, parts: &[&str], is_it: &impl Fn(&T) -> bool) -> Option<T> {
+/// Removes under `parts` (a pattern's words; `one` is the syntax's one-word
+/// wildcard, `#` the many-words one).
+fn remove_at<T>(
+    node: &mut Node<T>,
+    parts: &[&str],
+    one: &str,
+    is_it: &impl Fn(&T) -> bool,
+) -> Option<T> {
     let Some((first, rest)) = parts.split_first() else {
         let pos = node.values.iter().position(is_it)?;
         return Some(node.values.remove(pos));
     };
     let (removed, now_empty) = match *first {
-        "*" => {
-            let child = node.star.as_deref_mut()?;
-            let r = remove_at(child, rest, is_it);
-            (r, child.is_empty())
-        }
         "#" => {
             let child = node.hash.as_deref_mut()?;
-            let r = remove_at(child, rest, is_it);
+            let r = remove_at(child, rest, one, is_it);
+            (r, child.is_empty())
+        }
+        w if w == one => {
+            let child = node.star.as_deref_mut()?;
+            let r = remove_at(child, rest, one, is_it);
             (r, child.is_empty())
         }
         w => {
             let child = node.words.get_mut(w)?;
-            let r = remove_at(child, rest, is_it);
+            let r = remove_at(child, rest, one, is_it);
             (r, child.is_empty())
         }
     };
     if now_empty {
         match *first {
-            "*" => node.star = None,
             "#" => node.hash = None,
+            w if w == one => node.star = None,
             w => {
                 node.words.remove(w);
             }
@@ -216,6 +263,48 @@ mod tests {
         trie.remove("a.*.c", |v| *v == 2);
         trie.remove("a.#", |v| *v == 3);
         assert!(trie.root.is_empty());
+    }
+
+    #[test]
+    fn mqtt_syntax_levels_and_wildcards() {
+        let mut trie = TopicTrie::with_syntax(Syntax::Mqtt);
+        for p in [
+            "plant/v1.2/+",
+            "plant/+/temp.celsius",
+            "a/#",
+            "a.b/c",
+            "x/*/y",
+            "#",
+        ] {
+            trie.insert(p, p.to_owned());
+        }
+        fn got(trie: &TopicTrie<String>, t: &str) -> Vec<String> {
+            let mut out = vec![];
+            trie.matches(t, |v: &String| out.push(v.clone()));
+            out.sort();
+            out.dedup();
+            out
+        }
+        assert_eq!(
+            got(&trie, "plant/v1.2/temp.celsius"),
+            ["#", "plant/+/temp.celsius", "plant/v1.2/+"]
+        );
+        assert_eq!(got(&trie, "a"), ["#", "a/#"]);
+        assert_eq!(got(&trie, "a.b/c"), ["#", "a.b/c"]);
+        assert_eq!(got(&trie, "a/b/c"), ["#", "a/#"]);
+        // `*` is an ordinary character in MQTT.
+        assert_eq!(got(&trie, "x/*/y"), ["#", "x/*/y"]);
+        assert_eq!(got(&trie, "x/z/y"), ["#"]);
+        assert_eq!(
+            trie.remove("x/*/y", |v| v == "x/*/y").as_deref(),
+            Some("x/*/y")
+        );
+        assert_eq!(
+            trie.remove("plant/v1.2/+", |_| true).as_deref(),
+            Some("plant/v1.2/+")
+        );
+        assert_eq!(got(&trie, "x/*/y"), ["#"]);
+        assert_eq!(got(&trie, "plant/v1.2/t"), ["#"]);
     }
 
     #[test]

@@ -74,8 +74,21 @@ pub struct ExchangeDeclare {
     pub options: ExchangeOptions,
 }
 
+/// A stream a publish reached: durable once its log committed `after`.
+#[derive(Debug, Clone)]
+pub struct StreamWait {
+    pub committed: tokio::sync::watch::Receiver<u64>,
+    pub after: u64,
+}
+
+impl StreamWait {
+    pub fn done(&self) -> bool {
+        *self.committed.borrow() >= self.after
+    }
+}
+
 /// Where a publish went.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct Routed {
     /// Number of queues (and direct reply-to consumers) that received the message.
     pub queues: usize,
@@ -86,6 +99,16 @@ pub struct Routed {
     /// Queues that refused the message (`x-overflow` reject-publish or
     /// reject-publish-dlx): a publisher in confirm mode gets a nack when > 0.
     pub rejected: usize,
+    /// Stream queues it was appended to: confirmed once each committed it
+    /// (a stream's log syncs on its own, not at `durable_at`).
+    pub streams: SmallVec<[StreamWait; 1]>,
+}
+
+impl Routed {
+    /// Whether every stream it reached has it on disk.
+    pub fn streams_done(&self) -> bool {
+        self.streams.iter().all(StreamWait::done)
+    }
 }
 
 #[derive(Debug)]
@@ -678,6 +701,15 @@ impl VHost {
             q.touch(self.timers.now_ms());
             return Ok(answer(&q));
         }
+        if (req.name.is_empty() || req.server_named)
+            && req.options.arguments.get_str("x-queue-type") == Some("stream")
+        {
+            // RabbitMQ refuses these too: a stream is meant to be found again.
+            return Err(CoreError::precondition(format!(
+                "server-named stream queues are not supported (vhost '{}')",
+                self.name
+            )));
+        }
         if req.name.is_empty() {
             req.name = Self::generate_name("amq.gen-");
         } else if req.name.starts_with("amq.") && !req.server_named {
@@ -733,6 +765,7 @@ impl VHost {
             )));
         }
         let settings = self.settings_for(&req.name, &req.options);
+        let stream_config = stream_config_of(&req.name, &self.name, &req.options)?;
         let owner = req.options.exclusive.then_some(req.connection);
         // Exclusive queues die with their connection, so storing them is pointless.
         let queue = match (&self.store, req.options.durable && !req.options.exclusive) {
@@ -749,8 +782,17 @@ impl VHost {
                     id,
                     options: req.options.clone(),
                 };
+                let stream = match &stream_config {
+                    Some(config) => Some(store.open_stream(id, *config).map_err(|e| {
+                        CoreError::new(
+                            crate::error::ErrorKind::ResourceError,
+                            format!("cannot create stream: {e}"),
+                        )
+                    })?),
+                    None => None,
+                };
                 self.persist("queue", |s| s.save_queue(&record))?;
-                Queue::create(
+                let queue = Queue::create(
                     req.name.clone(),
                     self.name.clone(),
                     req.options,
@@ -758,7 +800,17 @@ impl VHost {
                     None,
                     self.queue_env(),
                     Some((store.clone(), id)),
-                )
+                );
+                if let Some(log) = stream {
+                    queue.attach_stream(log, store.clone());
+                }
+                queue
+            }
+            _ if stream_config.is_some() => {
+                return Err(CoreError::precondition(format!(
+                    "cannot declare stream queue '{}' in vhost '{}': streams need a data directory",
+                    req.name, self.name
+                )));
             }
             _ => Queue::create(
                 req.name.clone(),
@@ -982,7 +1034,11 @@ impl VHost {
         let mut durable_at = 0;
         let stored = match &self.store {
             Some(store) if message.properties.is_persistent() => {
-                let ids: SmallVec<[u64; 4]> = queues.iter().filter_map(|q| q.store_id()).collect();
+                let ids: SmallVec<[u64; 4]> = queues
+                    .iter()
+                    .filter(|q| q.stream().is_none())
+                    .filter_map(|q| q.store_id())
+                    .collect();
                 if ids.is_empty() {
                     None
                 } else {
@@ -995,7 +1051,19 @@ impl VHost {
             _ => None,
         };
         let mut rejected = 0;
+        let mut streams = SmallVec::new();
         for q in queues {
+            if let Some(s) = q.stream() {
+                // Every message in a stream is durable, persistent or not.
+                match s.append(&message, now) {
+                    Some(offset) => streams.push(StreamWait {
+                        committed: s.log.committed(),
+                        after: offset.saturating_add(1),
+                    }),
+                    None => rejected += 1,
+                }
+                continue;
+            }
             let stored = stored.filter(|_| q.store_id().is_some());
             if q.enqueue(message.clone(), stored, due, now) == Enqueued::Rejected {
                 rejected += 1;
@@ -1005,6 +1073,7 @@ impl VHost {
             queues: queues.len(),
             durable_at,
             rejected,
+            streams,
         }
     }
 
@@ -1030,6 +1099,7 @@ impl VHost {
             )));
         }
         let headers = message.properties.headers.as_ref();
+        let mqtt_topic = message.mqtt_routing_topic();
         let first = start.clone();
         let mut pending: SmallVec<[Arc<Exchange>; 2]> = SmallVec::from_elem(start, 1);
         let mut visited: SmallVec<[Arc<Exchange>; 2]> = SmallVec::new();
@@ -1043,7 +1113,7 @@ impl VHost {
             // released: taking the vhost's exchange map inside it would invert the
             // order delete_exchange takes them in.
             let mut next: SmallVec<[String; 2]> = SmallVec::new();
-            x.route(&message.routing_key, headers, |dest| {
+            x.route(&message.routing_key, headers, mqtt_topic, |dest| {
                 matched = true;
                 match dest {
                     Destination::Queue(q) => {
@@ -1229,6 +1299,15 @@ impl VHost {
                 self.queue_env(),
                 Some((store.clone(), record.id)),
             );
+            if let Ok(Some(config)) = stream_config_of(&record.name, &self.name, &record.options) {
+                match store.open_stream(record.id, config) {
+                    Ok(log) => queue.attach_stream(log, store.clone()),
+                    Err(e) => {
+                        tracing::error!(queue = %record.name, error = %e, "cannot open a stream's log; the stream is not restored");
+                        continue;
+                    }
+                }
+            }
             if let Some(messages) = recovered.messages.remove(&record.id) {
                 queue.restore(messages);
             }
@@ -1299,6 +1378,18 @@ fn validate_binding(exchange: &Exchange, arguments: &FieldTable) -> CoreResult<(
 }
 
 /// Rejects queue arguments RabbitMQ would reject, with its wording.
+/// The log layout of a stream queue (`None`: not a stream).
+fn stream_config_of(
+    queue: &str,
+    vhost: &str,
+    options: &QueueOptions,
+) -> CoreResult<Option<crate::stream::StreamConfig>> {
+    match options.arguments.get_str("x-queue-type") {
+        Some("stream") => crate::stream_queue::validate_declare(queue, vhost, options).map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn validate_queue_arguments(queue: &str, vhost: &str, options: &QueueOptions) -> CoreResult<()> {
     let args = &options.arguments;
     let bad = |arg: &str, why: &str| {
@@ -1347,19 +1438,31 @@ fn validate_queue_arguments(queue: &str, vhost: &str, options: &QueueOptions) ->
                 if !options.durable || options.exclusive {
                     return Err(CoreError::precondition(format!(
                         "invalid property '{}' for queue '{}' in vhost '{}'",
-                        if options.exclusive { "exclusive-owner" } else { "non-durable" },
+                        if options.exclusive {
+                            "exclusive-owner"
+                        } else {
+                            "non-durable"
+                        },
                         queue,
                         vhost
                     )));
                 }
             }
             Some("stream") => {
-                return Err(CoreError::precondition(format!(
-                    "invalid arg 'x-queue-type' for queue '{queue}' in vhost '{vhost}': stream queues are not supported by Switchyard yet"
-                )))
+                crate::stream_queue::validate_declare(queue, vhost, options)?;
             }
-            Some(other) => return bad("x-queue-type", &format!("\"unsupported queue type '{other}'\"")),
-            None => return bad("x-queue-type", &format!("\"expected string, got {}\"", t.type_name())),
+            Some(other) => {
+                return bad(
+                    "x-queue-type",
+                    &format!("\"unsupported queue type '{other}'\""),
+                )
+            }
+            None => {
+                return bad(
+                    "x-queue-type",
+                    &format!("\"expected string, got {}\"", t.type_name()),
+                )
+            }
         }
     }
     Ok(())

@@ -14,6 +14,10 @@
 //!   and stops taking deliveries from the outbox, while more than
 //!   [`OUTPUT_HIGH_WATER`] bytes wait to be written. That is how back-pressure
 //!   reaches publishers and queues.
+//! - Flow control (switchyard_core::flow): while a read is handled, the queues
+//!   it published into that are behind their consumers are recorded; the driver
+//!   then stops reading (and only reading) until they catch up, or at most
+//!   [`FLOW_MAX_PAUSE`] per read. This is the one hook of it here.
 //! - Everything produced while handling one read (replies, confirms,
 //!   deliveries) goes out with one `write` when the stream accepts it.
 //! - When the session closes, what it produced last (a close, an ERROR, a
@@ -29,14 +33,17 @@
 //!
 //! It is a crate of its own rather than a module of the core because it does I/O
 //! and the core never touches a socket; the protocol crates depend on it and on
-//! the core, never on each other. The transport layer (TLS, WebSocket as one
-//! stream type, issue 10) belongs beside it, so every adapter gets it at once.
+//! the core, never on each other. The transport layer beside it
+//! (`switchyard-transport`: TCP, TLS, WebSocket and WebSocket over TLS as one
+//! `Stream`, and the one accept loop) hands every adapter its stream, so a new
+//! adapter gets every transport at once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::consumer::Outbox;
+use switchyard_core::flow::{self, Blockers};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
@@ -44,6 +51,11 @@ use tokio_util::sync::CancellationToken;
 
 /// Stop reading and taking deliveries while this much output waits to be written.
 pub const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
+/// The longest a read waits for lagging queues to catch up before the next one
+/// is read anyway: a guard against a connection that both consumes from a
+/// queue and publishes into it waiting on itself. A publisher that keeps
+/// hitting it still gets only one read per pause in.
+pub const FLOW_MAX_PAUSE: Duration = Duration::from_secs(5);
 /// Read buffer growth step.
 pub const READ_CHUNK: usize = 64 * 1024;
 /// How long the last bytes of a closed session (a close, an ERROR, a DISCONNECT)
@@ -107,6 +119,15 @@ pub trait Session {
     /// The memory alarm is `on` (called when it changes, and while it is on and
     /// [`Session::blocks_on_alarm`]); e.g. AMQP's connection.blocked.
     fn alarm(&mut self, _on: bool) {}
+
+    /// Whether the session takes no input now: a login waits for an external
+    /// authentication backend. The driver stops reading (what the client sends
+    /// waits in the socket), and once the session is no longer paused after
+    /// [`Session::handle_outbox`] (the backend's answer wakes the outbox), it
+    /// hands the session the input it already holds.
+    fn input_paused(&self) -> bool {
+        false
+    }
 
     /// Whether a takeover (see [`Signals::takeover`]) applies now.
     fn takeover_applies(&self) -> bool {
@@ -180,6 +201,8 @@ where
     };
     let far = started + Duration::from_secs(365 * 24 * 3600);
     let mut shutting_down = false;
+    // Lagging queues the last read published into, and until when to wait.
+    let mut flow_paused: Option<(Blockers, Instant)> = None;
 
     let end = loop {
         take_output(&mut session, &mut output);
@@ -209,7 +232,7 @@ where
             take_output(&mut session, &mut output);
         }
         let room = output.len() < OUTPUT_HIGH_WATER;
-        let may_read = room && !blocked;
+        let may_read = room && !blocked && flow_paused.is_none() && !session.input_paused();
         if input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
@@ -226,10 +249,25 @@ where
                 Err(e) => break End::ReadError(e),
                 Ok(_) => {
                     activity.last_read = Instant::now();
-                    session.handle_input(&mut input);
+                    let ((), lagging) = flow::record(|| session.handle_input(&mut input));
+                    if !lagging.is_empty() {
+                        flow_paused = Some((lagging, activity.last_read + FLOW_MAX_PAUSE));
+                    }
                 }
             },
-            () = outbox.wait(), if room => session.handle_outbox(),
+            () = flow_resumed(flow_paused.as_ref()), if flow_paused.is_some() => {
+                flow_paused = None;
+                // The client was not silent, we were not listening: its
+                // heartbeat timeout counts from here.
+                activity.last_read = Instant::now();
+            }
+            () = outbox.wait(), if room => {
+                let paused = session.input_paused();
+                session.handle_outbox();
+                if paused && !session.input_paused() && !input.is_empty() {
+                    session.handle_input(&mut input);
+                }
+            }
             changed = wait_synced(&mut synced), if session.awaits_sync() => {
                 if changed {
                     session.synced();
@@ -270,6 +308,16 @@ fn take_output<S: Session>(session: &mut S, output: &mut BytesMut) {
     } else {
         output.extend_from_slice(produced);
         produced.clear();
+    }
+}
+
+/// Waits until the lagging queues caught up or the pause's deadline passed.
+async fn flow_resumed(paused: Option<&(Blockers, Instant)>) {
+    match paused {
+        Some((lagging, until)) => {
+            let _ = tokio::time::timeout_at(*until, lagging.wait()).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

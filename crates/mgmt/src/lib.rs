@@ -96,17 +96,42 @@ pub fn prometheus_router(state: Management) -> axum::Router {
     prometheus::router(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes. The peer address is
-/// available to handlers (guest may log in from loopback only).
+/// Serves `router` on the connections the transport layer establishes (TCP or
+/// TLS, after their handshake deadlines) until `shutdown` completes. The peer
+/// address is available to handlers (guest may log in from loopback only).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    incoming: switchyard_transport::HttpIncoming,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // `tap_io` gives any listener with a SocketAddr the ConnectInfo that axum
+    // otherwise offers only to a TcpListener.
     axum::serve(
-        listener,
+        Incoming(incoming).tap_io(|_| {}),
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// The transport's established connections as axum's listener.
+struct Incoming(switchyard_transport::HttpIncoming);
+
+impl axum::serve::Listener for Incoming {
+    type Io = switchyard_transport::Stream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.0.next().await {
+            Some(conn) => conn,
+            // The accept loop stopped (shutdown): nothing more comes, and the
+            // graceful shutdown future ends the server.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.0.local_addr())
+    }
 }

@@ -793,6 +793,40 @@ fn channel_series(out: &mut Out, node: &stats::NodeStats) {
             s.consumers(),
         );
     }
+    let states: Vec<stats::ChannelState> = channels.iter().map(|s| s.state()).collect();
+    let gauges: [Family<stats::ChannelState>; 5] = [
+        (
+            "rabbitmq_channel_messages_unacked",
+            "Delivered but not yet acknowledged messages",
+            |s| s.messages_unacknowledged,
+        ),
+        (
+            "rabbitmq_channel_messages_unconfirmed",
+            "Published but not yet confirmed messages",
+            |s| s.messages_unconfirmed,
+        ),
+        (
+            "rabbitmq_channel_messages_uncommitted",
+            "Messages received in a transaction but not yet committed",
+            |s| s.messages_uncommitted,
+        ),
+        (
+            "rabbitmq_channel_acks_uncommitted",
+            "Message acknowledgements in a transaction not yet committed",
+            |s| s.acks_uncommitted,
+        ),
+        (
+            "rabbitmq_channel_prefetch",
+            "Total limit of unacknowledged messages for all consumers on a channel",
+            |s| s.global_prefetch_count.max(s.prefetch_count),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        out.family(name, "gauge", help);
+        for (label, st) in labels.iter().zip(&states) {
+            out.sample(name, &[("channel", label)], value(st));
+        }
+    }
 }
 
 #[cfg(test)]

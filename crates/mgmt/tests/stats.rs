@@ -16,7 +16,7 @@ use std::process::Stdio;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
@@ -132,6 +132,7 @@ async fn counters_rates_and_prometheus_follow_real_traffic() {
         .await
         .unwrap();
     }
+    ch.basic_qos(5, BasicQosOptions::default()).await.unwrap();
     let mut consumer = ch
         .basic_consume(
             "work".into(),
@@ -177,6 +178,19 @@ async fn counters_rates_and_prometheus_follow_real_traffic() {
     assert_eq!(c.get(Stat::Deliver), 10);
     assert_eq!(c.get(Stat::Ack), 10);
     assert_eq!(c.get(Stat::GetEmpty), 1);
+    // What the channel is set to and has in flight (published by its session
+    // before the get-empty reply went out).
+    let st = channel.state();
+    assert_eq!(st.prefetch_count, 5);
+    assert!(st.confirm && !st.transactional);
+    assert_eq!(
+        (st.messages_unacknowledged, st.messages_unconfirmed),
+        (0, 0)
+    );
+    let channel_label = format!(
+        "{{channel=\"{} ({})\"}}",
+        channel.connection, channel.channel
+    );
 
     // Five seconds later (time is passed in): rates over the interval.
     core.sample_stats_now(t0 + 5_000);
@@ -313,6 +327,20 @@ async fn counters_rates_and_prometheus_follow_real_traffic() {
         Some(1.0)
     );
     assert!(per_object.contains("rabbitmq_channel_messages_published_total{channel=\""));
+    assert_eq!(
+        value_of(
+            &per_object,
+            &format!("rabbitmq_channel_prefetch{channel_label}")
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        value_of(
+            &per_object,
+            &format!("rabbitmq_channel_messages_unacked{channel_label}")
+        ),
+        Some(0.0)
+    );
 
     for (endpoint, text) in [("/metrics", &scrape), ("/metrics/per-object", &per_object)] {
         match promtool_check(text).await {

@@ -62,6 +62,9 @@ pub struct Config {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub stomp: StompConfig,
+    /// `[tls]`: certificates of the TLS listeners (config_tls.rs).
+    #[serde(default)]
+    pub tls: crate::config_tls::TlsConfig,
     #[serde(default = "default_vhosts")]
     pub vhosts: Vec<VHostConfig>,
     /// `None` when the file has no `[[users]]`: see the module docs.
@@ -73,6 +76,16 @@ pub struct Config {
     /// Queue arguments set by pattern, as RabbitMQ's policies.
     #[serde(default)]
     pub policies: Vec<PolicyConfig>,
+    /// Topic permissions (boot definitions, see the module docs).
+    #[serde(default)]
+    pub topic_permissions: Vec<crate::config_auth::TopicPermissionConfig>,
+    /// `[auth]`: the authentication backends (config_auth.rs) and where a
+    /// certificate login's user name comes from (config_tls.rs).
+    #[serde(default)]
+    pub auth: crate::config_auth::AuthConfig,
+    /// `[cluster]` (crates/server/src/cluster.rs): absent means one node.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// Where this configuration came from, for error messages.
     #[serde(skip)]
     origin: String,
@@ -107,6 +120,24 @@ pub struct Listeners {
     /// Prometheus metrics (`/metrics`, `/metrics/per-object`).
     #[serde(default)]
     pub prometheus: Option<SocketAddr>,
+    /// AMQP 0-9-1 over TLS (`[tls]`).
+    #[serde(default)]
+    pub amqps: Option<SocketAddr>,
+    /// MQTT over TLS.
+    #[serde(default)]
+    pub mqtts: Option<SocketAddr>,
+    /// STOMP over TLS.
+    #[serde(default)]
+    pub stomps: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS.
+    #[serde(default)]
+    pub mqtt_wss: Option<SocketAddr>,
+    /// STOMP over WebSocket over TLS.
+    #[serde(default)]
+    pub stomp_wss: Option<SocketAddr>,
+    /// The management API and UI over TLS (HTTPS).
+    #[serde(default)]
+    pub management_tls: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -284,8 +315,16 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_message_size: usize,
     pub handshake_timeout_secs: u64,
+    /// Absolute memory watermark; 0: use `memory_high_watermark_relative`.
     pub memory_high_watermark_bytes: usize,
+    /// Fraction of the machine's (or the cgroup's) memory; RabbitMQ's
+    /// `vm_memory_high_watermark.relative`. 0 (with no absolute value): off.
+    pub memory_high_watermark_relative: f64,
     pub disk_free_limit_bytes: u64,
+    /// New connections a second from one IP address (0 = no limit).
+    pub connection_rate_per_ip: u32,
+    /// Unacknowledged AMQP deliveries per connection (0 = no cap).
+    pub max_unacked_per_connection: u32,
 }
 
 impl Default for Limits {
@@ -297,8 +336,11 @@ impl Default for Limits {
             max_connections: 65_536,
             max_message_size: 134_217_728,
             handshake_timeout_secs: 10,
-            memory_high_watermark_bytes: 1_073_741_824,
+            memory_high_watermark_bytes: 0,
+            memory_high_watermark_relative: 0.4,
             disk_free_limit_bytes: 50_000_000,
+            connection_rate_per_ip: 0,
+            max_unacked_per_connection: 0,
         }
     }
 }
@@ -504,7 +546,14 @@ impl Config {
     /// Checks every rule the types cannot express. [`crate::start`] calls it again,
     /// since a `Config` may have been changed in code after it was loaded.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.auth.backends().map_err(|e| self.invalid(e))?;
         let l = &self.limits;
+        if !(0.0..=1.0).contains(&l.memory_high_watermark_relative) {
+            return Err(self.invalid(format!(
+                "invalid value {} for key limits.memory_high_watermark_relative: must be 0.0..=1.0",
+                l.memory_high_watermark_relative
+            )));
+        }
         if l.frame_max < 4096 {
             return Err(self.invalid(format!(
                 "invalid value {} for key limits.frame_max: must be at least 4096",
@@ -569,6 +618,7 @@ impl Config {
             )));
         }
         self.validate_mqtt()?;
+        self.validate_tls()?;
         self.policies()?;
         self.auth().map(|_| ())
     }
@@ -652,6 +702,18 @@ impl Config {
                 },
             ));
         }
+        for p in &self.topic_permissions {
+            out.push((
+                format!("topic_permission\0{}\0{}\0{}", p.vhost, p.user, p.exchange),
+                MetaCommand::SetTopicPermissions {
+                    user: p.user.clone(),
+                    vhost: p.vhost.clone(),
+                    exchange: p.exchange.clone(),
+                    write: p.write.clone(),
+                    read: p.read.clone(),
+                },
+            ));
+        }
         for p in &self.policies {
             out.push((
                 format!("policy\0{}\0{}", p.vhost, p.name),
@@ -712,6 +774,27 @@ impl Config {
                 )));
             }
             auth.set_permissions(&p.user, &p.vhost, &p.configure, &p.write, &p.read)
+                .map_err(|e| self.invalid(e))?;
+        }
+        for p in &self.topic_permissions {
+            if !seen.contains(&p.user) {
+                return Err(self.invalid(format!(
+                    "topic permissions for vhost '{}' name user '{}', which is not in [[users]]",
+                    p.vhost, p.user
+                )));
+            }
+            if !vhosts.contains(&p.vhost) {
+                return Err(self.invalid(format!(
+                    "topic permissions of user '{}' name vhost '{}', which is not in [[vhosts]]",
+                    p.user, p.vhost
+                )));
+            }
+            if p.exchange.is_empty() {
+                return Err(
+                    self.invalid("invalid value \"\" for key topic_permissions.exchange".into())
+                );
+            }
+            Auth::check_topic_patterns(&p.user, &p.vhost, &p.write, &p.read)
                 .map_err(|e| self.invalid(e))?;
         }
         Ok(auth)
@@ -870,6 +953,10 @@ mod tests {
         assert_eq!(
             c.limits.memory_high_watermark_bytes,
             d.memory_high_watermark_bytes
+        );
+        assert_eq!(
+            c.limits.memory_high_watermark_relative,
+            d.memory_high_watermark_relative
         );
         assert_eq!(c.vhost_names(), vec!["/".to_string()]);
         let users = c.users();

@@ -7,9 +7,15 @@
 //! messages (the core's), or print, parse arguments or install signal handlers (the
 //! binary's): it is a library, so tests can run a broker in-process on port 0.
 
+mod auth_http;
+pub mod cluster;
 pub mod config;
+pub mod config_auth;
+pub mod config_tls;
 mod listener;
-pub mod ws;
+pub mod memory;
+/// The WebSocket transport, now in the transport layer.
+pub use switchyard_transport::ws;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,7 +34,10 @@ use tracing::{info, warn};
 
 pub use config::{Config, ConfigError};
 
-use listener::{Listener, Protocol};
+use listener::Protocol;
+use switchyard_transport::{
+    AcceptLoop, CertLoginFrom, Deadlines, HttpIncoming, TlsContext, Transport, WsOptions,
+};
 
 /// How long [`RunningServer::shutdown`] waits for connections to close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -46,6 +55,11 @@ pub enum ServerError {
     #[error("cannot open the store in {path}: {error}")]
     Store {
         path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot start the cluster node (listen {listen}): {error}")]
+    Cluster {
+        listen: String,
         error: std::io::Error,
     },
     #[error("cannot listen for {protocol} on {addr}: {error}")]
@@ -67,6 +81,10 @@ pub struct RunningServer {
     limit: Arc<Semaphore>,
     max_connections: usize,
     store: Arc<DiskStore>,
+    /// The TLS listeners' configuration, when there are any.
+    tls: Option<Arc<TlsContext>>,
+    /// This node's part of the cluster, when `[cluster]` is set.
+    cluster: Option<switchyard_cluster::Cluster>,
     /// Cancels `shutdown` when the server is dropped without `shutdown()`.
     _cancel_on_drop: DropGuard,
 }
@@ -81,6 +99,7 @@ pub fn amqp_settings(config: &Config) -> AmqpSettings {
         heartbeat: u16::try_from(l.heartbeat_secs).unwrap_or(u16::MAX),
         max_message_size: l.max_message_size,
         handshake_timeout: l.handshake_timeout(),
+        max_unacked_per_connection: l.max_unacked_per_connection,
     }
 }
 
@@ -185,6 +204,33 @@ async fn watch_disk(
     }
 }
 
+/// Binds `addr`; port 0 picks a free port.
+async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Reloads the TLS files for new connections when their modification time
+/// changes; checks every `every` until shutdown.
+async fn watch_tls(tls: Arc<TlsContext>, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let ctx = tls.clone();
+        // Reading files blocks; keep it off the reactor threads.
+        match tokio::task::spawn_blocking(move || ctx.reload_if_changed()).await {
+            Ok(Some(Ok(()))) => info!("TLS certificates reloaded (files changed)"),
+            Ok(Some(Err(e))) => {
+                warn!(error = %e, "TLS certificates changed but do not load; keeping the previous ones");
+            }
+            Ok(None) | Err(_) => {}
+        }
+    }
+}
+
 /// Builds the broker from `config`, creates `data_dir` and binds every configured
 /// listener. Must be called inside a tokio runtime; the accept loops run on it.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
@@ -194,11 +240,19 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         error,
     })?;
 
+    let high_watermark = memory::watermark(
+        config.limits.memory_high_watermark_bytes,
+        config.limits.memory_high_watermark_relative,
+    )
+    .unwrap_or_else(|| {
+        warn!("cannot read the machine's memory size: memory_high_watermark_relative ignored, using 1 GiB");
+        1 << 30
+    });
     let store_dir = config.data_dir.join("store");
     let (store, recovered, report) = DiskStore::open_with(
         &store_dir,
         switchyard_store::SEGMENT_SIZE,
-        resident_budget(config.limits.memory_high_watermark_bytes),
+        resident_budget(high_watermark),
     )
     .map_err(|error| ServerError::Store {
         path: store_dir.clone(),
@@ -216,7 +270,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let broker = Broker::open(
         store.clone(),
         recovered,
-        config.limits.memory_high_watermark_bytes,
+        high_watermark,
         switchyard_core::timer::Clock::System,
     )
     .map_err(|error| ServerError::Store {
@@ -224,9 +278,39 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         error,
     })?;
     broker.auth.set_loopback_users(config.loopback_users());
+    broker
+        .connection_rate
+        .set_rate(config.limits.connection_rate_per_ip);
+    let backends = config.auth.backends().map_err(|message| {
+        ServerError::Config(ConfigError::Invalid {
+            origin: config.origin().to_owned(),
+            message,
+        })
+    })?;
+    broker.auth.set_backends(backends);
     apply_boot_definitions(&broker, &config)?;
+    // Clustered: from here on, metadata commands go through the replicated log.
+    let cluster = match &config.cluster {
+        Some(c) => Some(
+            c.start(&config.data_dir, broker.clone())
+                .await
+                .map_err(|error| ServerError::Cluster {
+                    listen: c.listen.clone(),
+                    error,
+                })?,
+        ),
+        None => None,
+    };
 
     let shutdown = CancellationToken::new();
+    if high_watermark > 0 {
+        // A first sample now: the alarm compares with measured memory from the
+        // first connection on.
+        if let Some(rss) = memory::resident_bytes() {
+            broker.memory.measured(rss);
+        }
+        tokio::spawn(memory::watch(broker.clone(), shutdown.clone()));
+    }
     if config.limits.disk_free_limit_bytes > 0 {
         tokio::spawn(watch_disk(
             config.data_dir.clone(),
@@ -236,15 +320,45 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         ));
     }
 
-    let mut wanted: Vec<(Protocol, SocketAddr)> = Vec::new();
+    // The TLS configuration shared by every TLS listener; loaded before anything
+    // is bound, so bad files stop the start with their reason.
+    let tls = match config.tls_settings() {
+        Some(settings) if config.has_tls_listener() => {
+            Some(TlsContext::load(settings).map_err(|e| {
+                ServerError::Config(ConfigError::Invalid {
+                    origin: config.origin().to_owned(),
+                    message: format!("[tls]: {e}"),
+                })
+            })?)
+        }
+        _ => None,
+    };
+    // Certificate login only where client certificates are verified (RabbitMQ
+    // refuses it otherwise: "TLS configuration is unsafe").
+    let cert_login =
+        (config.tls.verify_peer).then(|| CertLoginFrom::from(config.auth.ssl_cert_login_from));
+    let tls_transport = || tls.clone().map(Transport::Tls);
+    let wss_transport = |ws: WsOptions| tls.clone().map(|t| Transport::Wss(t, Arc::new(ws)));
+
+    // What each listener speaks: its name (the ready file's key), protocol,
+    // transport and address.
+    let mut wanted: Vec<(&'static str, Protocol, Transport, SocketAddr)> = Vec::new();
+    let amqp = Protocol::Amqp(Arc::new(amqp_settings(&config)));
     if let Some(addr) = config.listeners.amqp {
-        wanted.push((Protocol::Amqp(Arc::new(amqp_settings(&config))), addr));
+        wanted.push(("amqp", amqp.clone(), Transport::Tcp, addr));
+    }
+    if let (Some(addr), Some(t)) = (config.listeners.amqps, tls_transport()) {
+        wanted.push(("amqps", amqp, t, addr));
     }
     // One MQTT state for TCP and WebSocket: a client id is one session whichever
     // way the client comes in.
     // Built after the broker recovered its queues: restored persistent sessions
     // name their (durable) subscription queues.
-    let opened = switchyard_mqtt::MqttState::open(&broker, &config.mqtt.exchange);
+    let opened = switchyard_mqtt::MqttState::open(
+        &broker,
+        &config.mqtt.exchange,
+        &config.mqtt.lossless_topic_vhosts,
+    );
     let (mqtt_state, restored) = opened.map_err(|error| ServerError::Store {
         path: store_dir.clone(),
         error,
@@ -263,81 +377,107 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     // The management API's MQTT view reads sessions and retained messages
     // through the core's protocol-neutral directory.
     broker.session_directories.register(mqtt_state.clone());
-    let mqtt_enabled = config.listeners.mqtt.is_some() || config.listeners.mqtt_ws.is_some();
-    if let Some(addr) = config.listeners.mqtt {
-        let settings = Arc::new(mqtt_settings(&config));
-        wanted.push((Protocol::Mqtt(settings, mqtt_state.clone()), addr));
+    let l = &config.listeners;
+    let mqtt_enabled = [l.mqtt, l.mqtt_ws, l.mqtts, l.mqtt_wss]
+        .iter()
+        .any(Option::is_some);
+    let mqtt = Protocol::Mqtt(Arc::new(mqtt_settings(&config)), mqtt_state.clone());
+    if let Some(addr) = l.mqtt {
+        wanted.push(("mqtt", mqtt.clone(), Transport::Tcp, addr));
     }
-    if let Some(addr) = config.listeners.mqtt_ws {
-        let settings = Arc::new(mqtt_settings(&config));
-        let ws = Arc::new(mqtt_ws_options(&config));
-        wanted.push((Protocol::MqttWs(settings, mqtt_state.clone(), ws), addr));
+    if let Some(addr) = l.mqtt_ws {
+        let ws = Transport::Ws(Arc::new(mqtt_ws_options(&config)));
+        wanted.push(("mqtt_ws", mqtt.clone(), ws, addr));
     }
-    if let Some(addr) = config.listeners.stomp {
-        wanted.push((Protocol::Stomp(Arc::new(stomp_settings(&config))), addr));
+    if let (Some(addr), Some(t)) = (l.mqtts, tls_transport()) {
+        wanted.push(("mqtts", mqtt.clone(), t, addr));
     }
-    if let Some(addr) = config.listeners.stomp_ws {
-        let ws = Arc::new(stomp_ws_options(&config));
-        wanted.push((
-            Protocol::StompWs(Arc::new(stomp_settings(&config)), ws),
-            addr,
-        ));
+    if let (Some(addr), Some(t)) = (l.mqtt_wss, wss_transport(mqtt_ws_options(&config))) {
+        wanted.push(("mqtt_wss", mqtt, t, addr));
+    }
+    let stomp = Protocol::Stomp(Arc::new(stomp_settings(&config)));
+    if let Some(addr) = l.stomp {
+        wanted.push(("stomp", stomp.clone(), Transport::Tcp, addr));
+    }
+    if let Some(addr) = l.stomp_ws {
+        let ws = Transport::Ws(Arc::new(stomp_ws_options(&config)));
+        wanted.push(("stomp_ws", stomp.clone(), ws, addr));
+    }
+    if let (Some(addr), Some(t)) = (l.stomps, tls_transport()) {
+        wanted.push(("stomps", stomp.clone(), t, addr));
+    }
+    if let (Some(addr), Some(t)) = (l.stomp_wss, wss_transport(stomp_ws_options(&config))) {
+        wanted.push(("stomp_wss", stomp, t, addr));
     }
     if wanted.is_empty() {
         warn!("no listener is configured: nobody can connect");
     }
 
-    // Bind everything before accepting anything, so a failure leaves nothing running.
-    let mut bound = Vec::new();
-    for (protocol, addr) in wanted {
-        let (tcp, local) = listener::bind(addr)
-            .await
-            .map_err(|error| ServerError::Bind {
-                protocol: protocol.name(),
-                addr,
-                error,
-            })?;
-        bound.push((protocol, tcp, local));
+    // The HTTP listeners (management API + UI, its HTTPS twin, Prometheus), bound
+    // with the others so a taken port fails the start just the same.
+    let mut http_wanted = Vec::new();
+    for (name, addr, transport) in [
+        ("management", l.management, Some(Transport::Tcp)),
+        ("management_tls", l.management_tls, tls_transport()),
+        ("prometheus", l.prometheus, Some(Transport::Tcp)),
+    ] {
+        if let (Some(addr), Some(transport)) = (addr, transport) {
+            http_wanted.push((name, transport, addr));
+        }
     }
 
-    // The HTTP listeners (management API + UI, Prometheus), bound with the others so
-    // a taken port fails the start just the same.
+    // Bind everything before accepting anything, so a failure leaves nothing running.
+    let mut bound = Vec::new();
+    for (name, protocol, transport, addr) in wanted {
+        let (tcp, local) = bind(addr).await.map_err(|error| ServerError::Bind {
+            protocol: name,
+            addr,
+            error,
+        })?;
+        bound.push((name, protocol, transport, tcp, local));
+    }
     let mut http = Vec::new();
-    for (name, addr) in [
-        ("management", config.listeners.management),
-        ("prometheus", config.listeners.prometheus),
-    ] {
-        let Some(addr) = addr else { continue };
-        let (tcp, local) = listener::bind(addr)
-            .await
-            .map_err(|error| ServerError::Bind {
-                protocol: name,
-                addr,
-                error,
-            })?;
-        http.push((name, tcp, local));
+    for (name, transport, addr) in http_wanted {
+        let (tcp, local) = bind(addr).await.map_err(|error| ServerError::Bind {
+            protocol: name,
+            addr,
+            error,
+        })?;
+        http.push((name, transport, tcp, local));
     }
 
     let connections = TaskTracker::new();
     // One cap for all listeners: it guards the process's file descriptors and memory.
     let limit = Arc::new(Semaphore::new(config.limits.max_connections));
+    let deadlines = Deadlines {
+        tls: config.tls.handshake_timeout(),
+        websocket: config.limits.handshake_timeout(),
+    };
     let mut addrs = BTreeMap::new();
-    let mut accept_loops = Vec::new();
-    for (protocol, tcp, local) in bound {
-        info!(protocol = protocol.name(), addr = %local, "listening");
-        addrs.insert(protocol.name(), local);
-        let l = Listener {
-            protocol,
-            listener: tcp,
-            local,
-            limit: limit.clone(),
-            broker: broker.clone(),
-            shutdown: shutdown.clone(),
-            connections: connections.clone(),
-        };
-        accept_loops.push(tokio::spawn(l.run()));
+    if let Some(c) = &cluster {
+        addrs.insert("cluster", c.local_addr());
     }
-    for (name, _, local) in &http {
+    let mut accept_loops = Vec::new();
+    for (name, protocol, transport, tcp, local) in bound {
+        info!(protocol = name, addr = %local, "listening");
+        addrs.insert(name, local);
+        let accept = AcceptLoop {
+            name,
+            listener: tcp,
+            transport,
+            deadlines,
+            limit: Some(limit.clone()),
+            shutdown: shutdown.clone(),
+            tasks: connections.clone(),
+        };
+        accept_loops.push(tokio::spawn(listener::serve(
+            accept,
+            protocol,
+            broker.clone(),
+            cert_login,
+        )));
+    }
+    for (name, _, _, local) in &http {
         info!(protocol = *name, addr = %local, "listening");
         addrs.insert(*name, *local);
     }
@@ -353,21 +493,43 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             })
             .collect();
         let state = switchyard_mgmt::Management::new(broker.clone(), node);
-        for (name, tcp, _) in http {
+        for (name, transport, tcp, _) in http {
             let router = if name == "prometheus" {
                 switchyard_mgmt::prometheus_router(state.clone())
             } else {
                 switchyard_mgmt::management_router(state.clone())
             };
+            // HTTP connections are not counted against limits.max_connections
+            // (as before); the accept loop still gives them the handshake deadlines.
+            let (incoming, accepting) = HttpIncoming::start(AcceptLoop {
+                name,
+                listener: tcp,
+                transport,
+                deadlines,
+                limit: None,
+                shutdown: shutdown.clone(),
+                tasks: connections.clone(),
+            });
+            accept_loops.push(accepting);
             let stop = shutdown.clone();
             accept_loops.push(tokio::spawn(async move {
                 let served =
-                    switchyard_mgmt::serve(tcp, router, async move { stop.cancelled().await })
+                    switchyard_mgmt::serve(incoming, router, async move { stop.cancelled().await })
                         .await;
                 if let Err(e) = served {
                     warn!(protocol = name, error = %e, "HTTP listener failed");
                 }
             }));
+        }
+    }
+    if let Some(tls) = &tls {
+        let every = Duration::from_secs(config.tls.reload_interval_secs);
+        if !every.is_zero() {
+            accept_loops.push(tokio::spawn(watch_tls(
+                tls.clone(),
+                every,
+                shutdown.clone(),
+            )));
         }
     }
     // Message TTL, queue expiry and delayed messages; stops with the listeners.
@@ -404,6 +566,8 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         limit,
         max_connections: config.limits.max_connections,
         store,
+        tls,
+        cluster,
     })
 }
 
@@ -415,6 +579,12 @@ fn listener_protocol(name: &str) -> &str {
         "stomp_ws" => "http/web-stomp",
         "management" => "http",
         "prometheus" => "http/prometheus",
+        "amqps" => "amqp/ssl",
+        "mqtts" => "mqtt/ssl",
+        "stomps" => "stomp/ssl",
+        "mqtt_wss" => "https/web-mqtt",
+        "stomp_wss" => "https/web-stomp",
+        "management_tls" => "https",
         other => other,
     }
 }
@@ -489,10 +659,24 @@ impl RunningServer {
         self.broker.clone()
     }
 
+    /// This node's cluster status (`None` without `[cluster]`).
+    pub fn cluster_status(&self) -> Option<switchyard_cluster::Status> {
+        self.cluster.as_ref().map(|c| c.status())
+    }
+
     /// Connections open now, over all listeners.
     pub fn open_connections(&self) -> usize {
         self.max_connections
             .saturating_sub(self.limit.available_permits())
+    }
+
+    /// Reloads the TLS certificate files for new connections (SIGHUP). On error
+    /// the previous certificates stay in use; `Ok(false)`: no TLS listener.
+    pub fn reload_tls(&self) -> Result<bool, switchyard_transport::TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// A token cancelled when the server shuts down.
@@ -528,6 +712,9 @@ impl RunningServer {
                 ?grace,
                 "connections still open after the shutdown grace period"
             );
+        }
+        if let Some(c) = self.cluster {
+            c.shutdown().await;
         }
         // Whatever was appended is written and synced before the process ends.
         self.store.close();

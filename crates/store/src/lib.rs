@@ -11,6 +11,7 @@
 
 pub mod log;
 pub mod meta;
+pub mod stream;
 
 use std::collections::HashSet;
 use std::io;
@@ -22,6 +23,7 @@ use switchyard_core::message::Message;
 use switchyard_core::persist::{
     BindingRecord, ExchangeRecord, QueueRecord, Recovered, Store, StoredRef,
 };
+use switchyard_core::stream::{StreamConfig, StreamLog};
 use tokio::sync::watch;
 
 use log::MessageLog;
@@ -36,6 +38,7 @@ pub const DEFAULT_RESIDENT_BUDGET: usize = 256 * 1024 * 1024;
 /// The store on disk.
 #[derive(Debug)]
 pub struct DiskStore {
+    dir: std::path::PathBuf,
     meta: MetaStore,
     log: MessageLog,
 }
@@ -91,7 +94,15 @@ impl DiskStore {
             bindings,
             messages: found.messages,
         };
-        Ok((Arc::new(DiskStore { meta, log }), recovered, report))
+        Ok((
+            Arc::new(DiskStore {
+                dir: dir.to_owned(),
+                meta,
+                log,
+            }),
+            recovered,
+            report,
+        ))
     }
 
     /// Syncs what is pending and stops the writer (also done on drop).
@@ -148,5 +159,14 @@ impl Store for DiskStore {
     }
     fn apply_meta(&self, writes: &[MetaWrite]) -> io::Result<()> {
         self.meta.apply(writes)
+    }
+    fn bulk_metadata(&self, work: &mut dyn FnMut()) -> io::Result<()> {
+        self.meta.bulk(work)
+    }
+    fn open_stream(&self, queue_id: u64, config: StreamConfig) -> io::Result<Arc<dyn StreamLog>> {
+        let dir = self.dir.join("streams").join(queue_id.to_string());
+        let stream: Arc<dyn StreamLog> = stream::DiskStream::open(&dir, config)?;
+        stream.on_commit(Box::new(self.log.waker()));
+        Ok(stream)
     }
 }

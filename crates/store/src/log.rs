@@ -489,6 +489,14 @@ impl MessageLog {
         self.shared.synced.subscribe()
     }
 
+    /// A callback that wakes everyone watching the synced position without
+    /// moving it: stream logs sync on their own, and the sessions waiting for
+    /// a stream's commit to confirm a publish watch this position.
+    pub fn waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.synced.send_modify(|_| {})
+    }
+
     /// Writes and syncs everything pending, then stops the writer thread.
     pub fn close(&self) {
         self.shared.pending.lock().shutdown = true;

@@ -10,7 +10,7 @@
 use std::io;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use switchyard_core::admin::MetaWrite;
 use switchyard_core::exchange::DestinationName;
 use switchyard_core::persist::{BindingRecord, ExchangeRecord, QueueRecord};
@@ -26,6 +26,11 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 /// `kind \0 key` -> an adapter's own encoded record (the store does not read it).
 /// One table for every kind: a kind's records are the range of its prefix.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+
+thread_local! {
+    /// Set while this thread runs [`MetaStore::bulk`]'s work.
+    static IN_BULK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
@@ -63,9 +68,33 @@ impl MetaStore {
     }
 
     fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> io::Result<()>) -> io::Result<()> {
-        let txn = self.db.begin_write().map_err(io_err)?;
+        let mut txn = self.db.begin_write().map_err(io_err)?;
+        if IN_BULK.get() {
+            txn.set_durability(Durability::None).map_err(io_err)?;
+        }
         f(&txn)?;
         txn.commit().map_err(io_err)
+    }
+
+    /// Runs `work` with this thread's commits not waiting for the disk, then
+    /// one durable commit, which makes every earlier commit durable too
+    /// (redb's `Durability::None` contract). The flag is per thread because
+    /// the bulk caller (a definitions import) runs synchronously on one
+    /// thread, while other clients' declares on other threads must keep
+    /// committing durably before their replies.
+    pub fn bulk(&self, work: &mut dyn FnMut()) -> io::Result<()> {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                IN_BULK.set(false);
+            }
+        }
+        {
+            let _reset = Reset;
+            IN_BULK.set(true);
+            work();
+        }
+        self.write(|_| Ok(()))
     }
 
     pub fn save_exchange(&self, r: &ExchangeRecord) -> io::Result<()> {

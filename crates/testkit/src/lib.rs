@@ -25,8 +25,10 @@ pub use switchyard_server::config;
 
 pub mod amqp;
 pub mod child;
+pub mod cluster;
 pub mod http;
 pub mod stomp;
+pub mod tls;
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 

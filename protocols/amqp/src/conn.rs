@@ -32,6 +32,9 @@ pub struct AmqpSettings {
     pub max_message_size: usize,
     /// Time allowed from accept to connection.open.
     pub handshake_timeout: Duration,
+    /// Unacknowledged deliveries one connection may hold over all its channels
+    /// and consumers (0 = no cap); deliveries pause at the cap, like a prefetch.
+    pub max_unacked_per_connection: u32,
 }
 
 /// How long to wait for the client's close-ok after our connection.close.
@@ -88,6 +91,10 @@ impl switchyard_driver::Session for Conn {
 
     fn handle_outbox(&mut self) {
         self.session.handle_outbox();
+    }
+
+    fn input_paused(&self) -> bool {
+        self.session.login_pending()
     }
 
     fn awaits_sync(&self) -> bool {

@@ -119,6 +119,37 @@ pub fn filter_to_key(filter: &str, lossless: bool) -> String {
     out
 }
 
+/// The queue of shared subscription group `group` on `filter`, whose binding
+/// key is `key`. Named from the key (as ever) when the key tells the filter
+/// apart; in the default mode a `.` or `*` inside a level makes keys collide
+/// (`a.b/c` and `a/b.c` are both `a.b.c`), and the group would share one queue
+/// between two filters: those are named from the filter itself after a `/`,
+/// which no key contains, so the two kinds of names never meet.
+pub fn shared_queue_name(group: &str, filter: &str, key: &str, lossless: bool) -> String {
+    if lossless || !filter.contains(['.', '*']) {
+        format!("mqtt-shared-{group}-{key}")
+    } else {
+        format!("mqtt-shared-{group}/{filter}")
+    }
+}
+
+/// The arguments of the binding an MQTT subscription to `filter` makes. In the
+/// default mode the binding carries its MQTT filter, so that a message published
+/// on a topic with a `.` inside a level is routed by MQTT's rules on its real
+/// topic (core's exchange.rs): `plant/v1.2/+` takes `plant/v1.2/temp.celsius`,
+/// although RabbitMQ's key `plant.v1.2.*` cannot. The lossless mode's escaped
+/// keys are exact already.
+pub fn binding_arguments(filter: &str, lossless: bool) -> FieldTable {
+    let mut args = FieldTable::new();
+    if !lossless {
+        args.insert(
+            switchyard_core::exchange::MQTT_TOPIC_FILTER_ARG,
+            FieldValue::string(filter),
+        );
+    }
+    args
+}
+
 /// The MQTT topic name of a routing key.
 pub fn key_to_topic(key: &str, lossless: bool) -> String {
     if !lossless {

@@ -39,6 +39,17 @@ use crate::codec::{Publish, SubOptions};
 use crate::mapping;
 use crate::persist::{self, SessionRecord};
 
+/// Removes the binding `sub` made (and the argument-less binding it had before
+/// bindings carried their MQTT filter), unless another subscription of the
+/// session needs the same binding (callers check).
+pub fn unbind_subscription(vhost: &VHost, exchange: &str, sub: &Subscription, lossless: bool) {
+    let args = crate::mapping::binding_arguments(&sub.filter, lossless);
+    let _ = vhost.unbind_queue(&sub.queue, exchange, &sub.key, &args, 0);
+    if args != FieldTable::new() {
+        let _ = vhost.unbind_queue(&sub.queue, exchange, &sub.key, &FieldTable::new(), 0);
+    }
+}
+
 /// A session's identity: client ids are per vhost.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionKey {
@@ -446,8 +457,14 @@ impl MqttState {
     /// restart): the store does not know when a client went away (a `kill -9`
     /// leaves no trace of the connections it cut), and counting from the restart
     /// never ends a session before its client had the full interval to return.
-    /// `exchange` is the one subscriptions bind from (`[mqtt] exchange`).
-    pub fn open(broker: &Broker, exchange: &str) -> std::io::Result<(Arc<Self>, Restored)> {
+    /// `exchange` is the one subscriptions bind from (`[mqtt] exchange`);
+    /// `lossless_vhosts` those whose topics map losslessly (`[mqtt]
+    /// lossless_topic_vhosts`).
+    pub fn open(
+        broker: &Broker,
+        exchange: &str,
+        lossless_vhosts: &[String],
+    ) -> std::io::Result<(Arc<Self>, Restored)> {
         let store = broker.store();
         let state = MqttState {
             retained: RetainedStore::with_store(store.clone()),
@@ -468,7 +485,8 @@ impl MqttState {
                         continue;
                     }
                 };
-                match state.restore_session(broker, exchange, record, value, now) {
+                let lossless = lossless_vhosts.contains(&record.vhost);
+                match state.restore_session(broker, exchange, lossless, record, value, now) {
                     Ok(()) => restored.sessions += 1,
                     Err(e) => {
                         tracing::warn!(key = %key.escape_debug(), error = %e, "cannot restore MQTT session")
@@ -487,6 +505,7 @@ impl MqttState {
         &self,
         broker: &Broker,
         exchange: &str,
+        lossless: bool,
         r: SessionRecord,
         stored: Vec<u8>,
         now: Instant,
@@ -542,7 +561,14 @@ impl MqttState {
                     connection: 0,
                     ..QueueDeclare::default()
                 })?;
-                vhost.bind_queue(&sub.queue, exchange, &sub.key, FieldTable::new(), 0)?;
+            }
+            // Bound with the MQTT filter (mapping::binding_arguments). A binding
+            // stored before bindings carried it is replaced, so routing applies
+            // MQTT's rules to this subscription too.
+            let args = crate::mapping::binding_arguments(&sub.filter, lossless);
+            vhost.bind_queue(&sub.queue, exchange, &sub.key, args.clone(), 0)?;
+            if args != FieldTable::new() {
+                let _ = vhost.unbind_queue(&sub.queue, exchange, &sub.key, &FieldTable::new(), 0);
             }
             if sub.share.is_some() {
                 self.acquire_shared(&vhost.name, &sub.queue);

@@ -99,6 +99,10 @@ impl switchyard_driver::Session for Conn {
         self.session.handle_outbox();
     }
 
+    fn input_paused(&self) -> bool {
+        self.session.login_pending()
+    }
+
     fn awaits_sync(&self) -> bool {
         self.session.awaits_sync()
     }

@@ -150,7 +150,10 @@ const PROPERTY_HEADERS: [&str; 11] = [
 ];
 
 /// Queue-declaration headers (consumed, not passed on as message headers).
-const QUEUE_HEADERS: [&str; 15] = [
+const QUEUE_HEADERS: [&str; 18] = [
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-stream-filter-size-bytes",
     "durable",
     "auto-delete",
     "exclusive",
@@ -354,6 +357,54 @@ pub struct QueueSpec {
     pub explicit: bool,
 }
 
+/// Stream consumer arguments from SUBSCRIBE headers, RabbitMQ's STOMP mapping:
+/// `x-stream-offset` is `first`, `last`, `next`, `offset=<n>`, `timestamp=<unix
+/// seconds>` (and, as over AMQP, an interval such as `1h`, or `stored`);
+/// `x-stream-filter` is a comma-separated list; `x-stream-match-unfiltered` is
+/// `true` or `false`. Other queues ignore them.
+pub fn stream_consumer_arguments(headers: &[(String, String)]) -> Result<FieldTable, BadHeader> {
+    let mut args = FieldTable::new();
+    for (name, value) in first_occurrences(headers) {
+        match name.as_str() {
+            "x-stream-offset" => {
+                let v = value.trim();
+                let arg = if let Some(n) = v.strip_prefix("offset=") {
+                    FieldValue::I64(
+                        n.parse()
+                            .map_err(|_| bad_header(name, value, "offset=<n> needs a number"))?,
+                    )
+                } else if let Some(t) = v.strip_prefix("timestamp=") {
+                    FieldValue::Timestamp(t.parse().map_err(|_| {
+                        bad_header(name, value, "timestamp=<unix seconds> needs a number")
+                    })?)
+                } else {
+                    FieldValue::string(v)
+                };
+                args.insert("x-stream-offset", arg);
+            }
+            "x-stream-filter" => {
+                let values = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(FieldValue::string)
+                    .collect();
+                args.insert("x-stream-filter", FieldValue::Array(values));
+            }
+            "x-stream-match-unfiltered" => {
+                let on = match value.trim() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad_header(name, value, "must be true or false")),
+                };
+                args.insert("x-stream-match-unfiltered", FieldValue::Bool(on));
+            }
+            _ => {}
+        }
+    }
+    Ok(args)
+}
+
 /// Queue arguments can be given as SEND/SUBSCRIBE headers (INTEROP.md):
 /// `durable`, `auto-delete`, `exclusive` (booleans), `x-dead-letter-exchange`,
 /// `x-dead-letter-routing-key`, `x-overflow`, `x-queue-type` (strings),
@@ -400,13 +451,20 @@ impl QueueSpec {
                 "x-dead-letter-exchange"
                 | "x-dead-letter-routing-key"
                 | "x-overflow"
-                | "x-queue-type" => {
+                | "x-queue-type"
+                | "x-max-age" => {
                     spec.arguments
                         .insert(name.as_str(), FieldValue::string(value.as_str()));
                     spec.explicit = true;
                 }
-                "x-expires" | "x-message-ttl" | "x-max-length" | "x-max-length-bytes"
-                | "x-max-priority" | "x-delivery-limit" => {
+                "x-expires"
+                | "x-message-ttl"
+                | "x-max-length"
+                | "x-max-length-bytes"
+                | "x-max-priority"
+                | "x-delivery-limit"
+                | "x-stream-max-segment-size-bytes"
+                | "x-stream-filter-size-bytes" => {
                     let n: i64 = value
                         .trim()
                         .parse()

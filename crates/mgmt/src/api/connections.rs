@@ -10,7 +10,8 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::Router;
 use serde_json::{json, Value};
-use switchyard_core::connections::Connection;
+use switchyard_core::connections::{protocol, Connection};
+use switchyard_core::queue::Queue;
 use switchyard_core::stats::Source;
 
 use super::{
@@ -54,7 +55,10 @@ fn render_connection(m: &Management, c: &Connection) -> Value {
         "type": "network",
         "ssl": i.tls,
         "websocket": i.websocket,
-        "auth_mechanism": "PLAIN",
+        "auth_mechanism": i.auth_mechanism,
+        "channel_max": i.channel_max,
+        "frame_max": i.frame_max,
+        "timeout": i.timeout,
         "recv_oct": c.recv_oct.load(Relaxed),
         "send_oct": c.send_oct.load(Relaxed),
         "recv_cnt": c.recv_cnt.load(Relaxed),
@@ -171,35 +175,71 @@ struct ChannelRow {
     ranges: Ranges,
 }
 
+impl ChannelRow {
+    /// The number the API shows: the AMQP channel, or 1 for the one channel
+    /// of an MQTT or STOMP connection (RabbitMQ 3.x numbered it so).
+    fn number(&self) -> u16 {
+        display_number(&self.connection, self.source.channel)
+    }
+}
+
+/// The channel number shown for `channel` of connection `c`.
+fn display_number(c: &Connection, channel: u16) -> u16 {
+    if c.info.protocol == protocol::AMQP_091 {
+        channel
+    } else {
+        1
+    }
+}
+
 fn channel_name(c: &Connection, number: u16) -> String {
     format!("{} ({number})", c.info.name)
 }
 
+/// RabbitMQ's `connection_details` of a channel.
+fn connection_details(c: &Connection) -> Value {
+    json!({
+        "name": c.info.name,
+        "peer_host": c.info.peer.ip().to_string(),
+        "peer_port": c.info.peer.port(),
+    })
+}
+
+/// RabbitMQ's `channel_details` of a consumer.
+fn channel_details(m: &Management, c: &Connection, number: u16) -> Value {
+    json!({
+        "name": channel_name(c, number),
+        "number": number,
+        "node": m.node.name,
+        "connection_name": c.info.name,
+        "peer_host": c.info.peer.ip().to_string(),
+        "peer_port": c.info.peer.port(),
+        "user": c.info.user,
+    })
+}
+
 fn render_channel(m: &Management, r: &ChannelRow) -> Value {
     let c = &r.connection;
+    let st = r.source.state();
     let mut v = json!({
-        "name": channel_name(c, r.source.channel),
-        "number": r.source.channel,
+        "name": channel_name(c, r.number()),
+        "number": r.number(),
         "node": m.node.name,
-        "connection_details": {
-            "name": c.info.name,
-            "peer_host": c.info.peer.ip().to_string(),
-            "peer_port": c.info.peer.port(),
-        },
+        "connection_details": connection_details(c),
         "vhost": r.source.vhost,
         "user": c.info.user,
-        "state": "running",
+        "user_who_performed_action": c.info.user,
+        "state": if c.close_requested() { "closing" } else { "running" },
         "consumer_count": r.source.consumers(),
-        // Not tracked per channel by the core yet: reported as RabbitMQ's
-        // defaults for a channel that did not ask for them.
-        "confirm": false,
-        "transactional": false,
-        "prefetch_count": 0,
-        "global_prefetch_count": 0,
-        "messages_unacknowledged": 0,
-        "messages_unconfirmed": 0,
-        "messages_uncommitted": 0,
-        "acks_uncommitted": 0,
+        "confirm": st.confirm,
+        "transactional": st.transactional,
+        "prefetch_count": st.prefetch_count,
+        "global_prefetch_count": st.global_prefetch_count,
+        "messages_unacknowledged": st.messages_unacknowledged,
+        "messages_unconfirmed": st.messages_unconfirmed,
+        "messages_uncommitted": st.messages_uncommitted,
+        "acks_uncommitted": st.acks_uncommitted,
+        "pending_raft_commands": 0,
     });
     super::add_stats(&mut v, Some(&r.source.message_stats(r.ranges.msg)), None);
     v
@@ -210,10 +250,20 @@ impl Row for ChannelRow {
         &self.connection.info.name
     }
     fn key(&self, field: &str) -> Option<Key> {
+        let num = |n: u64| Key::Num(n as f64);
+        let st = || self.source.state();
         Some(match field {
-            "name" => Key::Str(channel_name(&self.connection, self.source.channel)),
+            "name" => Key::Str(channel_name(&self.connection, self.number())),
             "vhost" => Key::Str(self.source.vhost.clone()),
-            "number" => Key::Num(f64::from(self.source.channel)),
+            "user" => Key::Str(self.connection.info.user.clone()),
+            "number" => Key::Num(f64::from(self.number())),
+            "consumer_count" => num(self.source.consumers()),
+            "prefetch_count" => num(st().prefetch_count),
+            "global_prefetch_count" => num(st().global_prefetch_count),
+            "messages_unacknowledged" => num(st().messages_unacknowledged),
+            "messages_unconfirmed" => num(st().messages_unconfirmed),
+            "confirm" => Key::Bool(st().confirm),
+            "transactional" => Key::Bool(st().transactional),
             _ => return None,
         })
     }
@@ -230,7 +280,9 @@ fn channel_rows(m: &Management, caller: &Caller, q: &HashMap<String, String>) ->
         .stats
         .sources()
         .into_iter()
-        .filter(|s| s.is_channel)
+        // AMQP channels, and the one session of each MQTT and STOMP
+        // connection (an AMQP connection's own source, channel 0, is not one).
+        .filter(|s| s.is_channel || s.protocol_is_session())
         .filter_map(|source| {
             let connection = connections.get(&source.connection)?.clone();
             Some(ChannelRow {
@@ -287,34 +339,64 @@ async fn channel(
 ) -> ApiResult {
     let row = channel_rows(&m, &caller, &q)
         .into_iter()
-        .find(|r| channel_name(&r.connection, r.source.channel) == name)
+        .find(|r| channel_name(&r.connection, r.number()) == name)
         .ok_or_else(ApiError::not_found)?;
     Ok(object_response(render_channel(&m, &row), &q))
 }
 
 // ---- consumers ----
 
+/// A queue's consumers as `/api/consumers` and a queue's `consumer_details`
+/// show them, with RabbitMQ's `channel_details` (the connection found by the
+/// outbox the consumer delivers to).
+pub(crate) fn consumer_json(
+    m: &Management,
+    q: &Queue,
+    by_outbox: &HashMap<usize, Arc<Connection>>,
+) -> Vec<Value> {
+    q.consumers()
+        .into_iter()
+        .map(|c| {
+            let o = &c.options;
+            let channel_details = by_outbox.get(&c.outbox_id()).map_or_else(
+                // Connection gone or not yet registered: RabbitMQ's empty details.
+                || json!({}),
+                |conn| channel_details(m, conn, display_number(conn, o.channel)),
+            );
+            json!({
+                "consumer_tag": o.tag,
+                "queue": {"name": q.name, "vhost": q.vhost},
+                "channel_details": channel_details,
+                "active": c.is_active(),
+                "activity_status": if c.is_active() { "up" } else { "suspended" },
+                "ack_required": !o.no_ack,
+                "prefetch_count": o.prefetch,
+                "exclusive": o.exclusive,
+                "arguments": table_to_json(&o.arguments),
+                "consumer_timeout": 0,
+            })
+        })
+        .collect()
+}
+
+/// Every live connection by the identity of its outbox.
+pub(crate) fn connections_by_outbox(m: &Management) -> HashMap<usize, Arc<Connection>> {
+    m.broker
+        .connections()
+        .list()
+        .into_iter()
+        .map(|c| (c.outbox_id(), c))
+        .collect()
+}
+
 fn consumer_list(m: &Management, caller: &Caller, vhost: Option<&str>) -> Value {
+    let by_outbox = connections_by_outbox(m);
     let mut out = Vec::new();
     for v in super::visible_vhosts(m, caller, vhost) {
         let mut queues = v.queues();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
         for q in queues {
-            for c in q.consumers() {
-                let o = &c.options;
-                out.push(json!({
-                    "consumer_tag": o.tag,
-                    "queue": {"name": q.name, "vhost": q.vhost},
-                    "channel_details": {"number": o.channel, "node": m.node.name},
-                    "active": c.is_active(),
-                    "activity_status": if c.is_active() { "up" } else { "suspended" },
-                    "ack_required": !o.no_ack,
-                    "prefetch_count": o.prefetch,
-                    "exclusive": o.exclusive,
-                    "arguments": table_to_json(&o.arguments),
-                    "consumer_timeout": 0,
-                }));
-            }
+            out.extend(consumer_json(m, &q, &by_outbox));
         }
     }
     Value::Array(out)

@@ -603,6 +603,37 @@ fn import(m: &Management, doc: &Map<String, Value>, only: Option<&str>) -> ApiRe
     Ok(report)
 }
 
+/// Imports on a blocking thread (a big file takes seconds and must not hold
+/// a runtime worker) with the store's metadata writes made durable by one
+/// sync at the end instead of one per object. The answer goes out after that
+/// sync, so a 204 still means every imported object survives a crash.
+async fn import_in_bulk(
+    m: Management,
+    doc: Map<String, Value>,
+    only: Option<String>,
+) -> ApiResult<Report> {
+    let internal = |e: String| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            e,
+        )
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut result = None;
+        let mut work = || result = Some(import(&m, &doc, only.as_deref()));
+        match m.broker.store() {
+            Some(store) => store
+                .bulk_metadata(&mut work)
+                .map_err(|e| internal(format!("cannot sync the imported definitions: {e}")))?,
+            None => work(),
+        }
+        result.unwrap_or_else(|| Err(internal("the import did not run".to_owned())))
+    })
+    .await
+    .map_err(|e| internal(format!("the import stopped: {e}")))?
+}
+
 fn answer(report: Report) -> Response {
     if report.skipped.is_empty() {
         no_content()
@@ -667,7 +698,7 @@ async fn import_all(
 ) -> ApiResult {
     caller.require_admin()?;
     let doc = request_document(&headers, &body)?;
-    Ok(answer(import(&m, &doc, None)?))
+    Ok(answer(import_in_bulk(m, doc, None).await?))
 }
 
 async fn import_vhost(
@@ -682,5 +713,5 @@ async fn import_vhost(
         return Err(ApiError::not_found());
     }
     let doc = request_document(&headers, &body)?;
-    Ok(answer(import(&m, &doc, Some(&vhost))?))
+    Ok(answer(import_in_bulk(m, doc, Some(vhost)).await?))
 }

@@ -256,10 +256,18 @@ impl FromRequestParts<Management> for Caller {
             .map(|c| c.0.ip());
         let (user, password) =
             basic_credentials(parts).ok_or_else(|| ApiError::unauthorized("Not_Authorized"))?;
+        // The same authentication backends as the protocols' logins.
+        let request = switchyard_core::authn::LoginRequest {
+            username: user,
+            password: password.into_bytes(),
+            peer,
+            ..Default::default()
+        };
         let logged_in = m
             .broker
             .auth
-            .login(&user, password.as_bytes(), peer)
+            .login_chain(request)
+            .await
             .map_err(|e| match e {
                 switchyard_core::auth::LoginError::NotLoopback(_) => {
                     ApiError::unauthorized("User can only log in via localhost")
@@ -484,6 +492,10 @@ pub(crate) struct ListQuery {
     sort: Vec<String>,
     sort_reverse: bool,
     columns: Vec<String>,
+    /// `disable_stats=true`: definition fields only (RabbitMQ's light listing);
+    /// with `enable_queue_totals=true` the `messages*` counts stay.
+    disable_stats: bool,
+    queue_totals: bool,
 }
 
 /// RabbitMQ's largest page.
@@ -523,6 +535,8 @@ impl ListQuery {
             sort: list("sort"),
             sort_reverse: q.get("sort_reverse").is_some_and(|s| s == "true"),
             columns: list("columns"),
+            disable_stats: q.get("disable_stats").is_some_and(|s| s == "true"),
+            queue_totals: q.get("enable_queue_totals").is_some_and(|s| s == "true"),
         })
     }
 }
@@ -556,6 +570,19 @@ fn select_columns(v: Value, columns: &[String]) -> Value {
         }
     }
     out
+}
+
+/// An item without its statistics (`disable_stats=true`): no `message_stats`,
+/// no `*_details` rates, and no `messages*` counts unless `queue_totals`.
+fn without_stats(mut v: Value, queue_totals: bool) -> Value {
+    if let Value::Object(map) = &mut v {
+        map.retain(|k, _| {
+            k != "message_stats"
+                && !k.ends_with("_details")
+                && (queue_totals || !k.starts_with("messages"))
+        });
+    }
+    v
 }
 
 /// Filters, sorts and pages `rows`, then renders what is left: a plain array
@@ -618,7 +645,15 @@ pub(crate) fn list_response<R: Row>(
     if q.sort_reverse {
         keyed.reverse();
     }
-    let render = |r: &R| select_columns(r.render(m), &q.columns);
+    let render = |r: &R| {
+        let v = r.render(m);
+        let v = if q.disable_stats {
+            without_stats(v, q.queue_totals)
+        } else {
+            v
+        };
+        select_columns(v, &q.columns)
+    };
     let Some(page) = q.page else {
         return Ok(json(Value::Array(
             keyed.iter().map(|(_, r)| render(r)).collect(),

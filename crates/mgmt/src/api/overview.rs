@@ -134,12 +134,33 @@ async fn whoami(caller: Caller) -> ApiResult {
     })))
 }
 
-/// This node as `/api/nodes` shows it.
+/// This node as `/api/nodes` shows it. Every figure is measured when asked:
+/// RabbitMQ's Erlang processes become this process's OS threads
+/// (`proc_used`/`proc_total`: `Threads` of `/proc/self/status` against the
+/// `Max processes` limit), its scheduler run queue the tokio runtime's global
+/// queue (tasks waiting for a worker), and its sockets the descriptors that
+/// are sockets. The tokio figures are added as `tokio_*` fields.
 fn node(m: &Management) -> Value {
+    use switchyard_core::stats::process;
     let uptime = super::now_ms().saturating_sub(m.node.started_ms);
     let memory = &m.broker.memory;
     let processors = std::thread::available_parallelism().map_or(1, usize::from);
-    let (fd_used, fd_total) = fds();
+    let fd_total = process::max_fds();
+    let mem_used = match process::resident_bytes() {
+        0 => memory.used() as u64,
+        rss => rss,
+    };
+    let (run_queue, tasks, workers) = match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            let rt = h.metrics();
+            (
+                rt.global_queue_depth(),
+                rt.num_alive_tasks(),
+                rt.num_workers(),
+            )
+        }
+        Err(_) => (0, 0, 0),
+    };
     json!({
         "name": m.node.name,
         "type": "disc",
@@ -148,20 +169,23 @@ fn node(m: &Management) -> Value {
         // RabbitMQ's typed client decodes it as u32: cap rather than fail its decode.
         "uptime": uptime.min(u64::from(u32::MAX)),
         "os_pid": std::process::id().to_string(),
-        "fd_used": fd_used,
+        "fd_used": process::open_fds(),
         "fd_total": fd_total,
-        "sockets_used": fd_used,
+        "sockets_used": process::open_sockets(),
         "sockets_total": fd_total,
-        "proc_used": 0,
-        "proc_total": 0,
-        "mem_used": resident_memory().unwrap_or(memory.used() as u64),
+        "proc_used": process::threads(),
+        "proc_total": process::max_threads(),
+        "mem_used": mem_used,
+        "mem_calculation_strategy": "rss",
         "mem_limit": memory.high_watermark(),
         "mem_alarm": memory.memory_alarm(),
         "disk_free": disk_free(m),
         "disk_free_limit": m.node.disk_free_limit,
         "disk_free_alarm": memory.disk_alarm(),
-        "run_queue": 0,
+        "run_queue": run_queue,
         "processors": processors,
+        "tokio_workers": workers,
+        "tokio_tasks": tasks,
         "rates_mode": "basic",
         "enabled_plugins": ["rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_mqtt", "rabbitmq_stomp", "rabbitmq_web_mqtt", "rabbitmq_web_stomp"],
         "applications": [],
@@ -209,28 +233,6 @@ async fn aliveness(
 ) -> ApiResult {
     caller.require_vhost(&m, &vhost)?;
     Ok(super::json(json!({"status": "ok"})))
-}
-
-/// Open and allowed file descriptors of this process (Linux `/proc`; 0 elsewhere).
-fn fds() -> (u64, u64) {
-    let used = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    let total = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0);
-    (used, total)
-}
-
-/// Resident memory of this process in bytes (Linux `/proc/self/statm`).
-fn resident_memory() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages.saturating_mul(4096))
 }
 
 /// Free bytes on the file system of the data directory (the working directory

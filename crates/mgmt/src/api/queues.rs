@@ -47,7 +47,9 @@ pub(crate) struct QueueRow {
 
 /// The queue type as RabbitMQ names it.
 pub(crate) fn queue_type(q: &Queue) -> &'static str {
-    if q.settings().quorum {
+    if q.stream().is_some() {
+        "stream"
+    } else if q.settings().quorum {
         "quorum"
     } else {
         "classic"
@@ -110,6 +112,37 @@ pub(crate) fn render(m: &Management, q: &Queue, ranges: Ranges) -> Value {
         "effective_policy_definition": {},
         "exclusive_consumer_tag": null,
     });
+    if let (Some(s), Some(obj)) = (q.stream(), v.as_object_mut()) {
+        // A stream's extent and where each consumer reads (beyond RabbitMQ,
+        // which shows these only in its stream plugin's pages).
+        let b = s.log.bounds();
+        let consumers: Vec<Value> = s
+            .consumer_offsets()
+            .into_iter()
+            .map(|(c, offset)| {
+                json!({
+                    "consumer_tag": c.tag(),
+                    "channel": c.options.channel,
+                    "offset": offset,
+                    "prefetch_count": c.options.prefetch,
+                    "in_flight": c.in_flight(),
+                })
+            })
+            .collect();
+        obj.insert(
+            "stream".into(),
+            json!({
+                "first_offset": b.first,
+                "last_offset": b.next.checked_sub(1),
+                "last_chunk_offset": b.last_chunk,
+                "next_offset": b.next,
+                "bytes": b.bytes,
+                "segments": b.segments,
+                "consumers": consumers,
+            }),
+        );
+        obj.insert("message_bytes".into(), json!(b.bytes));
+    }
     add_stats(
         &mut v,
         Some(&q.message_stats(ranges.msg)),
@@ -175,7 +208,20 @@ async fn show(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     let (_, queue) = find(&m, &caller, &vhost, &queue)?;
-    Ok(object_response(render(&m, &queue, Ranges::parse(&q)), &q))
+    let mut v = render(&m, &queue, Ranges::parse(&q));
+    // The single-queue GET adds its consumers, as RabbitMQ's does.
+    let by_outbox = super::connections::connections_by_outbox(&m);
+    let consumers = super::connections::consumer_json(&m, &queue, &by_outbox);
+    if let Some(o) = v.as_object_mut() {
+        let exclusive = queue
+            .consumers()
+            .into_iter()
+            .find(|c| c.options.exclusive)
+            .map(|c| c.options.tag.clone());
+        o.insert("exclusive_consumer_tag".into(), json!(exclusive));
+        o.insert("consumer_details".into(), Value::Array(consumers));
+    }
+    Ok(object_response(v, &q))
 }
 
 /// PUT: `queue.declare` as the caller. The type comes only from

@@ -10,12 +10,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use switchyard_core::auth::{Access, Resource};
+use switchyard_core::auth::{Access, Resource, TopicRules};
 use switchyard_core::consumer::{Consumer, ConsumerOptions, Credit, Delivery, Outbox};
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::exchange::ExchangeOptions;
 use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
-use switchyard_core::stats::{SourceGuard, Stat};
+use switchyard_core::stats::{ChannelState, SourceGuard, Stat};
 use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, Routed, VHost, DIRECT_REPLY_TO};
 use switchyard_core::{Broker, Message, Properties};
 
@@ -34,6 +34,7 @@ pub(crate) struct Ctx<'a> {
     pub frame_max: u32,
     pub exclusive_queues: &'a mut Vec<Arc<Queue>>,
     pub write_allowed: &'a mut HashMap<String, bool>,
+    pub topic_rules: Option<&'a TopicRules>,
     pub has_published: &'a mut bool,
 }
 
@@ -63,6 +64,22 @@ impl Ctx<'_> {
                 .insert(exchange.to_owned(), result.is_ok());
         }
         result
+    }
+
+    /// Topic permission on `routing_key` (a published key for write, a binding
+    /// key for read) when `exchange` is a topic exchange.
+    fn check_topic(
+        &self,
+        exchange: &str,
+        access: Access,
+        routing_key: &str,
+    ) -> Result<(), MethodError> {
+        match self.topic_rules {
+            None => Ok(()),
+            Some(rules) => rules
+                .authorize(self.vhost, exchange, access, routing_key)
+                .map_err(MethodError::from),
+        }
     }
 
     fn send(&mut self, channel: u16, method: impl Into<Method>) {
@@ -133,6 +150,9 @@ pub(crate) struct Channel {
     confirmed: u64,
     /// Persistent publishes (sequence number, store position) not yet synced.
     awaiting_sync: VecDeque<(u64, u64)>,
+    /// Publishes that reached stream queues (sequence number, the streams'
+    /// commits they wait for), in order.
+    awaiting_streams: VecDeque<(u64, Vec<switchyard_core::vhost::StreamWait>)>,
     /// Sequence numbers to nack rather than ack (a queue refused the message:
     /// `x-overflow` reject-publish), in order; sent in sequence with the acks.
     nacks: VecDeque<u64>,
@@ -152,7 +172,9 @@ pub(crate) struct Channel {
 pub(crate) type Published = (codec::BasicPublish, Properties, Bytes);
 
 impl Channel {
-    pub(crate) fn new(id: u16, stats: SourceGuard) -> Self {
+    /// `connection_credit`: the connection's cap on unacknowledged deliveries
+    /// (`[limits] max_unacked_per_connection`), shared by its channels.
+    pub(crate) fn new(id: u16, stats: SourceGuard, connection_credit: Arc<Credit>) -> Self {
         Channel {
             id,
             closing: false,
@@ -161,11 +183,12 @@ impl Channel {
             unacked: VecDeque::new(),
             consumers: HashMap::new(),
             consumer_prefetch: 0,
-            shared_credit: Arc::new(Credit::new(0)),
+            shared_credit: Arc::new(Credit::with_parent(0, connection_credit)),
             confirm: false,
             publish_seq: 0,
             confirmed: 0,
             awaiting_sync: VecDeque::new(),
+            awaiting_streams: VecDeque::new(),
             nacks: VecDeque::new(),
             commits_awaiting_sync: VecDeque::new(),
             tx: None,
@@ -177,6 +200,32 @@ impl Channel {
 
     pub(crate) fn id(&self) -> u16 {
         self.id
+    }
+
+    /// Copies the channel's settings and in-flight counts to its statistics,
+    /// where `/api/channels` reads them (once per read batch / outbox drain).
+    pub(crate) fn publish_state(&self) {
+        let (mut messages_uncommitted, mut acks_uncommitted) = (0, 0);
+        for op in self.tx.iter().flatten() {
+            match op {
+                TxOp::Publish { .. } => messages_uncommitted += 1,
+                TxOp::Settle { .. } => acks_uncommitted += 1,
+            }
+        }
+        self.stats.set_state(&ChannelState {
+            prefetch_count: u64::from(self.consumer_prefetch),
+            global_prefetch_count: u64::from(self.shared_credit.limit()),
+            confirm: self.confirm,
+            transactional: self.tx.is_some(),
+            messages_unacknowledged: self.unacked.len() as u64,
+            messages_unconfirmed: if self.confirm {
+                self.publish_seq.saturating_sub(self.confirmed)
+            } else {
+                0
+            },
+            messages_uncommitted,
+            acks_uncommitted,
+        });
     }
 
     pub(crate) fn is_closing(&self) -> bool {
@@ -312,6 +361,7 @@ impl Channel {
     ) -> Result<(), MethodError> {
         *ctx.has_published = true;
         ctx.check_publish(&publish.exchange)?;
+        ctx.check_topic(&publish.exchange, Access::Write, &publish.routing_key)?;
         if let Some(user_id) = properties.user_id.as_deref() {
             if user_id != ctx.user {
                 return Err(MethodError::precondition(format!(
@@ -353,6 +403,10 @@ impl Channel {
         }
         let routed = self.route(ctx, message, publish.mandatory)?;
         let durable_at = routed.durable_at;
+        if self.confirm && !routed.streams_done() {
+            self.awaiting_streams
+                .push_back((self.publish_seq + 1, routed.streams.into_vec()));
+        }
         if self.confirm {
             self.publish_seq += 1;
             if routed.rejected > 0 {
@@ -415,7 +469,9 @@ impl Channel {
 
     /// Whether confirms wait for the store to sync.
     pub(crate) fn awaits_sync(&self) -> bool {
-        !self.awaiting_sync.is_empty() || !self.commits_awaiting_sync.is_empty()
+        !self.awaiting_sync.is_empty()
+            || !self.commits_awaiting_sync.is_empty()
+            || !self.awaiting_streams.is_empty()
     }
 
     /// Sends the confirms earned so far in one basic.ack: every publish up to the
@@ -438,9 +494,20 @@ impl Channel {
         {
             self.awaiting_sync.pop_front();
         }
+        while self
+            .awaiting_streams
+            .front()
+            .is_some_and(|(_, waits)| waits.iter().all(|w| w.done()))
+        {
+            self.awaiting_streams.pop_front();
+        }
         let confirmable = match self.awaiting_sync.front() {
             Some(&(seq, _)) => seq - 1,
             None => self.publish_seq,
+        };
+        let confirmable = match self.awaiting_streams.front() {
+            Some((seq, _)) => confirmable.min(seq - 1),
+            None => confirmable,
         };
         if !self.confirm || self.closing {
             return;
@@ -676,6 +743,7 @@ impl Channel {
             Method::ExchangeBind(m) => {
                 ctx.check(Access::Write, Resource::Exchange, &m.destination)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.source)?;
+                ctx.check_topic(&m.source, Access::Read, &m.routing_key)?;
                 ctx.vhost
                     .bind_exchange(&m.destination, &m.source, &m.routing_key, m.arguments)?;
                 if !m.no_wait {
@@ -686,6 +754,7 @@ impl Channel {
             Method::ExchangeUnbind(m) => {
                 ctx.check(Access::Write, Resource::Exchange, &m.destination)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.source)?;
+                ctx.check_topic(&m.source, Access::Read, &m.routing_key)?;
                 ctx.vhost.unbind_exchange(
                     &m.destination,
                     &m.source,
@@ -702,6 +771,7 @@ impl Channel {
                 let queue = self.queue_name(&m.queue)?;
                 ctx.check(Access::Write, Resource::Queue, &queue)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.exchange)?;
+                ctx.check_topic(&m.exchange, Access::Read, &m.routing_key)?;
                 ctx.vhost.bind_queue(
                     &queue,
                     &m.exchange,
@@ -718,6 +788,7 @@ impl Channel {
                 let queue = self.queue_name(&m.queue)?;
                 ctx.check(Access::Write, Resource::Queue, &queue)?;
                 ctx.check(Access::Read, Resource::Exchange, &m.exchange)?;
+                ctx.check_topic(&m.exchange, Access::Read, &m.routing_key)?;
                 ctx.vhost.unbind_queue(
                     &queue,
                     &m.exchange,
@@ -1038,6 +1109,11 @@ impl Channel {
         ctx.check(Access::Read, Resource::Queue, &name)?;
         let queue = ctx.vhost.queue(&name)?;
         ctx.vhost.check_owner(&queue, ctx.connection)?;
+        if queue.stream().is_some() {
+            return Err(
+                ConnError::not_implemented("basic.get not supported by stream queues").into(),
+            );
+        }
         let qt = queue.queue_type();
         let Some(got) = queue.get(m.no_ack) else {
             self.stats.add_for(qt, Stat::GetEmpty, 1);
@@ -1109,13 +1185,29 @@ impl Outcome {
 fn settle_entries(entries: Vec<Unacked>, outcome: Outcome, vhost: Option<&VHost>) {
     // Group per queue so each queue is locked once for the batch.
     let mut by_queue: Vec<(Arc<Queue>, Vec<QueuedMessage>)> = Vec::new();
+    // Stream consumers that track their offset on the server: the highest
+    // offset each acked in this batch. Only an ack moves the stored offset:
+    // a requeue (a closing channel hands back what it had in flight) or a
+    // nack must not skip what the consumer never processed.
+    let mut stream_acks: Vec<(Arc<Queue>, u64, u64)> = Vec::new();
     for e in entries {
+        if let (Outcome::Ack, Some(c), Some(_)) = (outcome, &e.consumer, e.queue.stream()) {
+            match stream_acks.iter_mut().find(|(_, id, _)| *id == c.id) {
+                Some((_, _, at)) => *at = (*at).max(e.message.id),
+                None => stream_acks.push((e.queue.clone(), c.id, e.message.id)),
+            }
+        }
         if let Some(c) = &e.consumer {
             c.release(1);
         }
         match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &e.queue)) {
             Some((_, list)) => list.push(e.message),
             None => by_queue.push((e.queue, vec![e.message])),
+        }
+    }
+    for (queue, consumer, offset) in stream_acks {
+        if let Some(s) = queue.stream() {
+            s.acked(consumer, offset);
         }
     }
     for (queue, messages) in by_queue {

@@ -20,8 +20,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use switchyard_core::auth::{LoginError, TopicRules, User};
+use switchyard_core::authn::{LoginRequest, LoginStart, PendingLogin};
 use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
-use switchyard_core::consumer::{Outbox, Outgoing};
+use switchyard_core::consumer::{Credit, Outbox, Outgoing};
 use switchyard_core::queue::Queue;
 use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
 use switchyard_core::vhost::VHost;
@@ -207,6 +209,8 @@ pub struct Session {
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
+    /// The SASL mechanism of a successful login, for the management API.
+    auth_mechanism: &'static str,
     capabilities: ClientCapabilities,
     user: String,
     vhost: Option<Arc<VHost>>,
@@ -219,6 +223,14 @@ pub struct Session {
     /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
     perm_generation: u64,
+    /// The user's topic permissions in the vhost, compiled (None: there are
+    /// none, and publishing costs nothing extra). Refreshed with `write_allowed`.
+    topic_rules: Option<Arc<TopicRules>>,
+    /// A login an external authentication backend is deciding, with the SASL
+    /// mechanism (for the refusal text); input waits meanwhile.
+    pending_login: Option<(PendingLogin, String)>,
+    /// `max_unacked_per_connection`: the parent of every channel's credit.
+    unacked_credit: Arc<Credit>,
     /// The client's properties from connection.start-ok, for the registry.
     client_properties: FieldTable,
     /// In the broker's connection registry from connection.open on.
@@ -242,6 +254,7 @@ pub struct Session {
 
 impl Session {
     pub fn new(broker: Arc<Broker>, settings: Arc<AmqpSettings>, peer: SocketAddr) -> Self {
+        let unacked_credit = Arc::new(Credit::new(settings.max_unacked_per_connection));
         let id = broker.next_id();
         let synced = broker.synced();
         let counted = broker.stats.open_connection();
@@ -255,6 +268,7 @@ impl Session {
             frame_max: codec::FRAME_MIN_SIZE,
             channel_max: 0,
             heartbeat: 0,
+            auth_mechanism: "PLAIN",
             capabilities: ClientCapabilities::default(),
             user: String::new(),
             vhost: None,
@@ -263,6 +277,9 @@ impl Session {
             exclusive_queues: Vec::new(),
             write_allowed: HashMap::new(),
             perm_generation: 0,
+            topic_rules: None,
+            pending_login: None,
+            unacked_credit,
             client_properties: FieldTable::new(),
             registration: None,
             has_published: false,
@@ -364,9 +381,18 @@ impl Session {
         if generation != self.perm_generation {
             self.perm_generation = generation;
             self.write_allowed.clear();
+            self.refresh_topic_rules();
         }
         let before = input.len();
+        let capped = self.unacked_credit.is_full();
         self.handle_frames(input);
+        if capped && !self.unacked_credit.is_full() {
+            // Acks freed room under the connection's cap: any channel's queues
+            // may have been held back by it.
+            for ch in self.channels.values() {
+                ch.redispatch();
+            }
+        }
         if let Some(stats) = &self.stats {
             stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
         }
@@ -559,6 +585,13 @@ impl Session {
         )
     }
 
+    fn refresh_topic_rules(&mut self) {
+        self.topic_rules = self
+            .vhost
+            .as_ref()
+            .and_then(|v| self.broker.auth.topic_rules(&self.user, &v.name, None));
+    }
+
     /// Runs `f` on channel `id` with the connection-wide context.
     fn with_channel(
         &mut self,
@@ -582,6 +615,7 @@ impl Session {
             frame_max: self.frame_max,
             exclusive_queues: &mut self.exclusive_queues,
             write_allowed: &mut self.write_allowed,
+            topic_rules: self.topic_rules.as_deref(),
             has_published: &mut self.has_published,
         };
         f(ch, &mut ctx)
@@ -648,7 +682,14 @@ impl Session {
             version_major: 0,
             version_minor: 9,
             server_properties,
-            mechanisms: Bytes::from_static(b"PLAIN AMQPLAIN"),
+            // EXTERNAL (certificate login) is offered on TLS listeners only, as
+            // RabbitMQ's rabbit_auth_mechanism_ssl does, with or without a
+            // client certificate, so a client without one learns why it failed.
+            mechanisms: if on_tls() {
+                Bytes::from_static(b"PLAIN AMQPLAIN EXTERNAL")
+            } else {
+                Bytes::from_static(b"PLAIN AMQPLAIN")
+            },
             locales: Bytes::from_static(b"en_US"),
         };
         codec::encode_method(&mut self.out, 0, &Method::from(start));
@@ -708,24 +749,66 @@ impl Session {
         let credentials = match m.mechanism.as_str() {
             "PLAIN" => parse_plain(&m.response),
             "AMQPLAIN" => parse_amqplain(&m.response),
+            "EXTERNAL" if on_tls() => None,
             other => {
                 return Err(ConnError::command_invalid(format!(
                     "unknown authentication mechanism '{other}'"
                 )));
             }
         };
-        let login = credentials
-            .ok_or_else(|| "malformed credentials".to_owned())
-            .and_then(|(user, pass)| {
-                self.broker
+        if m.mechanism == "EXTERNAL" {
+            // The SASL response is ignored (RabbitMQ's rule): the name comes from
+            // the verified client certificate, and that user must exist.
+            let login = match switchyard_core::connections::accepted().and_then(|a| a.cert_login) {
+                Some(name) => self
+                    .broker
                     .auth
-                    .login(&user, &pass, Some(self.peer.ip()))
+                    .login_external(&name, Some(self.peer.ip()))
                     .map(|u| u.name.clone())
-                    .map_err(|e| e.to_string())
-            });
+                    .map_err(|e| e.to_string()),
+                None => Err("connection peer presented no TLS (x.509) certificate, or the TLS listener does not verify peers (tls.verify_peer = false)".to_owned()),
+            };
+            self.login_decided(login, &m.mechanism);
+            return Ok(());
+        }
+        let Some((username, password)) = credentials else {
+            self.login_decided(Err("malformed credentials".to_owned()), &m.mechanism);
+            return Ok(());
+        };
+        let request = LoginRequest {
+            username,
+            password,
+            peer: Some(self.peer.ip()),
+            ..LoginRequest::default()
+        };
+        let outbox = self.outbox.clone();
+        match self
+            .broker
+            .auth
+            .clone()
+            .begin_login(request, move || outbox.wake())
+        {
+            LoginStart::Done(result) => self.login_decided(login_result(result), &m.mechanism),
+            LoginStart::Pending(pending) => self.pending_login = Some((pending, m.mechanism)),
+        }
+        Ok(())
+    }
+
+    /// Whether a login waits for an external authentication backend.
+    pub fn login_pending(&self) -> bool {
+        self.pending_login.is_some()
+    }
+
+    /// Continues the handshake with a login's answer.
+    fn login_decided(&mut self, login: Result<String, String>, mechanism: &str) {
         match login {
             Ok(user) => {
                 self.user = user;
+                self.auth_mechanism = match mechanism {
+                    "EXTERNAL" => "EXTERNAL",
+                    "AMQPLAIN" => "AMQPLAIN",
+                    _ => "PLAIN",
+                };
                 let tune = codec::ConnectionTune {
                     channel_max: self.settings.channel_max,
                     frame_max: self.settings.frame_max,
@@ -733,13 +816,11 @@ impl Session {
                 };
                 codec::encode_method(&mut self.out, 0, &Method::from(tune));
                 self.state = State::TuneOk;
-                Ok(())
             }
             Err(why) => {
-                tracing::warn!(peer = %self.peer, mechanism = %m.mechanism, "AMQP login refused: {why}");
+                tracing::warn!(peer = %self.peer, %mechanism, "AMQP login refused: {why}");
                 let text = format!(
-                    "Login was refused using authentication mechanism {}. For details see the broker logfile.",
-                    m.mechanism
+                    "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
                 );
                 if self.capabilities.authentication_failure_close {
                     self.close_connection(ConnError::new(
@@ -749,7 +830,6 @@ impl Session {
                     ));
                 }
                 self.finish(format!("login refused: {why}"));
-                Ok(())
             }
         }
     }
@@ -815,12 +895,17 @@ impl Session {
             self.broker.timers().now_ms(),
         );
         info.client_properties = std::mem::take(&mut self.client_properties);
+        info.channel_max = self.channel_max;
+        info.frame_max = self.frame_max;
+        info.timeout = self.heartbeat;
+        info.auth_mechanism = self.auth_mechanism;
         let guard = self
             .broker
             .register_connection(self.id, info, self.outbox.clone())
             .map_err(|e| ConnError::not_allowed(e.text))?;
         self.registration = Some(guard);
         self.vhost = Some(vhost);
+        self.refresh_topic_rules();
         codec::encode_method(
             &mut self.out,
             0,
@@ -859,7 +944,8 @@ impl Session {
                 .broker
                 .stats
                 .open_source(Protocol::Amqp091, self.id, id, vhost, true);
-            self.channels.insert(id, Channel::new(id, stats));
+            self.channels
+                .insert(id, Channel::new(id, stats, self.unacked_credit.clone()));
             self.count_channels();
             codec::encode_method(
                 &mut self.out,
@@ -956,6 +1042,15 @@ impl Session {
     /// from the broker (an operator, a deleted user or vhost): connection.close
     /// 320 CONNECTION_FORCED with the reason, as RabbitMQ.
     pub fn handle_outbox(&mut self) {
+        if let Some((pending, mechanism)) = self.pending_login.take() {
+            match pending.take() {
+                Some(result) => self.login_decided(login_result(result), &mechanism),
+                None => {
+                    self.pending_login = Some((pending, mechanism));
+                    return;
+                }
+            }
+        }
         if let Some(reason) = self
             .registration
             .as_ref()
@@ -1007,6 +1102,9 @@ impl Session {
                 ch.redispatch();
             }
         }
+        for ch in self.channels.values() {
+            ch.publish_state();
+        }
     }
 
     /// Sends the publisher confirms earned by the frames just handled: one
@@ -1018,6 +1116,7 @@ impl Session {
         let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
         for ch in self.channels.values_mut() {
             ch.flush_confirms(&mut self.out, synced);
+            ch.publish_state();
         }
     }
 
@@ -1054,6 +1153,11 @@ impl Drop for Session {
 }
 
 /// PLAIN: `authzid \0 authcid \0 password` (authzid ignored).
+/// Whether this connection came in over TLS (see [`switchyard_core::connections::Accepted`]).
+fn on_tls() -> bool {
+    switchyard_core::connections::accepted().is_some_and(|a| a.tls)
+}
+
 fn parse_plain(response: &[u8]) -> Option<(String, Vec<u8>)> {
     let mut parts = response.splitn(3, |b| *b == 0);
     let _authzid = parts.next()?;
@@ -1071,6 +1175,10 @@ fn parse_amqplain(response: &Bytes) -> Option<(String, Vec<u8>)> {
         _ => return None,
     };
     Some((user, pass))
+}
+
+fn login_result(result: Result<User, LoginError>) -> Result<String, String> {
+    result.map(|u| u.name).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -24,12 +24,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use switchyard_core::auth::{Access, Resource};
+use switchyard_core::auth::{Access, Resource, TopicRules};
+use switchyard_core::authn::{LoginRequest, LoginStart, PendingLogin};
 use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::Consumer;
 use switchyard_core::consumer::{ConsumerOptions, Credit, Delivery, Outbox, Outgoing};
 use switchyard_core::queue::QueueOptions;
-use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
+use switchyard_core::stats::{
+    ChannelState, ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat,
+};
 use switchyard_core::vhost::{QueueDeclare, VHost};
 use switchyard_core::{Broker, FieldTable};
 use tokio::sync::watch;
@@ -48,6 +51,15 @@ use crate::MqttSettings;
 
 /// Deliveries that may wait in a connection's outbox before queues hold back.
 pub const OUTBOX_CAPACITY: usize = 1024;
+
+/// A CONNECT waiting for its login's answer, with what it already decided.
+#[derive(Debug)]
+struct PendingConnect {
+    login: PendingLogin,
+    connect: Box<Connect>,
+    vhost_name: String,
+    assigned: Option<String>,
+}
 
 /// The time, as the connection task reads it.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +149,12 @@ pub struct Session {
     out_aliases: HashMap<String, u16>,
     may_write: Option<bool>,
     may_read: Option<bool>,
+    /// The user's topic permissions in the vhost with this client id expanded
+    /// (None: there are none, and a PUBLISH costs nothing extra).
+    topic_rules: Option<Arc<TopicRules>>,
+    /// A CONNECT whose login an external authentication backend is deciding;
+    /// no packet is read meanwhile.
+    pending_login: Option<PendingConnect>,
     /// The broker's permission generation `may_write`/`may_read` were cached
     /// at: a runtime change drops them (from the next read batch on).
     perm_generation: u64,
@@ -205,6 +223,8 @@ impl Session {
             in_aliases: HashMap::new(),
             out_aliases: HashMap::new(),
             may_write: None,
+            topic_rules: None,
+            pending_login: None,
             may_read: None,
             perm_generation: 0,
             registration: None,
@@ -255,6 +275,7 @@ impl Session {
                 self.send(&p);
             }
         }
+        self.publish_state();
     }
 
     /// A QoS 2 PUBREC is about to go out and its message is on disk: the
@@ -399,6 +420,28 @@ impl Session {
 
     // ------------------------------------------------------------- input
 
+    fn refresh_topic_rules(&mut self) {
+        self.topic_rules = self.vhost.as_ref().and_then(|v| {
+            self.broker
+                .auth
+                .topic_rules(&self.user, &v.name, Some(&self.client_id))
+        });
+    }
+
+    /// Topic permission on the routing key of `topic` (a topic name for write,
+    /// a filter for read) on the MQTT exchange; the refusal text is RabbitMQ's.
+    fn topic_refusal(&self, topic: &str, access: Access) -> Option<String> {
+        let (rules, vhost) = self.topic_rules.as_ref().zip(self.vhost.as_ref())?;
+        let key = match access {
+            Access::Write => mapping::topic_to_key(topic, self.lossless),
+            _ => mapping::filter_to_key(topic, self.lossless),
+        };
+        rules
+            .authorize(vhost, &self.settings.exchange, access, &key)
+            .err()
+            .map(|e| e.text)
+    }
+
     /// Decodes and handles every complete packet in `input`.
     pub fn handle_input(&mut self, input: &mut BytesMut, now: Now) {
         let generation = self.broker.auth.generation();
@@ -407,16 +450,35 @@ impl Session {
             self.may_write = None;
             self.may_read = None;
             self.may_read_sys = None;
+            self.refresh_topic_rules();
         }
         let before = input.len();
         self.handle_packets(input, now);
         if let Some(stats) = &self.stats {
             stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
         }
+        self.publish_state();
+    }
+
+    /// Copies the session's window and in-flight counts to its statistics,
+    /// where `/api/channels` shows them as the connection's one channel:
+    /// prefetch = the in-flight window (Receive Maximum), unacknowledged = QoS
+    /// 1/2 deliveries awaiting PUBACK/PUBREC, unconfirmed = the client's QoS
+    /// 1/2 PUBLISHes whose PUBACK/PUBREC waits for the store.
+    fn publish_state(&self) {
+        if let Some(stats) = &self.stats {
+            stats.set_state(&ChannelState {
+                prefetch_count: u64::from(self.credit.limit()),
+                confirm: true,
+                messages_unacknowledged: u64::from(self.credit.used()),
+                messages_unconfirmed: self.pending_acks.len() as u64,
+                ..ChannelState::default()
+            });
+        }
     }
 
     fn handle_packets(&mut self, input: &mut BytesMut, now: Now) {
-        while self.phase != Phase::Closed {
+        while self.phase != Phase::Closed && self.pending_login.is_none() {
             match self.decoder.decode(input) {
                 Ok(Some(packet)) => {
                     SysStats::add(&self.state.stats.packets_received, 1);
@@ -559,7 +621,25 @@ impl Session {
             None => (self.settings.default_vhost.clone(), String::new()),
         };
         let peer_ip = Some(self.peer.ip());
-        let user = if c.username.is_none() {
+        // Certificate login (RabbitMQ's rabbit_mqtt_processor creds/3): a user
+        // name and password in CONNECT win; without either, a verified client
+        // certificate on a TLS listener names the user, which must exist.
+        let cert_login = switchyard_core::connections::accepted()
+            .and_then(|a| a.cert_login)
+            .filter(|_| c.username.is_none() && c.password.is_none());
+        let user = if let Some(name) = cert_login {
+            match self.broker.auth.login_external(&name, peer_ip) {
+                Ok(u) => u.name.clone(),
+                Err(e) => {
+                    self.refuse(
+                        reason::BAD_USER_NAME_OR_PASSWORD,
+                        v3::BAD_USER_NAME_OR_PASSWORD,
+                        format!("certificate login: {e}"),
+                    );
+                    return;
+                }
+            }
+        } else if c.username.is_none() {
             if !self.settings.allow_anonymous {
                 self.refuse(
                     reason::BAD_USER_NAME_OR_PASSWORD,
@@ -581,10 +661,22 @@ impl Session {
                 }
             }
         } else {
-            let password = c.password.clone().unwrap_or_default();
-            match self.broker.auth.login(&user, &password, peer_ip) {
-                Ok(u) => u.name.clone(),
-                Err(e) => {
+            let request = LoginRequest {
+                username: user,
+                password: c.password.clone().unwrap_or_default().to_vec(),
+                peer: peer_ip,
+                vhost: Some(vhost_name.clone()),
+                client_id: Some(client_id),
+            };
+            let outbox = self.outbox.clone();
+            match self
+                .broker
+                .auth
+                .clone()
+                .begin_login(request, move || outbox.wake())
+            {
+                LoginStart::Done(Ok(u)) => u.name,
+                LoginStart::Done(Err(e)) => {
                     self.refuse(
                         reason::BAD_USER_NAME_OR_PASSWORD,
                         v3::BAD_USER_NAME_OR_PASSWORD,
@@ -592,8 +684,36 @@ impl Session {
                     );
                     return;
                 }
+                LoginStart::Pending(login) => {
+                    self.pending_login = Some(PendingConnect {
+                        login,
+                        connect: Box::new(c),
+                        vhost_name,
+                        assigned,
+                    });
+                    return;
+                }
             }
         };
+        self.connect_as(c, now, vhost_name, user, assigned);
+    }
+
+    /// Whether a CONNECT waits for an external authentication backend.
+    pub fn login_pending(&self) -> bool {
+        self.pending_login.is_some()
+    }
+
+    /// The rest of CONNECT once `user` has logged in.
+    fn connect_as(
+        &mut self,
+        c: Connect,
+        now: Now,
+        vhost_name: String,
+        user: String,
+        assigned: Option<String>,
+    ) {
+        let props = &c.properties;
+        let client_id = self.client_id.clone();
         let vhost = match self
             .broker
             .auth
@@ -620,6 +740,7 @@ impl Session {
         self.user = user;
         self.lossless = self.settings.lossless_vhosts.contains(&vhost_name);
         self.vhost = Some(vhost.clone());
+        self.refresh_topic_rules();
         let protocol = match self.version {
             Version::V31 => Protocol::Mqtt310,
             Version::V311 => Protocol::Mqtt311,
@@ -648,6 +769,12 @@ impl Session {
                 );
                 return;
             }
+            // Topic permissions apply to the will as to any PUBLISH (RabbitMQ
+            // checks it at CONNECT).
+            if let Some(text) = self.topic_refusal(&w.topic, Access::Write) {
+                self.refuse(reason::NOT_AUTHORIZED, v3::NOT_AUTHORIZED, text);
+                return;
+            }
         }
         self.will = c.will.clone();
 
@@ -664,6 +791,15 @@ impl Session {
             self.peer,
             now.unix_ms,
         );
+        info.timeout = c.keep_alive;
+        // The same rule as the login's: no credentials in CONNECT and a
+        // certificate that names a user.
+        if c.username.is_none()
+            && c.password.is_none()
+            && switchyard_core::connections::accepted().is_some_and(|a| a.cert_login.is_some())
+        {
+            info.auth_mechanism = "EXTERNAL";
+        }
         info.client_properties.insert(
             "client_id",
             switchyard_core::FieldValue::string(client_id.as_str()),
@@ -674,8 +810,14 @@ impl Session {
         {
             Ok(guard) => self.registration = Some(guard),
             Err(e) => {
-                // RabbitMQ: quota exceeded (v5), not authorised (v3).
-                self.refuse(reason::QUOTA_EXCEEDED, v3::NOT_AUTHORIZED, e.text);
+                // The per-address rate limit has its own MQTT 5 code.
+                let code = if e.text.contains(switchyard_core::ratelimit::REFUSAL) {
+                    reason::CONNECTION_RATE_EXCEEDED
+                } else {
+                    // RabbitMQ: quota exceeded (v5), not authorised (v3).
+                    reason::QUOTA_EXCEEDED
+                };
+                self.refuse(code, v3::NOT_AUTHORIZED, e.text);
                 return;
             }
         }
@@ -892,15 +1034,20 @@ impl Session {
                 format!("invalid topic name '{}'", p.topic),
             ));
         }
-        if !self.may_write() || sys::is_sys(&p.topic) {
-            let text = if sys::is_sys(&p.topic) {
-                format!("'{}': $SYS topics are the broker's to publish", p.topic)
-            } else {
-                format!(
-                    "write access to exchange '{}' refused for user '{}'",
-                    self.settings.exchange, self.user
-                )
-            };
+        let refusal = if sys::is_sys(&p.topic) {
+            Some(format!(
+                "'{}': $SYS topics are the broker's to publish",
+                p.topic
+            ))
+        } else if !self.may_write() {
+            Some(format!(
+                "write access to exchange '{}' refused for user '{}'",
+                self.settings.exchange, self.user
+            ))
+        } else {
+            self.topic_refusal(&p.topic, Access::Write)
+        };
+        if let Some(text) = refusal {
             // 3.1.1 has no way to refuse a PUBLISH: RabbitMQ disconnects.
             if !self.v5() || p.qos == QoS::AtMostOnce {
                 return Err(Close::new(reason::NOT_AUTHORIZED, text));
@@ -1190,6 +1337,23 @@ impl Session {
     /// Encodes what queues put in the outbox, and lets queues that were held
     /// back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self, now: Now) {
+        if let Some(p) = self.pending_login.take() {
+            match p.login.take() {
+                None => {
+                    self.pending_login = Some(p);
+                    return;
+                }
+                Some(Ok(u)) => self.connect_as(*p.connect, now, p.vhost_name, u.name, p.assigned),
+                Some(Err(e)) => {
+                    self.refuse(
+                        reason::BAD_USER_NAME_OR_PASSWORD,
+                        v3::BAD_USER_NAME_OR_PASSWORD,
+                        e.to_string(),
+                    );
+                    return;
+                }
+            }
+        }
         // A close request from the broker (an operator, a deleted user or
         // vhost): MQTT 5 gets DISCONNECT 0x98 Administrative action, 3.1.1 a
         // plain close (it has no server DISCONNECT).
@@ -1227,6 +1391,8 @@ impl Session {
         if self.outbox.take_starved() {
             self.redispatch(&data);
         }
+        drop(data);
+        self.publish_state();
     }
 
     /// Returns an undeliverable delivery to its queue.
@@ -1485,10 +1651,14 @@ impl Session {
         if !self.may_read() || (sys::is_sys(&filter) && !self.may_read_sys()) {
             return Ok(failure(reason::NOT_AUTHORIZED));
         }
+        if let Some(text) = self.topic_refusal(&filter, Access::Read) {
+            tracing::info!(client_id = %self.client_id, "{text}");
+            return Ok(failure(reason::NOT_AUTHORIZED));
+        }
         let key = mapping::filter_to_key(&filter, self.lossless);
         let qos1 = options.qos != QoS::AtMostOnce;
         let queue = match &share {
-            Some(g) => format!("mqtt-shared-{g}-{key}"),
+            Some(g) => mapping::shared_queue_name(g, &filter, &key, self.lossless),
             None => format!(
                 "mqtt-subscription-{}{}",
                 self.client_id,
@@ -1521,15 +1691,15 @@ impl Session {
         if share.is_none() && !data.own_queues.contains(&queue) {
             data.own_queues.push(queue.clone());
         }
-        if let Err(e) = vhost.bind_queue(&queue, &exchange, &key, FieldTable::new(), 0) {
+        let args = mapping::binding_arguments(&filter, self.lossless);
+        if let Err(e) = vhost.bind_queue(&queue, &exchange, &key, args, 0) {
             tracing::debug!(queue = %queue, error = %e, "MQTT subscription binding refused");
             return Ok(failure(reason::IMPLEMENTATION_SPECIFIC_ERROR));
         }
         if let Some(prev) = &previous {
             if prev.queue != queue {
                 // The QoS moved the subscription to the other queue.
-                let _ =
-                    vhost.unbind_queue(&prev.queue, &exchange, &prev.key, &FieldTable::new(), 0);
+                crate::state::unbind_subscription(vhost, &exchange, prev, self.lossless);
             }
         } else if share.is_some() {
             self.state.acquire_shared(&vhost.name, &queue);
@@ -1600,7 +1770,7 @@ impl Session {
                 }
                 self.state.release_shared(&vhost, &sub.queue, &sub.key);
             } else if !key_still_used {
-                let _ = vhost.unbind_queue(&sub.queue, &exchange, &sub.key, &FieldTable::new(), 0);
+                crate::state::unbind_subscription(&vhost, &exchange, &sub, self.lossless);
             }
         }
         self.state.persist_session(&mut data);

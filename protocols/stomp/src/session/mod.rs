@@ -23,12 +23,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use switchyard_core::auth::{Access, Resource};
+use switchyard_core::auth::{Access, Resource, TopicRules};
+use switchyard_core::authn::{LoginRequest, LoginStart, PendingLogin};
 use switchyard_core::connections::{protocol, ConnectionGuard, ConnectionInfo};
 use switchyard_core::consumer::{Consumer, Credit, Outbox, Outgoing};
 use switchyard_core::deadletter::DeathReason;
 use switchyard_core::queue::{Queue, QueuedMessage};
-use switchyard_core::stats::{ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat};
+use switchyard_core::stats::{
+    ChannelState, ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat,
+};
+use switchyard_core::vhost::StreamWait;
 use switchyard_core::vhost::VHost;
 use switchyard_core::{Broker, Message};
 use tokio::sync::watch;
@@ -136,6 +140,12 @@ pub struct Session {
     /// dominate small messages. Dropped when the broker's permissions change
     /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
+    /// The user's topic permissions in the vhost, compiled (None: there are
+    /// none, and a SEND costs nothing extra). Refreshed with `write_allowed`.
+    topic_rules: Option<Arc<TopicRules>>,
+    /// A CONNECT whose login an external authentication backend is deciding
+    /// (with the frame and the login name); no frame is read meanwhile.
+    pending_login: Option<(PendingLogin, Frame, String)>,
     perm_generation: u64,
     /// In the broker's connection registry from CONNECTED on.
     registration: Option<ConnectionGuard>,
@@ -148,7 +158,10 @@ pub struct Session {
     /// RECEIPTs not yet written, in frame order, each with the store position
     /// that must be on disk first (0: none; it still waits for those before it,
     /// so receipts keep the order of the frames they answer).
-    pending_receipts: VecDeque<(u64, String)>,
+    pending_receipts: VecDeque<(u64, Vec<StreamWait>, String)>,
+    /// Stream commits the frame being handled waits for (its SENDs reached
+    /// stream queues, which sync on their own): taken by its receipt.
+    stream_waits: Vec<StreamWait>,
     /// DISCONNECT came while receipts waited: close once they are written.
     disconnecting: bool,
     /// Counts the connection in the node's opened/closed totals.
@@ -186,6 +199,8 @@ impl Session {
             temp_queues: HashMap::new(),
             owned_queues: Vec::new(),
             write_allowed: HashMap::new(),
+            topic_rules: None,
+            pending_login: None,
             perm_generation: 0,
             registration: None,
             has_published: false,
@@ -194,6 +209,7 @@ impl Session {
             close_reason: None,
             synced,
             pending_receipts: VecDeque::new(),
+            stream_waits: Vec::new(),
             disconnecting: false,
         }
     }
@@ -235,9 +251,9 @@ impl Session {
         while self
             .pending_receipts
             .front()
-            .is_some_and(|(at, _)| *at <= synced)
+            .is_some_and(|(at, streams, _)| *at <= synced && streams.iter().all(StreamWait::done))
         {
-            if let Some((_, id)) = self.pending_receipts.pop_front() {
+            if let Some((_, _, id)) = self.pending_receipts.pop_front() {
                 self.write_receipt(&id);
             }
         }
@@ -297,16 +313,49 @@ impl Session {
         if generation != self.perm_generation {
             self.perm_generation = generation;
             self.write_allowed.clear();
+            self.refresh_topic_rules();
         }
         let before = input.len();
         self.handle_frames(input);
         if let Some(stats) = &self.stats {
             stats.add(Stat::RecvOct, before.saturating_sub(input.len()) as u64);
         }
+        self.publish_state();
+    }
+
+    /// Copies the connection's in-flight counts to its statistics, where
+    /// `/api/channels` shows them as its one channel: prefetch = the largest
+    /// subscription's `prefetch-count`, unacknowledged = MESSAGEs awaiting
+    /// ACK/NACK, transactional while a BEGIN is open (its SENDs and ACKs
+    /// uncommitted).
+    fn publish_state(&self) {
+        let Some(stats) = &self.stats else {
+            return;
+        };
+        let (mut messages_uncommitted, mut acks_uncommitted) = (0, 0);
+        for op in self.transactions.values().flatten() {
+            match op {
+                TxOp::Send(_) => messages_uncommitted += 1,
+                TxOp::Settle { .. } => acks_uncommitted += 1,
+            }
+        }
+        stats.set_state(&ChannelState {
+            prefetch_count: self
+                .subscriptions
+                .values()
+                .map(|s| u64::from(s.consumer.options.prefetch))
+                .max()
+                .unwrap_or(0),
+            transactional: !self.transactions.is_empty(),
+            messages_unacknowledged: self.unacked.len() as u64,
+            messages_uncommitted,
+            acks_uncommitted,
+            ..ChannelState::default()
+        });
     }
 
     fn handle_frames(&mut self, input: &mut BytesMut) {
-        while self.state != State::Closed {
+        while self.state != State::Closed && self.pending_login.is_none() {
             match self.decoder.decode(input) {
                 Ok(None) => break,
                 Ok(Some(frame)) => self.handle_frame(frame),
@@ -367,11 +416,13 @@ impl Session {
     /// Answers a frame's `receipt` header once the store has synced
     /// `durable_at` (0: nothing to wait for) and every earlier receipt is out.
     fn receipt(&mut self, receipt: Option<&str>, durable_at: u64) {
+        let streams = std::mem::take(&mut self.stream_waits);
         let Some(r) = receipt else { return };
-        if durable_at == 0 && self.pending_receipts.is_empty() {
+        if durable_at == 0 && streams.is_empty() && self.pending_receipts.is_empty() {
             self.write_receipt(r);
         } else {
-            self.pending_receipts.push_back((durable_at, r.to_owned()));
+            self.pending_receipts
+                .push_back((durable_at, streams, r.to_owned()));
         }
     }
 
@@ -445,7 +496,27 @@ impl Session {
     fn connect(&mut self, frame: &Frame) -> Result<(), FrameError> {
         let version = negotiate(frame.get("accept-version"))?;
         self.version = version;
+        // Checked before the login; used once it is decided (`connect_as`).
         let (cx, cy) = parse_heartbeat(frame.get("heart-beat"))?;
+        // Certificate login (RabbitMQ's rabbit_stomp_processor creds/3): a login
+        // header wins; without one, a verified client certificate on a TLS
+        // listener names the user (which must exist) before the default login.
+        let cert_login = switchyard_core::connections::accepted()
+            .and_then(|a| a.cert_login)
+            .filter(|_| frame.get("login").is_none());
+        if let Some(name) = cert_login {
+            let user = match self.broker.auth.login_external(&name, Some(self.peer.ip())) {
+                Ok(u) => u.name.clone(),
+                Err(why) => {
+                    tracing::warn!(peer = %self.peer, "STOMP certificate login refused: {why}");
+                    return Err(FrameError::new(
+                        "access refused",
+                        format!("Login refused for user '{name}'."),
+                    ));
+                }
+            };
+            return self.connected(frame, version, (cx, cy), user);
+        }
         let (login, passcode) = match (frame.get("login"), &self.settings.default_login) {
             (Some(login), _) => (
                 login.to_owned(),
@@ -459,12 +530,48 @@ impl Session {
                 ))
             }
         };
-        let user = match self
+        let request = LoginRequest {
+            username: login.clone(),
+            password: passcode.into_bytes(),
+            peer: Some(self.peer.ip()),
+            vhost: frame
+                .get("host")
+                .filter(|h| self.broker.has_vhost(h))
+                .map(str::to_owned),
+            client_id: None,
+        };
+        let outbox = self.outbox.clone();
+        let login_result = match self
             .broker
             .auth
-            .login(&login, passcode.as_bytes(), Some(self.peer.ip()))
+            .clone()
+            .begin_login(request, move || outbox.wake())
         {
-            Ok(u) => u.name.clone(),
+            LoginStart::Done(result) => result,
+            LoginStart::Pending(pending) => {
+                self.pending_login = Some((pending, frame.clone(), login));
+                return Ok(());
+            }
+        };
+        self.connect_as(frame, &login, login_result)
+    }
+
+    /// Whether a CONNECT waits for an external authentication backend.
+    pub fn login_pending(&self) -> bool {
+        self.pending_login.is_some()
+    }
+
+    /// The rest of CONNECT once the login is decided.
+    fn connect_as(
+        &mut self,
+        frame: &Frame,
+        login: &str,
+        login_result: Result<switchyard_core::auth::User, switchyard_core::auth::LoginError>,
+    ) -> Result<(), FrameError> {
+        let version = self.version;
+        let (cx, cy) = parse_heartbeat(frame.get("heart-beat"))?;
+        let user = match login_result {
+            Ok(u) => u.name,
             Err(why) => {
                 tracing::warn!(peer = %self.peer, "STOMP login refused: {why}");
                 return Err(FrameError::new(
@@ -473,6 +580,17 @@ impl Session {
                 ));
             }
         };
+        self.connected(frame, version, (cx, cy), user)
+    }
+
+    /// CONNECT after login: the vhost, the registry, CONNECTED.
+    fn connected(
+        &mut self,
+        frame: &Frame,
+        version: Version,
+        (cx, cy): (u64, u64),
+        user: String,
+    ) -> Result<(), FrameError> {
         // `host` names the vhost when such a vhost exists; many clients send the
         // server's host name there, which then means the default vhost.
         let vhost_name = frame
@@ -485,34 +603,6 @@ impl Session {
             .auth
             .check_vhost(&user, &vhost_name)
             .map_err(|e| FrameError::new("access refused", e.to_string()))?;
-        let info = ConnectionInfo::new(
-            match version {
-                Version::V1_0 => protocol::STOMP_10,
-                Version::V1_1 => protocol::STOMP_11,
-                Version::V1_2 => protocol::STOMP_12,
-            },
-            &user,
-            &vhost_name,
-            self.peer,
-            self.broker.timers().now_ms(),
-        );
-        let guard = self
-            .broker
-            .register_connection(self.id, info, self.outbox.clone())
-            .map_err(|e| {
-                tracing::warn!(peer = %self.peer, user = %user, "STOMP connection refused: {e}");
-                // RabbitMQ's text for the vhost limit; the same shape for the user's.
-                let which = if e.text.starts_with("connection refused for user") {
-                    "user"
-                } else {
-                    "vhost"
-                };
-                FrameError::new(
-                    "Bad CONNECT",
-                    format!("Connection refused: {which} connection limit reached"),
-                )
-            })?;
-        self.registration = Some(guard);
         // Heart-beats (spec: max of what one side can do and the other wants; 0 on
         // either side means none). `heartbeat_min` keeps a client from making the
         // broker send or expect a beat every millisecond.
@@ -526,6 +616,48 @@ impl Session {
         };
         self.heartbeat_out = bound(cy);
         self.heartbeat_in = bound(cx);
+        let mut info = ConnectionInfo::new(
+            match version {
+                Version::V1_0 => protocol::STOMP_10,
+                Version::V1_1 => protocol::STOMP_11,
+                Version::V1_2 => protocol::STOMP_12,
+            },
+            &user,
+            &vhost_name,
+            self.peer,
+            self.broker.timers().now_ms(),
+        );
+        info.timeout = u16::try_from(self.heartbeat_in.as_secs()).unwrap_or(u16::MAX);
+        let by_certificate = frame.get("login").is_none()
+            && switchyard_core::connections::accepted()
+                .and_then(|a| a.cert_login)
+                .is_some_and(|name| *name == *user);
+        if by_certificate {
+            info.auth_mechanism = "EXTERNAL";
+        }
+        let guard = self
+            .broker
+            .register_connection(self.id, info, self.outbox.clone())
+            .map_err(|e| {
+                tracing::warn!(peer = %self.peer, user = %user, "STOMP connection refused: {e}");
+                if e.text.contains(switchyard_core::ratelimit::REFUSAL) {
+                    return FrameError::new(
+                        "Bad CONNECT",
+                        format!("Connection refused: {}", e.text),
+                    );
+                }
+                // RabbitMQ's text for the vhost limit; the same shape for the user's.
+                let which = if e.text.starts_with("connection refused for user") {
+                    "user"
+                } else {
+                    "vhost"
+                };
+                FrameError::new(
+                    "Bad CONNECT",
+                    format!("Connection refused: {which} connection limit reached"),
+                )
+            })?;
+        self.registration = Some(guard);
         self.user = user;
         let protocol = match self.version {
             Version::V1_0 => Protocol::Stomp10,
@@ -538,6 +670,7 @@ impl Session {
                 .open_source(protocol, self.id, 0, &vhost.name, false),
         );
         self.vhost = Some(vhost);
+        self.refresh_topic_rules();
         self.decoder.set_version(version);
         self.state = State::Open;
         let mut w = FrameWriter::start(&mut self.out, Command::Connected, version);
@@ -569,6 +702,29 @@ impl Session {
             .auth
             .check(&self.user, &vhost.name, access, resource, name)
             .map_err(FrameError::from)
+    }
+
+    fn refresh_topic_rules(&mut self) {
+        self.topic_rules = self
+            .vhost
+            .as_ref()
+            .and_then(|v| self.broker.auth.topic_rules(&self.user, &v.name, None));
+    }
+
+    /// Topic permission on `key` (a routing key for write, a binding key for
+    /// read) when `exchange` is a topic exchange.
+    pub(super) fn check_topic(
+        &self,
+        exchange: &str,
+        access: Access,
+        key: &str,
+    ) -> Result<(), FrameError> {
+        match (&self.topic_rules, &self.vhost) {
+            (Some(rules), Some(vhost)) => rules
+                .authorize(vhost, exchange, access, key)
+                .map_err(FrameError::from),
+            _ => Ok(()),
+        }
     }
 
     /// Write permission on an exchange, cached (see `write_allowed`).
@@ -618,6 +774,7 @@ impl Session {
             Destination::TempQueue(id) => (String::new(), self.temp_queue(&id)?.name.clone()),
         };
         self.check_publish(&exchange)?;
+        self.check_topic(&exchange, Access::Write, &key)?;
         self.has_published = true;
         let tx = frame.get("transaction").map(str::to_owned);
         let message = Message::new(exchange, key, properties, frame.body);
@@ -640,6 +797,8 @@ impl Session {
     fn publish(&mut self, message: Arc<Message>) -> Result<u64, FrameError> {
         let size = message.body_size();
         let routed = self.vhost()?.publish(message)?;
+        self.stream_waits
+            .extend(routed.streams.iter().filter(|w| !w.done()).cloned());
         if let Some(stats) = &self.stats {
             stats.published(size);
             if routed.queues == 0 {
@@ -799,6 +958,19 @@ impl Session {
     /// Encodes what queues put in the outbox as MESSAGE frames, and lets queues
     /// that were held back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self) {
+        if let Some((pending, frame, login)) = self.pending_login.take() {
+            match pending.take() {
+                None => {
+                    self.pending_login = Some((pending, frame, login));
+                    return;
+                }
+                Some(result) => {
+                    if let Err(e) = self.connect_as(&frame, &login, result) {
+                        self.fail(e, None);
+                    }
+                }
+            }
+        }
         // A close request from the broker (an operator, a deleted user or
         // vhost): an ERROR frame with the reason, then the socket closes.
         if let Some(reason) = self
@@ -874,6 +1046,7 @@ impl Session {
                 s.queue.dispatch();
             }
         }
+        self.publish_state();
     }
 
     fn write_message(&mut self, id: u64, subscription: &str, queued: &QueuedMessage) {

@@ -90,7 +90,8 @@ impl Session {
             }
         };
         self.check(Access::Read, Resource::Queue, &queue.name)?;
-        self.add_subscription(id, queue, ack, prefetch, durable)
+        let arguments = crate::mapping::stream_consumer_arguments(&frame.headers)?;
+        self.add_subscription(id, queue, ack, prefetch, durable, arguments)
     }
 
     fn add_subscription(
@@ -100,6 +101,7 @@ impl Session {
         ack: AckMode,
         prefetch: u32,
         durable: bool,
+        arguments: FieldTable,
     ) -> Result<(), FrameError> {
         let consumer = Consumer::new(
             self.broker.next_id(),
@@ -109,7 +111,7 @@ impl Session {
                 no_ack: ack == AckMode::Auto,
                 exclusive: false,
                 prefetch,
-                arguments: FieldTable::new(),
+                arguments,
             },
             self.shared_credit.clone(),
             self.outbox.clone(),
@@ -141,6 +143,8 @@ impl Session {
         key: &str,
         durable: bool,
     ) -> Result<Arc<Queue>, FrameError> {
+        // Before the queue is declared: a refused subscription leaves nothing.
+        self.check_topic(exchange, Access::Read, key)?;
         let spec = if durable {
             let Some(id) = explicit_id else {
                 return Err(FrameError::new(
@@ -242,7 +246,14 @@ impl Session {
         let queue = self.declare(&name, spec, true)?;
         let subscription = format!("/temp-queue/{id}");
         if !self.subscriptions.contains_key(&subscription) {
-            self.add_subscription(subscription, queue.clone(), AckMode::Auto, 0, false)?;
+            self.add_subscription(
+                subscription,
+                queue.clone(),
+                AckMode::Auto,
+                0,
+                false,
+                FieldTable::new(),
+            )?;
         }
         self.temp_queues.insert(id.to_owned(), queue.clone());
         Ok(queue)

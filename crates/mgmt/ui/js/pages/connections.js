@@ -32,7 +32,7 @@ export async function list(main, { vhost }) {
       { label: 'Protocol', sort: 'protocol', render: (c) => protocolTag(c.protocol) },
       { label: 'User', key: 'user', sort: 'user' },
       { label: 'Vhost', key: 'vhost', sort: 'vhost' },
-      { label: 'Client', value: (c) => pick(c, 'client_properties.connection_name') || pick(c, 'client_properties.product') || '' },
+      { label: 'Client', value: (c) => pick(c, 'client_properties.connection_name') || pick(c, 'client_properties.product') || pick(c, 'client_properties.client_id') || '' },
       { label: 'State', render: (c) => h('span', { class: `state ${c.state || ''}` }, c.state || '') },
       { label: 'Channels', key: 'channels', sort: 'channels', num: true },
       { label: 'From client', value: (c) => rate(pick(c, 'recv_oct_details.rate') ?? 0).replace('/s', ' B/s'), num: true, sort: 'recv_oct' },
@@ -71,10 +71,11 @@ export async function detail(main, name) {
         ['Client', peer(c)], ['Server', c.host ? `${c.host}:${c.port}` : ''], ['Connected at', timestamp(c.connected_at)],
         ['Heartbeat', c.timeout !== undefined ? `${c.timeout} s` : ''], ['Frame max', c.frame_max ? bytes(c.frame_max) : ''],
         ['Channel max', c.channel_max ? num(c.channel_max) : ''], ['TLS', c.ssl ? 'yes' : 'no'],
+        ['Authentication', c.auth_mechanism],
       ]),
       facts([
         ['Client product', cp.product], ['Client version', cp.version], ['Platform', cp.platform],
-        ['Connection name', cp.connection_name], ['Received', `${bytes(c.recv_oct)} (${rate(pick(c, 'recv_oct_details.rate') ?? 0).replace('/s', ' B/s')})`],
+        ['Connection name', cp.connection_name], cp.client_id !== undefined && ['MQTT client id', cp.client_id], ['Received', `${bytes(c.recv_oct)} (${rate(pick(c, 'recv_oct_details.rate') ?? 0).replace('/s', ' B/s')})`],
         ['Sent', `${bytes(c.send_oct)} (${rate(pick(c, 'send_oct_details.rate') ?? 0).replace('/s', ' B/s')})`],
       ])));
     try {

@@ -1,0 +1,515 @@
+//! Switchyard clustering, stage 1: nodes, membership and the replicated
+//! metadata log.
+//!
+//! One openraft group (0.9, `storage-v2`) spans every node. Its log carries the
+//! core's [`MetaCommand`]s; its state machine is the broker (`sm.rs`), so a
+//! committed command is applied on every node through the same
+//! `Broker::apply_local` path a single node uses. [`Cluster::start`] makes
+//! `Broker::apply` go through the log ([`switchyard_core::MetaLog`]): a
+//! command proposed on a follower is forwarded to the leader over the
+//! inter-node transport (`transport.rs`), and `apply` returns once the command
+//! is committed and applied on the proposing node, so reads stay local.
+//! Without a majority, `apply` returns an error after the write timeout.
+
+pub mod network;
+pub mod sm;
+pub mod store;
+pub mod transport;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use switchyard_core::admin::MetaCommand;
+use switchyard_core::{Broker, CoreError, CoreResult, ErrorKind, MetaLog};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use types::{node_id, Member, NodeId};
+
+use crate::network::Network;
+use crate::sm::StateMachine;
+use crate::store::{LogStore, RaftDb};
+use crate::transport::{Peers, Refused, Request, Response, WriteResult};
+use crate::types::{Applied, Command, Raft};
+
+/// What a node needs to join the metadata group.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's unique name (`[cluster] node`).
+    pub node: String,
+    /// The inter-node listen address (`[cluster] listen`).
+    pub listen: String,
+    /// The nodes that form the cluster on first start (`[cluster] seeds`).
+    pub seeds: Vec<Member>,
+    /// Where the Raft log, vote and state live (`<data_dir>/cluster`).
+    pub dir: PathBuf,
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout range: a follower that hears no leader for a random
+    /// time in it starts an election.
+    pub election_min: Duration,
+    pub election_max: Duration,
+    /// How long a metadata write may wait for a commit before it fails.
+    pub write_timeout: Duration,
+}
+
+impl Settings {
+    /// Settings with the defaults for timing.
+    pub fn new(node: String, listen: String, seeds: Vec<Member>, dir: PathBuf) -> Self {
+        Settings {
+            node,
+            listen,
+            seeds,
+            dir,
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Parses a seed `name@host:port`.
+pub fn parse_member(s: &str) -> Result<Member, String> {
+    let (name, addr) = s
+        .split_once('@')
+        .ok_or_else(|| format!("'{s}' is not name@host:port"))?;
+    if name.is_empty() {
+        return Err(format!("'{s}' has no node name"));
+    }
+    if !addr.contains(':') || addr.ends_with(':') {
+        return Err(format!("'{s}' has no port"));
+    }
+    Ok(Member {
+        name: name.to_owned(),
+        addr: addr.to_owned(),
+    })
+}
+
+/// One member as [`Status`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    pub addr: String,
+    /// A voter (false: a learner still catching up).
+    pub voter: bool,
+    pub leader: bool,
+}
+
+/// A node's view of the cluster (`switchyard ctl cluster status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    /// `Leader`, `Follower`, `Candidate`, `Learner` or `Shutdown`.
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<String>,
+    pub last_log_index: u64,
+    pub last_applied: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+impl Status {
+    /// Human-readable lines.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "node {}: {} (term {}), leader {}, log {}, applied {}\n",
+            self.node,
+            self.state,
+            self.term,
+            self.leader.as_deref().unwrap_or("none"),
+            self.last_log_index,
+            self.last_applied
+        );
+        for m in &self.members {
+            out.push_str(&format!(
+                "  {}@{}  {}{}\n",
+                m.name,
+                m.addr,
+                if m.voter { "voter" } else { "learner" },
+                if m.leader { ", leader" } else { "" }
+            ));
+        }
+        out
+    }
+}
+
+struct Inner {
+    node: String,
+    raft: Raft,
+    applied: watch::Receiver<u64>,
+    /// Connections for forwarded writes (apart from Raft's own RPCs, which may
+    /// wait on a slow peer).
+    forward: Peers,
+    write_timeout: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A running cluster node.
+pub struct Cluster {
+    inner: Arc<Inner>,
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Opens the Raft state in `settings.dir`, binds the inter-node listener,
+    /// starts Raft, forms the cluster from the seeds if this node is one and
+    /// the group was never initialised, and routes `broker`'s metadata commands
+    /// through the log. Must run inside a multi-threaded tokio runtime.
+    pub async fn start(settings: Settings, broker: Arc<Broker>) -> io::Result<Cluster> {
+        let id = node_id(&settings.node);
+        let db = RaftDb::open(&settings.dir.join("raft.redb"))?;
+        let (sm, applied) = StateMachine::open(broker.clone(), db.clone())?;
+        let log = LogStore::new(db);
+        let (listener, addr) = transport::bind(&settings.listen).await?;
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let config = openraft::Config {
+            cluster_name: "switchyard".to_owned(),
+            heartbeat_interval: millis(settings.heartbeat),
+            election_timeout_min: millis(settings.election_min),
+            election_timeout_max: millis(settings.election_max),
+            // The log is the whole history: a snapshot is only built on request
+            // (see sm.rs), so followers catch up from the log.
+            snapshot_policy: SnapshotPolicy::Never,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(io::Error::other)?;
+        let network = Network {
+            peers: Peers::default(),
+        };
+        let raft = Raft::new(id, Arc::new(config), network, log, sm)
+            .await
+            .map_err(io::Error::other)?;
+        let inner = Arc::new(Inner {
+            node: settings.node.clone(),
+            raft: raft.clone(),
+            applied,
+            forward: Peers::default(),
+            write_timeout: settings.write_timeout,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let accept = tokio::spawn(accept_loop(listener, inner.clone()));
+        let is_seed = settings.seeds.iter().any(|m| m.name == settings.node);
+        if is_seed && !raft.is_initialized().await.map_err(io::Error::other)? {
+            let members: BTreeMap<NodeId, Member> = settings
+                .seeds
+                .iter()
+                .map(|m| (node_id(&m.name), m.clone()))
+                .collect();
+            // Every seed initialises with the same membership: safe in Raft
+            // (openraft's `initialize` docs); one of them wins the election.
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(node = %settings.node, "cluster formed from the seeds"),
+                Err(e) => {
+                    tracing::info!(node = %settings.node, error = %e, "cluster already formed")
+                }
+            }
+        }
+        broker.set_meta_log(Arc::new(Replicator {
+            inner: inner.clone(),
+        }));
+        tracing::info!(node = %settings.node, %addr, "cluster node started");
+        Ok(Cluster {
+            inner,
+            addr,
+            accept,
+        })
+    }
+
+    /// The bound inter-node address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The Raft handle (tests, metrics).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner.status()
+    }
+
+    /// Stops Raft and the listener.
+    pub async fn shutdown(self) {
+        self.accept.abort();
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
+
+impl Inner {
+    fn status(&self) -> Status {
+        let m = self.inner_metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| MemberStatus {
+                name: node.name.clone(),
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                leader: m.current_leader == Some(*id),
+            })
+            .collect();
+        let leader = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.name.clone()));
+        Status {
+            node: self.node.clone(),
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.map_or(0, |l| l.index),
+            members,
+        }
+    }
+
+    fn inner_metrics(&self) -> openraft::RaftMetrics<NodeId, Member> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    fn leader_member(&self) -> Option<Member> {
+        let m = self.inner_metrics();
+        m.current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+    }
+
+    /// Writes `cmd` on the leader (this node, or forwarded), then waits until
+    /// this node applied it. Retries while there is no leader, until the write
+    /// timeout.
+    async fn write(&self, cmd: Command) -> CoreResult<Applied> {
+        let deadline = Instant::now() + self.write_timeout;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let local = self.leader_write(cmd.clone()).await;
+            let outcome = match local {
+                Err(Refused::NotLeader(Some(leader))) => {
+                    let peer = self.forward.get(&leader.addr);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match peer.call(&Request::Write(cmd.clone()), left).await {
+                        Ok(Response::Write(r)) => r,
+                        Ok(_) => Err(Refused::Failed("unexpected response".to_owned())),
+                        // Sent but no answer: it may or may not be committed.
+                        Err(e) if e.sent => {
+                            return Err(unavailable(format!(
+                            "metadata write to the leader {} failed, its outcome is unknown: {}",
+                            leader.name, e.error
+                        )))
+                        }
+                        Err(_) => Err(Refused::NotLeader(None)),
+                    }
+                }
+                other => other,
+            };
+            match outcome {
+                Ok((index, applied)) => {
+                    let mut rx = self.applied.clone();
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let waited = tokio::time::timeout(left, rx.wait_for(|&i| i >= index)).await;
+                    return match waited {
+                        Ok(Ok(_)) => Ok(applied),
+                        _ => Err(unavailable(
+                            "metadata write committed but not applied on this node in time"
+                                .to_owned(),
+                        )),
+                    };
+                }
+                Err(Refused::Failed(text)) => return Err(unavailable(text)),
+                Err(Refused::NotLeader(_)) => {
+                    // No (reachable) leader: wait for the membership view to change.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(unavailable(
+                            "no cluster leader: metadata writes need a majority of nodes"
+                                .to_owned(),
+                        ));
+                    }
+                    let _ = tokio::time::timeout(
+                        left.min(Duration::from_millis(200)),
+                        metrics.changed(),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// Writes on this node if it is the leader.
+    async fn leader_write(&self, cmd: Command) -> WriteResult {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok((resp.log_id.index, resp.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
+                Refused::NotLeader(f.leader_node.or_else(|| self.leader_member())),
+            ),
+            Err(e) => Err(Refused::Failed(e.to_string())),
+        }
+    }
+
+    async fn change(&self, req: Request) -> Result<(), Refused> {
+        let result = match req {
+            Request::Join(member) => {
+                let id = node_id(&member.name);
+                match self.raft.add_learner(id, member, true).await {
+                    Ok(_) => {
+                        self.raft
+                            .change_membership(
+                                ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                                false,
+                            )
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Request::Leave(name) => {
+                let id = node_id(&name);
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                    .await
+            }
+            _ => return Err(Refused::Failed("not a membership change".to_owned())),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
+                Refused::NotLeader(f.leader_node.or_else(|| self.leader_member())),
+            ),
+            Err(e) => Err(Refused::Failed(e.to_string())),
+        }
+    }
+
+    async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::AppendEntries(r) => Response::AppendEntries(self.raft.append_entries(r).await),
+            Request::Vote(r) => Response::Vote(self.raft.vote(r).await),
+            Request::InstallSnapshot(r) => {
+                Response::InstallSnapshot(self.raft.install_snapshot(r).await)
+            }
+            Request::Write(cmd) => Response::Write(self.leader_write(cmd).await),
+            req @ (Request::Join(_) | Request::Leave(_)) => {
+                Response::Membership(self.change(req).await)
+            }
+            Request::Status => Response::Status(self.status()),
+        }
+    }
+}
+
+fn unavailable(text: String) -> CoreError {
+    CoreError::new(ErrorKind::ResourceError, text)
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
+    loop {
+        let (mut stream, peer) = match transport::accept(&listener).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster accept failed");
+                continue;
+            }
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            loop {
+                let req: Request = match transport::read_frame(&mut stream).await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "cluster connection closed");
+                        return;
+                    }
+                };
+                let resp = inner.handle(req).await;
+                if let Err(e) = transport::write_frame(&mut stream, &resp).await {
+                    tracing::debug!(%peer, error = %e, "cluster connection closed");
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// `Broker::apply` on a clustered node.
+struct Replicator {
+    inner: Arc<Inner>,
+}
+
+impl MetaLog for Replicator {
+    fn replicate(&self, cmd: MetaCommand) -> CoreResult<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let inner = self.inner.clone();
+        self.inner.runtime.spawn(async move {
+            let _ = tx.send(inner.write(Command::Meta(cmd)).await);
+        });
+        // `apply` is synchronous; the write runs on the runtime's other workers
+        // while this one waits (block_in_place lets the runtime move its tasks).
+        let limit = self.inner.write_timeout + Duration::from_secs(1);
+        let wait = || rx.recv_timeout(limit);
+        let got = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        match got {
+            Ok(Ok(applied)) => match applied.error {
+                None => Ok(()),
+                Some(e) => Err(e.into_core()),
+            },
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(unavailable("metadata write timed out".to_owned())),
+        }
+    }
+}
+
+/// Asks the node at `addr` (its `[cluster] listen`) for its status.
+pub async fn remote_status(addr: &str, timeout: Duration) -> io::Result<Status> {
+    match transport::call_once(addr, &Request::Status, timeout).await? {
+        Response::Status(s) => Ok(s),
+        _ => Err(io::Error::other("unexpected response")),
+    }
+}
+
+/// Asks the cluster reachable at `addr` to add `member` as a voter (or, with
+/// `leave`, to remove the node named `member.name`), following a redirect to
+/// the leader once.
+pub async fn remote_membership(
+    addr: &str,
+    member: Member,
+    leave: bool,
+    timeout: Duration,
+) -> io::Result<()> {
+    let req = || {
+        if leave {
+            Request::Leave(member.name.clone())
+        } else {
+            Request::Join(member.clone())
+        }
+    };
+    let mut target = addr.to_owned();
+    for _ in 0..3 {
+        match transport::call_once(&target, &req(), timeout).await? {
+            Response::Membership(Ok(())) => return Ok(()),
+            Response::Membership(Err(Refused::NotLeader(Some(leader)))) => target = leader.addr,
+            Response::Membership(Err(Refused::NotLeader(None))) => {
+                return Err(io::Error::other("the cluster has no leader now"))
+            }
+            Response::Membership(Err(Refused::Failed(e))) => return Err(io::Error::other(e)),
+            _ => return Err(io::Error::other("unexpected response")),
+        }
+    }
+    Err(io::Error::other("no leader found"))
+}

@@ -1,0 +1,93 @@
+//! Pluggable authentication: RabbitMQ's `auth_backends`, a chain of backends
+//! asked in order. `internal` is the user database of [`crate::auth::Auth`];
+//! others (the HTTP backend of crates/server) implement [`ExternalBackend`],
+//! whose answer may take a network round trip.
+//!
+//! As in RabbitMQ (`rabbit_access_control:check_user_login`), the first backend
+//! that allows the login decides; a refusal or an error passes the login to
+//! the next backend, and the login fails when none allows it. Authorisation
+//! (vhost, resource and topic permissions) stays with the internal database,
+//! as RabbitMQ's `auth_backends.1.authn = http, auth_backends.1.authz = internal`.
+//!
+//! Sessions are synchronous state machines, so a login that needs an external
+//! backend is *pending*: [`crate::auth::Auth::begin_login`] spawns a task that
+//! runs the rest of the chain and, once decided, fills a slot and calls the
+//! session's wake function (its outbox's `wake`, so the connection driver calls
+//! the session's outbox handler, which then takes the result). With only the
+//! internal backend the answer is immediate and nothing is spawned.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::auth::{LoginError, User};
+
+/// A boxed future, as an [`ExternalBackend`] returns it.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a backend is asked.
+#[derive(Debug, Clone, Default)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: Vec<u8>,
+    pub peer: Option<IpAddr>,
+    /// The vhost, when the protocol names it at login (MQTT, STOMP).
+    pub vhost: Option<String>,
+    /// MQTT's client id.
+    pub client_id: Option<String>,
+}
+
+/// A backend's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Logged in, with these user tags.
+    Allow { tags: Vec<String> },
+    /// Refused; the reason is for the log only.
+    Deny(String),
+}
+
+/// A backend other than the internal database.
+pub trait ExternalBackend: Send + Sync + Debug {
+    /// Its name in `[auth] backends` (for the log).
+    fn name(&self) -> &'static str;
+    /// Decides a login; an error (unreachable, bad answer) is a `Deny` with the
+    /// reason, so the next backend is asked.
+    fn authenticate(&self, request: LoginRequest) -> BoxFuture<Decision>;
+}
+
+/// One link of the chain.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Internal,
+    External(Arc<dyn ExternalBackend>),
+}
+
+/// The outcome of [`crate::auth::Auth::begin_login`].
+#[derive(Debug)]
+pub enum LoginStart {
+    Done(Result<User, LoginError>),
+    /// Decided later: the wake function is called once [`PendingLogin::take`]
+    /// has the answer.
+    Pending(PendingLogin),
+}
+
+/// A login waiting for an external backend.
+#[derive(Debug, Clone, Default)]
+pub struct PendingLogin {
+    slot: Arc<Mutex<Option<Result<User, LoginError>>>>,
+}
+
+impl PendingLogin {
+    /// The answer, once decided (taken: later calls return None).
+    pub fn take(&self) -> Option<Result<User, LoginError>> {
+        self.slot.lock().take()
+    }
+
+    pub(crate) fn fill(&self, result: Result<User, LoginError>) {
+        *self.slot.lock() = Some(result);
+    }
+}

@@ -1,0 +1,132 @@
+//! `[cluster]`: this node's name, its inter-node listen address and the seed
+//! nodes that form the cluster on first start (issue 14). Without the section
+//! the broker is one node: no Raft, no extra listener or task.
+//!
+//! ```toml
+//! [cluster]
+//! node = "n1"
+//! listen = "127.0.0.1:25672"
+//! seeds = ["n1@127.0.0.1:25672", "n2@127.0.0.1:25673", "n3@127.0.0.1:25674"]
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use switchyard_cluster::{node_id, parse_member, Cluster, Member, Settings};
+use switchyard_core::Broker;
+
+/// The `[cluster]` section.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's unique name.
+    pub node: String,
+    /// `host:port` for inter-node traffic.
+    pub listen: String,
+    /// `name@host:port` of each node forming the cluster on first start. A node
+    /// not listed joins later through `switchyard ctl cluster join`.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Milliseconds a metadata write (declare, admin change) waits for a
+    /// commit before it fails.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
+}
+
+fn default_write_timeout_ms() -> u64 {
+    10_000
+}
+
+impl ClusterConfig {
+    /// Checks the section; the error text names the key.
+    pub fn validate(&self) -> Result<Vec<Member>, String> {
+        if self.node.is_empty() || self.node.contains('@') {
+            return Err(format!(
+                "invalid value '{}' for key cluster.node: a non-empty name without '@'",
+                self.node
+            ));
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "invalid value '{}' for key cluster.listen: must be host:port",
+                self.listen
+            ));
+        }
+        if self.write_timeout_ms == 0 {
+            return Err(
+                "invalid value 0 for key cluster.write_timeout_ms: must be at least 1".into(),
+            );
+        }
+        let mut seeds = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        for s in &self.seeds {
+            let m = parse_member(s).map_err(|e| format!("invalid entry in cluster.seeds: {e}"))?;
+            if !names.insert(m.name.clone()) || !ids.insert(node_id(&m.name)) {
+                return Err(format!("cluster.seeds names node '{}' twice", m.name));
+            }
+            seeds.push(m);
+        }
+        Ok(seeds)
+    }
+
+    /// Starts this node's part of the cluster; its Raft state lives in
+    /// `<data_dir>/cluster`.
+    pub async fn start(&self, data_dir: &Path, broker: Arc<Broker>) -> std::io::Result<Cluster> {
+        let seeds = self.validate().map_err(std::io::Error::other)?;
+        let mut settings = Settings::new(
+            self.node.clone(),
+            self.listen.clone(),
+            seeds,
+            data_dir.join("cluster"),
+        );
+        settings.write_timeout = Duration::from_millis(self.write_timeout_ms);
+        Cluster::start(settings, broker).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(seeds: &[&str]) -> ClusterConfig {
+        ClusterConfig {
+            node: "n1".into(),
+            listen: "127.0.0.1:25672".into(),
+            seeds: seeds.iter().map(|s| s.to_string()).collect(),
+            write_timeout_ms: 10_000,
+        }
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let text = r#"
+            node = "n1"
+            listen = "127.0.0.1:25672"
+            seeds = ["n1@127.0.0.1:25672", "n2@127.0.0.1:25673", "n3@127.0.0.1:25674"]
+        "#;
+        let c: ClusterConfig = toml::from_str(text).unwrap();
+        let seeds = c.validate().unwrap();
+        assert_eq!(seeds.len(), 3);
+        assert_eq!(seeds[1].name, "n2");
+        assert_eq!(seeds[1].addr, "127.0.0.1:25673");
+    }
+
+    #[test]
+    fn bad_seeds_are_refused_with_the_key() {
+        assert!(cfg(&["n1127.0.0.1:1"])
+            .validate()
+            .unwrap_err()
+            .contains("cluster.seeds"));
+        assert!(cfg(&["n1@a:1", "n1@b:2"])
+            .validate()
+            .unwrap_err()
+            .contains("twice"));
+        let mut c = cfg(&[]);
+        c.listen = "nowhere".into();
+        assert!(c.validate().unwrap_err().contains("cluster.listen"));
+    }
+}

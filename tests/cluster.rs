@@ -1,0 +1,234 @@
+//! Clustering, stage 1 (issue 14): three real broker processes form one
+//! cluster from their `[cluster]` seeds; metadata changed through any node's
+//! management API is committed through Raft and exists on every node; it
+//! survives `kill -9` of a follower and of the leader (a new leader is
+//! elected), a restarted node catches up, and a node without a majority
+//! refuses writes with an error instead of losing them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use serde_json::Value;
+use switchyard_testkit::cluster::LocalCluster;
+
+const EXE: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn start(dir: &Path) -> LocalCluster {
+    LocalCluster::start(Path::new(EXE), dir, 3)
+}
+
+fn http() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+fn status(c: &LocalCluster, i: usize) -> Option<switchyard_cluster::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(switchyard_cluster::remote_status(
+        &c.nodes[i].cluster_addr,
+        Duration::from_secs(2),
+    ))
+    .ok()
+}
+
+/// Polls until `f` holds (another process changes state: there is nothing to
+/// await); fails the test after `secs`.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The leader's index once the running nodes among `alive` agree on one.
+fn leader(c: &LocalCluster, alive: &[usize]) -> usize {
+    let mut found = None;
+    eventually(15, "a leader all running nodes agree on", || {
+        let views: Vec<Option<String>> = alive
+            .iter()
+            .map(|&i| status(c, i).and_then(|s| s.leader))
+            .collect();
+        match views.first() {
+            Some(Some(l)) if views.iter().all(|v| v.as_ref() == Some(l)) => {
+                let i = c.index_of(l);
+                if alive.contains(&i) {
+                    found = Some(i);
+                    return true;
+                }
+                false
+            }
+            _ => false,
+        }
+    });
+    found.unwrap()
+}
+
+fn put_vhost(c: &LocalCluster, i: usize, name: &str) -> reqwest::blocking::Response {
+    http()
+        .put(format!(
+            "http://{}/api/vhosts/{name}",
+            c.addr(i, "management")
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"description": format!("made on {}", c.nodes[i].name)}))
+        .send()
+        .unwrap()
+}
+
+fn names(c: &LocalCluster, i: usize, what: &str) -> Vec<String> {
+    let v: Value = http()
+        .get(format!("http://{}/api/{what}", c.addr(i, "management")))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn has_vhost(c: &LocalCluster, i: usize, name: &str) -> bool {
+    names(c, i, "vhosts").iter().any(|n| n == name)
+}
+
+#[test]
+fn metadata_changed_on_any_node_exists_on_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = start(tmp.path());
+    let l = leader(&c, &[0, 1, 2]);
+    let s = status(&c, l).unwrap();
+    assert_eq!(s.state, "Leader");
+    assert_eq!(s.members.iter().filter(|m| m.voter).count(), 3);
+
+    // A vhost through a follower (forwarded to the leader): once the PUT
+    // returns, the proposing node reads it locally.
+    let follower = (l + 1) % 3;
+    assert!(put_vhost(&c, follower, "made-on-follower")
+        .status()
+        .is_success());
+    assert!(has_vhost(&c, follower, "made-on-follower"));
+    // A user and permissions through the leader.
+    let resp = http()
+        .put(format!(
+            "http://{}/api/users/alice",
+            c.addr(l, "management")
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"password": "s3cret", "tags": "management"}))
+        .send()
+        .unwrap();
+    assert!(resp.status().is_success());
+    let resp = http()
+        .put(format!(
+            "http://{}/api/permissions/made-on-follower/alice",
+            c.addr(l, "management")
+        ))
+        .basic_auth("guest", Some("guest"))
+        .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .unwrap();
+    assert!(resp.status().is_success());
+    for i in 0..3 {
+        eventually(10, "replicated metadata on every node", || {
+            has_vhost(&c, i, "made-on-follower")
+                && names(&c, i, "users").contains(&"alice".to_owned())
+        });
+    }
+    // alice can use the vhost on a node she was never created on.
+    let third = (l + 2) % 3;
+    let who: Value = http()
+        .get(format!("http://{}/api/whoami", c.addr(third, "management")))
+        .basic_auth("alice", Some("s3cret"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(who["name"], "alice");
+
+    // A refused command is refused the same way through the log.
+    let resp = http()
+        .delete(format!(
+            "http://{}/api/vhosts/no-such-vhost",
+            c.addr(follower, "management")
+        ))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn metadata_survives_kill_9_of_a_follower_and_of_the_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = start(tmp.path());
+    let l = leader(&c, &[0, 1, 2]);
+    let f = (l + 1) % 3;
+    let other = (l + 2) % 3;
+
+    // Follower killed: the two others are a majority, writes go on.
+    c.kill9(f);
+    assert!(put_vhost(&c, other, "while-follower-down")
+        .status()
+        .is_success());
+    c.restart(f);
+    eventually(10, "the restarted follower catches up", || {
+        has_vhost(&c, f, "while-follower-down")
+    });
+
+    // Leader killed: the two others elect a new leader and take writes.
+    c.kill9(l);
+    let new_leader = leader(&c, &[f, other]);
+    assert_ne!(new_leader, l);
+    assert!(put_vhost(&c, f, "after-leader-died").status().is_success());
+    assert!(has_vhost(&c, other, "while-follower-down"));
+    eventually(
+        10,
+        "the write on the new leader reaches the other survivor",
+        || has_vhost(&c, other, "after-leader-died"),
+    );
+
+    // The old leader comes back as a follower with everything.
+    c.restart(l);
+    eventually(10, "the old leader catches up", || {
+        has_vhost(&c, l, "after-leader-died") && has_vhost(&c, l, "while-follower-down")
+    });
+    let s = status(&c, l).unwrap();
+    assert_ne!(s.state, "Leader");
+    assert_eq!(s.leader.as_deref(), Some(c.nodes[new_leader].name.as_str()));
+}
+
+#[test]
+fn a_node_without_a_majority_refuses_metadata_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = start(tmp.path());
+    let l = leader(&c, &[0, 1, 2]);
+    let alone = (l + 1) % 3;
+    c.kill9(l);
+    c.kill9((l + 2) % 3);
+    let started = Instant::now();
+    let resp = put_vhost(&c, alone, "in-the-minority");
+    assert!(
+        !resp.status().is_success(),
+        "a minority node accepted a write: {}",
+        resp.status()
+    );
+    // Within the write timeout (5 s in the test config) and its slack.
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(!has_vhost(&c, alone, "in-the-minority"));
+}

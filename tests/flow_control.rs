@@ -1,0 +1,173 @@
+//! Flow control and the measured memory alarm (issue 11), over real sockets:
+//! a publisher feeding a queue whose consumer has fallen behind stops being read
+//! until the consumer catches up, without slowing publishers that feed other
+//! queues; and the memory alarm fires from measured memory, not from what the
+//! queues hold.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use switchyard_testkit::stomp::codec::{Command, Frame};
+use switchyard_testkit::stomp::StompClient;
+use switchyard_testkit::{start_broker, start_broker_with, TestBroker};
+
+/// How long silence must last to count as "not read".
+const QUIET: Duration = Duration::from_millis(300);
+/// 64 KiB bodies, 300 of them: the backlog of a consumer that holds 10
+/// unacknowledged passes flow control's byte mark (8 MiB) after 138.
+const BODY: usize = 64 * 1024;
+const COUNT: usize = 300;
+/// The slow consumer's prefetch: it takes 10 messages and acknowledges none
+/// until the test lets it drain.
+const PREFETCH: &str = "10";
+
+/// Waits for `condition` (state of the broker seen from the test), checking
+/// every 10 ms, failing after 20 s.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A consumer that subscribes to `/queue/slow` and acknowledges nothing, and a
+/// publisher (in its own task) that sends `COUNT` messages there and then one
+/// with a receipt; returns once the queue is behind. The task yields the
+/// publisher once it got its receipt.
+async fn slow_consumer_and_flooding_publisher(
+    b: &TestBroker,
+) -> (StompClient, tokio::task::JoinHandle<StompClient>) {
+    let mut consumer = StompClient::connect(b.stomp_addr()).await;
+    consumer
+        .subscribe(
+            "s",
+            "/queue/slow",
+            "client-individual",
+            &[("prefetch-count", PREFETCH)],
+        )
+        .await;
+    let mut publisher = StompClient::connect(b.stomp_addr()).await;
+    let body = "x".repeat(BODY);
+    let task = tokio::spawn(async move {
+        for _ in 0..COUNT {
+            publisher.send("/queue/slow", &body, &[]).await;
+        }
+        publisher
+            .with_receipt(
+                Frame::new(Command::Send)
+                    .header("destination", "/queue/slow")
+                    .body("last"),
+            )
+            .await;
+        publisher
+    });
+    let q = b.broker().vhost("/").unwrap().queue("slow").unwrap();
+    eventually("the slow queue falls behind", || q.flow_behind()).await;
+    (consumer, task)
+}
+
+async fn ack(consumer: &mut StompClient, m: &Frame) {
+    let id = m.get("ack").expect("STOMP 1.2 MESSAGE has an ack header");
+    consumer
+        .send_frame(&Frame::new(Command::Ack).header("id", id))
+        .await;
+}
+
+#[tokio::test]
+async fn a_publisher_into_a_lagging_queue_is_paused_and_resumes_when_the_consumer_drains() {
+    let b = start_broker().await;
+    let (mut consumer, publisher) = slow_consumer_and_flooding_publisher(&b).await;
+    let q = b.broker().vhost("/").unwrap().queue("slow").unwrap();
+    // Paused: the queue stops growing although the publisher has more to send.
+    let held = q.message_count();
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        q.message_count() <= held,
+        "still read: {held} -> {}",
+        q.message_count()
+    );
+    assert!(!publisher.is_finished(), "the publisher got its receipt");
+    assert!(held < COUNT, "the whole flood was taken in: {held}");
+    // The consumer catches up: the publisher is read again, and everything
+    // arrives, in order, the receipted message last.
+    for _ in 0..COUNT {
+        let m = consumer.recv_message().await;
+        assert_eq!(m.body.len(), BODY);
+        ack(&mut consumer, &m).await;
+    }
+    let last = consumer.recv_message().await;
+    assert_eq!(&last.body[..], b"last");
+    ack(&mut consumer, &last).await;
+    let _publisher = tokio::time::timeout(Duration::from_secs(20), publisher)
+        .await
+        .expect("the publisher was not resumed")
+        .unwrap();
+    assert!(!q.flow_behind());
+}
+
+#[tokio::test]
+async fn a_slow_consumer_on_one_queue_does_not_block_a_publisher_feeding_another() {
+    let b = start_broker().await;
+    let (_consumer, flooding) = slow_consumer_and_flooding_publisher(&b).await;
+    let mut other = StompClient::connect(b.stomp_addr()).await;
+    let mut reader = StompClient::connect(b.stomp_addr()).await;
+    reader.subscribe("o", "/queue/other", "auto", &[]).await;
+    for i in 0..50 {
+        // with_receipt fails the test if the RECEIPT does not come.
+        other
+            .with_receipt(
+                Frame::new(Command::Send)
+                    .header("destination", "/queue/other")
+                    .body(format!("m{i}")),
+            )
+            .await;
+        assert_eq!(
+            &reader.recv_message().await.body[..],
+            format!("m{i}").as_bytes()
+        );
+    }
+    assert!(
+        !flooding.is_finished(),
+        "the flooding publisher is still paused"
+    );
+    flooding.abort();
+}
+
+#[tokio::test]
+async fn the_memory_alarm_fires_from_measured_memory() {
+    // 1 MiB is less than this process uses before any message is queued: only
+    // a measurement can set the alarm.
+    let b = start_broker_with(|c| c.limits.memory_high_watermark_bytes = 1024 * 1024).await;
+    let memory = b.broker().memory.clone();
+    assert_eq!(memory.used(), 0, "no message queued");
+    assert!(memory.resident().is_some_and(|r| r > 1024 * 1024));
+    assert!(
+        memory.memory_alarm(),
+        "measured memory is over the watermark"
+    );
+
+    let mut p = StompClient::connect(b.stomp_addr()).await;
+    // A connection is blocked once it publishes: its first SEND is taken...
+    p.with_receipt(
+        Frame::new(Command::Send)
+            .header("destination", "/queue/m")
+            .body("first"),
+    )
+    .await;
+    // ...the next one is not read while the alarm is on.
+    p.send_frame(
+        &Frame::new(Command::Send)
+            .header("destination", "/queue/m")
+            .header("receipt", "after")
+            .body("second"),
+    )
+    .await;
+    assert!(p.recv_within(QUIET).await.is_none());
+    // Raising the watermark above what is measured clears it.
+    memory.set_high_watermark(memory.level() * 4);
+    assert!(!memory.alarm());
+    let r = p.recv().await;
+    assert_eq!(r.command, Command::Receipt);
+    assert_eq!(r.get("receipt-id"), Some("after"));
+}
