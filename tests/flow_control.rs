@@ -171,3 +171,84 @@ async fn the_memory_alarm_fires_from_measured_memory() {
     assert_eq!(r.command, Command::Receipt);
     assert_eq!(r.get("receipt-id"), Some("after"));
 }
+
+/// A connection that only consumes is never told about the memory alarm: the
+/// alarm blocks publishers (RabbitMQ tells only them). Told `connection.blocked`,
+/// lapin stops writing altogether (acks and heartbeats), and a consumer draining
+/// a backlog while the alarm is on would be closed for missed heartbeats: the
+/// CI failure of `persistence::queue_larger_than_the_memory_watermark_stays_on_disk`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_consumer_is_not_blocked_by_the_alarm() {
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    const COUNT: usize = 12;
+
+    let b = start_broker().await;
+    let publisher = Connection::connect(&b.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = publisher.create_channel().await.unwrap();
+    ch.queue_declare(
+        "backlog".into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..COUNT {
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "backlog".into(),
+                BasicPublishOptions::default(),
+                format!("m{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+
+    // A 1 s heartbeat: two missed ones end the connection after 2 s.
+    let url = format!("{}?heartbeat=1", b.amqp_url());
+    let consumer = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let cch = consumer.create_channel().await.unwrap();
+    cch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut deliveries = cch
+        .basic_consume(
+            "backlog".into(),
+            "drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // The alarm goes on while the consumer drains, for longer than two heartbeats.
+    let memory = b.broker().memory.clone();
+    memory.set_high_watermark(1024 * 1024);
+    assert!(memory.alarm(), "measured memory is over 1 MiB");
+    for i in 0..COUNT {
+        let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .unwrap_or_else(|_| panic!("delivery {i} did not come"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.data, format!("m{i}").as_bytes());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert!(memory.alarm(), "the alarm stayed on throughout");
+    assert!(consumer.status().connected(), "the consumer was not closed");
+    memory.set_high_watermark(usize::MAX / 2);
+}

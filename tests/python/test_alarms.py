@@ -21,12 +21,6 @@ def _pump(conn, until, timeout=10.0):
 
 
 @pytest.mark.broker_config
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 11): after a burst of 1 MiB messages the measured alarm can set "
-    "again with the queues empty, because freed connection buffers stay resident and are not "
-    "counted as retained; fails about 1 run in 3",
-)
 def test_memory_alarm_blocks_publishers_until_consumers_drain(broker_factory, names):
     # The alarm measures the broker's resident memory: 128 MiB is well above an
     # idle debug broker (~35 MB) plus what handling 1 MiB messages leaves in use

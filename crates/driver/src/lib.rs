@@ -64,6 +64,10 @@ pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a connection we closed first keeps draining the client's input, so
 /// that our last packet is read before the socket goes (see [`drive`]).
 pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// A read, write or session buffer that grew past this (a burst of large
+/// messages) is given back once it is empty, so a connection's peak does not
+/// stay resident (and count against the memory alarm) after the burst.
+pub const KEEP_BUFFER: usize = 2 * 1024 * 1024;
 
 /// What the driver knows about the connection's traffic, for deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -116,9 +120,10 @@ pub trait Session {
     /// Whether the memory alarm, when on, should stop reading from this client.
     fn blocks_on_alarm(&self) -> bool;
 
-    /// The memory alarm is `on` (called when it changes, and while it is on and
-    /// [`Session::blocks_on_alarm`]); e.g. AMQP's connection.blocked.
-    fn alarm(&mut self, _on: bool) {}
+    /// Whether the memory alarm blocks this session now (it is on and
+    /// [`Session::blocks_on_alarm`]). Called every turn of the loop, so the
+    /// session acts on changes only; e.g. AMQP's connection.blocked/unblocked.
+    fn alarm(&mut self, _blocked: bool) {}
 
     /// Whether the session takes no input now: a login waits for an external
     /// authentication backend. The driver stops reading (what the client sends
@@ -203,6 +208,8 @@ where
     let mut shutting_down = false;
     // Lagging queues the last read published into, and until when to wait.
     let mut flow_paused: Option<(Blockers, Instant)> = None;
+    // Whether the last turn deliberately did not read (see `paused` below).
+    let mut was_paused = false;
 
     let end = loop {
         take_output(&mut session, &mut output);
@@ -225,15 +232,29 @@ where
             }
             break End::Closed;
         }
-        let alarm_on = *alarm.borrow();
-        let blocked = alarm_on && session.blocks_on_alarm();
-        if blocked {
-            session.alarm(true);
-            take_output(&mut session, &mut output);
-        }
+        // The alarm is told only to sessions it blocks (AMQP: those that
+        // published), every turn, so a session that starts publishing while it
+        // is on hears it; the session acts on changes. A pure consumer must not
+        // hear it: lapin stops writing altogether (acks, heartbeats) once blocked.
+        let blocked = *alarm.borrow() && session.blocks_on_alarm();
+        session.alarm(blocked);
+        take_output(&mut session, &mut output);
         let room = output.len() < OUTPUT_HIGH_WATER;
-        let may_read = room && !blocked && flow_paused.is_none() && !session.input_paused();
-        if input.capacity() - input.len() < READ_CHUNK / 4 {
+        // We stop listening on purpose (alarm, flow control, a login waiting
+        // for its backend): the client's silence meanwhile is ours, not its,
+        // so it does not count towards its heartbeat timeout (RabbitMQ pauses
+        // its heartbeat monitor while a connection is blocked). When only our
+        // output is backed up, silence still counts.
+        // The turn that resumes listening counts too: silence starts there.
+        let paused = blocked || flow_paused.is_some() || session.input_paused();
+        if paused || was_paused {
+            activity.last_read = Instant::now();
+        }
+        was_paused = paused;
+        let may_read = room && !paused;
+        if input.is_empty() && input.capacity() > KEEP_BUFFER {
+            input = BytesMut::with_capacity(READ_CHUNK);
+        } else if input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
         activity.output_pending = !output.is_empty();
@@ -242,7 +263,12 @@ where
         tokio::select! {
             written = writer.write_buf(&mut output), if !output.is_empty() => match written {
                 Ok(0) | Err(_) => break End::WriteFailed,
-                Ok(_) => activity.last_write = Instant::now(),
+                Ok(_) => {
+                    activity.last_write = Instant::now();
+                    if output.is_empty() && output.capacity() > KEEP_BUFFER {
+                        output = BytesMut::new();
+                    }
+                }
             },
             read = reader.read_buf(&mut input), if may_read => match read {
                 Ok(0) => break End::PeerClosed,
@@ -255,12 +281,7 @@ where
                     }
                 }
             },
-            () = flow_resumed(flow_paused.as_ref()), if flow_paused.is_some() => {
-                flow_paused = None;
-                // The client was not silent, we were not listening: its
-                // heartbeat timeout counts from here.
-                activity.last_read = Instant::now();
-            }
+            () = flow_resumed(flow_paused.as_ref()), if flow_paused.is_some() => flow_paused = None,
             () = outbox.wait(), if room => {
                 let paused = session.input_paused();
                 session.handle_outbox();
@@ -281,11 +302,17 @@ where
                     // The broker dropped its alarm: it is gone.
                     break End::BrokerGone;
                 }
-                let on = *alarm.borrow_and_update();
-                session.alarm(on);
+                // Seen; the next turn tells the session if it blocks it.
+                alarm.borrow_and_update();
             }
             () = cancelled(takeover.as_ref()), if session.takeover_applies() => session.taken_over(),
-            () = sleep_until(timer) => session.deadline(Instant::now(), &activity),
+            () = sleep_until(timer) => {
+                let now = Instant::now();
+                if paused {
+                    activity.last_read = now;
+                }
+                session.deadline(now, &activity);
+            }
             () = shutdown.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 session.shutdown();
@@ -305,6 +332,11 @@ fn take_output<S: Session>(session: &mut S, output: &mut BytesMut) {
     }
     if output.is_empty() {
         std::mem::swap(output, produced);
+        // The session now fills what was our (empty) buffer: a large one is
+        // given back rather than kept for the next burst.
+        if produced.capacity() > KEEP_BUFFER {
+            *produced = BytesMut::new();
+        }
     } else {
         output.extend_from_slice(produced);
         produced.clear();
@@ -373,6 +405,11 @@ mod tests {
         linger: Option<Duration>,
         tick_every: Option<Duration>,
         ticks: usize,
+        /// Blocked by the alarm (as a publisher is); says "blocked"/"unblocked".
+        publishes: bool,
+        told_blocked: bool,
+        /// Closes with "silent" when nothing was read for this long.
+        silence_timeout: Option<Duration>,
         ended: Option<tokio::sync::oneshot::Sender<String>>,
     }
 
@@ -397,17 +434,43 @@ mod tests {
         }
         fn synced(&mut self) {}
         fn blocks_on_alarm(&self) -> bool {
-            false
+            self.publishes
+        }
+        fn alarm(&mut self, blocked: bool) {
+            if blocked != self.told_blocked {
+                self.told_blocked = blocked;
+                let said: &[u8] = if blocked {
+                    b"blocked\n"
+                } else {
+                    b"unblocked\n"
+                };
+                self.out.extend_from_slice(said);
+            }
         }
         fn next_deadline(&mut self, activity: &Activity) -> Option<Instant> {
             // As a heartbeat: none while output waits to be written.
-            self.tick_every
+            let tick = self
+                .tick_every
                 .filter(|_| !activity.output_pending)
-                .map(|t| activity.last_write + t)
+                .map(|t| activity.last_write + t);
+            let silence = self.silence_timeout.map(|t| activity.last_read + t);
+            match (tick, silence) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         }
-        fn deadline(&mut self, _now: Instant, _activity: &Activity) {
-            self.ticks += 1;
-            self.out.extend_from_slice(b"tick\n");
+        fn deadline(&mut self, now: Instant, activity: &Activity) {
+            if let Some(t) = self.silence_timeout {
+                if now.duration_since(activity.last_read) >= t {
+                    self.out.extend_from_slice(b"silent\n");
+                    self.closed = true;
+                    return;
+                }
+            }
+            if self.tick_every.is_some() {
+                self.ticks += 1;
+                self.out.extend_from_slice(b"tick\n");
+            }
         }
         fn is_closed(&self) -> bool {
             self.closed
@@ -535,5 +598,78 @@ mod tests {
         drop(alarm);
         task.await.unwrap();
         assert_eq!(rx.await.unwrap(), "BrokerGone");
+    }
+
+    async fn read_line(c: &mut DuplexStream) -> String {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while c.read_exact(&mut byte).await.is_ok() {
+            line.push(byte[0]);
+            if byte[0] == b'\n' {
+                break;
+            }
+        }
+        String::from_utf8(line).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_alarm_is_told_only_to_connections_it_blocks() {
+        let shutdown = CancellationToken::new();
+        let (alarm_tx, alarm) = watch::channel(false);
+        let start = |publishes: bool| {
+            let (client, server) = tokio::io::duplex(1024);
+            let session = Echo {
+                publishes,
+                ..Default::default()
+            };
+            let signals = Signals {
+                outbox: Outbox::new(16),
+                synced: None,
+                alarm: alarm.clone(),
+                takeover: None,
+                shutdown: shutdown.clone(),
+            };
+            tokio::spawn(drive(server, session, signals));
+            client
+        };
+        let mut publisher = start(true);
+        let mut consumer = start(false);
+        alarm_tx.send(true).unwrap();
+        assert_eq!(read_line(&mut publisher).await, "blocked\n");
+        // The consumer hears nothing of it and is still read.
+        consumer.write_all(b"ack\n").await.unwrap();
+        assert_eq!(read_line(&mut consumer).await, "ack\n");
+        // The blocked publisher is not read until the alarm clears.
+        publisher.write_all(b"publish\n").await.unwrap();
+        let early = tokio::time::timeout(Duration::from_secs(60), read_line(&mut publisher)).await;
+        assert!(early.is_err(), "a blocked connection was read");
+        alarm_tx.send(false).unwrap();
+        assert_eq!(read_line(&mut publisher).await, "unblocked\n");
+        assert_eq!(read_line(&mut publisher).await, "publish\n");
+        shutdown.cancel();
+        drop(alarm_tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_we_do_not_read_is_not_timed_out_for_silence() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let session = Echo {
+            publishes: true,
+            silence_timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let (signals, alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, session, signals));
+        alarm.send(true).unwrap();
+        assert_eq!(read_line(&mut client).await, "blocked\n");
+        // Blocked for six timeouts: its silence is ours, it stays connected.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        alarm.send(false).unwrap();
+        assert_eq!(read_line(&mut client).await, "unblocked\n");
+        client.write_all(b"still here\n").await.unwrap();
+        assert_eq!(read_line(&mut client).await, "still here\n");
+        // Once read again, a silent client is timed out as before.
+        assert_eq!(read_line(&mut client).await, "silent\n");
+        task.await.unwrap();
     }
 }
