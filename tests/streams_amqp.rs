@@ -468,6 +468,106 @@ async fn retention_by_size_drops_whole_old_segments() {
     conn.close(200, "bye".into()).await.unwrap();
 }
 
+/// A stream's message count, as a passive declare reports it.
+async fn stream_count(ch: &Channel, name: &str) -> u32 {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+/// RabbitMQ's stream policy keys `max-length-bytes` and `max-age` apply to a
+/// live stream at once (the smaller of argument and policy wins), and a
+/// cleared policy stops trimming; a bad `max-age` is refused with RabbitMQ's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_follows_policies_on_a_live_stream() {
+    use switchyard_core::admin::{MetaCommand, PolicySpec};
+    use switchyard_core::{FieldTable as CoreTable, FieldValue};
+
+    let broker = start_broker().await;
+    let core = broker.broker();
+    let policy = |key: &str, value: FieldValue| {
+        let mut definition = CoreTable::new();
+        definition.insert(key, value);
+        MetaCommand::SetPolicy(PolicySpec {
+            vhost: "/".into(),
+            name: "retention".into(),
+            pattern: "^policed$".into(),
+            apply_to: "queues".into(),
+            priority: 0,
+            definition,
+        })
+    };
+    let refused = core
+        .apply(policy("max-age", FieldValue::LongStr("1A".into())))
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("<<\"1A\">> is not a valid max age"),
+        "{refused}"
+    );
+
+    let (conn, ch) = connect(&broker.amqp_url()).await;
+    declare_stream(
+        &ch,
+        "policed",
+        &[(
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(500),
+        )],
+    )
+    .await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let body = "x".repeat(100);
+    let bodies: Vec<&str> = (0..50).map(|_| body.as_str()).collect();
+    publish(&ch, "policed", &bodies, None).await;
+    assert_eq!(stream_count(&ch, "policed").await, 50);
+
+    core.apply(policy("max-length-bytes", FieldValue::I64(2_000)))
+        .unwrap();
+    let kept = stream_count(&ch, "policed").await;
+    assert!(kept < 50 && kept > 0, "trimmed at once: kept {kept}");
+
+    core.apply(MetaCommand::ClearPolicy {
+        vhost: "/".into(),
+        name: "retention".into(),
+    })
+    .unwrap();
+    publish(&ch, "policed", &bodies, None).await;
+    assert_eq!(
+        stream_count(&ch, "policed").await,
+        kept + 50,
+        "no longer trimmed"
+    );
+
+    // By age: everything but the newest segment goes within a few seconds.
+    core.apply(policy("max-age", FieldValue::LongStr("1s".into())))
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now_kept = stream_count(&ch, "policed").await;
+        if now_kept < 10 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "max-age never applied: {now_kept} kept"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
 /// `kill -9` while publishers wait for confirms: after the restart every
 /// confirmed message is in the stream and the offsets have no gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

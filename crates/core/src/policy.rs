@@ -84,6 +84,8 @@ pub struct PolicyDefinition {
     pub dead_letter_exchange: Option<String>,
     pub dead_letter_routing_key: Option<String>,
     pub delivery_limit: Option<u64>,
+    /// Streams' `max-age` (RabbitMQ's grammar, e.g. `"7D"`), in milliseconds.
+    pub max_age_ms: Option<u64>,
 }
 
 /// Shows a value the way RabbitMQ's validation errors print Erlang terms.
@@ -121,6 +123,14 @@ impl PolicyDefinition {
                 "max-length" => d.max_length = Some(int(0, "maximum length")?),
                 "max-length-bytes" => d.max_length_bytes = Some(int(0, "maximum length in bytes")?),
                 "delivery-limit" => d.delivery_limit = Some(int(0, "delivery limit")?),
+                "max-age" => {
+                    d.max_age_ms = Some(
+                        value
+                            .as_str()
+                            .and_then(crate::stream::parse_max_age)
+                            .ok_or_else(|| format!("{} is not a valid max age", show(value)))?,
+                    )
+                }
                 "dead-letter-exchange" => {
                     d.dead_letter_exchange = Some(text("dead letter exchange name")?)
                 }
@@ -366,6 +376,8 @@ fn merge_operator(
             dead_letter_exchange: p.dead_letter_exchange.clone(),
             dead_letter_routing_key: p.dead_letter_routing_key.clone(),
             delivery_limit: min_opt(p.delivery_limit, o.delivery_limit),
+            // Not an operator policy key (nor RabbitMQ's).
+            max_age_ms: p.max_age_ms,
         }),
     }
 }
@@ -384,6 +396,9 @@ pub struct QueueSettings {
     pub max_priority: Option<u8>,
     /// Quorum queues only, as in RabbitMQ (classic queues ignore it).
     pub delivery_limit: Option<u64>,
+    /// Streams only: `x-max-age` or the policy's `max-age`, the smaller (as
+    /// `rabbit_stream_queue` merges them), in milliseconds.
+    pub max_age_ms: Option<u64>,
     pub single_active_consumer: bool,
     /// `x-queue-type: quorum`: sets `x-delivery-count` on redeliveries.
     pub quorum: bool,
@@ -450,6 +465,12 @@ impl QueueSettings {
                 .filter(|p| *p > 0)
                 .map(|p| u8::try_from(p).unwrap_or(u8::MAX)),
             delivery_limit: delivery_limit.filter(|_| quorum),
+            max_age_ms: min_opt(
+                arguments
+                    .get_str("x-max-age")
+                    .and_then(crate::stream::parse_max_age),
+                def.and_then(|d| d.max_age_ms),
+            ),
             single_active_consumer: arguments.get_bool("x-single-active-consumer") == Some(true),
             quorum,
             policy: policy.map(|p| p.name.clone()),

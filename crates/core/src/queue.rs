@@ -486,6 +486,12 @@ impl Queue {
         let shared = Arc::new(new.clone());
         *self.settings.write() = shared.clone();
         st.settings = shared;
+        if self.stream().is_some() {
+            // A stream keeps no ready list: its limits are its log's retention.
+            drop(st);
+            self.stream_tick(now);
+            return true;
+        }
         if old.message_ttl != new.message_ttl {
             st.ready.reexpire(|m, current| {
                 let own = m.properties.expiration_ms().map(|e| now.saturating_add(e));
@@ -583,10 +589,21 @@ impl Queue {
 
     /// Applies a stream's retention now and schedules the next check: `max-age`
     /// must work even when nothing is written (RabbitMQ only checks on roll).
+    /// The retention in force (arguments and policy, see
+    /// [`QueueSettings::max_age_ms`]) is applied first, so a policy set or
+    /// cleared takes effect on a live stream at once.
     fn stream_tick(&self, now: u64) {
         let Some(s) = self.stream() else {
             return;
         };
+        let settings = self.settings();
+        let retention = crate::stream::Retention {
+            max_bytes: settings.max_length_bytes,
+            max_age_ms: settings.max_age_ms,
+        };
+        if s.log.retention() != retention {
+            s.log.set_retention(retention, now);
+        }
         let next = s.enforce_retention(now);
         self.deadline.store(next, Ordering::Release);
         if next != NEVER {
