@@ -16,8 +16,8 @@ mod mqtt;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use switchyard_testkit::child::ChildBroker;
 
 use mqtt::{
     connect_packet, publish, subscribe, v4_client, v4_connack, v4_opts, v4_publish, v4_suback,
@@ -311,60 +311,16 @@ async fn ended_and_expired_sessions_do_not_come_back() {
     assert!(b.stop().await);
 }
 
-/// The broker binary as a child process (every listener on a free port).
-struct ChildBroker {
-    child: Child,
-    mqtt: SocketAddr,
-}
-
+/// The broker binary on `data` (every listener on a free port) as run `run`.
 fn start_child(data: &Path, run: usize) -> ChildBroker {
-    let config = data.join("config.toml");
-    let text = switchyard_testkit::child_config_toml(&data.join("data"), &[]);
-    std::fs::write(&config, text).unwrap();
-    let ready = data.join(format!("ready-{run}.json"));
-    let log = std::fs::File::create(data.join(format!("broker-{run}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            if let Some(start) = text.find("\"mqtt\":\"") {
-                let start = start + 8;
-                let end = text[start..].find('"').unwrap() + start;
-                break text[start..end].parse().unwrap();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "broker did not start; see {}",
-            data.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    ChildBroker { child, mqtt: addr }
-}
-
-fn kill9(mut broker: ChildBroker) {
-    Command::new("kill")
-        .arg("-9")
-        .arg(broker.child.id().to_string())
-        .status()
-        .unwrap();
-    broker.child.wait().unwrap();
+    ChildBroker::start_in(Path::new(env!("CARGO_BIN_EXE_switchyard")), data, run, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_and_sessions_survive_kill_9() {
     let data = tempfile::tempdir().unwrap();
     let broker = start_child(data.path(), 0);
-    let addr = broker.mqtt;
+    let addr = broker.addr("mqtt");
 
     let mut c = connect_packet(V3, "crash-dev");
     c.clean_start = false;
@@ -384,10 +340,10 @@ async fn retained_messages_and_sessions_survive_kill_9() {
     assert_eq!(p.publish_qos1("fleet/2/cmd", 2, b"while away").await, 0);
     // The retained write is committed before the PUBACK: kill right after it.
     publish_retained(&mut p, "fleet/1/status", 3, b"online").await;
-    kill9(broker);
+    broker.kill9();
 
     let broker = start_child(data.path(), 1);
-    let addr = broker.mqtt;
+    let addr = broker.addr("mqtt");
     assert_eq!(
         retained_for(addr, V5, "fleet/+/status").await,
         owned(&[("fleet/1/status", b"online")])
@@ -403,7 +359,7 @@ async fn retained_messages_and_sessions_survive_kill_9() {
     dev.puback(second.packet_id).await;
     assert!(dev.sync().await.is_empty());
     dev.disconnect().await;
-    kill9(broker);
+    broker.kill9();
 }
 
 /// Sends `p` and returns the next packet.
@@ -423,7 +379,7 @@ async fn qos2_handshakes_survive_kill_9_in_both_directions() {
     use switchyard_mqtt::codec::Ack;
     let data = tempfile::tempdir().unwrap();
     let broker = start_child(data.path(), 0);
-    let addr = broker.mqtt;
+    let addr = broker.addr("mqtt");
     let persistent = |id: &str| {
         let mut c = connect_packet(V5, id);
         c.clean_start = false;
@@ -477,10 +433,10 @@ async fn qos2_handshakes_survive_kill_9_in_both_directions() {
         matches!(&rec, Packet::PubRec(a) if a.packet_id == 7 && a.reason == 0),
         "{rec:?}"
     );
-    kill9(broker);
+    broker.kill9();
 
     let broker = start_child(data.path(), 1);
-    let addr = broker.mqtt;
+    let addr = broker.addr("mqtt");
     let (mut dev, ack) = Raw::connect_with(addr, persistent("q2-dev")).await;
     assert!(ack.session_present);
     // The owed PUBREL comes first, with the same packet id.
@@ -523,5 +479,5 @@ async fn qos2_handshakes_survive_kill_9_in_both_directions() {
         .await;
     assert!(watch.sync().await.is_empty(), "routed once, not twice");
     watch.disconnect().await;
-    kill9(broker);
+    broker.kill9();
 }

@@ -9,9 +9,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use switchyard_testkit::child::ChildBroker;
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -181,61 +181,15 @@ async fn durable_entities_and_persistent_messages_survive_a_restart() {
     conn.close(200, "bye".into()).await.unwrap();
 }
 
-/// A broker process on a data directory, started from the built binary.
-struct ChildBroker {
-    child: Child,
-    url: String,
-}
-
-fn start_child(data: &Path, run: usize) -> ChildBroker {
-    start_child_with(data, run, &[])
-}
-
-/// Like `start_child`, with the shipped config's keys named in `overrides`
-/// (key, value) replaced.
+/// The broker binary on `data` as run number `run`, with the shipped
+/// config's keys named in `overrides` replaced.
 fn start_child_with(data: &Path, run: usize, overrides: &[(&str, &str)]) -> ChildBroker {
-    let config = data.join("config.toml");
-    // Every listener on a free port; the data directory of this test.
-    let text = switchyard_testkit::child_config_toml(&data.join("data"), overrides);
-    std::fs::write(&config, text).unwrap();
-    let ready = data.join(format!("ready-{run}.json"));
-    let log = std::fs::File::create(data.join(format!("broker-{run}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            let start = text.find("\"amqp\":\"").unwrap() + 8;
-            let end = text[start..].find('"').unwrap() + start;
-            break text[start..end].to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "broker did not start; see {}",
-            data.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    ChildBroker {
-        child,
-        url: format!("amqp://guest:guest@{addr}/%2f"),
-    }
-}
-
-fn kill9(mut broker: ChildBroker) {
-    Command::new("kill")
-        .arg("-9")
-        .arg(broker.child.id().to_string())
-        .status()
-        .unwrap();
-    broker.child.wait().unwrap();
+    ChildBroker::start_in(
+        Path::new(env!("CARGO_BIN_EXE_switchyard")),
+        data,
+        run,
+        overrides,
+    )
 }
 
 /// One publisher: persistent messages with confirms until the broker dies.
@@ -302,8 +256,8 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
     let mut acked: HashSet<String> = HashSet::new();
 
     for round in 0..ROUNDS {
-        let broker = start_child(&dir, round);
-        let conn = connect(&broker.url).await;
+        let broker = start_child_with(&dir, round, &[]);
+        let conn = connect(&broker.amqp_url()).await;
         let ch = conn.create_channel().await.unwrap();
         ch.queue_declare(
             "crash".into(),
@@ -328,7 +282,7 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
         let mut publishers = Vec::new();
         for p in 0..PUBLISHERS {
             publishers.push(tokio::spawn(publish_until_killed(
-                broker.url.clone(),
+                broker.amqp_url(),
                 format!("r{round}p{p}"),
                 sent.clone(),
                 confirmed.clone(),
@@ -346,7 +300,7 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
                 }
             }
         }
-        kill9(broker);
+        broker.kill9();
         for p in publishers {
             let _ = tokio::time::timeout(Duration::from_secs(10), p).await;
         }
@@ -354,8 +308,8 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
     }
 
     // The last start: drain everything.
-    let broker = start_child(&dir, ROUNDS);
-    let conn = connect(&broker.url).await;
+    let broker = start_child_with(&dir, ROUNDS, &[]);
+    let conn = connect(&broker.amqp_url()).await;
     let ch = conn.create_channel().await.unwrap();
     let mut received: HashMap<String, Vec<bool>> = HashMap::new();
     while let Some(m) = ch
@@ -405,7 +359,7 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
         "acked, back again without redelivered: {unflagged_again:?}"
     );
     conn.close(200, "bye".into()).await.unwrap();
-    kill9(broker);
+    broker.kill9();
 }
 
 /// Peak resident memory of a process, from /proc (Linux).
@@ -438,7 +392,7 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
     };
 
     let broker = start_child_with(&dir, 0, &overrides);
-    let conn = connect(&broker.url).await;
+    let conn = connect(&broker.amqp_url()).await;
     let ch = conn.create_channel().await.unwrap();
     ch.queue_declare(
         "big".into(),
@@ -486,11 +440,11 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
     );
     assert!(peak < 3 * WATERMARK, "peak RSS {peak} while publishing");
     std::mem::forget(conn);
-    kill9(broker);
+    broker.kill9();
 
     // After a crash, recovery keeps only half the watermark of bodies in memory.
     let broker = start_child_with(&dir, 1, &overrides);
-    let conn = connect(&broker.url).await;
+    let conn = connect(&broker.amqp_url()).await;
     let ch = conn.create_channel().await.unwrap();
     ch.basic_qos(50, lapin::options::BasicQosOptions::default())
         .await
@@ -522,5 +476,5 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
     eprintln!("peak RSS recovering and draining: {} MB", peak >> 20);
     assert!(peak < 3 * WATERMARK, "peak RSS {peak} after restart");
     conn.close(200, "bye".into()).await.unwrap();
-    kill9(broker);
+    broker.kill9();
 }
