@@ -420,6 +420,21 @@ async fn stored_offsets_resume_where_the_consumer_acked() {
         vec![(2, "c".to_owned()), (3, "d".to_owned())]
     );
     c3.close(200, "bye".into()).await.unwrap();
+
+    // Deleted with the stream: the same name declared again starts afresh.
+    ch.queue_delete("log".into(), Default::default())
+        .await
+        .unwrap();
+    declare_stream(&ch, "log", &[]).await;
+    publish(&ch, "log", &["x", "y"], None).await;
+    let (c4, c) = connect(&broker.amqp_url()).await;
+    c.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut reader = consume(&c, "log", "billing", &[("x-stream-offset", s("stored"))]).await;
+    assert_eq!(
+        take(&mut reader, 2).await,
+        vec![(0, "x".to_owned()), (1, "y".to_owned())]
+    );
+    c4.close(200, "bye".into()).await.unwrap();
     conn.close(200, "bye".into()).await.unwrap();
 }
 

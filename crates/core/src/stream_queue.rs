@@ -312,6 +312,30 @@ impl StreamQueue {
         Some(format!("{}\0{}\0{}", q.vhost, q.name, tag))
     }
 
+    /// Deletes the offsets stored for this stream's consumers: a stream
+    /// declared again under the same name starts with none (as RabbitMQ,
+    /// whose offsets live in the stream itself).
+    fn forget_stored_offsets(&self) {
+        let Some(prefix) = self.offset_key("") else {
+            return;
+        };
+        let keys = match self.store.records(OFFSETS_KIND) {
+            Ok(records) => records
+                .into_iter()
+                .map(|(k, _)| k)
+                .filter(|k| k.starts_with(&prefix)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the stored offsets of a deleted stream");
+                return;
+            }
+        };
+        for key in keys {
+            if let Err(e) = self.store.delete_record(OFFSETS_KIND, &key) {
+                tracing::warn!(error = %e, "cannot delete a stored offset of a deleted stream");
+            }
+        }
+    }
+
     /// Attaches a consumer: RabbitMQ's rules (a prefetch, no automatic ack),
     /// then its start offset and filter.
     pub fn add_consumer(&self, consumer: Arc<Consumer>, now_ms: u64) -> CoreResult<()> {
@@ -518,6 +542,7 @@ impl StreamQueue {
     pub fn destroy(&self) -> Vec<Arc<Consumer>> {
         let readers = std::mem::take(&mut *self.readers.lock());
         self.log.destroy();
+        self.forget_stored_offsets();
         readers.into_iter().map(|r| r.consumer.clone()).collect()
     }
 }
