@@ -72,6 +72,13 @@ async fn stomp_and_mqtt_write_stomp_reads_from_offsets() {
         _ => None,
     })
     .await;
+    // The PUBACK waited for the stream's own fsync: offset 2 is on disk.
+    let stream = vhost.queue("telemetry").unwrap();
+    let committed = *stream.stream().unwrap().log.committed().borrow();
+    assert!(
+        committed >= 3,
+        "PUBACK before the stream committed: {committed}"
+    );
 
     let mut r = StompClient::connect(b.stomp_addr()).await;
     r.subscribe(

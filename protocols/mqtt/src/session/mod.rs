@@ -33,7 +33,7 @@ use switchyard_core::queue::QueueOptions;
 use switchyard_core::stats::{
     ChannelState, ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat,
 };
-use switchyard_core::vhost::{QueueDeclare, VHost};
+use switchyard_core::vhost::{QueueDeclare, StreamWait, VHost};
 use switchyard_core::{Broker, FieldTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -171,8 +171,10 @@ pub struct Session {
     /// PUBACKs / PUBRECs not yet written, in packet order, each with the store
     /// position that must be on disk first (DESIGN.md: an MQTT PUBACK for a
     /// persistent message goes only after the fsync that covers it; 0 = none,
-    /// but it still waits for those before it so acks keep their order).
-    pending_acks: VecDeque<(u64, Packet)>,
+    /// but it still waits for those before it so acks keep their order), and
+    /// the streams that must have committed it (a stream's log syncs on its
+    /// own; its commits wake the store's synced position too).
+    pending_acks: VecDeque<(u64, Vec<StreamWait>, Packet)>,
     /// PUBACKs among `pending_acks`: QoS 1 PUBLISHes the client sent that we
     /// have not acknowledged yet, counted against our Receive Maximum.
     unacked_qos1: usize,
@@ -262,9 +264,9 @@ impl Session {
         while self
             .pending_acks
             .front()
-            .is_some_and(|(at, _)| *at <= synced)
+            .is_some_and(|(at, streams, _)| *at <= synced && streams.iter().all(StreamWait::done))
         {
-            if let Some((_, p)) = self.pending_acks.pop_front() {
+            if let Some((_, _, p)) = self.pending_acks.pop_front() {
                 match &p {
                     Packet::PubAck(_) => {
                         self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
@@ -294,9 +296,10 @@ impl Session {
         }
     }
 
-    /// Sends an ack once the store position `durable_at` is synced.
-    fn send_after_sync(&mut self, durable_at: u64, p: Packet) {
-        if durable_at == 0 && self.pending_acks.is_empty() {
+    /// Sends an ack once the store position `durable_at` is synced and every
+    /// stream in `streams` committed the message.
+    fn send_after_sync(&mut self, durable_at: u64, streams: Vec<StreamWait>, p: Packet) {
+        if durable_at == 0 && streams.is_empty() && self.pending_acks.is_empty() {
             if let Packet::PubRec(a) = &p {
                 if a.reason < 0x80 {
                     self.confirm_incoming(a.packet_id);
@@ -307,7 +310,7 @@ impl Session {
             if let Packet::PubAck(_) = p {
                 self.unacked_qos1 += 1;
             }
-            self.pending_acks.push_back((durable_at, p));
+            self.pending_acks.push_back((durable_at, streams, p));
         }
     }
 
@@ -1059,7 +1062,7 @@ impl Session {
             } else {
                 Packet::PubRec(ack)
             };
-            self.send_after_sync(0, ack);
+            self.send_after_sync(0, Vec::new(), ack);
             return Ok(());
         }
         let Some((session, vhost)) = self.session.clone().zip(self.vhost.clone()) else {
@@ -1074,6 +1077,7 @@ impl Session {
                     drop(data);
                     self.send_after_sync(
                         at.unwrap_or(0),
+                        Vec::new(),
                         Packet::PubRec(Ack::new(p.packet_id, reason::SUCCESS)),
                     );
                     return Ok(());
@@ -1119,9 +1123,14 @@ impl Session {
                 stats.add(Stat::DropUnroutable, 1);
             }
         }
-        let (code, durable_at) = match published {
-            Ok(r) if r.queues == 0 && self.v5() => (reason::NO_MATCHING_SUBSCRIBERS, r.durable_at),
-            Ok(r) => (reason::SUCCESS, r.durable_at),
+        let streams = |r: &switchyard_core::vhost::Routed| -> Vec<StreamWait> {
+            r.streams.iter().filter(|w| !w.done()).cloned().collect()
+        };
+        let (code, durable_at, streams) = match published {
+            Ok(r) if r.queues == 0 && self.v5() => {
+                (reason::NO_MATCHING_SUBSCRIBERS, r.durable_at, Vec::new())
+            }
+            Ok(r) => (reason::SUCCESS, r.durable_at, streams(&r)),
             Err(e) => {
                 if !self.v5() {
                     return Err(Close::new(
@@ -1129,13 +1138,17 @@ impl Session {
                         e.to_string(),
                     ));
                 }
-                (reason::IMPLEMENTATION_SPECIFIC_ERROR, 0)
+                (reason::IMPLEMENTATION_SPECIFIC_ERROR, 0, Vec::new())
             }
         };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
-                self.send_after_sync(durable_at, Packet::PubAck(Ack::new(packet_id, code)));
+                self.send_after_sync(
+                    durable_at,
+                    streams,
+                    Packet::PubAck(Ack::new(packet_id, code)),
+                );
             }
             QoS::ExactlyOnce => {
                 if code < 0x80 {
@@ -1144,7 +1157,11 @@ impl Session {
                         .incoming_qos2
                         .insert(packet_id, Some(durable_at));
                 }
-                self.send_after_sync(durable_at, Packet::PubRec(Ack::new(packet_id, code)));
+                self.send_after_sync(
+                    durable_at,
+                    streams,
+                    Packet::PubRec(Ack::new(packet_id, code)),
+                );
             }
         }
         Ok(())
