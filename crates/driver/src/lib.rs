@@ -275,9 +275,8 @@ where
                 Err(e) => break End::ReadError(e),
                 Ok(_) => {
                     activity.last_read = Instant::now();
-                    let ((), lagging) = flow::record(|| session.handle_input(&mut input));
-                    if !lagging.is_empty() {
-                        flow_paused = Some((lagging, activity.last_read + FLOW_MAX_PAUSE));
+                    if let Some(pause) = handle_read(&mut session, &mut input, activity.last_read) {
+                        flow_paused = Some(pause);
                     }
                 }
             },
@@ -286,7 +285,10 @@ where
                 let paused = session.input_paused();
                 session.handle_outbox();
                 if paused && !session.input_paused() && !input.is_empty() {
-                    session.handle_input(&mut input);
+                    // What arrived while the login waited: handled as a read.
+                    if let Some(pause) = handle_read(&mut session, &mut input, Instant::now()) {
+                        flow_paused = Some(pause);
+                    }
                 }
             }
             changed = wait_synced(&mut synced), if session.awaits_sync() => {
@@ -321,6 +323,17 @@ where
     };
     session.finish(end);
     let _ = writer.shutdown().await;
+}
+
+/// Hands the session what was read, recording the lagging queues it
+/// published into (flow control); returns the pause they call for, if any.
+fn handle_read<S: Session>(
+    session: &mut S,
+    input: &mut BytesMut,
+    now: Instant,
+) -> Option<(Blockers, Instant)> {
+    let ((), lagging) = flow::record(|| session.handle_input(input));
+    (!lagging.is_empty()).then(|| (lagging, now + FLOW_MAX_PAUSE))
 }
 
 /// Moves what the session produced into the stream's output buffer: a swap when
