@@ -21,6 +21,7 @@ use crate::admin::{PermissionInfo, TopicPermissionInfo, UserInfo};
 use crate::authn::{Backend, Decision, LoginRequest, LoginStart, PendingLogin};
 use crate::error::{CoreError, CoreResult};
 use crate::exchange::ExchangeKind;
+use crate::scopes::ScopeGrants;
 use crate::vhost::VHost;
 
 /// What a permission check is for.
@@ -165,6 +166,10 @@ struct AuthState {
     topic_permissions: BTreeMap<(String, String, String), TopicPermission>,
     /// Users that may log in only from loopback (the node's `loopback_users`).
     loopback_users: HashSet<String>,
+    /// Users who logged in with an access token (the `jwt` backend): checked
+    /// against its scopes instead of `permissions`. The latest login of a name
+    /// decides (RabbitMQ keeps them per connection; one entry per name here).
+    scoped: HashMap<String, Arc<ScopeGrants>>,
 }
 
 /// The broker's user database. Changes come only through
@@ -570,10 +575,32 @@ impl Auth {
     }
 
     pub fn has_permissions(&self, user: &str, vhost: &str) -> bool {
+        let st = self.state.read();
+        match st.scoped.get(user) {
+            Some(grants) => grants.allows_vhost(vhost),
+            None => st
+                .permissions
+                .contains_key(&(user.to_owned(), vhost.to_owned())),
+        }
+    }
+
+    /// From now on `user` is checked against a token's `grants`, not the
+    /// permission table (see [`crate::scopes`]).
+    pub fn grant_scopes(&self, user: &str, grants: ScopeGrants) {
+        self.state
+            .write()
+            .scoped
+            .insert(user.to_owned(), Arc::new(grants));
+        self.changed();
+    }
+
+    /// When the token `user` logged in with expires (ms since the epoch).
+    pub fn token_expiry(&self, user: &str) -> Option<u64> {
         self.state
             .read()
-            .permissions
-            .contains_key(&(user.to_owned(), vhost.to_owned()))
+            .scoped
+            .get(user)
+            .and_then(|g| g.expires_at_ms)
     }
 
     pub fn has_topic_permissions(&self, user: &str, vhost: &str, exchange: Option<&str>) -> bool {
@@ -800,6 +827,17 @@ impl Auth {
                             loopback_only: false,
                         });
                     }
+                    Decision::AllowToken { username, grants } => {
+                        let tags = grants.tags().to_vec();
+                        self.grant_scopes(&username, grants);
+                        last = Ok(User {
+                            name: username,
+                            hash: Vec::new(),
+                            algorithm: HashAlgorithm::Sha256,
+                            tags,
+                            loopback_only: false,
+                        });
+                    }
                     Decision::Deny(why) => {
                         tracing::info!(backend = b.name(), user = %request.username, "login refused: {why}");
                         last = Err(LoginError::BadCredentials(request.username.clone()));
@@ -883,13 +921,19 @@ impl Auth {
         name: &str,
     ) -> CoreResult<()> {
         let st = self.state.read();
-        let perm = st.permissions.get(&(user.to_owned(), vhost.to_owned()));
-        let pattern = perm.and_then(|p| match access {
-            Access::Configure => p.configure.regex.as_ref(),
-            Access::Write => p.write.regex.as_ref(),
-            Access::Read => p.read.regex.as_ref(),
-        });
-        if pattern.is_some_and(|re| re.is_match(name)) {
+        let allowed = match st.scoped.get(user) {
+            Some(grants) => grants.allows(access, vhost, name),
+            None => {
+                let perm = st.permissions.get(&(user.to_owned(), vhost.to_owned()));
+                let pattern = perm.and_then(|p| match access {
+                    Access::Configure => p.configure.regex.as_ref(),
+                    Access::Write => p.write.regex.as_ref(),
+                    Access::Read => p.read.regex.as_ref(),
+                });
+                pattern.is_some_and(|re| re.is_match(name))
+            }
+        };
+        if allowed {
             Ok(())
         } else {
             // RabbitMQ's wording does not say which of the three was missing.

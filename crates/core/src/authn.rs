@@ -46,6 +46,12 @@ pub struct LoginRequest {
 pub enum Decision {
     /// Logged in, with these user tags.
     Allow { tags: Vec<String> },
+    /// Logged in with an access token as `username` (from its claims, not
+    /// the name the client sent), whose scopes are its permissions and tags.
+    AllowToken {
+        username: String,
+        grants: crate::scopes::ScopeGrants,
+    },
     /// Refused; the reason is for the log only.
     Deny(String),
 }

@@ -23,6 +23,7 @@ pub mod persist;
 pub mod policy;
 pub mod queue;
 pub mod ratelimit;
+pub mod scopes;
 pub mod sessions;
 pub mod stats;
 pub mod stream;

@@ -25,11 +25,13 @@ pub struct TopicPermissionConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// RabbitMQ's `auth_backends`, in order: `"internal"` (the user database)
-    /// and `"http"` (`[auth.http]`). The first that allows a login decides; a
+    /// RabbitMQ's `auth_backends`, in order: `"internal"` (the user database),
+    /// `"http"` (`[auth.http]`) and `"jwt"` (`[auth.jwt]`). The first that allows a login decides; a
     /// refusal passes it to the next.
     pub backends: Vec<String>,
     pub http: HttpAuthConfig,
+    /// `[auth.jwt]`: OAuth 2.0 access tokens (auth_jwt.rs).
+    pub jwt: crate::auth_jwt::JwtAuthConfig,
     /// Where a certificate login's user name comes from (config_tls.rs).
     pub ssl_cert_login_from: crate::config_tls::CertLoginFromConfig,
 }
@@ -39,6 +41,7 @@ impl Default for AuthConfig {
         AuthConfig {
             backends: vec!["internal".to_owned()],
             http: HttpAuthConfig::default(),
+            jwt: Default::default(),
             ssl_cert_login_from: Default::default(),
         }
     }
@@ -91,9 +94,13 @@ impl AuthConfig {
                     let b = crate::auth_http::HttpBackend::new(&self.http)?;
                     out.push(Backend::External(std::sync::Arc::new(b)));
                 }
+                "jwt" => {
+                    let b = crate::auth_jwt::JwtBackend::new(&self.jwt)?;
+                    out.push(Backend::External(std::sync::Arc::new(b)));
+                }
                 other => {
                     return Err(format!(
-                        "invalid value \"{other}\" in auth.backends: internal or http"
+                        "invalid value \"{other}\" in auth.backends: internal, http or jwt"
                     ))
                 }
             }

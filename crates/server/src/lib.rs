@@ -8,6 +8,7 @@
 //! binary's): it is a library, so tests can run a broker in-process on port 0.
 
 mod auth_http;
+mod auth_jwt;
 pub mod cluster;
 pub mod config;
 pub mod config_auth;

@@ -91,19 +91,29 @@ impl switchyard_driver::Session for Conn {
     }
 
     fn next_deadline(&mut self, activity: &Activity) -> Option<Instant> {
-        match self.session.keep_alive() {
+        let keep_alive = match self.session.keep_alive() {
             // Keep-alive (spec 3.1.2.10): silent for 1.5 times the interval = gone.
             Some(ka) => Some(activity.last_read + ka + ka / 2),
             None if !self.session.is_connected() => Some(self.handshake_deadline),
             None => None,
+        };
+        match (keep_alive, self.session.token_expires()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    fn deadline(&mut self, _now: Instant, _activity: &Activity) {
-        if self.session.is_connected() {
-            self.session.keep_alive_expired();
-        } else {
+    fn deadline(&mut self, now: Instant, activity: &Activity) {
+        if !self.session.is_connected() {
             self.session.handshake_timeout();
+        } else if self.session.token_expires().is_some_and(|at| now >= at) {
+            self.session.token_expired();
+        } else if self
+            .session
+            .keep_alive()
+            .is_some_and(|ka| now >= activity.last_read + ka + ka / 2)
+        {
+            self.session.keep_alive_expired();
         }
     }
 

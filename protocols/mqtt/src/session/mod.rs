@@ -142,6 +142,10 @@ pub struct Session {
     client_id: String,
     will: Option<LastWill>,
     keep_alive: u16,
+    /// When the access token the client logged in with expires (`jwt`
+    /// backend): the connection is closed then (MQTT has no re-authentication
+    /// here), with DISCONNECT 0xA0 for v5, as RabbitMQ does.
+    token_expires: Option<Instant>,
     client: ClientLimits,
     /// Topic aliases the client set up (alias -> topic).
     in_aliases: HashMap<u16, String>,
@@ -217,6 +221,7 @@ impl Session {
             client_id: String::new(),
             will: None,
             keep_alive: 0,
+            token_expires: None,
             client: ClientLimits {
                 max_packet_size: codec::MAX_REMAINING_LENGTH + 5,
                 topic_alias_max: 0,
@@ -740,6 +745,10 @@ impl Session {
             );
             return;
         }
+        self.token_expires =
+            self.broker.auth.token_expiry(&user).map(|at_ms| {
+                now.instant + Duration::from_millis(at_ms.saturating_sub(now.unix_ms))
+            });
         self.user = user;
         self.lossless = self.settings.lossless_vhosts.contains(&vhost_name);
         self.vhost = Some(vhost.clone());
@@ -1835,6 +1844,20 @@ impl Session {
     /// The client was silent for 1.5 times its keep-alive.
     pub fn keep_alive_expired(&mut self) {
         self.close(Close::new(reason::KEEP_ALIVE_TIMEOUT, "keep-alive timeout"));
+    }
+
+    /// When the login's access token expires, while connected.
+    pub fn token_expires(&self) -> Option<Instant> {
+        self.token_expires
+            .filter(|_| self.phase == Phase::Connected)
+    }
+
+    /// The access token expired: the connection ends.
+    pub fn token_expired(&mut self) {
+        self.close(Close::new(
+            reason::MAXIMUM_CONNECT_TIME,
+            "the access token expired",
+        ));
     }
 
     /// The broker is shutting down.
