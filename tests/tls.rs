@@ -277,9 +277,21 @@ async fn slow_loris_half_open_handshakes_and_a_connect_flood_do_not_starve_a_cli
     mqtt_drip.resize(40, b'x');
     let mut amqp_drip = b"AMQP\x00\x00\x09\x01\x01\x00\x00\x00\x00\x00\xC8".to_vec();
     amqp_drip.resize(40, 0);
+    // STOMP and the HTTP listeners (management, Prometheus) too: a frame or a
+    // request header that never ends.
+    let mut stomp_drip = b"CONNECT\naccept-version:1.2\nhost:/\n".to_vec();
+    stomp_drip.resize(40, b'x');
+    let mut http_drip = b"GET /api/overview HTTP/1.1\r\nHost: x\r\n".to_vec();
+    http_drip.resize(40, b'x');
     let mut attackers = Vec::new();
-    for (target, drip) in [(mqtt, mqtt_drip), (amqp, amqp_drip)] {
-        for _ in 0..40 {
+    for (target, drip, count) in [
+        (mqtt, mqtt_drip, 40),
+        (amqp, amqp_drip, 40),
+        (b.stomp_addr(), stomp_drip, 10),
+        (b.management_addr(), http_drip.clone(), 10),
+        (b.prometheus_addr(), http_drip, 10),
+    ] {
+        for _ in 0..count {
             let drip = drip.clone();
             attackers.push(tokio::spawn(async move {
                 let Ok(mut s) = TcpStream::connect(target).await else {

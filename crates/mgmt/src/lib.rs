@@ -96,42 +96,71 @@ pub fn prometheus_router(state: Management) -> axum::Router {
     prometheus::router(state)
 }
 
-/// Serves `router` on the connections the transport layer establishes (TCP or
-/// TLS, after their handshake deadlines) until `shutdown` completes. The peer
-/// address is available to handlers (guest may log in from loopback only).
+/// How long connections still open at shutdown may take to finish their
+/// requests.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `router` over HTTP/1.1 on the connections the transport layer
+/// establishes (TCP or TLS, after their handshake deadlines) until `shutdown`
+/// completes, then lets open connections finish (at most [`SHUTDOWN_GRACE`]).
+/// A client must send each request's headers within `header_timeout` of their
+/// first byte, or its connection is closed: a slow-loris client cannot hold
+/// connections open. The peer address is available to handlers as
+/// `ConnectInfo<SocketAddr>` (guest may log in from loopback only).
 pub async fn serve(
-    incoming: switchyard_transport::HttpIncoming,
+    mut incoming: switchyard_transport::HttpIncoming,
     router: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    header_timeout: std::time::Duration,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // `tap_io` gives any listener with a SocketAddr the ConnectInfo that axum
-    // otherwise offers only to a TcpListener.
-    axum::serve(
-        Incoming(incoming).tap_io(|_| {}),
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
-}
+    use axum::extract::ConnectInfo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
 
-/// The transport's established connections as axum's listener.
-struct Incoming(switchyard_transport::HttpIncoming);
-
-impl axum::serve::Listener for Incoming {
-    type Io = switchyard_transport::Stream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.0.next().await {
-            Some(conn) => conn,
-            // The accept loop stopped (shutdown): nothing more comes, and the
-            // graceful shutdown future ends the server.
-            None => std::future::pending().await,
-        }
+    // Dropped at shutdown: every connection then shuts down gracefully.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(());
+    // Each connection holds a clone; recv() ends once all are gone.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            next = incoming.next() => match next {
+                Some(conn) => conn,
+                // The accept loop stopped (shutdown).
+                None => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer))),
+        );
+        let mut closing = closing_rx.clone();
+        let open = open_tx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                served = conn.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::trace!(%peer, error = %e, "HTTP connection ended");
+                    }
+                }
+                _ = closing.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(open);
+        });
     }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.0.local_addr())
-    }
+    drop(closing_tx);
+    drop(open_tx);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, open_rx.recv()).await;
+    Ok(())
 }

@@ -513,10 +513,15 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             });
             accept_loops.push(accepting);
             let stop = shutdown.clone();
+            let header_timeout = config.limits.handshake_timeout();
             accept_loops.push(tokio::spawn(async move {
-                let served =
-                    switchyard_mgmt::serve(incoming, router, async move { stop.cancelled().await })
-                        .await;
+                let served = switchyard_mgmt::serve(
+                    incoming,
+                    router,
+                    async move { stop.cancelled().await },
+                    header_timeout,
+                )
+                .await;
                 if let Err(e) = served {
                     warn!(protocol = name, error = %e, "HTTP listener failed");
                 }
