@@ -97,12 +97,14 @@ def test_rs256_tokens_pick_their_key_by_kid(jwt_broker, rsa_key):
         pika.BlockingConnection(jwt_broker.params(username="", password=bad))
 
 
-@pytest.mark.parametrize("why", ["signature", "expired", "audience"])
+@pytest.mark.parametrize("why", ["signature", "expired", "audience", "internal user"])
 def test_bad_tokens_are_refused(jwt_broker, why):
     t = {
         "signature": token(SCOPES, key="another-secret-of-enough-length"),
         "expired": token(SCOPES, ttl=-10),
         "audience": token(SCOPES, aud="billing"),
+        # A token may not speak for an internal user (its scopes would become guest's rights).
+        "internal user": token(SCOPES, sub="guest"),
     }[why]
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         pika.BlockingConnection(jwt_broker.params(username="svc-orders", password=t))

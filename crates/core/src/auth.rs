@@ -172,6 +172,17 @@ struct AuthState {
     scoped: HashMap<String, Arc<ScopeGrants>>,
 }
 
+impl AuthState {
+    /// The token grants `user` is checked against: none for an internal user
+    /// (the user database wins if one is created under a token user's name).
+    fn scoped(&self, user: &str) -> Option<&ScopeGrants> {
+        if self.users.contains_key(user) {
+            return None;
+        }
+        self.scoped.get(user).map(|g| &**g)
+    }
+}
+
 /// The broker's user database. Changes come only through
 /// [`crate::Broker::apply`] at runtime (and the builder methods at start); every
 /// change of rights bumps [`Auth::generation`], which sessions compare to drop
@@ -576,7 +587,7 @@ impl Auth {
 
     pub fn has_permissions(&self, user: &str, vhost: &str) -> bool {
         let st = self.state.read();
-        match st.scoped.get(user) {
+        match st.scoped(user) {
             Some(grants) => grants.allows_vhost(vhost),
             None => st
                 .permissions
@@ -827,6 +838,12 @@ impl Auth {
                             loopback_only: false,
                         });
                     }
+                    Decision::AllowToken { username, .. } if self.has_user(&username) => {
+                        // A token may not speak for an internal user: its scopes
+                        // would become that user's rights.
+                        tracing::info!(backend = b.name(), user = %username, "login refused: the token's user name is an internal user");
+                        last = Err(LoginError::BadCredentials(username));
+                    }
                     Decision::AllowToken { username, grants } => {
                         let tags = grants.tags().to_vec();
                         self.grant_scopes(&username, grants);
@@ -921,7 +938,7 @@ impl Auth {
         name: &str,
     ) -> CoreResult<()> {
         let st = self.state.read();
-        let allowed = match st.scoped.get(user) {
+        let allowed = match st.scoped(user) {
             Some(grants) => grants.allows(access, vhost, name),
             None => {
                 let perm = st.permissions.get(&(user.to_owned(), vhost.to_owned()));
