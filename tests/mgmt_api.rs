@@ -600,8 +600,8 @@ fn an_mqtt_session_shows_as_one_channel() {
     assert_eq!(channels.len(), 1, "{channels:?}");
     let c = &channels[0];
     assert_eq!(c.consumer_count, 1);
-    // The broker's default `max_inflight`.
-    assert_eq!(c.prefetch_count, 100);
+    // The broker's default `[mqtt] max_inflight_messages` (Mosquitto's).
+    assert_eq!(c.prefetch_count, 20);
     assert!(c.has_publisher_confirms_enabled);
     let connections = api.list_connections().unwrap();
     assert_eq!(c.connection_details.name, connections[0].name);

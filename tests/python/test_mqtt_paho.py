@@ -368,3 +368,33 @@ def test_plus_over_a_dotted_level_as_mosquitto(mqtt_broker, version):
     pub.publish("plant/v1/9/temp", "23", qos=1)
     assert other.next().topic == "plant/v1/9/temp"
     assert other.nothing_within(0.3)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_max_queued_messages_keeps_the_newest_for_an_offline_client(mqtt_broker_factory, version):
+    """Issue 10 item 6: `[mqtt] max_queued_messages` (Mosquitto's name) bounds what is
+    held for a client beyond its in-flight window. While the persistent subscriber is
+    away, 30 QoS 1 messages arrive for it with a cap of 10: the oldest are dropped (its
+    queue's x-max-length with drop-head), the publisher is never refused or slowed, and
+    the returning client gets exactly the newest 10, in order."""
+    b = mqtt_broker_factory(extra_toml="[mqtt]\nmax_queued_messages = 10\n")
+    sub_id = cid("mq-sub")
+    extra = {} if version == 4 else {
+        "connect_props": props(PacketTypes.CONNECT, SessionExpiryInterval=600)}
+    sub = Client(b.mqtt, sub_id, version, clean=False, **extra)
+    assert sub.subscribe("mq/t", 1) == [1]
+    sub.stop()
+    pub = Client(b.mqtt, cid("mq-pub"), version)
+    for i in range(30):
+        assert pub.publish("mq/t", f"m{i}", qos=1) in (0, None)
+    pub.stop()
+    ch = pika.BlockingConnection(b.params()).channel()
+    q = ch.queue_declare(f"mqtt-subscription-{sub_id}qos1", passive=True)
+    assert q.method.message_count == 10
+    ch.connection.close()
+    back = Client(b.mqtt, sub_id, version, clean=False, **extra)
+    assert back.session_present
+    got = [back.next().payload.decode() for _ in range(10)]
+    assert got == [f"m{i}" for i in range(20, 30)]
+    assert back.nothing_within(0.5)
+    back.stop()

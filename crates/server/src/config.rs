@@ -235,8 +235,14 @@ pub struct MqttConfig {
     pub max_session_expiry_secs: u32,
     /// Our Receive Maximum: unacknowledged QoS 2 PUBLISHes a client may send.
     pub receive_maximum: u16,
-    /// Unacknowledged QoS 1/2 messages sent to one client at most.
-    pub max_inflight: u16,
+    /// Unacknowledged QoS 1/2 messages sent to one client at most (Mosquitto's
+    /// name; `max_inflight`, this key's earlier name, is still read).
+    #[serde(alias = "max_inflight")]
+    pub max_inflight_messages: u16,
+    /// QoS 1/2 messages held for one client beyond those in flight (while it is
+    /// offline or its window is full), Mosquitto's `max_queued_messages`; past
+    /// it the oldest are dropped and counted. 0 = no limit.
+    pub max_queued_messages: u32,
     /// Topic aliases a client may set up towards the broker.
     pub topic_alias_maximum: u16,
     /// The HTTP path of MQTT over WebSocket.
@@ -258,7 +264,8 @@ impl Default for MqttConfig {
             max_keep_alive_secs: 0,
             max_session_expiry_secs: 86_400,
             receive_maximum: 1024,
-            max_inflight: 100,
+            max_inflight_messages: 20,
+            max_queued_messages: 1000,
             topic_alias_maximum: 16,
             ws_path: "/ws".into(),
             sys_interval_secs: 10,
@@ -282,9 +289,9 @@ impl Config {
                 m.max_packet_size_unauthenticated
             )));
         }
-        if m.receive_maximum == 0 || m.max_inflight == 0 {
+        if m.receive_maximum == 0 || m.max_inflight_messages == 0 {
             return Err(self.invalid(
-                "invalid value 0 for key mqtt.receive_maximum or mqtt.max_inflight: must be at least 1"
+                "invalid value 0 for key mqtt.receive_maximum or mqtt.max_inflight_messages: must be at least 1"
                     .into(),
             ));
         }
@@ -1132,7 +1139,8 @@ mod mqtt_config_tests {
         assert_eq!(c.mqtt.max_keep_alive_secs, d.max_keep_alive_secs);
         assert_eq!(c.mqtt.max_session_expiry_secs, d.max_session_expiry_secs);
         assert_eq!(c.mqtt.receive_maximum, d.receive_maximum);
-        assert_eq!(c.mqtt.max_inflight, d.max_inflight);
+        assert_eq!(c.mqtt.max_inflight_messages, d.max_inflight_messages);
+        assert_eq!(c.mqtt.max_queued_messages, d.max_queued_messages);
         assert_eq!(c.mqtt.topic_alias_maximum, d.topic_alias_maximum);
         assert_eq!(c.mqtt.ws_path, d.ws_path);
         assert_eq!(c.mqtt.sys_interval_secs, d.sys_interval_secs);

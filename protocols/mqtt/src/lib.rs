@@ -56,6 +56,9 @@ pub struct MqttSettings {
     /// Unacknowledged QoS 1/2 messages we send to one client at most (the
     /// client's Receive Maximum may lower it).
     pub max_inflight: u16,
+    /// QoS 1/2 messages held for one client beyond those in flight (its own
+    /// subscription queues' `x-max-length`, oldest dropped); 0 = no limit.
+    pub max_queued: u32,
     /// Topic aliases a client may set up towards us.
     pub topic_alias_maximum: u16,
     /// Time allowed from accept to CONNECT.
@@ -77,7 +80,8 @@ impl Default for MqttSettings {
             max_keep_alive_secs: 0,
             max_session_expiry_secs: 86_400,
             receive_maximum: 1024,
-            max_inflight: 100,
+            max_inflight: 20,
+            max_queued: 1000,
             topic_alias_maximum: 16,
             handshake_timeout: Duration::from_secs(10),
             sys_interval: Duration::from_secs(10),

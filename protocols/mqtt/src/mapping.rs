@@ -119,6 +119,20 @@ pub fn filter_to_key(filter: &str, lossless: bool) -> String {
     out
 }
 
+/// The arguments of a client's own subscription queue: at most `max_queued`
+/// ready messages (those in flight are unacknowledged, not counted), the
+/// oldest dropped beyond it (`drop-head`: publishers and other subscribers are
+/// never refused or slowed; drops are counted as dead-lettered `maxlen`).
+/// Empty when `max_queued` is 0 (no limit).
+pub fn session_queue_arguments(max_queued: u32) -> FieldTable {
+    let mut args = FieldTable::new();
+    if max_queued > 0 {
+        args.insert("x-max-length", FieldValue::I64(i64::from(max_queued)));
+        args.insert("x-overflow", FieldValue::LongStr("drop-head".into()));
+    }
+    args
+}
+
 /// The queue of shared subscription group `group` on `filter`, whose binding
 /// key is `key`. Named from the key (as ever) when the key tells the filter
 /// apart; in the default mode a `.` or `*` inside a level makes keys collide

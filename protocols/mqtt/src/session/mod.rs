@@ -1698,6 +1698,15 @@ impl Session {
         }
         let previous = data.subscriptions.get(raw).cloned();
         let persistent = data.expiry_secs > 0;
+        // The client's own queues hold at most `max_queued` messages beyond
+        // those in flight (Mosquitto's max_queued_messages); a queue that exists
+        // keeps the arguments it was made with (a changed limit applies to new
+        // sessions), so re-subscribing never meets an inequivalent argument.
+        let arguments = match vhost.queue(&queue) {
+            Ok(existing) => existing.options.arguments.clone(),
+            Err(_) if share.is_none() => mapping::session_queue_arguments(self.settings.max_queued),
+            Err(_) => FieldTable::new(),
+        };
         let declared = vhost.declare_queue(QueueDeclare {
             name: queue.clone(),
             passive: false,
@@ -1705,7 +1714,7 @@ impl Session {
                 durable: persistent || share.is_some(),
                 exclusive: false,
                 auto_delete: false,
-                arguments: FieldTable::new(),
+                arguments,
             },
             connection: 0,
             ..QueueDeclare::default()
