@@ -210,9 +210,14 @@ where
     let mut flow_paused: Option<(Blockers, Instant)> = None;
     // Whether the last turn deliberately did not read (see `paused` below).
     let mut was_paused = false;
+    // Whether the read or write buffer held more than KEEP_BUFFER since it was
+    // last empty. (`capacity()` cannot tell: it counts from the read position,
+    // so a drained buffer reports little while its whole allocation lives on.)
+    let (mut input_big, mut output_big) = (false, false);
 
     let end = loop {
         take_output(&mut session, &mut output);
+        output_big |= output.len() > KEEP_BUFFER;
         if session.is_closed() {
             if !output.is_empty() {
                 let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output)).await;
@@ -239,6 +244,7 @@ where
         let blocked = *alarm.borrow() && session.blocks_on_alarm();
         session.alarm(blocked);
         take_output(&mut session, &mut output);
+        output_big |= output.len() > KEEP_BUFFER;
         let room = output.len() < OUTPUT_HIGH_WATER;
         // We stop listening on purpose (alarm, flow control, a login waiting
         // for its backend): the client's silence meanwhile is ours, not its,
@@ -252,8 +258,10 @@ where
         }
         was_paused = paused;
         let may_read = room && !paused;
-        if input.is_empty() && input.capacity() > KEEP_BUFFER {
+        input_big |= input.len() > KEEP_BUFFER;
+        if input.is_empty() && input_big {
             input = BytesMut::with_capacity(READ_CHUNK);
+            input_big = false;
         } else if input.capacity() - input.len() < READ_CHUNK / 4 {
             input.reserve(READ_CHUNK);
         }
@@ -265,8 +273,11 @@ where
                 Ok(0) | Err(_) => break End::WriteFailed,
                 Ok(_) => {
                     activity.last_write = Instant::now();
-                    if output.is_empty() && output.capacity() > KEEP_BUFFER {
+                    if output.is_empty() && output_big {
+                        // The session gets this buffer back at the next take:
+                        // a fresh one instead of the burst's allocation.
                         output = BytesMut::new();
+                        output_big = false;
                     }
                 }
             },
@@ -344,12 +355,9 @@ fn take_output<S: Session>(session: &mut S, output: &mut BytesMut) {
         return;
     }
     if output.is_empty() {
+        // The session now fills what was our (empty) buffer; one that held a
+        // burst was replaced by a fresh one once written (see `output_big`).
         std::mem::swap(output, produced);
-        // The session now fills what was our (empty) buffer: a large one is
-        // given back rather than kept for the next burst.
-        if produced.capacity() > KEEP_BUFFER {
-            *produced = BytesMut::new();
-        }
     } else {
         output.extend_from_slice(produced);
         produced.clear();
