@@ -293,9 +293,9 @@ where
             },
             () = flow_resumed(flow_paused.as_ref()), if flow_paused.is_some() => flow_paused = None,
             () = outbox.wait(), if room => {
-                let paused = session.input_paused();
+                let login_pending = session.input_paused();
                 session.handle_outbox();
-                if paused && !session.input_paused() && !input.is_empty() {
+                if login_pending && !session.input_paused() && !input.is_empty() {
                     // What arrived while the login waited: handled as a read.
                     if let Some(pause) = handle_read(&mut session, &mut input, Instant::now()) {
                         flow_paused = Some(pause);
