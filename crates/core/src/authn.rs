@@ -7,7 +7,9 @@
 //! that allows the login decides; a refusal or an error passes the login to
 //! the next backend, and the login fails when none allows it. Authorisation
 //! (vhost, resource and topic permissions) stays with the internal database,
-//! as RabbitMQ's `auth_backends.1.authn = http, auth_backends.1.authz = internal`.
+//! as RabbitMQ's `auth_backends.1.authn = http, auth_backends.1.authz = internal`,
+//! except for a user who logged in with an access token ([`Decision::AllowToken`]):
+//! its token's scopes are its permissions ([`crate::scopes`]).
 //!
 //! Sessions are synchronous state machines, so a login that needs an external
 //! backend is *pending*: [`crate::auth::Auth::begin_login`] spawns a task that
