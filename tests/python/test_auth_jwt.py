@@ -131,3 +131,15 @@ def test_mqtt_connection_ends_with_0xa0_when_its_token_expires(jwt_broker):
     assert c.subscribe("a/b", 0) == [0]
     rc = c.disconnects.get(timeout=10)
     assert rc == 0xA0, rc
+
+
+def test_routing_key_scopes_authorise_topics(jwt_broker):
+    """A scope's third part limits the routing keys of a topic exchange (RabbitMQ's topic
+    authorisation by scope): this device may publish under sensors.* only."""
+    scope = ("rabbitmq.read:*/* rabbitmq.configure:*/* rabbitmq.write:*/mqtt-subscription-*"
+             " rabbitmq.write:*/amq.topic/sensors.*")
+    c = Client(jwt_broker.mqtt, uniq("dev"), 5, username="", password=token(scope, sub="dev-2"))
+    assert c.publish("sensors/t1", "ok", qos=1) == 0x10  # allowed: "no matching subscribers"
+    rc = c.publish("alarms/t1", "no", qos=1)
+    assert rc == 0x87, rc
+    c.stop()

@@ -176,10 +176,18 @@ impl AuthState {
     /// The token grants `user` is checked against: none for an internal user
     /// (the user database wins if one is created under a token user's name).
     fn scoped(&self, user: &str) -> Option<&ScopeGrants> {
+        self.scoped_arc_ref(user).map(|g| &**g)
+    }
+
+    fn scoped_arc(&self, user: &str) -> Option<Arc<ScopeGrants>> {
+        self.scoped_arc_ref(user).cloned()
+    }
+
+    fn scoped_arc_ref(&self, user: &str) -> Option<&Arc<ScopeGrants>> {
         if self.users.contains_key(user) {
             return None;
         }
-        self.scoped.get(user).map(|g| &**g)
+        self.scoped.get(user)
     }
 }
 
@@ -266,6 +274,8 @@ pub struct TopicRules {
     user: String,
     vhost: String,
     exchanges: HashMap<String, TopicRule>,
+    /// A token user's scopes, which decide instead of `exchanges`.
+    scopes: Option<Arc<ScopeGrants>>,
 }
 
 impl TopicRules {
@@ -280,19 +290,31 @@ impl TopicRules {
         access: Access,
         routing_key: &str,
     ) -> CoreResult<()> {
-        let Some(rule) = self.exchanges.get(exchange) else {
+        let rule = self.exchanges.get(exchange);
+        if rule.is_none() && self.scopes.is_none() {
             return Ok(());
-        };
+        }
         match vhost.exchange(exchange) {
             Ok(x) if x.kind == ExchangeKind::Topic => {}
             _ => return Ok(()),
         }
-        let (re, what) = match access {
-            Access::Write => (rule.write.as_ref(), "write"),
-            Access::Read => (rule.read.as_ref(), "read"),
+        let what = match access {
+            Access::Write => "write",
+            Access::Read => "read",
             Access::Configure => return Ok(()),
         };
-        if re.is_some_and(|re| re.is_match(routing_key)) {
+        let allowed = match (&self.scopes, rule) {
+            (Some(scopes), _) => scopes.allows_topic(access, &self.vhost, exchange, routing_key),
+            (None, Some(rule)) => {
+                let re = match access {
+                    Access::Write => rule.write.as_ref(),
+                    _ => rule.read.as_ref(),
+                };
+                re.is_some_and(|re| re.is_match(routing_key))
+            }
+            (None, None) => true,
+        };
+        if allowed {
             Ok(())
         } else {
             // RabbitMQ's rabbit_access_control text.
@@ -687,6 +709,14 @@ impl Auth {
         client_id: Option<&str>,
     ) -> Option<Arc<TopicRules>> {
         let st = self.state.read();
+        if let Some(scopes) = st.scoped_arc(user) {
+            return Some(Arc::new(TopicRules {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                exchanges: HashMap::new(),
+                scopes: Some(scopes),
+            }));
+        }
         let mine: Vec<(&String, &TopicPermission)> = st
             .topic_permissions
             .range((user.to_owned(), vhost.to_owned(), String::new())..)
@@ -734,6 +764,7 @@ impl Auth {
             user: user.to_owned(),
             vhost: vhost.to_owned(),
             exchanges,
+            scopes: None,
         });
         let mut cache = self.topic_cache.lock();
         if cache.0 != generation || cache.1.len() >= TOPIC_CACHE_MAX {

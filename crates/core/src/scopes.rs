@@ -5,8 +5,8 @@
 //!   `<prefix>read:<vhost>/<name>`, where `<prefix>` is the resource server id
 //!   and a dot (`rabbitmq.`), and `<vhost>` and `<name>` are patterns in which
 //!   `*` matches any run of characters, percent-encoded (`%2F` is `/`). An
-//!   optional third part (`.../<routing key>`) is accepted and ignored: topic
-//!   authorisation by scope is not implemented (the resource checks are).
+//!   optional third part (`.../<routing key>`) limits the routing keys of a
+//!   topic exchange (topic authorisation; none: any key).
 //! - `<prefix>tag:<tag>` gives the user a tag (`administrator`, `monitoring`...).
 //!
 //! Scopes without the prefix belong to other services and are ignored. A user
@@ -21,6 +21,7 @@ struct Grant {
     access: Access,
     vhost: String,
     name: String,
+    routing_key: Option<String>,
 }
 
 /// The permissions and tags of a token, and when it expires.
@@ -70,6 +71,7 @@ impl ScopeGrants {
                 access,
                 vhost: percent_decode(vhost),
                 name: percent_decode(name),
+                routing_key: parts.next().map(percent_decode),
             });
         }
         out
@@ -88,15 +90,42 @@ impl ScopeGrants {
     /// Whether a scope grants `access` to resource `name` in `vhost`.
     /// `{vhost}` in a name pattern stands for the vhost checked.
     pub fn allows(&self, access: Access, vhost: &str, name: &str) -> bool {
+        self.grants
+            .iter()
+            .any(|g| g.access == access && g.covers(vhost, name))
+    }
+
+    /// Whether a scope grants `access` to `routing_key` on topic exchange
+    /// `exchange` of `vhost` (a scope without a routing-key part: any key).
+    pub fn allows_topic(
+        &self,
+        access: Access,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> bool {
         self.grants.iter().any(|g| {
             g.access == access
-                && wildcard_match(&g.vhost, vhost)
-                && if g.name.contains("{vhost}") {
-                    wildcard_match(&g.name.replace("{vhost}", vhost), name)
-                } else {
-                    wildcard_match(&g.name, name)
-                }
+                && g.covers(vhost, exchange)
+                && g.routing_key
+                    .as_deref()
+                    .is_none_or(|rk| expand_match(rk, vhost, routing_key))
         })
+    }
+}
+
+impl Grant {
+    fn covers(&self, vhost: &str, name: &str) -> bool {
+        wildcard_match(&self.vhost, vhost) && expand_match(&self.name, vhost, name)
+    }
+}
+
+/// `pattern` with `{vhost}` replaced, matched against `text`.
+fn expand_match(pattern: &str, vhost: &str, text: &str) -> bool {
+    if pattern.contains("{vhost}") {
+        wildcard_match(&pattern.replace("{vhost}", vhost), text)
+    } else {
+        wildcard_match(pattern, text)
     }
 }
 
@@ -172,6 +201,7 @@ mod tests {
                 "rabbitmq.read:*/*",
                 "rabbitmq.write:%2F/app.*",
                 "rabbitmq.configure:dev/*/ignored.key",
+                "rabbitmq.write:%2F/amq.topic/sensors.*",
                 "rabbitmq.write:dev/{vhost}-*",
                 "rabbitmq.tag:monitoring",
                 "other.write:*/*",
@@ -190,6 +220,13 @@ mod tests {
         assert!(!g.allows(Access::Configure, "/", "q1"));
         assert!(g.allows_vhost("dev"));
         assert!(g.allows(Access::Write, "dev", "dev-q"));
+        assert!(g.allows_topic(Access::Write, "/", "amq.topic", "sensors.t1"));
+        assert!(!g.allows_topic(Access::Write, "/", "amq.topic", "alarms.t1"));
+        assert!(
+            g.allows_topic(Access::Write, "/", "app.x", "anything"),
+            "no key part: any key"
+        );
+        assert!(g.allows_topic(Access::Read, "/", "amq.topic", "alarms.t1"));
         assert!(!g.allows(Access::Write, "dev", "prod-q"));
         let none = ScopeGrants::parse("rabbitmq.", ["other.read:*/*"], None);
         assert!(!none.allows_vhost("/"));
