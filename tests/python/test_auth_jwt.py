@@ -143,3 +143,28 @@ def test_routing_key_scopes_authorise_topics(jwt_broker):
     rc = c.publish("alarms/t1", "no", qos=1)
     assert rc == 0x87, rc
     c.stop()
+
+
+def test_amqp_token_expiry_refuses_operations_until_update_secret(jwt_broker):
+    """AMQP 0-9-1 as RabbitMQ: once the token expires, operations are refused (403) but the
+    connection stays; `connection.update-secret` with a fresh token renews it; a refused
+    secret closes the connection with 530."""
+    conn = pika.BlockingConnection(jwt_broker.params(password=token(SCOPES, ttl=2)))
+    ch = conn.channel()
+    ch.queue_declare("orders-a")
+    conn.update_secret(token(SCOPES, ttl=60), "refresh")
+    time.sleep(2.5)
+    ch.queue_declare("orders-b")  # the renewed token allows it
+    conn.close()
+
+    short = pika.BlockingConnection(jwt_broker.params(password=token(SCOPES, ttl=2)))
+    sch = short.channel()
+    time.sleep(2.5)
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        sch.queue_declare("orders-c")
+    assert e.value.reply_code == 403
+    assert short.is_open, "an expired token refuses operations, not the connection"
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as e:
+        short.update_secret(token(SCOPES, key="another-secret-of-enough-length"), "bad")
+        short.channel()
+    assert e.value.reply_code == 530

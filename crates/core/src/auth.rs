@@ -629,11 +629,7 @@ impl Auth {
 
     /// When the token `user` logged in with expires (ms since the epoch).
     pub fn token_expiry(&self, user: &str) -> Option<u64> {
-        self.state
-            .read()
-            .scoped
-            .get(user)
-            .and_then(|g| g.expires_at_ms)
+        self.state.read().scoped(user).and_then(|g| g.expires_at_ms)
     }
 
     pub fn has_topic_permissions(&self, user: &str, vhost: &str, exchange: Option<&str>) -> bool {

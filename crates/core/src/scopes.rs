@@ -82,17 +82,28 @@ impl ScopeGrants {
         &self.tags
     }
 
+    /// Whether the token has not expired: an expired one grants nothing (AMQP
+    /// 0-9-1 refuses operations until `connection.update-secret`, as RabbitMQ).
+    pub fn is_live(&self) -> bool {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.expires_at_ms.is_none_or(|at| now_ms < at)
+    }
+
     /// Whether any scope names `vhost` (RabbitMQ's vhost access check).
     pub fn allows_vhost(&self, vhost: &str) -> bool {
-        self.grants.iter().any(|g| wildcard_match(&g.vhost, vhost))
+        self.is_live() && self.grants.iter().any(|g| wildcard_match(&g.vhost, vhost))
     }
 
     /// Whether a scope grants `access` to resource `name` in `vhost`.
     /// `{vhost}` in a name pattern stands for the vhost checked.
     pub fn allows(&self, access: Access, vhost: &str, name: &str) -> bool {
-        self.grants
-            .iter()
-            .any(|g| g.access == access && g.covers(vhost, name))
+        self.is_live()
+            && self
+                .grants
+                .iter()
+                .any(|g| g.access == access && g.covers(vhost, name))
     }
 
     /// Whether a scope grants `access` to `routing_key` on topic exchange
@@ -104,13 +115,14 @@ impl ScopeGrants {
         exchange: &str,
         routing_key: &str,
     ) -> bool {
-        self.grants.iter().any(|g| {
-            g.access == access
-                && g.covers(vhost, exchange)
-                && g.routing_key
-                    .as_deref()
-                    .is_none_or(|rk| expand_match(rk, vhost, routing_key))
-        })
+        self.is_live()
+            && self.grants.iter().any(|g| {
+                g.access == access
+                    && g.covers(vhost, exchange)
+                    && g.routing_key
+                        .as_deref()
+                        .is_none_or(|rk| expand_match(rk, vhost, routing_key))
+            })
     }
 }
 

@@ -223,6 +223,10 @@ pub struct Session {
     /// (`perm_generation`), so a change applies from the next read batch.
     write_allowed: HashMap<String, bool>,
     perm_generation: u64,
+    /// When the access token of a `jwt` login expires (ms since the epoch).
+    token_expires_ms: Option<u64>,
+    /// A `connection.update-secret` waiting for the backend chain.
+    pending_secret: Option<PendingLogin>,
     /// The user's topic permissions in the vhost, compiled (None: there are
     /// none, and publishing costs nothing extra). Refreshed with `write_allowed`.
     topic_rules: Option<Arc<TopicRules>>,
@@ -277,6 +281,8 @@ impl Session {
             exclusive_queues: Vec::new(),
             write_allowed: HashMap::new(),
             perm_generation: 0,
+            token_expires_ms: None,
+            pending_secret: None,
             topic_rules: None,
             pending_login: None,
             unacked_credit,
@@ -378,7 +384,13 @@ impl Session {
     /// a partial frame stays for the next call.
     pub fn handle_input(&mut self, input: &mut BytesMut) {
         let generation = self.broker.auth.generation();
-        if generation != self.perm_generation {
+        // A login token that expired grants nothing from now on: results
+        // cached under it go (RabbitMQ refuses operations until update-secret).
+        let token_expired = self.token_expires_ms.is_some_and(|at| unix_ms() >= at);
+        if token_expired {
+            self.token_expires_ms = None;
+        }
+        if generation != self.perm_generation || token_expired {
             self.perm_generation = generation;
             self.write_allowed.clear();
             self.refresh_topic_rules();
@@ -711,14 +723,8 @@ impl Session {
                 self.finish("client closed the connection during the handshake".into());
                 Ok(())
             }
-            (State::Running, Method::ConnectionUpdateSecret(_)) => {
-                // Only PLAIN/AMQPLAIN logins exist, so there is no token to refresh;
-                // acknowledging keeps OAuth-minded clients working.
-                codec::encode_method(
-                    &mut self.out,
-                    0,
-                    &Method::from(codec::ConnectionUpdateSecretOk {}),
-                );
+            (State::Running, Method::ConnectionUpdateSecret(m)) => {
+                self.update_secret(m.new_secret.to_vec());
                 Ok(())
             }
             (State::Running, Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_)) => {
@@ -794,15 +800,65 @@ impl Session {
         Ok(())
     }
 
-    /// Whether a login waits for an external authentication backend.
+    /// Whether a login (or a secret update) waits for an external
+    /// authentication backend: nothing more is read until it is decided.
     pub fn login_pending(&self) -> bool {
-        self.pending_login.is_some()
+        self.pending_login.is_some() || self.pending_secret.is_some()
+    }
+
+    /// `connection.update-secret`: the new secret (an access token) goes
+    /// through the backend chain as a login of the same user; the connection
+    /// keeps its rights (now the new token's) or is closed, as RabbitMQ.
+    fn update_secret(&mut self, secret: Vec<u8>) {
+        let request = LoginRequest {
+            username: self.user.clone(),
+            password: secret,
+            peer: Some(self.peer.ip()),
+            ..LoginRequest::default()
+        };
+        let outbox = self.outbox.clone();
+        match self
+            .broker
+            .auth
+            .clone()
+            .begin_login(request, move || outbox.wake())
+        {
+            LoginStart::Done(result) => self.secret_decided(result.map(|u| u.name)),
+            LoginStart::Pending(pending) => self.pending_secret = Some(pending),
+        }
+    }
+
+    fn secret_decided(&mut self, result: Result<String, LoginError>) {
+        match result {
+            Ok(name) if name == self.user => {
+                self.token_expires_ms = self.broker.auth.token_expiry(&self.user);
+                // The new token's rights apply from the next operation.
+                self.perm_generation = u64::MAX;
+                codec::encode_method(
+                    &mut self.out,
+                    0,
+                    &Method::from(codec::ConnectionUpdateSecretOk {}),
+                );
+            }
+            refused => {
+                let why = match refused {
+                    Ok(other) => format!("the new secret names user '{other}'"),
+                    Err(e) => e.to_string(),
+                };
+                self.close_connection(ConnError::new(
+                    reply_code::NOT_ALLOWED,
+                    "NOT_ALLOWED",
+                    format!("Secret update was refused for user '{}': {why}", self.user),
+                ));
+            }
+        }
     }
 
     /// Continues the handshake with a login's answer.
     fn login_decided(&mut self, login: Result<String, String>, mechanism: &str) {
         match login {
             Ok(user) => {
+                self.token_expires_ms = self.broker.auth.token_expiry(&user);
                 self.user = user;
                 self.auth_mechanism = match mechanism {
                     "EXTERNAL" => "EXTERNAL",
@@ -1042,6 +1098,15 @@ impl Session {
     /// from the broker (an operator, a deleted user or vhost): connection.close
     /// 320 CONNECTION_FORCED with the reason, as RabbitMQ.
     pub fn handle_outbox(&mut self) {
+        if let Some(pending) = self.pending_secret.take() {
+            match pending.take() {
+                Some(result) => self.secret_decided(result.map(|u| u.name)),
+                None => {
+                    self.pending_secret = Some(pending);
+                    return;
+                }
+            }
+        }
         if let Some((pending, mechanism)) = self.pending_login.take() {
             match pending.take() {
                 Some(result) => self.login_decided(login_result(result), &mechanism),
@@ -1175,6 +1240,13 @@ fn parse_amqplain(response: &Bytes) -> Option<(String, Vec<u8>)> {
         _ => return None,
     };
     Some((user, pass))
+}
+
+/// Milliseconds since the Unix epoch (token expiry checks).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn login_result(result: Result<User, LoginError>) -> Result<String, String> {

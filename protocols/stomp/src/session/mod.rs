@@ -147,6 +147,8 @@ pub struct Session {
     /// (with the frame and the login name); no frame is read meanwhile.
     pending_login: Option<(PendingLogin, Frame, String)>,
     perm_generation: u64,
+    /// When the access token of a `jwt` login expires (ms since the epoch).
+    token_expires_ms: Option<u64>,
     /// In the broker's connection registry from CONNECTED on.
     registration: Option<ConnectionGuard>,
     has_published: bool,
@@ -202,6 +204,7 @@ impl Session {
             topic_rules: None,
             pending_login: None,
             perm_generation: 0,
+            token_expires_ms: None,
             registration: None,
             has_published: false,
             heartbeat_out: Duration::ZERO,
@@ -310,7 +313,17 @@ impl Session {
     /// looked).
     pub fn handle_input(&mut self, input: &mut BytesMut) {
         let generation = self.broker.auth.generation();
-        if generation != self.perm_generation {
+        // A login token that expired grants nothing from now on: results
+        // cached under it go (STOMP has no way to renew it).
+        let token_expired = self.token_expires_ms.is_some_and(|at| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .is_ok_and(|now| now.as_millis() >= u128::from(at))
+        });
+        if token_expired {
+            self.token_expires_ms = None;
+        }
+        if generation != self.perm_generation || token_expired {
             self.perm_generation = generation;
             self.write_allowed.clear();
             self.refresh_topic_rules();
@@ -658,6 +671,7 @@ impl Session {
                 )
             })?;
         self.registration = Some(guard);
+        self.token_expires_ms = self.broker.auth.token_expiry(&user);
         self.user = user;
         let protocol = match self.version {
             Version::V1_0 => Protocol::Stomp10,
