@@ -220,10 +220,10 @@ mod tests {
                 "openid",
                 "rabbitmq.bogus:*/*",
             ],
-            Some(7),
+            Some(u64::MAX),
         );
         assert_eq!(g.tags(), ["monitoring".to_owned()]);
-        assert_eq!(g.expires_at_ms, Some(7));
+        assert_eq!(g.expires_at_ms, Some(u64::MAX));
         assert!(g.allows(Access::Read, "/", "anything"));
         assert!(g.allows(Access::Write, "/", "app.orders"));
         assert!(!g.allows(Access::Write, "/", "billing"));
@@ -242,5 +242,8 @@ mod tests {
         assert!(!g.allows(Access::Write, "dev", "prod-q"));
         let none = ScopeGrants::parse("rabbitmq.", ["other.read:*/*"], None);
         assert!(!none.allows_vhost("/"));
+        // Expired (1970): grants nothing.
+        let old = ScopeGrants::parse("rabbitmq.", ["rabbitmq.read:*/*"], Some(7));
+        assert!(!old.allows(Access::Read, "/", "q") && !old.allows_vhost("/"));
     }
 }
