@@ -209,6 +209,8 @@ def test_keda_queue_length_and_regex_requests(mgmt):
     for q in ["orders.eu", "orders.us", "other"]:
         requests.put(f"{api}/queues/%2F/{q}", json={"durable": True}, auth=AUTH)
     ch = mgmt.broker.connect().channel()
+    # Confirmed: the three are in the queue before the API is asked.
+    ch.confirm_delivery()
     for _ in range(3):
         ch.basic_publish("", "orders.eu", b"m")
     host = f"http://guest:guest@{mgmt.host}:{mgmt.port}"
