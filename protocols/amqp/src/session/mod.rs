@@ -781,19 +781,7 @@ impl Session {
             self.login_decided(Err("malformed credentials".to_owned()), &m.mechanism);
             return Ok(());
         };
-        let request = LoginRequest {
-            username,
-            password,
-            peer: Some(self.peer.ip()),
-            ..LoginRequest::default()
-        };
-        let outbox = self.outbox.clone();
-        match self
-            .broker
-            .auth
-            .clone()
-            .begin_login(request, move || outbox.wake())
-        {
+        match self.begin_login(username, password) {
             LoginStart::Done(result) => self.login_decided(login_result(result), &m.mechanism),
             LoginStart::Pending(pending) => self.pending_login = Some((pending, m.mechanism)),
         }
@@ -810,22 +798,25 @@ impl Session {
     /// through the backend chain as a login of the same user; the connection
     /// keeps its rights (now the new token's) or is closed, as RabbitMQ.
     fn update_secret(&mut self, secret: Vec<u8>) {
+        match self.begin_login(self.user.clone(), secret) {
+            LoginStart::Done(result) => self.secret_decided(result.map(|u| u.name)),
+            LoginStart::Pending(pending) => self.pending_secret = Some(pending),
+        }
+    }
+
+    /// Asks the backend chain; a pending answer wakes the outbox.
+    fn begin_login(&self, username: String, password: Vec<u8>) -> LoginStart {
         let request = LoginRequest {
-            username: self.user.clone(),
-            password: secret,
+            username,
+            password,
             peer: Some(self.peer.ip()),
             ..LoginRequest::default()
         };
         let outbox = self.outbox.clone();
-        match self
-            .broker
+        self.broker
             .auth
             .clone()
             .begin_login(request, move || outbox.wake())
-        {
-            LoginStart::Done(result) => self.secret_decided(result.map(|u| u.name)),
-            LoginStart::Pending(pending) => self.pending_secret = Some(pending),
-        }
     }
 
     fn secret_decided(&mut self, result: Result<String, LoginError>) {
