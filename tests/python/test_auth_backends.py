@@ -1,7 +1,8 @@
 """`[auth] backends = ["http", "internal"]`: RabbitMQ's HTTP authentication backend, served
 by the test itself (http.server), asked first for every login over AMQP (pika), MQTT 3.1.1
 and 5 (paho-mqtt), STOMP (stomp.py) and the management API; a refusal falls through to
-the internal database, as RabbitMQ's auth_backends chain does."""
+the internal database, as RabbitMQ's auth_backends chain does. With vhost_path,
+resource_path and topic_path set, the users it lets in are authorised by it too."""
 
 import base64
 import threading
@@ -22,19 +23,25 @@ import stomp_helpers
 HTTP_PASSWORD = "from-http"
 
 
-class AuthService:
-    """Answers RabbitMQ's user_path requests: allow alice/from-http (tags administrator),
-    deny everything else; records every request."""
+def login_only(path, params):
+    """RabbitMQ's user_path: allow alice/from-http (tags administrator), deny the rest."""
+    ok = params.get("username") == "alice" and params.get("password") == HTTP_PASSWORD
+    return "allow administrator" if ok else "deny"
 
-    def __init__(self):
+
+class AuthService:
+    """Answers RabbitMQ's HTTP backend requests with `decide(path, params)`; records
+    every request."""
+
+    def __init__(self, decide=login_only):
         self.requests = []
         service = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self, params):
-                service.requests.append((self.command, self.path.split("?")[0], params))
-                ok = params.get("username") == "alice" and params.get("password") == HTTP_PASSWORD
-                body = b"allow administrator" if ok else b"deny"
+                path = self.path.split("?")[0]
+                service.requests.append((self.command, path, params))
+                body = decide(path, params).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -159,3 +166,141 @@ def test_management_api_login_uses_the_same_chain(http_auth):
     # in the internal database.
     assert get("alice", HTTP_PASSWORD) == 200
     assert get("alice", "nope") == 401
+
+
+# ------------------------------------------------------------- authorisation paths
+# dave exists only in the HTTP service: his vhost, resource and topic permissions come
+# from it. eve logs in but may use no vhost.
+
+def dave_service(path, params):
+    user = params.get("username")
+    if path == "/auth/user":
+        ok = user in ("dave", "eve") and params.get("password") == HTTP_PASSWORD
+        return "allow monitoring" if ok else "deny"
+    if path == "/auth/vhost":
+        return "allow" if (user, params["vhost"]) == ("dave", "/") else "deny no vhost for you"
+    if path == "/auth/resource":
+        return "deny secret" if "secret" in params["name"] else "allow"
+    if path == "/auth/topic":
+        key, mine = params["routing_key"], ("dave.", params.get("client_id", "dave") + ".")
+        if params["permission"] == "read":
+            mine += ("public.",)
+        return "allow" if key.startswith(mine) else "deny"
+    return "deny"
+
+
+@pytest.fixture
+def http_authz(tmp_path):
+    service = AuthService(dave_service)
+    base = f"http://127.0.0.1:{service.port}/auth"
+    extra = "\n".join([
+        "[auth]",
+        'backends = ["http", "internal"]',
+        "[auth.http]",
+        f'user_path = "{base}/user"',
+        f'vhost_path = "{base}/vhost"',
+        f'resource_path = "{base}/resource"',
+        f'topic_path = "{base}/topic"',
+        'http_method = "post"',
+        "cache_ttl_secs = 60",
+    ])
+    workdir = tmp_path / "broker"
+    (workdir / "data").mkdir(parents=True)
+    proc = BrokerProcess(workdir, render_config(
+        workdir / "data", extra_toml=extra, listeners=("mqtt", "stomp")))
+    host, port = proc.start()
+    b = Broker(host, port, log_path=proc.log_path)
+
+    def addr(name):
+        h, _, p = proc.ready[name].rpartition(":")
+        return h.strip("[]"), int(p)
+
+    b.mqtt, b.stomp = addr("mqtt"), addr("stomp")
+    b.service = service
+    yield b
+    b.close_all()
+    proc.stop()
+    service.stop()
+
+
+def asked(service, path, **match):
+    """The requests to `path` whose parameters include `match`."""
+    return [p for _, got, p in service.requests
+            if got == path and all(p.get(k) == v for k, v in match.items())]
+
+
+def test_http_authorises_amqp_vhost_resources_and_topics(http_authz):
+    conn = pika.BlockingConnection(http_authz.params(username="dave", password=HTTP_PASSWORD))
+    assert asked(http_authz.service, "/auth/vhost", username="dave", vhost="/",
+                 ip="127.0.0.1", tags="monitoring")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare("dave-q")
+    ch.queue_bind("dave-q", "amq.topic", "public.#")
+    ch.basic_publish("amq.topic", "dave.t", b"ok")
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+        ch.queue_declare("secret-q")
+    assert ei.value.reply_code == 403
+    assert ei.value.reply_text == ("ACCESS_REFUSED - access to queue 'secret-q' in vhost '/' "
+                                   "refused for user 'dave'")
+    assert asked(http_authz.service, "/auth/resource", username="dave", vhost="/",
+                 resource="queue", name="secret-q", permission="configure", tags="monitoring")
+    ch = conn.channel()
+    ch.confirm_delivery()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+        ch.basic_publish("amq.topic", "other.t", b"no")
+    assert ei.value.reply_code == 403
+    assert ei.value.reply_text == ("ACCESS_REFUSED - write access to topic 'other.t' in exchange "
+                                   "'amq.topic' in vhost '/' refused for user 'dave'")
+    assert asked(http_authz.service, "/auth/topic", resource="topic", name="amq.topic",
+                 permission="write", routing_key="other.t")
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as ei:
+        ch.queue_bind("dave-q", "amq.topic", "other.#")
+    assert "read access to topic 'other.#'" in ei.value.reply_text
+    conn.close()
+
+
+def test_http_answers_are_cached_for_the_ttl(http_authz):
+    for _ in range(3):
+        conn = pika.BlockingConnection(
+            http_authz.params(username="dave", password=HTTP_PASSWORD))
+        conn.channel().queue_declare("dave-cached", passive=False)
+        conn.close()
+    assert len(asked(http_authz.service, "/auth/resource", name="dave-cached")) == 1
+    assert len(asked(http_authz.service, "/auth/vhost", username="dave")) == 1
+
+
+def test_http_vhost_refusal_closes_every_protocol(http_authz):
+    with pytest.raises(pika.exceptions.ProbableAccessDeniedError) as ei:
+        pika.BlockingConnection(http_authz.params(username="eve", password=HTTP_PASSWORD))
+    assert "access to vhost '/' refused for user 'eve'" in str(ei.value)
+    for version in (4, 5):
+        # paho reports 3.1.1's return code 5 as 0x87 too.
+        Client(http_authz.mqtt, uniq("eve"), version, username="eve", password=HTTP_PASSWORD,
+               expect_rc=0x87)
+    with pytest.raises(stomp.exception.ConnectFailedException):
+        stomp_helpers.connect(http_authz, login="eve", passcode=HTTP_PASSWORD)
+
+
+def test_http_authorises_mqtt_topics_with_the_client_id(http_authz):
+    c = Client(http_authz.mqtt, "sensor-1", 5, username="dave", password=HTTP_PASSWORD)
+    assert c.subscribe("sensor-1/#", 1) == [1]
+    assert c.subscribe("other/#", 1) == [0x87]
+    assert c.publish("sensor-1/t", "ok", qos=1) == 0
+    assert c.next().topic == "sensor-1/t"
+    assert c.publish("sensor-2/t", "no", qos=1) == 0x87
+    c.stop()
+    assert asked(http_authz.service, "/auth/topic", permission="write",
+                 routing_key="sensor-2.t", client_id="sensor-1")
+
+
+def test_http_authorises_stomp_send(http_authz):
+    conn, listener = stomp_helpers.connect(http_authz, login="dave", passcode=HTTP_PASSWORD)
+    stomp_helpers.subscribe(conn, listener, "/topic/dave.#", "s1")
+    conn.send("/topic/dave.a", "ok")
+    assert listener.message().body == "ok"
+    conn.send("/topic/other.a", "no")
+    err = listener.error()
+    assert err.headers["message"] == "ACCESS_REFUSED"
+    assert "write access to topic 'other.a' in exchange 'amq.topic'" in err.body

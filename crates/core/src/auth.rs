@@ -18,7 +18,9 @@ use regex::Regex;
 use sha2::{Digest, Sha256, Sha512};
 
 use crate::admin::{PermissionInfo, TopicPermissionInfo, UserInfo};
-use crate::authn::{Backend, Decision, LoginRequest, LoginStart, PendingLogin};
+use crate::authn::{
+    AuthzUser, Backend, Decision, ExternalAuthz, LoginRequest, LoginStart, PendingLogin,
+};
 use crate::error::{CoreError, CoreResult};
 use crate::exchange::ExchangeKind;
 use crate::scopes::ScopeGrants;
@@ -170,6 +172,16 @@ struct AuthState {
     /// against its scopes instead of `permissions`. The latest login of a name
     /// decides (RabbitMQ keeps them per connection; one entry per name here).
     scoped: HashMap<String, Arc<ScopeGrants>>,
+    /// Users let in by a backend that also authorises them (the HTTP backend
+    /// with its vhost, resource or topic paths); latest login of a name decides.
+    delegated: HashMap<String, Arc<Delegated>>,
+}
+
+/// A user authorised by the backend that let it in.
+#[derive(Debug)]
+struct Delegated {
+    user: AuthzUser,
+    authz: Arc<dyn ExternalAuthz>,
 }
 
 impl AuthState {
@@ -188,6 +200,13 @@ impl AuthState {
             return None;
         }
         self.scoped.get(user)
+    }
+
+    fn delegated(&self, user: &str) -> Option<Arc<Delegated>> {
+        if self.users.contains_key(user) {
+            return None;
+        }
+        self.delegated.get(user).cloned()
     }
 }
 
@@ -276,6 +295,9 @@ pub struct TopicRules {
     exchanges: HashMap<String, TopicRule>,
     /// A token user's scopes, which decide instead of `exchanges`.
     scopes: Option<Arc<ScopeGrants>>,
+    /// The backend that decides instead of `exchanges` (asked per routing key),
+    /// with the connection's client id.
+    delegated: Option<(Arc<Delegated>, Option<String>)>,
 }
 
 impl TopicRules {
@@ -291,7 +313,7 @@ impl TopicRules {
         routing_key: &str,
     ) -> CoreResult<()> {
         let rule = self.exchanges.get(exchange);
-        if rule.is_none() && self.scopes.is_none() {
+        if rule.is_none() && self.scopes.is_none() && self.delegated.is_none() {
             return Ok(());
         }
         match vhost.exchange(exchange) {
@@ -304,6 +326,16 @@ impl TopicRules {
             Access::Configure => return Ok(()),
         };
         let allowed = match (&self.scopes, rule) {
+            _ if self.delegated.is_some() => self.delegated.as_ref().is_some_and(|(d, client)| {
+                d.authz.topic(
+                    &d.user,
+                    &self.vhost,
+                    exchange,
+                    access,
+                    routing_key,
+                    client.as_deref(),
+                )
+            }),
             (Some(scopes), _) => scopes.allows_topic(access, &self.vhost, exchange, routing_key),
             (None, Some(rule)) => {
                 let re = match access {
@@ -608,6 +640,12 @@ impl Auth {
     }
 
     pub fn has_permissions(&self, user: &str, vhost: &str) -> bool {
+        if let Some(allowed) = self
+            .delegated(user)
+            .and_then(|d| d.authz.vhost(&d.user, vhost))
+        {
+            return allowed;
+        }
         let st = self.state.read();
         match st.scoped(user) {
             Some(grants) => grants.allows_vhost(vhost),
@@ -620,11 +658,27 @@ impl Auth {
     /// From now on `user` is checked against a token's `grants`, not the
     /// permission table (see [`crate::scopes`]).
     pub fn grant_scopes(&self, user: &str, grants: ScopeGrants) {
-        self.state
-            .write()
-            .scoped
-            .insert(user.to_owned(), Arc::new(grants));
+        let mut st = self.state.write();
+        st.delegated.remove(user);
+        st.scoped.insert(user.to_owned(), Arc::new(grants));
+        drop(st);
         self.changed();
+    }
+
+    /// From now on `user` is authorised by `authz` where it decides (the
+    /// backend that let the user in; see [`ExternalAuthz`]).
+    fn delegate(&self, user: AuthzUser, authz: Arc<dyn ExternalAuthz>) {
+        let mut st = self.state.write();
+        st.scoped.remove(&user.username);
+        st.delegated
+            .insert(user.username.clone(), Arc::new(Delegated { user, authz }));
+        drop(st);
+        self.changed();
+    }
+
+    /// The external authoriser of `user`, taken out of the lock: it may block.
+    fn delegated(&self, user: &str) -> Option<Arc<Delegated>> {
+        self.state.read().delegated(user)
     }
 
     /// When the token `user` logged in with expires (ms since the epoch).
@@ -705,12 +759,22 @@ impl Auth {
         client_id: Option<&str>,
     ) -> Option<Arc<TopicRules>> {
         let st = self.state.read();
+        if let Some(d) = st.delegated(user).filter(|d| d.authz.decides_topics()) {
+            return Some(Arc::new(TopicRules {
+                user: user.to_owned(),
+                vhost: vhost.to_owned(),
+                exchanges: HashMap::new(),
+                scopes: None,
+                delegated: Some((d, client_id.map(str::to_owned))),
+            }));
+        }
         if let Some(scopes) = st.scoped_arc(user) {
             return Some(Arc::new(TopicRules {
                 user: user.to_owned(),
                 vhost: vhost.to_owned(),
                 exchanges: HashMap::new(),
                 scopes: Some(scopes),
+                delegated: None,
             }));
         }
         let mine: Vec<(&String, &TopicPermission)> = st
@@ -761,6 +825,7 @@ impl Auth {
             vhost: vhost.to_owned(),
             exchanges,
             scopes: None,
+            delegated: None,
         });
         let mut cache = self.topic_cache.lock();
         if cache.0 != generation || cache.1.len() >= TOPIC_CACHE_MAX {
@@ -857,6 +922,14 @@ impl Auth {
                 }
                 Backend::External(b) => match b.authenticate(request.clone()).await {
                     Decision::Allow { tags } => {
+                        if let Some(authz) = b.authz() {
+                            let user = AuthzUser {
+                                username: request.username.clone(),
+                                tags: tags.clone(),
+                                peer: request.peer,
+                            };
+                            self.delegate(user, authz);
+                        }
                         last = Ok(User {
                             name: request.username.clone(),
                             hash: Vec::new(),
@@ -964,8 +1037,12 @@ impl Auth {
         resource: Resource,
         name: &str,
     ) -> CoreResult<()> {
+        let decided = self
+            .delegated(user)
+            .and_then(|d| d.authz.resource(&d.user, vhost, resource, name, access));
         let st = self.state.read();
         let allowed = match st.scoped(user) {
+            _ if decided.is_some() => decided == Some(true),
             Some(grants) => grants.allows(access, vhost, name),
             None => {
                 let perm = st.permissions.get(&(user.to_owned(), vhost.to_owned()));

@@ -7,9 +7,20 @@
 //! (refused connection, timeout, other status, other body) is an error, logged,
 //! and the next backend of the chain is asked.
 //!
-//! Answers are cached for `cache_ttl_secs` per user name and password digest
-//! (RabbitMQ's `rabbitmq_auth_backend_cache` in front of it), so a reconnect
-//! storm does not become a request storm. Plain `http://` only.
+//! The authorisation part, for the users it let in: `vhost_path`,
+//! `resource_path` and `topic_path`, each asked with RabbitMQ's parameters and
+//! answered `allow` or `deny [reason]` the same way (an error is a refusal). A
+//! path left empty leaves that check to the internal database. Sessions check
+//! permissions synchronously, so a check whose answer is not cached blocks its
+//! connection until the service answers (at most `request_timeout_ms`), as a
+//! RabbitMQ channel waits for its backend; `block_in_place` hands the worker's
+//! other connections to another thread meanwhile. Sessions keep what they were
+//! allowed for their lifetime, as RabbitMQ channels do.
+//!
+//! Answers are cached for `cache_ttl_secs` (RabbitMQ's
+//! `rabbitmq_auth_backend_cache` in front of it): logins per user name and
+//! password digest, checks per request, so a reconnect storm does not become a
+//! request storm. Plain `http://` only.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -18,7 +29,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
-use switchyard_core::authn::{BoxFuture, Decision, ExternalBackend, LoginRequest};
+use switchyard_core::auth::{Access, Resource};
+use switchyard_core::authn::{
+    AuthzUser, BoxFuture, Decision, ExternalAuthz, ExternalBackend, LoginRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -66,11 +80,16 @@ type CacheKey = (String, [u8; 32]);
 #[derive(Debug)]
 struct Inner {
     user: Url,
+    vhost: Option<Url>,
+    resource: Option<Url>,
+    topic: Option<Url>,
     post: bool,
     ttl: Duration,
     timeout: Duration,
     /// Answers by (user name, SHA-256 of the password): no password is kept.
     cache: Mutex<HashMap<CacheKey, (Decision, Instant)>>,
+    /// Authorisation answers by request (path and form).
+    checks: Mutex<HashMap<String, (bool, Instant)>>,
 }
 
 /// The backend; cheap to clone into the request futures.
@@ -83,6 +102,17 @@ impl HttpBackend {
     pub fn new(config: &HttpAuthConfig) -> Result<Self, String> {
         let user =
             Url::parse(&config.user_path).map_err(|e| format!("auth.http.user_path: {e}"))?;
+        let optional = |key: &str, url: &str| -> Result<Option<Url>, String> {
+            if url.is_empty() {
+                return Ok(None);
+            }
+            Url::parse(url)
+                .map(Some)
+                .map_err(|e| format!("auth.http.{key}: {e}"))
+        };
+        let vhost = optional("vhost_path", &config.vhost_path)?;
+        let resource = optional("resource_path", &config.resource_path)?;
+        let topic = optional("topic_path", &config.topic_path)?;
         let post = match config.http_method.to_ascii_lowercase().as_str() {
             "get" => false,
             "post" => true,
@@ -95,10 +125,14 @@ impl HttpBackend {
         Ok(HttpBackend {
             inner: Arc::new(Inner {
                 user,
+                vhost,
+                resource,
+                topic,
                 post,
                 ttl: Duration::from_secs(config.cache_ttl_secs),
                 timeout: Duration::from_millis(config.request_timeout_ms.max(1)),
                 cache: Mutex::new(HashMap::new()),
+                checks: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -112,6 +146,94 @@ impl ExternalBackend for HttpBackend {
     fn authenticate(&self, request: LoginRequest) -> BoxFuture<Decision> {
         let inner = self.inner.clone();
         Box::pin(async move { inner.authenticate(request).await })
+    }
+
+    fn authz(&self) -> Option<Arc<dyn ExternalAuthz>> {
+        let i = &self.inner;
+        if i.vhost.is_none() && i.resource.is_none() && i.topic.is_none() {
+            return None;
+        }
+        Some(Arc::new(self.clone()))
+    }
+}
+
+fn permission(access: Access) -> &'static [u8] {
+    match access {
+        Access::Configure => b"configure",
+        Access::Write => b"write",
+        Access::Read => b"read",
+    }
+}
+
+impl ExternalAuthz for HttpBackend {
+    fn vhost(&self, user: &AuthzUser, vhost: &str) -> Option<bool> {
+        let url = self.inner.vhost.as_ref()?;
+        let ip = user.peer.map(|ip| ip.to_string()).unwrap_or_default();
+        let tags = user.tags.join(" ");
+        Some(self.inner.check(
+            url,
+            &[
+                ("username", user.username.as_bytes()),
+                ("vhost", vhost.as_bytes()),
+                ("ip", ip.as_bytes()),
+                ("tags", tags.as_bytes()),
+            ],
+        ))
+    }
+
+    fn resource(
+        &self,
+        user: &AuthzUser,
+        vhost: &str,
+        resource: Resource,
+        name: &str,
+        access: Access,
+    ) -> Option<bool> {
+        let url = self.inner.resource.as_ref()?;
+        let tags = user.tags.join(" ");
+        Some(self.inner.check(
+            url,
+            &[
+                ("username", user.username.as_bytes()),
+                ("vhost", vhost.as_bytes()),
+                ("resource", resource.name().as_bytes()),
+                ("name", name.as_bytes()),
+                ("permission", permission(access)),
+                ("tags", tags.as_bytes()),
+            ],
+        ))
+    }
+
+    fn decides_topics(&self) -> bool {
+        self.inner.topic.is_some()
+    }
+
+    fn topic(
+        &self,
+        user: &AuthzUser,
+        vhost: &str,
+        exchange: &str,
+        access: Access,
+        routing_key: &str,
+        client_id: Option<&str>,
+    ) -> bool {
+        let Some(url) = self.inner.topic.as_ref() else {
+            return true;
+        };
+        let tags = user.tags.join(" ");
+        let mut params: Vec<(&str, &[u8])> = vec![
+            ("username", user.username.as_bytes()),
+            ("vhost", vhost.as_bytes()),
+            ("resource", b"topic"),
+            ("name", exchange.as_bytes()),
+            ("permission", permission(access)),
+            ("routing_key", routing_key.as_bytes()),
+            ("tags", tags.as_bytes()),
+        ];
+        if let Some(c) = client_id {
+            params.push(("client_id", c.as_bytes()));
+        }
+        self.inner.check(url, &params)
     }
 }
 
@@ -171,6 +293,55 @@ impl Inner {
         decision
     }
 
+    /// One authorisation check: a cached answer, or the service's, waited for
+    /// in place. A `deny` or an error refuses (logged; errors are not cached).
+    fn check(&self, url: &Url, params: &[(&str, &[u8])]) -> bool {
+        let form = form_encode(params);
+        let key = format!("{}{}?{form}", url.authority, url.path);
+        let now = Instant::now();
+        if let Some((allowed, until)) = self.checks.lock().get(&key) {
+            if *until > now {
+                return *allowed;
+            }
+        }
+        let answer = wait_in_place(async {
+            tokio::time::timeout(self.timeout, self.request(url, &form)).await
+        })
+        .unwrap_or_else(|| Ok(Err("no runtime to send the request on".to_owned())));
+        let allowed = match answer {
+            Ok(Ok(body)) => match parse_answer(&body) {
+                Some(Decision::Deny(why)) => {
+                    tracing::info!(path = %url.path, request = %form.chars().take(300).collect::<String>(), "{why}");
+                    false
+                }
+                Some(_) => true,
+                None => {
+                    tracing::warn!(path = %url.path, "HTTP auth backend: unexpected answer {:?}; refused", body.chars().take(100).collect::<String>());
+                    return false;
+                }
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(path = %url.path, "HTTP auth backend: {e}; refused");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(path = %url.path, "HTTP auth backend: no answer within {:?}; refused", self.timeout);
+                return false;
+            }
+        };
+        if !self.ttl.is_zero() {
+            let mut checks = self.checks.lock();
+            if checks.len() >= MAX_CACHED {
+                checks.retain(|_, (_, until)| *until > now);
+                if checks.len() >= MAX_CACHED {
+                    checks.clear();
+                }
+            }
+            checks.insert(key, (allowed, now + self.ttl));
+        }
+        allowed
+    }
+
     /// One HTTP/1.1 request (`Connection: close`); the body of a 200 or 201.
     async fn request(&self, url: &Url, form: &str) -> Result<String, String> {
         let mut stream = TcpStream::connect(&url.authority)
@@ -202,6 +373,33 @@ impl Inner {
             .map_err(|e| format!("cannot read the answer: {e}"))?;
         parse_response(&raw)
     }
+}
+
+/// Runs `fut` to completion from synchronous code. On a multi-threaded runtime's
+/// worker the worker's other tasks move to another thread while this one waits
+/// (`block_in_place`); elsewhere (a current-thread runtime in a test, no
+/// runtime) it runs on a thread of its own with a runtime of its own. None if
+/// that runtime cannot be made.
+fn wait_in_place<T: Send>(fut: impl std::future::Future<Output = T> + Send) -> Option<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if let Ok(handle) = Handle::try_current() {
+        if handle.runtime_flavor() == RuntimeFlavor::MultiThread {
+            return Some(tokio::task::block_in_place(|| handle.block_on(fut)));
+        }
+    }
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()
+                    .map(|rt| rt.block_on(fut))
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
 }
 
 /// Status and body of an HTTP/1.x response read to its end.

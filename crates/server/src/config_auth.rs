@@ -53,6 +53,16 @@ impl Default for AuthConfig {
 pub struct HttpAuthConfig {
     /// Where logins are sent (`http://host:port/path`).
     pub user_path: String,
+    /// Where vhost access is asked (`username`, `vhost`, `ip`, `tags`); empty:
+    /// the internal database decides it for HTTP users.
+    pub vhost_path: String,
+    /// Where queue and exchange permissions are asked (`username`, `vhost`,
+    /// `resource`, `name`, `permission`, `tags`); empty: the internal database.
+    pub resource_path: String,
+    /// Where topic permissions are asked (`resource=topic`, `name` = exchange,
+    /// `permission`, `routing_key`, and `client_id` for MQTT); empty: the
+    /// internal database's topic permissions.
+    pub topic_path: String,
     /// `"get"` (RabbitMQ's default) or `"post"` (form-encoded body; keeps
     /// passwords out of access logs).
     pub http_method: String,
@@ -66,6 +76,9 @@ impl Default for HttpAuthConfig {
     fn default() -> Self {
         HttpAuthConfig {
             user_path: String::new(),
+            vhost_path: String::new(),
+            resource_path: String::new(),
+            topic_path: String::new(),
             http_method: "get".to_owned(),
             cache_ttl_secs: 15,
             request_timeout_ms: 15_000,
