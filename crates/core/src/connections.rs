@@ -34,6 +34,8 @@ pub mod protocol {
     pub const STOMP_10: &str = "STOMP 1-0";
     pub const STOMP_11: &str = "STOMP 1-1";
     pub const STOMP_12: &str = "STOMP 1-2";
+    /// The RabbitMQ Stream protocol (RabbitMQ lists these connections apart).
+    pub const STREAM: &str = "stream";
 }
 
 /// Where the connection served by the current task was accepted. The server

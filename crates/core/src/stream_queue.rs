@@ -17,7 +17,7 @@
 //! outbox; never while taking the queue's lock), so two dispatchers never
 //! deliver the same offset twice.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -35,8 +35,14 @@ use crate::stream::{
 };
 
 /// The adapter-record table of stored consumer offsets (`x-stream-offset:
-/// "stored"`): key `vhost \0 queue \0 consumer tag`, value the next offset (u64 BE).
+/// "stored"` consumers of AMQP 0-9-1 and STOMP, the Stream protocol's
+/// StoreOffset): key `vhost \0 queue \0 reference` (a consumer tag is a
+/// reference), value the next offset to read (u64 BE).
 pub const OFFSETS_KIND: &str = "stream.offset";
+/// The adapter-record table of the Stream protocol's publisher sequences
+/// (deduplication): key `vhost \0 queue \0 publisher reference`, value the
+/// highest publishing id stored (u64 BE).
+pub const SEQUENCES_KIND: &str = "stream.publisher";
 
 /// Queue arguments a stream accepts (RabbitMQ's `queue_arguments`).
 const STREAM_ARGS: &[&str] = &[
@@ -243,6 +249,9 @@ pub struct StreamQueue {
     queue: Weak<Queue>,
     readers: Mutex<Vec<Arc<Reader>>>,
     store: Arc<dyn Store>,
+    /// Publisher references -> highest publishing id stored (loaded from the
+    /// store on first use, saved when a publisher goes or now and then).
+    sequences: Mutex<Option<HashMap<String, u64>>>,
 }
 
 impl StreamQueue {
@@ -256,6 +265,7 @@ impl StreamQueue {
             queue,
             readers: Mutex::new(Vec::new()),
             store,
+            sequences: Mutex::new(None),
         });
         let weak = Arc::downgrade(&sq);
         sq.log.on_commit(Box::new(move || {
@@ -269,24 +279,102 @@ impl StreamQueue {
     /// Appends a routed message; returns its offset (durable once the log's
     /// committed offset has passed it).
     pub fn append(&self, message: &Message, now_ms: u64) -> Option<u64> {
-        let data = match postcard::to_stdvec(message) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode a message for a stream");
-                return None;
+        self.append_all(std::slice::from_ref(message), now_ms)
+    }
+
+    /// Appends messages in one go (one chunk when the writer is idle); returns
+    /// the offset of the first.
+    pub fn append_all(&self, messages: &[Message], now_ms: u64) -> Option<u64> {
+        let mut entries = Vec::with_capacity(messages.len());
+        for m in messages {
+            match postcard::to_stdvec(m) {
+                Ok(data) => entries.push(StreamEntry {
+                    filter: filter_value(m).map(str::to_owned),
+                    data: bytes::Bytes::from(data),
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a message for a stream");
+                    return None;
+                }
             }
-        };
-        let entry = StreamEntry {
-            filter: filter_value(message).map(str::to_owned),
-            data: bytes::Bytes::from(data),
-        };
-        match self.log.append(vec![entry], now_ms) {
+        }
+        match self.log.append(entries, now_ms) {
             Ok(offset) => Some(offset),
             Err(e) => {
                 tracing::error!(error = %e, "cannot append to a stream");
                 None
             }
         }
+    }
+
+    /// The next offset stored for `reference` (StoreOffset, or the acks of a
+    /// `"stored"` consumer with that tag).
+    pub fn stored_offset(&self, reference: &str) -> Option<u64> {
+        let key = self.offset_key(reference)?;
+        self.store
+            .records(OFFSETS_KIND)
+            .ok()?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes)
+    }
+
+    /// Stores where `reference` resumes (the next offset to read).
+    pub fn store_offset(&self, reference: &str, next: u64) {
+        let Some(key) = self.offset_key(reference) else {
+            return;
+        };
+        if let Err(e) = self
+            .store
+            .save_record(OFFSETS_KIND, &key, &next.to_be_bytes())
+        {
+            tracing::warn!(error = %e, "cannot store a stream offset");
+        }
+    }
+
+    /// The highest publishing id stored for a publisher `reference` (0: none).
+    pub fn publisher_sequence(&self, reference: &str) -> u64 {
+        let mut seqs = self.sequences.lock();
+        let map = seqs.get_or_insert_with(|| self.load_sequences());
+        map.get(reference).copied().unwrap_or(0)
+    }
+
+    /// Records that `reference` stored everything up to `id`; `save` writes it
+    /// to the store too (a publisher going away, or its periodic save).
+    pub fn set_publisher_sequence(&self, reference: &str, id: u64, save: bool) {
+        {
+            let mut seqs = self.sequences.lock();
+            let map = seqs.get_or_insert_with(|| self.load_sequences());
+            let slot = map.entry(reference.to_owned()).or_insert(0);
+            *slot = (*slot).max(id);
+        }
+        if save {
+            if let Some(key) = self.offset_key(reference) {
+                if let Err(e) = self
+                    .store
+                    .save_record(SEQUENCES_KIND, &key, &id.to_be_bytes())
+                {
+                    tracing::warn!(error = %e, "cannot store a publisher sequence");
+                }
+            }
+        }
+    }
+
+    fn load_sequences(&self) -> HashMap<String, u64> {
+        let Some(prefix) = self.offset_key("") else {
+            return HashMap::new();
+        };
+        self.store
+            .records(SEQUENCES_KIND)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let reference = k.strip_prefix(&prefix)?.to_owned();
+                let id = u64::from_be_bytes(<[u8; 8]>::try_from(v.as_slice()).ok()?);
+                Some((reference, id))
+            })
+            .collect()
     }
 
     /// Deletes what retention no longer keeps; returns when to check again
@@ -319,19 +407,21 @@ impl StreamQueue {
         let Some(prefix) = self.offset_key("") else {
             return;
         };
-        let keys = match self.store.records(OFFSETS_KIND) {
-            Ok(records) => records
-                .into_iter()
-                .map(|(k, _)| k)
-                .filter(|k| k.starts_with(&prefix)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the stored offsets of a deleted stream");
-                return;
-            }
-        };
-        for key in keys {
-            if let Err(e) = self.store.delete_record(OFFSETS_KIND, &key) {
-                tracing::warn!(error = %e, "cannot delete a stored offset of a deleted stream");
+        for kind in [OFFSETS_KIND, SEQUENCES_KIND] {
+            let keys = match self.store.records(kind) {
+                Ok(records) => records
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| k.starts_with(&prefix)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the stored offsets of a deleted stream");
+                    return;
+                }
+            };
+            for key in keys {
+                if let Err(e) = self.store.delete_record(kind, &key) {
+                    tracing::warn!(error = %e, "cannot delete a stored offset of a deleted stream");
+                }
             }
         }
     }
@@ -365,15 +455,7 @@ impl StreamQueue {
         let next = match start {
             Start::Spec(spec) => self.log.resolve(spec),
             Start::Stored => {
-                let stored = tracking.as_deref().and_then(|key| {
-                    self.store
-                        .records(OFFSETS_KIND)
-                        .ok()?
-                        .into_iter()
-                        .find(|(k, _)| k == key)
-                        .and_then(|(_, v)| <[u8; 8]>::try_from(v.as_slice()).ok())
-                        .map(u64::from_be_bytes)
-                });
+                let stored = self.stored_offset(consumer.tag());
                 // Never acked before: from the first message kept.
                 self.log.resolve(OffsetSpec::Offset(stored.unwrap_or(0)))
             }

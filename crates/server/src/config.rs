@@ -62,6 +62,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub stomp: StompConfig,
+    #[serde(default)]
+    pub stream: StreamConfig,
     /// `[tls]`: certificates of the TLS listeners (config_tls.rs).
     #[serde(default)]
     pub tls: crate::config_tls::TlsConfig,
@@ -138,6 +140,12 @@ pub struct Listeners {
     /// The management API and UI over TLS (HTTPS).
     #[serde(default)]
     pub management_tls: Option<SocketAddr>,
+    /// The RabbitMQ Stream protocol over TCP.
+    #[serde(default)]
+    pub stream: Option<SocketAddr>,
+    /// The RabbitMQ Stream protocol over TLS.
+    #[serde(default)]
+    pub streams: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -208,6 +216,32 @@ impl Default for StompConfig {
             max_header_length: 102_400,
             heartbeat_min_ms: 1000,
             ws_path: "/ws".into(),
+        }
+    }
+}
+
+/// `[stream]`: the RabbitMQ Stream protocol adapter (RabbitMQ's `stream.*`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Largest frame accepted after Open and offered in Tune (bytes).
+    pub frame_max: u32,
+    /// Heartbeat interval offered in Tune (seconds; 0 = none).
+    pub heartbeat: u32,
+    /// Host clients are told to connect to (Open, Metadata); empty: the
+    /// address the client reached.
+    pub advertised_host: String,
+    /// Port clients are told; 0: the port the client reached.
+    pub advertised_port: u16,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            frame_max: 1_048_576,
+            heartbeat: 60,
+            advertised_host: String::new(),
+            advertised_port: 0,
         }
     }
 }

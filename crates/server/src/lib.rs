@@ -104,6 +104,18 @@ pub fn amqp_settings(config: &Config) -> AmqpSettings {
     }
 }
 
+/// The Stream protocol adapter's settings from `[stream]` and `[limits]`.
+pub fn stream_settings(config: &Config) -> switchyard_stream::StreamSettings {
+    let st = &config.stream;
+    switchyard_stream::StreamSettings {
+        frame_max: st.frame_max,
+        heartbeat: st.heartbeat,
+        handshake_timeout: config.limits.handshake_timeout(),
+        advertised_host: st.advertised_host.clone(),
+        advertised_port: st.advertised_port,
+    }
+}
+
 /// The STOMP adapter's settings from `[stomp]` and `[limits]`.
 pub fn stomp_settings(config: &Config) -> switchyard_stomp::StompSettings {
     let st = &config.stomp;
@@ -411,6 +423,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     if let (Some(addr), Some(t)) = (l.stomp_wss, wss_transport(stomp_ws_options(&config))) {
         wanted.push(("stomp_wss", stomp, t, addr));
     }
+    let stream = Protocol::Stream(Arc::new(stream_settings(&config)));
+    if let Some(addr) = l.stream {
+        wanted.push(("stream", stream.clone(), Transport::Tcp, addr));
+    }
+    if let (Some(addr), Some(t)) = (l.streams, tls_transport()) {
+        wanted.push(("streams", stream, t, addr));
+    }
     if wanted.is_empty() {
         warn!("no listener is configured: nobody can connect");
     }
@@ -589,6 +608,7 @@ fn listener_protocol(name: &str) -> &str {
         "amqps" => "amqp/ssl",
         "mqtts" => "mqtt/ssl",
         "stomps" => "stomp/ssl",
+        "streams" => "stream/ssl",
         "mqtt_wss" => "https/web-mqtt",
         "stomp_wss" => "https/web-stomp",
         "management_tls" => "https",

@@ -22,6 +22,8 @@ pub(crate) enum Protocol {
     /// MQTT 3.1/3.1.1/5.0: the settings and the broker-wide MQTT state.
     Mqtt(Arc<MqttSettings>, Arc<MqttState>),
     Stomp(Arc<StompSettings>),
+    /// The RabbitMQ Stream protocol.
+    Stream(Arc<switchyard_stream::StreamSettings>),
 }
 
 /// Runs `accept` until shutdown, serving each connection with `protocol`.
@@ -58,6 +60,9 @@ pub(crate) async fn serve(
                     }
                     Protocol::Stomp(settings) => {
                         switchyard_stomp::serve(stream, peer, broker, settings, token).await;
+                    }
+                    Protocol::Stream(settings) => {
+                        switchyard_stream::serve(stream, peer, broker, settings, token).await;
                     }
                 }
             })
