@@ -153,6 +153,15 @@ impl TestBroker {
             .expect("testkit: the configuration has no MQTT WebSocket listener")
     }
 
+    /// The address of the RabbitMQ Stream protocol listener.
+    pub fn stream_addr(&self) -> SocketAddr {
+        *self
+            .server
+            .local_addrs()
+            .get("stream")
+            .expect("testkit: the configuration has no Stream protocol listener")
+    }
+
     /// The address of the HTTP management listener (API and UI).
     pub fn management_addr(&self) -> SocketAddr {
         *self
