@@ -9,7 +9,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use switchyard_amqp::codec::{self, Frame, Method};
-use switchyard_core::field::FieldTable;
+use switchyard_core::field::{FieldTable, FieldValue};
 use switchyard_core::message::Properties;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
@@ -244,8 +244,13 @@ impl Conn {
 pub async fn setup(run: &Shared) -> Result<()> {
     let s = &run.settings;
     let mut c = Conn::open(run, 1).await.context("setup connection")?;
-    let durable = s.persistent;
+    // Streams are durable by rule.
+    let durable = s.persistent || s.queue_type.is_some();
     let n0 = names(run, 0);
+    let mut queue_args = FieldTable::new();
+    if let Some(kind) = &s.queue_type {
+        queue_args.insert("x-queue-type", FieldValue::string(kind.clone()));
+    }
     if !n0.exchange.is_empty() {
         let kind = if n0.topic { "topic" } else { "fanout" };
         c.push(
@@ -272,7 +277,7 @@ pub async fn setup(run: &Shared) -> Result<()> {
             codec::QueueDeclare {
                 queue: q.clone(),
                 durable,
-                arguments: FieldTable::new(),
+                arguments: queue_args.clone(),
                 ..Default::default()
             }
             .into()
@@ -522,6 +527,10 @@ pub async fn consumer(
     let mut c = Conn::open(&run, 1).await?;
     let n = names(&run, i);
     let autoack = s.multi_ack.is_none();
+    let mut consume_args = FieldTable::new();
+    if s.queue_type.as_deref() == Some("stream") {
+        consume_args.insert("x-stream-offset", FieldValue::string("next"));
+    }
     if s.prefetch > 0 {
         c.push(
             1,
@@ -540,7 +549,7 @@ pub async fn consumer(
             queue: n.queue.clone(),
             consumer_tag: format!("perf-{i}"),
             no_ack: autoack,
-            arguments: FieldTable::new(),
+            arguments: consume_args,
             ..Default::default()
         }
         .into(),

@@ -16,6 +16,7 @@ mod procstat;
 mod report;
 mod run;
 mod stomp;
+mod stream;
 mod transport;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -36,6 +37,8 @@ pub enum Protocol {
     Amqp,
     Mqtt,
     Stomp,
+    /// The RabbitMQ Stream protocol.
+    Stream,
 }
 
 /// Load generator for AMQP 0-9-1, MQTT 3.1.1/5.0 and STOMP brokers (loopback only).
@@ -125,6 +128,17 @@ struct Cli {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Stream protocol: use this stream (created if missing, kept after the run)
+    /// instead of a new one per run; lets a run replay what an earlier one wrote.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Stream protocol: where consumers start (`next`, or `first` to replay).
+    #[arg(long, value_parser = ["next", "first"], default_value = "next")]
+    stream_offset: String,
+    /// AMQP: the queue type to declare (`classic`, or `stream`: consumed with a
+    /// prefetch and acks, from `next`).
+    #[arg(long, value_parser = ["classic", "stream"], default_value = "classic")]
+    queue_type: String,
 }
 
 fn main() -> Result<()> {
@@ -179,7 +193,14 @@ async fn run_cli(cli: Cli) -> Result<()> {
         (Protocol::Mqtt, Transport::Ws) => 15675,
         (Protocol::Stomp, Transport::Tcp) => 61613,
         (Protocol::Stomp, Transport::Ws) => 15674,
+        (Protocol::Stream, _) => 5552,
     });
+    if cli.protocol == Protocol::Stream && cli.transport == Transport::Ws {
+        bail!("the Stream protocol over WebSocket is not supported");
+    }
+    if cli.queue_type == "stream" && (cli.prefetch == 0 || cli.multi_ack.is_none()) {
+        bail!("--queue-type stream needs a prefetch (-q) and acks (-n), as RabbitMQ does");
+    }
     let addr = SocketAddr::new(resolve(&cli.host)?, port);
     let run_id = format!(
         "{}-{}",
@@ -212,6 +233,9 @@ async fn run_cli(cli: Cli) -> Result<()> {
         idle_channels: cli.idle_channels,
         duration: Duration::from_secs(cli.duration),
         run_id,
+        stream: cli.stream.clone(),
+        stream_first: cli.stream_offset == "first",
+        queue_type: (cli.queue_type != "classic").then(|| cli.queue_type.clone()),
         text_stamp: cli.protocol == Protocol::Stomp,
     };
     let proto = cli.protocol;
@@ -223,6 +247,9 @@ async fn run_cli(cli: Cli) -> Result<()> {
     let has_traffic = settings.producers > 0 || settings.consumers > 0;
     if proto == Protocol::Amqp && has_traffic {
         amqp::setup(&run).await?;
+    }
+    if proto == Protocol::Stream && has_traffic {
+        stream::setup(&run).await?;
     }
     let setup_secs = setup_started.elapsed().as_secs_f64();
 
@@ -257,6 +284,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 Protocol::Amqp => amqp::consumer(run, i, ready).await,
                 Protocol::Mqtt => mqtt::subscriber(run, i, ready).await,
                 Protocol::Stomp => stomp::consumer(run, i, ready).await,
+                Protocol::Stream => stream::consumer(run, i, ready).await,
             }
         }));
     }
@@ -291,6 +319,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
                 Protocol::Amqp => amqp::producer(run, i).await,
                 Protocol::Mqtt => mqtt::publisher(run, i).await,
                 Protocol::Stomp => stomp::producer(run, i).await,
+                Protocol::Stream => stream::producer(run, i).await,
             }
         }));
     }
@@ -359,6 +388,11 @@ async fn run_cli(cli: Cli) -> Result<()> {
     drop(idle_conns);
     if proto == Protocol::Amqp && has_traffic {
         if let Err(e) = amqp::teardown(&run).await {
+            errors.push(format!("teardown: {e:#}"));
+        }
+    }
+    if proto == Protocol::Stream && has_traffic {
+        if let Err(e) = stream::teardown(&run).await {
             errors.push(format!("teardown: {e:#}"));
         }
     }
@@ -437,6 +471,7 @@ enum IdleConn {
     Amqp(amqp::Conn),
     Mqtt(mqtt::Conn),
     Stomp(stomp::Conn),
+    Stream(stream::Conn),
 }
 
 /// Opens `n` idle connections, 64 handshakes at a time.
@@ -455,6 +490,7 @@ async fn open_idle(run: &Shared, proto: Protocol, n: usize) -> Result<Vec<IdleCo
                         mqtt::Conn::open(&run, &format!("perf-idle-{id}-{i}"), true).await?,
                     ),
                     Protocol::Stomp => IdleConn::Stomp(stomp::Conn::open(&run).await?),
+                    Protocol::Stream => IdleConn::Stream(stream::Conn::open(&run).await?),
                 })
             }
         })

@@ -60,6 +60,14 @@ pub struct Settings {
     pub duration: Duration,
     /// Names are suffixed with this, so runs never see each other's leftovers.
     pub run_id: String,
+    /// Stream protocol: the stream to use (default: one per run, deleted after).
+    pub stream: Option<String>,
+    /// Stream protocol: consumers read from the first offset (replay) instead
+    /// of the next one.
+    pub stream_first: bool,
+    /// AMQP: declare the queue(s) as this type (`stream`: durable, consumed
+    /// from `next` with manual acks).
+    pub queue_type: Option<String>,
     /// Stamp bodies as 16 hex digits rather than 8 raw bytes: STOMP brokers may send
     /// bodies in WebSocket text frames (RabbitMQ does), which must be UTF-8.
     pub text_stamp: bool,
