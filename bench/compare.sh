@@ -9,6 +9,8 @@
 #   ONLY="S1 S2" bench/compare.sh     # some scenarios (S7 is the idle-connection one)
 #   ONLY=FLOOD bench/compare.sh       # the flood case alone (issue 11): a publisher with no
 #                                     # consumer under a 128 MiB memory watermark
+#   ONLY=ST bench/compare.sh          # the stream cases (issue 13), against RabbitMQ's
+#                                     # stream plugin
 #
 # Not part of the test suite: it takes about half an hour. Every broker it starts
 # listens on loopback ports of its own (so a RabbitMQ already running on 5672 is
@@ -29,8 +31,8 @@ FLOOD_WATERMARK="${FLOOD_WATERMARK:-134217728}"
 WATERMARK=""
 
 # Ports: Switchyard, RabbitMQ and Mosquitto each on their own, none the defaults.
-SY_AMQP=5872 SY_MQTT=1893 SY_MQTT_WS=15875 SY_STOMP=61813 SY_STOMP_WS=15874
-RB_AMQP=5772 RB_DIST=25772 RB_MQTT=1983 RB_MQTT_WS=15775 RB_STOMP=61713 RB_STOMP_WS=15774
+SY_AMQP=5872 SY_MQTT=1893 SY_MQTT_WS=15875 SY_STOMP=61813 SY_STOMP_WS=15874 SY_STREAM=5952
+RB_AMQP=5772 RB_DIST=25772 RB_MQTT=1983 RB_MQTT_WS=15775 RB_STOMP=61713 RB_STOMP_WS=15774 RB_STREAM=5752
 MQ_MQTT=1993 MQ_MQTT_WS=15795
 
 tmp="$(mktemp -d /tmp/switchyard-bench.XXXXXX)"
@@ -77,6 +79,7 @@ start_switchyard() {
         -e "s#^mqtt_ws = .*#mqtt_ws = \"127.0.0.1:$SY_MQTT_WS\"#" \
         -e "s#^stomp = .*#stomp = \"127.0.0.1:$SY_STOMP\"#" \
         -e "s#^stomp_ws = .*#stomp_ws = \"127.0.0.1:$SY_STOMP_WS\"#" \
+        -e "s#^stream = .*#stream = \"127.0.0.1:$SY_STREAM\"#" \
         ${WATERMARK:+-e "s#^memory_high_watermark_bytes = .*#memory_high_watermark_bytes = $WATERMARK#"} \
         config.toml >"$tmp/switchyard.toml"
     rm -f "$tmp/sy-ready.json"
@@ -112,12 +115,13 @@ web_mqtt.tcp.ip = 127.0.0.1
 web_mqtt.tcp.port = $RB_MQTT_WS
 web_stomp.tcp.ip = 127.0.0.1
 web_stomp.tcp.port = $RB_STOMP_WS
+stream.listeners.tcp.1 = 127.0.0.1:$RB_STREAM
 EOF
     if [[ -n "$WATERMARK" ]]; then
         echo "vm_memory_high_watermark.absolute = $WATERMARK" >>"$tmp/rabbit/rabbitmq.conf"
     fi
     rb_env /usr/lib/rabbitmq/bin/rabbitmq-plugins enable --offline \
-        rabbitmq_stomp rabbitmq_mqtt rabbitmq_web_stomp rabbitmq_web_mqtt >/dev/null
+        rabbitmq_stomp rabbitmq_mqtt rabbitmq_web_stomp rabbitmq_web_mqtt rabbitmq_stream >/dev/null
     rb_env /usr/lib/rabbitmq/bin/rabbitmq-server >"$tmp/rabbit/stdout.log" 2>&1 &
     rb_env timeout 120 /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RB_NODE" wait "$tmp/rabbit/pid" --timeout 120 >/dev/null
     rb_pid="$(cat "$tmp/rabbit/pid")"
@@ -184,6 +188,11 @@ S9-stomp-ws|rabbitmq|stomp-ws|-x 1 -y 1 -s 1024
 S10-amqp|rabbitmq|amqp|-x 1 -y 1 -s 65536
 S10-mqtt|mosquitto|mqtt|-x 1 -y 1 -s 65536
 S11|rabbitmq|amqp|-x 1 -y 1 --topic-bindings 100000
+ST-protocol|rabbitmq|stream|-x 1 -y 1 -c 10000
+ST-amqp|rabbitmq|amqp|--queue-type stream -x 1 -y 1 -c 1000 -q 1000 -n 100
+ST-fill|rabbitmq|stream|--stream perf-replay -x 1 -y 0 -c 10000
+ST-replay-1|rabbitmq|stream|--stream perf-replay -x 0 -y 1 --stream-offset first
+ST-replay-100|rabbitmq|stream|--stream perf-replay -x 0 -y 100 --stream-offset first
 EOF
 }
 idle_cases() {
@@ -218,9 +227,11 @@ target_args() {
         switchyard/mqtt-ws) echo "--protocol mqtt --transport ws --port $SY_MQTT_WS --broker-pid $sy_pid" ;;
         switchyard/stomp) echo "--protocol stomp --port $SY_STOMP --broker-pid $sy_pid" ;;
         switchyard/stomp-ws) echo "--protocol stomp --transport ws --port $SY_STOMP_WS --broker-pid $sy_pid" ;;
+        switchyard/stream) echo "--protocol stream --port $SY_STREAM --broker-pid $sy_pid" ;;
         rabbitmq/amqp) echo "--protocol amqp --port $RB_AMQP --broker-pid $rb_pid" ;;
         rabbitmq/stomp) echo "--protocol stomp --port $RB_STOMP --broker-pid $rb_pid" ;;
         rabbitmq/stomp-ws) echo "--protocol stomp --transport ws --port $RB_STOMP_WS --broker-pid $rb_pid" ;;
+        rabbitmq/stream) echo "--protocol stream --port $RB_STREAM --broker-pid $rb_pid" ;;
         mosquitto/mqtt) echo "--protocol mqtt --port $MQ_MQTT --broker-pid $mq_pid" ;;
         mosquitto/mqtt-ws) echo "--protocol mqtt --transport ws --port $MQ_MQTT_WS --broker-pid $mq_pid" ;;
         *) log "no target for $broker/$key"; return 1 ;;
@@ -230,6 +241,12 @@ target_args() {
 run_case() {
     local round="$1" id="$2" broker="$3" key="$4" args="$5" duration="$6" targs
     targs="$(target_args "$broker" "$key")"
+    # A replay reads what ST-fill wrote: from the disk, not the page cache
+    # (when this runs as root), so the disk reads it reports are real.
+    if [[ "$id" == ST-replay* ]]; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    fi
     log "round $round: $id on $broker (load $(cut -d' ' -f1 /proc/loadavg))"
     # shellcheck disable=SC2086 # word splitting of the argument lists is wanted
     if ! timeout "$((duration + 900))" "$PERF" $targs $args -z "$duration" --quiet --json \

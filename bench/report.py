@@ -26,6 +26,13 @@ GOALS = {
     "S9": ("recv_rate", "msg/s", True, "", None),
     "S10": ("recv_mb_per_sec", "MB/s", True, ">= 500 MB/s", lambda s, r, q: s >= 500),
     "S11": ("recv_rate", "msg/s", True, "", None),
+    # Issue 13: streams (Switchyard fsyncs before it confirms; RabbitMQ streams do not).
+    "ST-protocol": ("recv_rate", "msg/s", True, ">= 2x RabbitMQ", lambda s, r, q: q >= 2),
+    "ST-amqp": ("recv_rate", "msg/s", True, ">= 2x RabbitMQ", lambda s, r, q: q >= 2),
+    "ST-fill": ("confirm_rate", "confirmed msg/s", True, "", None),
+    "ST-replay-1": ("recv_busy_rate", "msg/s while reading", True, ">= 1 M msg/s",
+                    lambda s, r, q: s >= 1_000_000),
+    "ST-replay": ("recv_busy_rate", "deliveries/s while reading", True, "", None),
     # Issue 11: peak RSS over the broker's start while flooding under a 128 MiB watermark.
     "FLOOD": ("flood_mb", "peak RSS over start, MB", False, "<= 1.25 x 128 MiB",
               lambda s, r, q: s <= 1.25 * 134.217728),
@@ -51,6 +58,9 @@ def metric(r, key):
         if b.get("hwm_kb") is None or b.get("rss_kb_start") is None:
             return None
         return (b["hwm_kb"] - b["rss_kb_start"]) * 1024 / 1e6
+    if key in ("disk_read_bytes", "read_syscall_bytes"):
+        v = (r.get("broker") or {}).get(key)
+        return None if v is None else v / 1e6
     if key in ("cpu_secs", "msgs_per_cpu_sec", "hwm_kb"):
         return (r.get("broker") or {}).get(key)
     return r.get(key)
@@ -185,13 +195,13 @@ def main():
     w("")
     w("## Details (medians)")
     w("")
-    w("| case | broker | sent/s | received/s | MB/s | p50 us | p99 us | p99.9 us | max us | broker CPU s | msg per CPU s | peak RSS MB | bytes/idle conn | client CPU s | others' CPU s |")
-    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    w("| case | broker | sent/s | received/s | MB/s | p50 us | p99 us | p99.9 us | max us | broker CPU s | msg per CPU s | peak RSS MB | bytes/idle conn | reads MB (disk) | client CPU s | others' CPU s |")
+    w("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in order:
         for broker in ["switchyard", reference(case)]:
             rs = runs[(case, broker)]
             if not rs:
-                w(f"| {case} | {broker} | failed |||||||||||| |")
+                w(f"| {case} | {broker} | failed ||||||||||||| |")
                 continue
             g = lambda k: med(metric(r, k) for r in rs)  # noqa: E731
             hwm = g("hwm_kb")
@@ -199,7 +209,8 @@ def main():
               f"{fmt(g('recv_mb_per_sec'))} | {fmt(g('p50_us'), '_us')} | {fmt(g('p99_us'), '_us')} | "
               f"{fmt(g('p999_us'), '_us')} | {fmt(g('max_us'), '_us')} | {fmt(g('cpu_secs'))} | "
               f"{fmt(g('msgs_per_cpu_sec'))} | {fmt(hwm / 1024 if hwm else None)} | "
-              f"{fmt(g('idle_bytes_per_conn'), 'idle_bytes_per_conn')} | {fmt(g('client_cpu_secs'))} | "
+              f"{fmt(g('idle_bytes_per_conn'), 'idle_bytes_per_conn')} | "
+              f"{fmt(g('read_syscall_bytes'))} ({fmt(g('disk_read_bytes'))}) | {fmt(g('client_cpu_secs'))} | "
               f"{fmt(g('other_cpu_secs'))} |")
     w("")
     if a.cases:

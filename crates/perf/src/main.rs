@@ -355,6 +355,10 @@ async fn run_cli(cli: Cli) -> Result<()> {
     run.stop.send_replace(true);
     let window = started.elapsed().as_secs_f64();
     let c = &run.counters;
+    let busy = (run.epoch + Duration::from_nanos(c.last_received_ns.load(Ordering::Relaxed)))
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        .min(window);
     let (sent, confirmed, nacked, received, bytes) = (
         c.sent.load(Ordering::Relaxed),
         c.confirmed.load(Ordering::Relaxed),
@@ -438,6 +442,12 @@ async fn run_cli(cli: Cli) -> Result<()> {
         confirm_rate: confirmed as f64 / secs,
         recv_rate: received as f64 / secs,
         recv_mb_per_sec: bytes as f64 / secs / 1e6,
+        recv_busy_secs: busy,
+        recv_busy_rate: if busy > 0.0 {
+            received as f64 / busy
+        } else {
+            0.0
+        },
         latency: report::Latency::from(&hist),
         broker,
         client_cpu_secs: client_end.cpu_secs - client_start.cpu_secs,

@@ -15,6 +15,11 @@ pub struct Sample {
     pub cpu_secs: f64,
     pub rss_kb: u64,
     pub hwm_kb: u64,
+    /// Bytes the process read through read-like system calls (page cache
+    /// included) and bytes it made the block layer fetch from disk
+    /// (`/proc/<pid>/io` rchar and read_bytes; 0 where it is not readable).
+    pub rchar: u64,
+    pub read_bytes: u64,
 }
 
 pub fn sample(pid: u32) -> Result<Sample> {
@@ -49,10 +54,19 @@ fn read(dir: &str) -> Result<Sample> {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
+    let io = std::fs::read_to_string(format!("{dir}/io")).unwrap_or_default();
+    let io_field = |key: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Ok(Sample {
         cpu_secs,
         rss_kb: kb("VmRSS:"),
         hwm_kb: kb("VmHWM:"),
+        rchar: io_field("rchar:"),
+        read_bytes: io_field("read_bytes:"),
     })
 }
 

@@ -40,6 +40,10 @@ pub struct Broker {
     pub hwm_kb: u64,
     /// Resident set added by the idle connections, per connection, in bytes.
     pub idle_bytes_per_conn: Option<f64>,
+    /// Bytes the broker read in the window through system calls (page cache
+    /// included), and from the disk itself.
+    pub read_syscall_bytes: u64,
+    pub disk_read_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,6 +75,11 @@ pub struct Report {
     pub confirm_rate: f64,
     pub recv_rate: f64,
     pub recv_mb_per_sec: f64,
+    /// From the window's start to the last message counted: shorter than the
+    /// window when consumers ran out of messages (a replay read to its end).
+    pub recv_busy_secs: f64,
+    /// Messages received per second over `recv_busy_secs`.
+    pub recv_busy_rate: f64,
     pub latency: Latency,
     pub broker: Option<Broker>,
     /// CPU seconds this load generator used in the window (to show it is not the bottleneck).
@@ -117,6 +126,13 @@ impl Report {
                 ),
             ),
             (
+                "receiving",
+                format!(
+                    "for {:.2} s of the window ({:.0} msg/s over that time)",
+                    self.recv_busy_secs, self.recv_busy_rate
+                ),
+            ),
+            (
                 "latency",
                 format!(
                     "p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us ({} samples)",
@@ -148,6 +164,13 @@ impl Report {
                 format!(
                     "RSS {} -> {} kB, peak {} kB",
                     b.rss_kb_start, b.rss_kb_end, b.hwm_kb
+                ),
+            ));
+            rows.push((
+                "broker reads",
+                format!(
+                    "{} bytes by system calls, {} from disk",
+                    b.read_syscall_bytes, b.disk_read_bytes
                 ),
             ));
             if let Some(per) = b.idle_bytes_per_conn {
@@ -200,5 +223,7 @@ pub fn broker(
         rss_kb_end: end.rss_kb,
         hwm_kb: end.hwm_kb,
         idle_bytes_per_conn,
+        read_syscall_bytes: end.rchar.saturating_sub(start.rchar),
+        disk_read_bytes: end.read_bytes.saturating_sub(start.read_bytes),
     }
 }

@@ -88,6 +88,10 @@ pub struct Counters {
     pub nacked: AtomicU64,
     pub received: AtomicU64,
     pub received_bytes: AtomicU64,
+    /// When a consumer last counted messages, in ns since [`Run::epoch`]: a
+    /// replay that reads everything before the window ends is measured over
+    /// the time it took, not over the window.
+    pub last_received_ns: AtomicU64,
 }
 
 impl Counters {
@@ -202,6 +206,13 @@ impl Recorder {
 
     /// Publishes the counts of this batch to the shared counters.
     pub fn flush(&mut self) {
+        if self.pending > 0 {
+            let now = self.run.now_nanos();
+            self.run
+                .counters
+                .last_received_ns
+                .fetch_max(now, Ordering::Relaxed);
+        }
         Counters::add(&self.run.counters.received, self.pending);
         Counters::add(&self.run.counters.received_bytes, self.pending_bytes);
         self.pending = 0;

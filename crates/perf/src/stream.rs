@@ -55,7 +55,8 @@ impl Conn {
         plain.extend_from_slice(s.pass.as_bytes());
         let (status, _) = c
             .request(key::SASL_AUTHENTICATE, |w| {
-                w.string("PLAIN").i32(i32::try_from(plain.len()).unwrap_or(0));
+                w.string("PLAIN")
+                    .i32(i32::try_from(plain.len()).unwrap_or(0));
                 w.raw(&plain);
             })
             .await?;
@@ -74,10 +75,11 @@ impl Conn {
         w.finish();
         c.writer.send_one(&out).await?;
         let vhost = s.vhost.clone();
-        let (status, _) = c.request(key::OPEN, |w| {
-            w.string(&vhost);
-        })
-        .await?;
+        let (status, _) = c
+            .request(key::OPEN, |w| {
+                w.string(&vhost);
+            })
+            .await?;
         if status != code::OK {
             bail!("stream open refused (code {status:#x})");
         }
@@ -86,7 +88,11 @@ impl Conn {
 
     /// Sends a request (the correlation id is written first) and waits for its
     /// answer's code and the fields after it.
-    async fn request(&mut self, k: u16, fields: impl FnOnce(&mut Frame<'_>)) -> Result<(u16, Bytes)> {
+    async fn request(
+        &mut self,
+        k: u16,
+        fields: impl FnOnce(&mut Frame<'_>),
+    ) -> Result<(u16, Bytes)> {
         self.correlation += 1;
         let mut out = BytesMut::new();
         let mut w = Frame::start(&mut out, k, 1);
@@ -174,7 +180,9 @@ pub async fn producer(run: Shared, _i: usize) -> Result<()> {
     let name = stream_name(&run);
     let (status, _) = c
         .request(key::DECLARE_PUBLISHER, |w| {
-            w.u8(0).i16(-1).string(&name);
+            // No reference (no deduplication): an empty string, which every
+            // broker reads; RabbitMQ refuses a null one.
+            w.u8(0).string("").string(&name);
         })
         .await?;
     if status != code::OK {

@@ -263,11 +263,6 @@ impl<'a> Writer<'a> {
         self
     }
 
-    pub fn i16(&mut self, v: i16) -> &mut Self {
-        self.out.put_i16(v);
-        self
-    }
-
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.out.put_u32(v);
         self
