@@ -35,4 +35,4 @@ pub mod vhost;
 pub use broker::{Broker, MetaLog};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use field::{FieldTable, FieldValue};
-pub use message::{Message, Properties};
+pub use message::{Message, Properties, Props};

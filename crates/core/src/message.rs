@@ -5,6 +5,7 @@
 //! topic, user properties) live in `headers` as INTEROP.md says. The body is a
 //! `Bytes`, shared by every queue and subscriber a message is routed to.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -14,6 +15,10 @@ use crate::field::FieldTable;
 /// AMQP `delivery-mode` 2: the message should survive a broker restart when it
 /// sits in a durable queue.
 pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
+
+/// Bodies up to this size are copied out of the read buffer before they are
+/// queued ([`Message::own_small_body`]).
+pub const OWN_BODY_MAX: usize = 1024;
 
 /// The basic properties of a message, all optional.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -38,7 +43,30 @@ pub struct Properties {
     pub cluster_id: Option<String>,
 }
 
+/// Properties with every field absent, what an empty [`Props`] reads as.
+static NO_PROPERTIES: Properties = Properties {
+    content_type: None,
+    content_encoding: None,
+    headers: None,
+    delivery_mode: None,
+    priority: None,
+    correlation_id: None,
+    reply_to: None,
+    expiration: None,
+    message_id: None,
+    timestamp: None,
+    kind: None,
+    user_id: None,
+    app_id: None,
+    cluster_id: None,
+};
+
 impl Properties {
+    /// Whether no property is set.
+    pub fn is_empty(&self) -> bool {
+        self == &NO_PROPERTIES
+    }
+
     pub fn is_persistent(&self) -> bool {
         self.delivery_mode == Some(DELIVERY_MODE_PERSISTENT)
     }
@@ -50,6 +78,65 @@ impl Properties {
     }
 }
 
+/// A message's [`Properties`], boxed, and absent when none is set: inline they
+/// would be 288 of a message's bytes, most of what a small queued message costs
+/// (issue 11), while most messages carry none or two or three. Reads through
+/// `Deref` (an absent box reads as all-`None`); a write through `DerefMut`
+/// allocates the box. Serialises exactly as `Properties`, so stored records are
+/// unchanged.
+#[derive(Clone, Default)]
+pub struct Props(Option<Box<Properties>>);
+
+impl Props {
+    /// The properties, unboxed.
+    pub fn into_inner(self) -> Properties {
+        self.0.map(|b| *b).unwrap_or_default()
+    }
+}
+
+impl From<Properties> for Props {
+    fn from(p: Properties) -> Self {
+        Props((!p.is_empty()).then(|| Box::new(p)))
+    }
+}
+
+impl Deref for Props {
+    type Target = Properties;
+    fn deref(&self) -> &Properties {
+        self.0.as_deref().unwrap_or(&NO_PROPERTIES)
+    }
+}
+
+impl DerefMut for Props {
+    fn deref_mut(&mut self) -> &mut Properties {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl PartialEq for Props {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for Props {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl serde::Serialize for Props {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Props {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Properties::deserialize(d).map(Props::from)
+    }
+}
+
 /// A message as published: where it was sent and what it carries. Immutable once
 /// built; shared as `Arc<Message>` by every queue it is routed to.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -57,7 +144,7 @@ pub struct Message {
     /// The exchange it was published to (`""` is the default exchange).
     pub exchange: String,
     pub routing_key: String,
-    pub properties: Properties,
+    pub properties: Props,
     pub body: Bytes,
     /// An adapter-defined id of the session that published it (MQTT's no-local
     /// option needs to know a message came from the subscriber itself). `None`
@@ -87,7 +174,7 @@ pub struct Message {
 pub struct MessageV1 {
     exchange: String,
     routing_key: String,
-    properties: Properties,
+    properties: Props,
     body: Bytes,
     origin: Option<u64>,
     received_ms: Option<u64>,
@@ -117,7 +204,7 @@ impl Message {
         Arc::new(Message {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
-            properties,
+            properties: properties.into(),
             body,
             origin: None,
             received_ms: None,
@@ -140,9 +227,75 @@ impl Message {
         same.then_some(topic)
     }
 
+    /// Gives a small body an allocation of its own. An adapter's body is a
+    /// slice of the connection's read buffer (up to 64 KiB, shared by every
+    /// frame read with it), so one small message left in a queue would keep
+    /// the whole buffer alive: copying up to [`OWN_BODY_MAX`] bytes is cheaper
+    /// than that, and a backlog of small messages then costs what their bodies
+    /// are, not what their frames were. Larger bodies stay shared (a copy
+    /// would cost more than the part of the buffer they pin).
+    pub fn own_small_body(&mut self) {
+        if !self.body.is_empty() && self.body.len() <= OWN_BODY_MAX {
+            self.body = Bytes::from(self.body.to_vec());
+        }
+    }
+
     /// Bytes this message accounts for in queue length limits and memory: the body
     /// (RabbitMQ's `x-max-length-bytes` counts bodies only).
     pub fn body_size(&self) -> usize {
         self.body.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What one queued message costs starts here (issue 11): keep it small.
+    #[test]
+    fn message_and_properties_stay_small() {
+        assert_eq!(std::mem::size_of::<Props>(), 8);
+        assert!(std::mem::size_of::<Message>() <= 144);
+    }
+
+    #[test]
+    fn props_box_only_what_is_set_and_store_as_properties() {
+        let empty = Props::from(Properties::default());
+        assert!(empty.0.is_none());
+        assert_eq!(empty.delivery_mode, None);
+        let mut set = Props::default();
+        set.delivery_mode = Some(DELIVERY_MODE_PERSISTENT);
+        assert!(set.is_persistent());
+        // The stored form is the unboxed one: records written before are read.
+        let full = Properties {
+            content_type: Some("text/plain".into()),
+            delivery_mode: Some(2),
+            ..Properties::default()
+        };
+        let bytes = postcard::to_allocvec(&full).unwrap();
+        assert_eq!(
+            postcard::to_allocvec(&Props::from(full.clone())).unwrap(),
+            bytes
+        );
+        let back: Props = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.into_inner(), full);
+        let none: Props =
+            postcard::from_bytes(&postcard::to_allocvec(&Properties::default()).unwrap()).unwrap();
+        assert!(none.0.is_none());
+    }
+
+    #[test]
+    fn small_bodies_get_their_own_allocation() {
+        let frame = Bytes::from(vec![7u8; 4096]);
+        let mut m = Message::clone(&Message::new(
+            "",
+            "k",
+            Properties::default(),
+            frame.slice(10..26),
+        ));
+        m.own_small_body();
+        assert_eq!(&m.body[..], &[7u8; 16]);
+        // The frame's buffer is no longer shared by the body.
+        assert!(frame.is_unique());
     }
 }

@@ -55,8 +55,10 @@ pub struct BindingRecord {
 pub struct StoredRef {
     pub id: u64,
     pub segment: u32,
-    /// Byte offset of the record in its segment, to read the body back.
-    pub offset: u64,
+    /// Byte offset of the record in its segment, to read the body back. A
+    /// record starts within its segment's size (at most 4 GiB, `MessageLog`
+    /// clamps it): 32 bits keep the queue entry that holds this small.
+    pub offset: u32,
 }
 
 /// A message recovered for one queue, in queue order.

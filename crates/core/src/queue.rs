@@ -80,13 +80,14 @@ pub struct QueuedMessage {
     /// The body is only on disk (paged out under memory pressure): `message` is
     /// a copy without it and this is the body's length. Loaded back from the
     /// store when the message is handed out.
-    pub on_disk: Option<usize>,
+    pub on_disk: Option<u32>,
 }
 
 impl QueuedMessage {
     /// The body's length, wherever the body is (what length limits count).
     pub fn body_len(&self) -> usize {
-        self.on_disk.unwrap_or_else(|| self.message.body_size())
+        self.on_disk
+            .map_or_else(|| self.message.body_size(), |len| len as usize)
     }
 
     /// What the memory alarm counts for this message: its body plus the
@@ -390,11 +391,35 @@ fn released(message: &Arc<Message>) -> Arc<Message> {
     Arc::new(copy)
 }
 
-/// A copy of a message without its body, for a message paged out to disk.
+/// A copy of a message without its body, for a message paged out to disk
+/// whose properties the queue still reads while it waits (see [`paged`]).
 fn without_body(message: &Message) -> Arc<Message> {
     let mut stub = message.clone();
     stub.body = bytes::Bytes::new();
     Arc::new(stub)
+}
+
+/// What a message paged out to disk keeps in memory (issue 11: a paged
+/// backlog must cost its queue entry, not a copy of every message's headers).
+/// The queue reads a waiting message's properties only for its priority level,
+/// its per-message TTL (`expiration`) and its `x-delay` (`delayed`); a message
+/// needing none of them shares one empty placeholder, and everything else
+/// (delivery, peeking, dead-lettering) reads the whole message back from the
+/// store first (`Queue::load`).
+fn paged(message: &Message, prioritised: bool, delayed: bool) -> Arc<Message> {
+    static PLACEHOLDER: std::sync::LazyLock<Arc<Message>> = std::sync::LazyLock::new(|| {
+        Message::new(
+            "",
+            "",
+            crate::message::Properties::default(),
+            bytes::Bytes::new(),
+        )
+    });
+    if prioritised || delayed || message.properties.expiration.is_some() {
+        without_body(message)
+    } else {
+        PLACEHOLDER.clone()
+    }
 }
 
 fn with_delivery_count(message: &Message, count: u32) -> Arc<Message> {
@@ -678,9 +703,13 @@ impl Queue {
         // Under memory pressure a stored message keeps only its body on disk
         // (RabbitMQ pages to disk at half the watermark too): queues can grow far
         // past RAM while the memory alarm only counts what is really resident.
-        let (message, on_disk) = if stored.is_some() && self.memory.paging() {
-            let len = message.body_size();
-            (without_body(&message), Some(len))
+        let paged_len = u32::try_from(message.body_size())
+            .ok()
+            .filter(|_| stored.is_some() && self.memory.paging());
+        let (message, on_disk) = if let Some(len) = paged_len {
+            let prioritised = self.settings().max_priority.is_some();
+            let delayed = due.is_some_and(|due| due > now);
+            (paged(&message, prioritised, delayed), Some(len))
         } else {
             // Body plus per-message overhead, as `QueuedMessage::resident` (issue 6).
             self.memory.add(crate::memory::cost(message.body_size()));
@@ -808,7 +837,7 @@ impl Queue {
                 expires_at: None,
                 // Not stored: a quorum queue's delivery count restarts at boot.
                 delivery_count: 0,
-                on_disk: m.on_disk,
+                on_disk: m.on_disk.map(|len| u32::try_from(len).unwrap_or(u32::MAX)),
             };
             match due {
                 Some(due) if due > now => {
@@ -821,6 +850,11 @@ impl Queue {
                         &qm.message,
                         due.unwrap_or(received),
                     );
+                    if qm.on_disk.is_some() {
+                        // Recovery gave the properties; nothing reads them now.
+                        let prioritised = st.settings.max_priority.is_some();
+                        qm.message = paged(&qm.message, prioritised, false);
+                    }
                     st.ready.push_back(qm);
                 }
             }
@@ -843,7 +877,7 @@ impl Queue {
                 // delay the copy read back.
                 m.message = released(&Arc::new(full));
                 m.on_disk = None;
-                self.memory.add(crate::memory::cost(len));
+                self.memory.add(crate::memory::cost(len as usize));
                 Some(m)
             }
             Err(e) => {
@@ -1375,5 +1409,14 @@ impl Queue {
             c.notify_cancelled();
         }
         count
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// A queue's index costs this per message (issue 11): keep it small.
+    #[test]
+    fn queued_message_stays_small() {
+        assert!(std::mem::size_of::<super::QueuedMessage>() <= 72);
     }
 }

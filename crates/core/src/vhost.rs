@@ -1008,6 +1008,11 @@ impl VHost {
     /// an `x-delay` count from.
     pub fn publish_at(&self, mut message: Arc<Message>, now: u64) -> CoreResult<Routed> {
         let queues = self.route(&message)?;
+        if !queues.is_empty() {
+            if let Some(m) = Arc::get_mut(&mut message) {
+                m.own_small_body();
+            }
+        }
         let due = match delay_of(&message) {
             Some(delay) => {
                 // The receive time is stored with the message: a restart re-derives

@@ -244,6 +244,9 @@ impl MessageLog {
         queues: &HashSet<u64>,
         resident_budget: usize,
     ) -> io::Result<(Self, LogRecovery)> {
+        // Records start below the segment size, and `StoredRef` keeps their
+        // offset in 32 bits.
+        let segment_size = segment_size.min(MAX_SEGMENT_SIZE);
         fs::create_dir_all(dir)?;
         // After a crash, delivered records that were not yet synced are lost, so a
         // message may have reached a consumer without the log knowing: mark every
@@ -316,7 +319,7 @@ impl MessageLog {
                     stored: StoredRef {
                         id,
                         segment: *segment,
-                        offset: *offset,
+                        offset: record_offset(*offset),
                     },
                     message: message.clone(),
                     redelivered: !clean || delivered.contains(&(queue, id)),
@@ -432,7 +435,7 @@ impl MessageLog {
             )
         };
         let mut file = File::open(segment_path(&self.shared.dir, stored.segment))?;
-        file.seek(SeekFrom::Start(stored.offset))?;
+        file.seek(SeekFrom::Start(u64::from(stored.offset)))?;
         let mut header = [0u8; HEADER];
         file.read_exact(&mut header)?;
         let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
@@ -467,7 +470,7 @@ impl MessageLog {
             StoredRef {
                 id,
                 segment,
-                offset,
+                offset: record_offset(offset),
             },
             position,
         )
@@ -625,6 +628,17 @@ fn write_batch(
         }
     }
     Ok(())
+}
+
+/// Largest segment: a record starts below it, so its offset fits a `u32`.
+const MAX_SEGMENT_SIZE: u64 = u32::MAX as u64;
+
+/// A record's offset in its segment as `StoredRef` keeps it (below
+/// [`MAX_SEGMENT_SIZE`] by construction; a larger one, from a segment written
+/// with a larger size, cannot be addressed and saturates, so reading it back
+/// fails its id check instead of reading the wrong record silently).
+fn record_offset(offset: u64) -> u32 {
+    u32::try_from(offset).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

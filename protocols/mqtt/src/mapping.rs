@@ -317,7 +317,7 @@ pub fn to_core(
     Arc::new(Message {
         exchange: exchange.to_owned(),
         routing_key,
-        properties,
+        properties: properties.into(),
         body: m.payload,
         origin: Some(origin),
         received_ms: Some(now_ms),

@@ -426,7 +426,7 @@ pub fn decode(data: &Bytes, routing_key: &str) -> Result<Message, DecodeError> {
     Ok(Message {
         exchange,
         routing_key: key.unwrap_or_else(|| routing_key.to_owned()),
-        properties,
+        properties: properties.into(),
         body,
         origin: None,
         received_ms: None,
@@ -701,7 +701,8 @@ mod tests {
                 user_id: Some("guest".into()),
                 app_id: Some("shop".into()),
                 cluster_id: None,
-            },
+            }
+            .into(),
             body: Bytes::from_static(b"hello"),
             origin: None,
             received_ms: None,
@@ -763,7 +764,7 @@ mod tests {
         raw.extend_from_slice(&[0x00, 0x53, 0x75, 0xa0, 0x00]);
         let m = decode(&Bytes::from(raw), "s").unwrap();
         assert_eq!(m.properties.message_id.as_deref(), Some("x"));
-        let h = m.properties.headers.unwrap();
+        let h = m.properties.into_inner().headers.unwrap();
         assert_eq!(h.get("j"), Some(&FieldValue::Bool(true)));
         assert!(h.get("k").is_none());
     }
