@@ -263,9 +263,10 @@ mod tests {
         let empty = Props::from(Properties::default());
         assert!(empty.0.is_none());
         assert_eq!(empty.delivery_mode, None);
+        // A write through DerefMut allocates the box.
         let mut set = Props::default();
-        set.delivery_mode = Some(DELIVERY_MODE_PERSISTENT);
-        assert!(set.is_persistent());
+        set.headers.get_or_insert_with(FieldTable::new);
+        assert!(set.0.is_some());
         // The stored form is the unboxed one: records written before are read.
         let full = Properties {
             content_type: Some("text/plain".into()),
