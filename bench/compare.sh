@@ -9,6 +9,7 @@
 #   ONLY="S1 S2" bench/compare.sh     # some scenarios (S7 is the idle-connection one)
 #   ONLY=FLOOD bench/compare.sh       # the flood case alone (issue 11): a publisher with no
 #                                     # consumer under a 128 MiB memory watermark
+#   ONLY=BACKLOG bench/compare.sh     # 1 M queued 16-byte messages: bytes per message (issue 11)
 #   ONLY=ST bench/compare.sh          # the stream cases (issue 13), against RabbitMQ's
 #                                     # stream plugin
 #
@@ -25,6 +26,8 @@ DURATION="${DURATION:-10}"
 ONLY="${ONLY:-}"
 OUT="${OUT:-$repo/BENCHMARKS.md}"
 IDLE_CONNS="${IDLE_CONNS:-10000}"
+# How long the backlog case (BACKLOG) publishes at 200,000 msg/s: 5 s is 1 M messages.
+BACKLOG_SECS="${BACKLOG_SECS:-5}"
 # The memory watermark of the flood case (FLOOD), for both brokers.
 FLOOD_WATERMARK="${FLOOD_WATERMARK:-134217728}"
 # Set (to bytes) while the flood case runs: the brokers start with that watermark.
@@ -211,6 +214,16 @@ FLOOD|rabbitmq|amqp|-x 1 -y 0
 EOF
 }
 
+# A backlog of 1 M 16-byte transient messages (200,000 msg/s for BACKLOG_SECS
+# under confirms) in a queue nobody consumes, on fresh brokers: resident bytes
+# per queued message (issue 11: the broker's growth over the run, sampled 3 s
+# after it so that only what stays is counted, / confirmed).
+backlog_cases() {
+    cat <<EOF
+BACKLOG|rabbitmq|amqp|-x 1 -y 0 -c 1000 -r 200000 --settle 3
+EOF
+}
+
 wanted() {
     [[ -z "$ONLY" ]] && return 0
     local id="$1" w
@@ -256,7 +269,7 @@ run_case() {
     fi
 }
 
-{ idle_cases; flood_cases; cases; } | while IFS='|' read -r id rest; do
+{ idle_cases; flood_cases; backlog_cases; cases; } | while IFS='|' read -r id rest; do
     if wanted "$id"; then echo "$id|$rest"; fi
 done >"$tmp/cases.txt"
 load_before="$(cat /proc/loadavg)"
@@ -295,7 +308,22 @@ if grep -q '^FLOOD' "$tmp/cases.txt"; then
     WATERMARK=""
 fi
 
-if grep -qv -e '^S7' -e '^FLOOD' "$tmp/cases.txt"; then
+# BACKLOG: fresh brokers per run, so the growth is this backlog's alone.
+if grep -q '^BACKLOG' "$tmp/cases.txt"; then
+    for round in $(seq "$ROUNDS"); do
+        while IFS='|' read -r -u 3 id ref key args; do
+            wanted "$id" || continue
+            for broker in switchyard "$ref"; do
+                "start_$broker"
+                sleep 2
+                run_case "$round" "$id" "$broker" "$key" "$args" "$BACKLOG_SECS"
+                "stop_$broker"
+            done
+        done 3< <(backlog_cases)
+    done
+fi
+
+if grep -qv -e '^S7' -e '^FLOOD' -e '^BACKLOG' "$tmp/cases.txt"; then
 start_switchyard
 start_rabbitmq
 start_mosquitto

@@ -36,6 +36,9 @@ GOALS = {
     # Issue 11: peak RSS over the broker's start while flooding under a 128 MiB watermark.
     "FLOOD": ("flood_mb", "peak RSS over start, MB", False, "<= 1.25 x 128 MiB",
               lambda s, r, q: s <= 1.25 * 134.217728),
+    # Issue 11: resident bytes per queued 16-byte transient message (1 M queued).
+    "BACKLOG": ("backlog_bytes_per_msg", "bytes/queued msg", False, "<= 150 bytes",
+                lambda s, r, q: s <= 150),
 }
 
 
@@ -58,6 +61,11 @@ def metric(r, key):
         if b.get("hwm_kb") is None or b.get("rss_kb_start") is None:
             return None
         return (b["hwm_kb"] - b["rss_kb_start"]) * 1024 / 1e6
+    if key == "backlog_bytes_per_msg":
+        b = r.get("broker") or {}
+        if not r.get("confirmed") or b.get("rss_kb_end") is None:
+            return None
+        return (b["rss_kb_end"] - b["rss_kb_start"]) * 1024 / r["confirmed"]
     if key in ("disk_read_bytes", "read_syscall_bytes"):
         v = (r.get("broker") or {}).get(key)
         return None if v is None else v / 1e6
@@ -74,7 +82,7 @@ def med(values):
 def fmt(v, key=""):
     if v is None:
         return "-"
-    if key.endswith("_us") or key == "idle_bytes_per_conn":
+    if key.endswith("_us") or key in ("idle_bytes_per_conn", "backlog_bytes_per_msg"):
         return f"{v:,.0f}"
     if abs(v) >= 100:
         return f"{v:,.0f}"

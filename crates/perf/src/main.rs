@@ -119,6 +119,11 @@ struct Cli {
     /// Sample this broker process's CPU time and memory from /proc.
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Seconds to wait after the run before the broker's last sample, so that
+    /// its memory is what stays (a backlog's cost), not what the run's last
+    /// moments held for a while (buffers, a growing queue's old allocation).
+    #[arg(long, default_value_t = 0.0)]
+    settle: f64,
     /// A label for the report.
     #[arg(long, default_value = "")]
     label: String,
@@ -366,6 +371,9 @@ async fn run_cli(cli: Cli) -> Result<()> {
         c.received.load(Ordering::Relaxed),
         c.received_bytes.load(Ordering::Relaxed),
     );
+    if cli.broker_pid.is_some() && cli.settle > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(cli.settle.min(60.0))).await;
+    }
     let broker_end = cli.broker_pid.map(procstat::sample).transpose()?;
     let client_end = procstat::sample_self()?;
     let machine_end = procstat::machine_busy_secs()?;
