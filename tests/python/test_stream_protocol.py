@@ -283,6 +283,42 @@ def test_filtering_delivers_only_matching_chunks_values(stream_broker, stream):
     asyncio.run(run())
 
 
+def test_batches_are_read_as_stored_from_inside_a_chunk_and_filtered_for_amqp(
+        stream_broker, stream):
+    """Stream publishes are stored as the client's AMQP 1.0 bytes, several per chunk: a
+    subscription from an offset inside the chunk gets the rest of it, and AMQP 0-9-1
+    consumers get them converted, filtered per message by the publish's filter value
+    (kept beside the bytes), with the value in `x-stream-filter-value`."""
+
+    async def filter_value(m):
+        return m.application_properties["f"]
+
+    async def run():
+        async with producer(stream_broker, filter_value_extractor=filter_value) as p:
+            await p.send_batch(stream, [
+                AMQPMessage(body=f"m{i}".encode(), application_properties={"f": "ab"[i % 2]})
+                for i in range(6)])
+        got = await consume(stream_broker, stream, 6)
+        assert [(o, body(m)) for o, m in got] == [(i, f"m{i}".encode()) for i in range(6)]
+        got = await consume(stream_broker, stream, 3, quiet=0.3,
+                            spec=ConsumerOffsetSpecification(OffsetType.OFFSET, 3))
+        assert [(o, body(m)) for o, m in got] == [(i, f"m{i}".encode()) for i in (3, 4, 5)]
+
+    asyncio.run(run())
+    ch = stream_broker.connect().channel()
+    ch.basic_qos(prefetch_count=10)
+    got = []
+    ch.basic_consume(stream, lambda c, m, props, b: got.append((props, b)),
+                     arguments={"x-stream-offset": "first", "x-stream-filter": "b"})
+    deadline = time.monotonic() + WAIT
+    while len(got) < 3 and time.monotonic() < deadline:
+        ch.connection.process_data_events(time_limit=0.1)
+    ch.connection.process_data_events(time_limit=0.3)
+    assert [b for _, b in got] == [b"m1", b"m3", b"m5"]
+    assert [p.headers["x-stream-offset"] for p, _ in got] == [1, 3, 5]
+    assert all(p.headers["x-stream-filter-value"] == "b" for p, _ in got)
+
+
 def test_create_delete_and_errors(stream_broker):
     name = uniq("c")
 

@@ -7,6 +7,7 @@
 //! holds locks only briefly, so it can be called from any async task.
 
 pub mod admin;
+pub mod amqp10;
 pub mod auth;
 pub mod authn;
 pub mod broker;

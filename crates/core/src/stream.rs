@@ -27,12 +27,46 @@ pub const MAX_SEGMENT_BYTES: u64 = 3_000_000_000;
 /// Default Bloom filter size per chunk, in bytes (`x-stream-filter-size-bytes`).
 pub const DEFAULT_FILTER_BYTES: u8 = 16;
 
-/// One entry to append: opaque bytes and the filter value that goes into the
-/// chunk's Bloom filter (`None`: unfiltered).
+/// How a stream's entries are encoded. Every chunk holds entries of one
+/// format, recorded in its header (the first reserved byte after the Bloom
+/// size, 0 in chunks written before formats existed, which were all
+/// [`EntryFormat::Core`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryFormat {
+    /// postcard of the core's `Message` (AMQP 0-9-1, STOMP, MQTT publishes).
+    #[default]
+    Core,
+    /// An AMQP 1.0 message exactly as a Stream client sent it: such a chunk's
+    /// data section is what a Stream subscriber receives, byte for byte.
+    Amqp10,
+}
+
+impl EntryFormat {
+    pub fn byte(self) -> u8 {
+        match self {
+            EntryFormat::Core => 0,
+            EntryFormat::Amqp10 => 1,
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Option<EntryFormat> {
+        match b {
+            0 => Some(EntryFormat::Core),
+            1 => Some(EntryFormat::Amqp10),
+            _ => None,
+        }
+    }
+}
+
+/// One entry to append: its bytes in `format`, and the filter value that goes
+/// into the chunk's Bloom filter (`None`: unfiltered). The filter values of
+/// [`EntryFormat::Amqp10`] entries are also kept in the chunk's trailer (the
+/// bytes hold no place for them) for the exact per-message check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamEntry {
     pub filter: Option<String>,
     pub data: Bytes,
+    pub format: EntryFormat,
 }
 
 /// Where a consumer starts.
@@ -98,10 +132,19 @@ pub struct Chunk {
     pub id: u64,
     pub timestamp: i64,
     pub records: u32,
+    /// The format of all its entries.
+    pub format: EntryFormat,
+    /// The CRC-32 (IEEE) of the data section, from the header.
+    pub crc: u32,
+    /// Header, Bloom filter and data as stored (no trailer).
     pub raw: Bytes,
     /// Where the data section starts within `raw`.
     pub data_start: usize,
     pub bloom: Bloom,
+    /// The trailer: per entry a u16 length (`0xffff`: no filter value) and the
+    /// filter value's bytes; empty when no entry had one or the chunk is
+    /// [`EntryFormat::Core`] (its filter values are in the messages).
+    pub trailer: Bytes,
 }
 
 impl Chunk {
@@ -134,6 +177,29 @@ impl Chunk {
             };
             out.push((offset, self.raw.slice(start..end)));
             offset = offset.saturating_add(1);
+            at = end;
+        }
+        out
+    }
+
+    /// The filter value of each entry, in order, from the trailer (empty
+    /// when the chunk has none).
+    pub fn trailer_filters(&self) -> Vec<Option<&str>> {
+        let mut out = Vec::new();
+        let t = self.trailer.as_ref();
+        let mut at = 0;
+        while let Some(len) = t
+            .get(at..at + 2)
+            .and_then(|b| <[u8; 2]>::try_from(b).ok())
+            .map(u16::from_be_bytes)
+        {
+            at += 2;
+            if len == u16::MAX {
+                out.push(None);
+                continue;
+            }
+            let end = at + usize::from(len);
+            out.push(t.get(at..end).and_then(|b| std::str::from_utf8(b).ok()));
             at = end;
         }
         out

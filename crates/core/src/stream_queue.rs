@@ -5,7 +5,11 @@
 //! A stream queue is a [`Queue`] with a [`StreamQueue`] attached: the queue's
 //! entry points (enqueue, consume, ack, get, purge) hand over to it, so routing,
 //! bindings and the protocols' consume paths stay as they are. Messages are
-//! stored as entries of the stream's [`StreamLog`] (postcard of [`Message`]);
+//! stored as entries of the stream's [`StreamLog`]: what AMQP 0-9-1, STOMP and
+//! MQTT publish as postcard of [`Message`] ([`EntryFormat::Core`]: exact, no
+//! conversion either way), what Stream clients publish as their AMQP 1.0
+//! bytes ([`EntryFormat::Amqp10`], decoded with [`crate::amqp10`] here for
+//! this module's consumers);
 //! each consumer has a cursor (the next offset) and reads chunks from the log
 //! after the writer committed them. Acks, nacks and rejects only give credit
 //! back (RabbitMQ's `settle`): nothing is redelivered, nothing removed.
@@ -29,9 +33,9 @@ use crate::message::Message;
 use crate::persist::Store;
 use crate::queue::{Queue, QueueOptions, QueuedMessage};
 use crate::stream::{
-    parse_max_age, Filter, OffsetSpec, Retention, StreamConfig, StreamEntry, StreamLog,
-    DEFAULT_FILTER_BYTES, FILTER_ARG, FILTER_VALUE_HEADER, MATCH_UNFILTERED_ARG, MAX_SEGMENT_BYTES,
-    OFFSET_ARG,
+    parse_max_age, EntryFormat, Filter, OffsetSpec, Retention, StreamConfig, StreamEntry,
+    StreamLog, DEFAULT_FILTER_BYTES, FILTER_ARG, FILTER_VALUE_HEADER, MATCH_UNFILTERED_ARG,
+    MAX_SEGMENT_BYTES, OFFSET_ARG,
 };
 
 /// The adapter-record table of stored consumer offsets (`x-stream-offset:
@@ -291,6 +295,7 @@ impl StreamQueue {
                 Ok(data) => entries.push(StreamEntry {
                     filter: filter_value(m).map(str::to_owned),
                     data: bytes::Bytes::from(data),
+                    format: EntryFormat::Core,
                 }),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot encode a message for a stream");
@@ -590,15 +595,48 @@ impl StreamQueue {
             if !chunk.may_match(&cur.filter) {
                 continue;
             }
-            for (offset, data) in chunk.entries() {
+            let trailer = match chunk.format {
+                EntryFormat::Amqp10 => chunk.trailer_filters(),
+                EntryFormat::Core => Vec::new(),
+            };
+            let queue_name = match chunk.format {
+                EntryFormat::Amqp10 => self.queue.upgrade().map(|q| q.name.clone()),
+                EntryFormat::Core => None,
+            };
+            for (i, (offset, data)) in chunk.entries().into_iter().enumerate() {
                 if offset < from {
                     continue;
                 }
-                let mut message: Message = match Message::decode_stream_entry(&data) {
-                    Some(m) => m,
-                    None => {
-                        tracing::warn!(offset, "undecodable stream entry skipped");
-                        continue;
+                let mut message: Message = match chunk.format {
+                    EntryFormat::Core => match Message::decode_stream_entry(&data) {
+                        Some(m) => m,
+                        None => {
+                            tracing::warn!(offset, "undecodable stream entry skipped");
+                            continue;
+                        }
+                    },
+                    EntryFormat::Amqp10 => {
+                        let filter = trailer.get(i).copied().flatten();
+                        if filter.is_some() && !cur.filter.matches(filter) {
+                            // Skipped before decoding (the trailer has it).
+                            continue;
+                        }
+                        match crate::amqp10::decode(&data, queue_name.as_deref().unwrap_or("")) {
+                            Ok(mut m) => {
+                                if let Some(f) = filter {
+                                    m.properties
+                                        .headers
+                                        .get_or_insert_with(FieldTable::new)
+                                        .insert(FILTER_VALUE_HEADER, FieldValue::string(f));
+                                }
+                                m.received_ms = u64::try_from(chunk.timestamp).ok();
+                                m
+                            }
+                            Err(e) => {
+                                tracing::warn!(offset, error = %e, "undecodable stream entry skipped");
+                                continue;
+                            }
+                        }
                     }
                 };
                 if !cur.filter.matches(filter_value(&message)) {

@@ -6,12 +6,24 @@
 //!
 //! ```text
 //! segment = *chunk
-//! chunk   = header bloom data                          ; no trailer
+//! chunk   = header bloom data trailer
 //! header  = %x50 type:u8(0) entries:u16 records:u32 timestamp:i64(ms) epoch:u64(1)
-//!           id:u64 crc:u32 data-length:u32 trailer-length:u32(0) bloom-size:u8 3*%x00
+//!           id:u64 crc:u32 data-length:u32 trailer-length:u32 bloom-size:u8
+//!           format:u8 2*%x00
 //! bloom   = bloom-size*OCTET                           ; 0 when no entry had a filter value
 //! data    = records*(size:u32 OCTETS)                  ; top bit of size clear: simple entry
+//! trailer = records*(len:u16 OCTETS)                   ; filter values, see below
 //! ```
+//!
+//! `format` ([`EntryFormat`]) says what every entry of the chunk is: 0, the
+//! core's message model (postcard; chunks written before the byte existed have
+//! 0 there too, so older streams read as before), or 1, an AMQP 1.0 message as
+//! a Stream client published it. A format-1 chunk's data section is what a
+//! Stream subscriber receives unchanged. Its trailer (only when an entry had a
+//! filter value) holds each entry's filter value (`len` `0xffff`: none) for
+//! the exact per-message check of AMQP 0-9-1 and STOMP consumers; format-0
+//! entries carry theirs in their headers and have no trailer. The writer never
+//! mixes formats in a chunk.
 //!
 //! All integers big-endian; `id` is the offset of the chunk's first entry, `crc`
 //! the CRC-32 (IEEE) of `data`. A chunk is what one writer batch took: publishers
@@ -47,8 +59,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use switchyard_core::stream::{
-    Bloom, Chunk, OffsetSpec, Retention, StreamBounds, StreamConfig, StreamEntry, StreamLog,
-    UNFILTERED_MARK,
+    Bloom, Chunk, EntryFormat, OffsetSpec, Retention, StreamBounds, StreamConfig, StreamEntry,
+    StreamLog, UNFILTERED_MARK,
 };
 use tokio::sync::watch;
 
@@ -69,6 +81,7 @@ struct Header {
     data_len: u32,
     trailer_len: u32,
     bloom_len: u8,
+    format: u8,
 }
 
 impl Header {
@@ -105,12 +118,14 @@ impl Header {
             data_len: u32_at(36)?,
             trailer_len: u32_at(40)?,
             bloom_len: *b.get(44)?,
+            format: *b.get(45)?,
         })
     }
 }
 
-/// Builds one chunk from a batch of entries.
+/// Builds one chunk from a batch of entries, all of one format.
 fn encode_chunk(id: u64, timestamp: i64, entries: &[StreamEntry], filter_bytes: u8) -> Vec<u8> {
+    let format = entries.first().map_or(EntryFormat::Core, |e| e.format);
     let filtered = entries.iter().any(|e| e.filter.is_some());
     let mut bloom = Bloom::new(if filtered { filter_bytes } else { 0 });
     if filtered {
@@ -119,7 +134,23 @@ fn encode_chunk(id: u64, timestamp: i64, entries: &[StreamEntry], filter_bytes: 
         }
     }
     let data_len: usize = entries.iter().map(|e| 4 + e.data.len()).sum();
-    let mut out = Vec::with_capacity(HEADER + bloom.as_bytes().len() + data_len);
+    let mut trailer = Vec::new();
+    if filtered && format == EntryFormat::Amqp10 {
+        for e in entries {
+            match e
+                .filter
+                .as_deref()
+                .filter(|f| f.len() < usize::from(u16::MAX))
+            {
+                Some(f) => {
+                    trailer.extend_from_slice(&u16::try_from(f.len()).unwrap_or(0).to_be_bytes());
+                    trailer.extend_from_slice(f.as_bytes());
+                }
+                None => trailer.extend_from_slice(&u16::MAX.to_be_bytes()),
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(HEADER + bloom.as_bytes().len() + data_len + trailer.len());
     out.push(MAGIC_VERSION);
     out.push(0); // chunk type: user data
     out.extend_from_slice(
@@ -138,9 +169,10 @@ fn encode_chunk(id: u64, timestamp: i64, entries: &[StreamEntry], filter_bytes: 
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&u32::try_from(data_len).unwrap_or(u32::MAX).to_be_bytes());
-    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&u32::try_from(trailer.len()).unwrap_or(0).to_be_bytes());
     out.push(u8::try_from(bloom.as_bytes().len()).unwrap_or(0));
-    out.extend_from_slice(&[0; 3]);
+    out.push(format.byte());
+    out.extend_from_slice(&[0; 2]);
     out.extend_from_slice(bloom.as_bytes());
     let data_start = out.len();
     for e in entries {
@@ -149,6 +181,7 @@ fn encode_chunk(id: u64, timestamp: i64, entries: &[StreamEntry], filter_bytes: 
         out.extend_from_slice(&e.data);
     }
     let crc = crc32fast::hash(out.get(data_start..).unwrap_or_default());
+    out.extend_from_slice(&trailer);
     if let Some(slot) = out.get_mut(crc_at..crc_at + 4) {
         slot.copy_from_slice(&crc.to_be_bytes());
     }
@@ -465,9 +498,13 @@ fn writer_loop(shared: &Shared) {
             }
             continue;
         }
-        // A chunk's entry count is a u16 in the header: split larger batches.
+        // A chunk's entry count is a u16 in the header, and a chunk holds one
+        // format: split larger batches and at every change of format.
         let mut id = first;
-        for batch in entries.chunks(usize::from(u16::MAX)) {
+        for batch in entries
+            .chunk_by(|a, b| a.format == b.format)
+            .flat_map(|run| run.chunks(usize::from(u16::MAX)))
+        {
             let config = *shared.config.lock();
             let ts = i64::try_from(timestamp).unwrap_or(i64::MAX);
             let bytes = encode_chunk(id, ts, batch, config.filter_bytes);
@@ -677,19 +714,30 @@ impl StreamLog for DiskStream {
                 found?
             };
         // One read from the page cache into one buffer; entries are slices of it.
-        let len = usize::try_from(HEADER as u64 + u64::from(h.bloom_len) + u64::from(h.data_len))
-            .map_err(|_| bad("chunk too large"))?;
-        let mut raw = vec![0u8; len];
+        let format = EntryFormat::from_byte(h.format).ok_or_else(|| bad("unknown entry format"))?;
+        let with_trailer = format == EntryFormat::Amqp10 && h.trailer_len > 0;
+        let len = usize::try_from(h.total()).map_err(|_| bad("chunk too large"))?;
+        let data_end = len.saturating_sub(h.trailer_len as usize);
+        let mut raw = vec![0u8; if with_trailer { len } else { data_end }];
         file.read_exact_at(&mut raw, pos)?;
         let data_start = HEADER + usize::from(h.bloom_len);
         let bloom = Bloom::from_bytes(raw.get(HEADER..data_start).unwrap_or_default());
+        let mut raw = Bytes::from(raw);
+        let trailer = if with_trailer {
+            raw.split_off(data_end)
+        } else {
+            Bytes::new()
+        };
         Ok(Some(Chunk {
             id: h.id,
             timestamp: h.timestamp,
             records: h.records,
-            raw: Bytes::from(raw),
+            format,
+            crc: h.crc,
+            raw,
             data_start,
             bloom,
+            trailer,
         }))
     }
 
@@ -731,6 +779,7 @@ mod tests {
         StreamEntry {
             filter: None,
             data: Bytes::copy_from_slice(s.as_bytes()),
+            format: EntryFormat::Core,
         }
     }
 
@@ -918,6 +967,7 @@ mod tests {
         let f = |v: &str| StreamEntry {
             filter: Some(v.into()),
             data: Bytes::from_static(b"x"),
+            format: EntryFormat::Core,
         };
         put(&s, vec![f("red"), f("red")], 1);
         put(&s, vec![f("blue")], 2);
@@ -938,6 +988,50 @@ mod tests {
         };
         let hits: Vec<bool> = chunks.iter().map(|c| c.may_match(&red_or_plain)).collect();
         assert_eq!(hits, [true, false, true]);
+    }
+
+    #[test]
+    fn formats_never_share_a_chunk_and_amqp10_filters_go_to_the_trailer() {
+        let dir = tempfile::tempdir().unwrap();
+        let amqp = |d: &'static [u8], f: Option<&str>| StreamEntry {
+            filter: f.map(str::to_owned),
+            data: Bytes::from_static(d),
+            format: EntryFormat::Amqp10,
+        };
+        {
+            let s = DiskStream::open(dir.path(), config(1 << 20)).unwrap();
+            // One append, two formats: three chunks.
+            put(
+                &s,
+                vec![
+                    amqp(b"a1", Some("red")),
+                    amqp(b"a2", None),
+                    entry("core"),
+                    amqp(b"a3", None),
+                ],
+                1,
+            );
+        }
+        let s = DiskStream::open(dir.path(), config(1 << 20)).unwrap();
+        let c = s.read_chunk(0).unwrap().unwrap();
+        assert_eq!((c.id, c.records, c.format), (0, 2, EntryFormat::Amqp10));
+        assert_eq!(c.trailer_filters(), vec![Some("red"), None]);
+        assert_eq!(c.crc, crc32fast::hash(c.data()));
+        let entries: Vec<Bytes> = c.entries().into_iter().map(|(_, b)| b).collect();
+        assert_eq!(
+            entries,
+            vec![Bytes::from_static(b"a1"), Bytes::from_static(b"a2")]
+        );
+        let c = s.read_chunk(2).unwrap().unwrap();
+        assert_eq!((c.id, c.records, c.format), (2, 1, EntryFormat::Core));
+        assert!(c.trailer.is_empty());
+        let c = s.read_chunk(3).unwrap().unwrap();
+        assert_eq!((c.id, c.format), (3, EntryFormat::Amqp10));
+        assert!(
+            c.trailer_filters().is_empty(),
+            "no filter value, no trailer"
+        );
+        assert_eq!(s.bounds().next, 4);
     }
 
     #[test]

@@ -16,9 +16,13 @@
 //!
 //! Consuming: a subscription reads the stream's chunks from its offset and
 //! sends each as a Deliver frame in osiris' layout, one credit per frame.
-//! Entries are stored in the core's message model, so each is encoded as an
-//! AMQP 1.0 message on the way out ([`crate::amqp10`]); a chunk larger than
-//! the client's frame max is sent as several frames with contiguous offsets.
+//! What Stream clients published is stored as the AMQP 1.0 bytes they sent
+//! (chunks of [`EntryFormat::Amqp10`]): such a chunk goes out as its stored
+//! header and data, unchanged. Chunks of the core's message model (written over
+//! AMQP 0-9-1, STOMP, MQTT) have each entry encoded as an AMQP 1.0 message on
+//! the way out ([`crate::amqp10`]). A chunk larger than the client's frame max,
+//! or read from an offset inside it, is sent as frames rebuilt from its
+//! entries, each a chunk of its own with contiguous offsets.
 //! Deliveries run only from [`Session::handle_outbox`] (which the driver calls
 //! only while its output has room), so a consumer with much credit cannot make
 //! the broker buffer a stream: the session wakes its own outbox to go on.
@@ -37,7 +41,7 @@ use switchyard_core::error::{CoreError, ErrorKind};
 use switchyard_core::field::{FieldTable, FieldValue};
 use switchyard_core::message::Message;
 use switchyard_core::queue::{Queue, QueueOptions};
-use switchyard_core::stream::{Filter, OffsetSpec, FILTER_VALUE_HEADER};
+use switchyard_core::stream::{EntryFormat, Filter, OffsetSpec, StreamEntry};
 use switchyard_core::stream_queue::StreamQueue;
 use switchyard_core::vhost::{QueueDeclare, StreamWait, VHost};
 use switchyard_core::Broker;
@@ -882,21 +886,20 @@ impl Session {
         let mut ids = Vec::with_capacity(n.min(4096));
         let mut duplicates = Vec::new();
         let mut errors: Vec<(u64, u16)> = Vec::new();
-        let mut messages = Vec::with_capacity(n.min(4096));
+        // The messages as the client sent them: slices of the frame, stored
+        // unchanged (AMQP 1.0 entries), never decoded here.
+        let mut entries: Vec<StreamEntry> = Vec::with_capacity(n.min(4096));
         let publisher = self.publishers.get(&publisher_id);
-        let stream_name = publisher
-            .as_ref()
-            .map(|p| p.queue.name.clone())
-            .unwrap_or_default();
         let mut highest = publisher.as_ref().map_or(0, |p| p.highest);
         let dedup = publisher.as_ref().is_some_and(|p| p.reference.is_some());
         for _ in 0..n {
             let publishing_id = r.u64()?;
             let filter = if version >= 2 { r.opt_string()? } else { None };
+            let filter = filter.filter(|f| !f.is_empty());
             // The top bit of the next byte: a sub-entry batch (entry type with
             // the compression, u16 count, u32 uncompressed size, u32 size, the
             // entries) instead of one message (u32 size, the message).
-            let batch = if r.peek_u8()? & 0x80 != 0 {
+            let (data, batch) = if r.peek_u8()? & 0x80 != 0 {
                 let entry_type = r.u8()?;
                 let _count = r.u16()?;
                 let _uncompressed = r.u32()?;
@@ -907,57 +910,45 @@ impl Session {
                     errors.push((publishing_id, code::PRECONDITION_FAILED));
                     continue;
                 }
-                split_batch(&data)
+                (data, true)
             } else {
                 let len = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
-                Some(vec![r.raw(len)?])
+                (r.raw(len)?, false)
             };
             if publisher.is_none() {
                 errors.push((publishing_id, code::PUBLISHER_DOES_NOT_EXIST));
                 continue;
             }
-            let Some(batch) = batch else {
-                errors.push((publishing_id, code::PRECONDITION_FAILED));
-                continue;
+            let before = entries.len();
+            let entry = |data: Bytes| StreamEntry {
+                filter: filter.clone(),
+                data,
+                format: EntryFormat::Amqp10,
             };
-            if dedup && publishing_id <= highest {
-                duplicates.push(publishing_id);
-                continue;
-            }
-            let mut decoded = Vec::with_capacity(batch.len());
-            for data in &batch {
-                match amqp10::decode(data, &stream_name) {
-                    Ok(mut m) => {
-                        if let Some(f) = filter.as_deref().filter(|f| !f.is_empty()) {
-                            m.properties
-                                .headers
-                                .get_or_insert_with(FieldTable::new)
-                                .insert(FILTER_VALUE_HEADER, FieldValue::string(f));
-                        }
-                        m.received_ms = Some(now);
-                        decoded.push(m);
-                    }
-                    Err(e) => {
-                        tracing::debug!(peer = %self.peer, "publish refused: {e}");
-                        decoded.clear();
-                        break;
-                    }
+            if batch {
+                if split_batch(&data, |m| entries.push(entry(m))).is_none() {
+                    entries.truncate(before);
+                    errors.push((publishing_id, code::PRECONDITION_FAILED));
+                    continue;
                 }
+            } else {
+                entries.push(entry(data));
             }
-            if decoded.is_empty() && !batch.is_empty() {
-                errors.push((publishing_id, code::PRECONDITION_FAILED));
+            if dedup && publishing_id <= highest {
+                entries.truncate(before);
+                duplicates.push(publishing_id);
                 continue;
             }
             highest = highest.max(publishing_id);
             ids.push(publishing_id);
-            messages.extend(decoded);
         }
         if let Some(p) = self.publishers.get_mut(&publisher_id) {
             p.highest = highest;
-            if !messages.is_empty() {
-                match p.stream.append_all(&messages, now) {
-                    Some(first) => {
-                        let after = first.saturating_add(messages.len() as u64);
+            if !entries.is_empty() {
+                let count = entries.len() as u64;
+                match p.stream.log.append(entries, now) {
+                    Ok(first) => {
+                        let after = first.saturating_add(count);
                         self.unconfirmed += ids.len();
                         self.confirms.push_back(PendingConfirm {
                             publisher: publisher_id,
@@ -968,7 +959,10 @@ impl Session {
                             }),
                         });
                     }
-                    None => errors.extend(ids.into_iter().map(|id| (id, code::INTERNAL_ERROR))),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot append to a stream");
+                        errors.extend(ids.into_iter().map(|id| (id, code::INTERNAL_ERROR)));
+                    }
                 }
             } else if !ids.is_empty() {
                 // Empty sub-entry batches: nothing to store, confirmed in order.
@@ -1200,6 +1194,27 @@ impl Session {
                 continue;
             }
             let committed = sub.stream.log.bounds().last_chunk;
+            if chunk.format == EntryFormat::Amqp10
+                && from == chunk.id
+                && chunk.data().len() <= limit
+            {
+                // The whole chunk, as stored: its header and data, no copy
+                // but the one into the output.
+                write_deliver(
+                    &mut self.out,
+                    id,
+                    self.deliver_v2,
+                    committed,
+                    &chunk,
+                    chunk.id,
+                    chunk.records,
+                    chunk.crc,
+                    chunk.data(),
+                );
+                sub.credit -= 1;
+                sub.next = chunk.next();
+                continue;
+            }
             // Entries from `from`, as AMQP 1.0, in frames under the client's
             // frame max; each frame is a chunk of its own (contiguous offsets).
             let mut first = from;
@@ -1209,15 +1224,21 @@ impl Session {
                 if offset < from {
                     continue;
                 }
-                let Some(message) = Message::decode_stream_entry(&entry) else {
-                    tracing::warn!(offset, "undecodable stream entry skipped");
-                    // Still sent (as an empty message) to keep offsets contiguous.
-                    push_entry(&mut data, &[0x00, 0x53, 0x75, 0xa0, 0x00]);
-                    count += 1;
-                    continue;
+                let encoded = match chunk.format {
+                    EntryFormat::Amqp10 => entry,
+                    EntryFormat::Core => {
+                        let Some(message) = Message::decode_stream_entry(&entry) else {
+                            tracing::warn!(offset, "undecodable stream entry skipped");
+                            // Still sent (as an empty message) to keep offsets contiguous.
+                            push_entry(&mut data, &[0x00, 0x53, 0x75, 0xa0, 0x00]);
+                            count += 1;
+                            continue;
+                        };
+                        let mut encoded = Vec::with_capacity(entry.len() + 32);
+                        amqp10::encode(&message, &mut encoded);
+                        Bytes::from(encoded)
+                    }
                 };
-                let mut encoded = Vec::with_capacity(entry.len() + 32);
-                amqp10::encode(&message, &mut encoded);
                 if count > 0
                     && (data.len() + 4 + encoded.len() > limit || count >= u32::from(u16::MAX))
                 {
@@ -1231,6 +1252,7 @@ impl Session {
                         &chunk,
                         first,
                         count,
+                        crc32fast::hash(&data),
                         &data,
                     );
                     sub.credit -= 1;
@@ -1258,6 +1280,7 @@ impl Session {
                     &chunk,
                     first,
                     count,
+                    crc32fast::hash(&data),
                     &data,
                 );
                 sub.credit -= 1;
@@ -1320,15 +1343,15 @@ fn save_sequence(p: &Publisher) {
     }
 }
 
-/// The messages of an uncompressed sub-entry batch: `size:u32 data` each.
-fn split_batch(data: &Bytes) -> Option<Vec<Bytes>> {
+/// The messages of an uncompressed sub-entry batch (`size:u32 data` each),
+/// handed to `each`; `None` when the batch is malformed.
+fn split_batch(data: &Bytes, mut each: impl FnMut(Bytes)) -> Option<()> {
     let mut r = Reader::new(data.clone());
-    let mut out = Vec::new();
     while r.remaining() > 0 {
         let len = usize::try_from(r.u32().ok()?).ok()?;
-        out.push(r.raw(len).ok()?);
+        each(r.raw(len).ok()?);
     }
-    Some(out)
+    Some(())
 }
 
 fn push_entry(data: &mut Vec<u8>, entry: &[u8]) {
@@ -1347,6 +1370,7 @@ fn write_deliver(
     chunk: &switchyard_core::stream::Chunk,
     first: u64,
     count: u32,
+    crc: u32,
     data: &[u8],
 ) {
     let mut w = Writer::start(out, key::DELIVER, if v2 { 2 } else { 1 });
@@ -1361,7 +1385,7 @@ fn write_deliver(
         .i64(chunk.timestamp)
         .u64(1) // epoch
         .u64(first)
-        .u32(crc32fast::hash(data))
+        .u32(crc)
         .u32(u32::try_from(data.len()).unwrap_or(u32::MAX))
         .u32(0) // trailer
         .u32(0) // Bloom size and reserved

@@ -1,7 +1,8 @@
 //! AMQP 1.0 messages, as the Stream protocol carries them: every message a
 //! stream client publishes or receives is an AMQP 1.0 bare message (sections
 //! header, message-annotations, properties, application-properties, data or
-//! amqp-value). The broker keeps messages in the core's [`Message`] model, so
+//! amqp-value). Streams store what Stream clients publish as these bytes
+//! (unchanged); the core's [`Message`] model is used by everything else, so
 //! this module converts both ways with RabbitMQ's mapping between AMQP 1.0 and
 //! 0-9-1 (`mc_amqp` / `mc_amqpl`):
 //!
@@ -18,9 +19,9 @@
 //! error, never a panic) and tolerant about content: unknown sections and
 //! values of unexpected types are skipped.
 
+use crate::field::{FieldTable, FieldValue};
+use crate::message::{Message, Properties, DELIVERY_MODE_PERSISTENT};
 use bytes::{BufMut, Bytes};
-use switchyard_core::field::{FieldTable, FieldValue};
-use switchyard_core::message::{Message, Properties, DELIVERY_MODE_PERSISTENT};
 
 /// Section descriptors (AMQP 1.0 §3.2).
 const HEADER: u64 = 0x70;
