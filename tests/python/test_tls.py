@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 ALICE_DN = "O=client,CN=alice"  # RabbitMQ's string for subject /CN=alice/O=client
-TLS_LISTENERS = ("amqps", "mqtts", "stomps", "mqtt_wss", "stomp_wss")
+TLS_LISTENERS = ("amqps", "mqtts", "stomps", "mqtt_wss", "stomp_wss", "streams")
 
 
 def _openssl(*args, cwd: Path) -> None:
@@ -306,3 +306,47 @@ def test_sighup_reloads_certificates_and_a_broken_file_keeps_the_old_ones(tls_br
         time.sleep(0.05)
     assert "keeping the previous" in tls_broker.log()
     assert "CN = renewed" in _server_subject(port, certs)
+
+
+def test_rstream_over_tls_with_external_and_plain(tls_broker):
+    """The Stream protocol's TLS listener (`streams`, RabbitMQ's 5551): rstream
+    publishes with certificate login (SASL EXTERNAL) and reads back with PLAIN;
+    the metadata it follows to the stream's leader must name the TLS port."""
+    import asyncio
+
+    from rstream import (AMQPMessage, Consumer, ConsumerOffsetSpecification, OffsetType,
+                         Producer, SlasMechanism, amqp_decoder)
+
+    host, port = tls_broker.addr("streams")
+    name = f"tls-{uuid.uuid4().hex[:8]}"
+
+    async def run():
+        async with Producer("localhost", port=port, ssl_context=client_ctx(tls_broker.certs),
+                            username="", password="",
+                            sasl_configuration_mechanism=SlasMechanism.MechanismExternal
+                            ) as producer:
+            await producer.create_stream(name)
+            for i in range(3):
+                await producer.send_wait(name, AMQPMessage(body=f"tls {i}".encode()))
+        got = []
+        done = asyncio.Event()
+
+        async def on_message(msg, ctx):
+            got.append(bytes(msg.body) if not isinstance(msg.body, list) else b"".join(msg.body))
+            if len(got) == 3:
+                done.set()
+
+        consumer = Consumer("localhost", port=port,
+                            ssl_context=client_ctx(tls_broker.certs, None),
+                            username="guest", password="guest")
+        await consumer.start()
+        try:
+            await consumer.subscribe(name, on_message, decoder=amqp_decoder,
+                                     offset_specification=ConsumerOffsetSpecification(
+                                         OffsetType.FIRST, None))
+            await asyncio.wait_for(done.wait(), 15)
+        finally:
+            await consumer.close()
+        assert got == [b"tls 0", b"tls 1", b"tls 2"]
+
+    asyncio.run(run())
