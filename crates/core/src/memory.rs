@@ -42,11 +42,11 @@ pub const PAGING_RATIO: f64 = 0.5;
 
 /// What a message held in a queue costs besides its body, for the estimate that
 /// bridges two samples: the `Message` with its properties and routing key, the
-/// `Arc`, the queue entry and, for small bodies, the read buffer it is a slice
-/// of. Measured (issue 6, bench/notes.md) as resident memory grown per queued
-/// 16-byte message: about 600 bytes for AMQP (2.7 M messages, 1.6 GB) and
-/// 350-400 for MQTT QoS 0.
-pub const MESSAGE_OVERHEAD: usize = 600;
+/// `Arc`, the queue entry and the body's own allocation. Measured as resident
+/// memory grown per queued 16-byte AMQP message: about 600 bytes before issue
+/// 11 compacted messages, about 265 since (`ONLY=BACKLOG bench/compare.sh`);
+/// rounded up, so the estimate errs towards the alarm.
+pub const MESSAGE_OVERHEAD: usize = 300;
 
 /// What the memory alarm's estimate charges for one in-memory message with
 /// `body_bytes`.
