@@ -47,7 +47,7 @@ pub fn names(run: &Shared, i: usize) -> Names {
     match s.topology {
         Topology::Queue => Names {
             exchange: String::new(),
-            queue: format!("perf-q-{id}"),
+            queue: s.queue.clone().unwrap_or_else(|| format!("perf-q-{id}")),
             topic: false,
         },
         Topology::Pairs => Names {
@@ -321,6 +321,10 @@ pub async fn setup(run: &Shared) -> Result<()> {
 /// Deletes what [`setup`] declared.
 pub async fn teardown(run: &Shared) -> Result<()> {
     let s = &run.settings;
+    if s.queue.is_some() && s.topology == Topology::Queue && s.topic_bindings == 0 {
+        // A named queue is kept for a later run.
+        return Ok(());
+    }
     let mut c = Conn::open(run, 1).await.context("teardown connection")?;
     let n0 = names(run, 0);
     let queues: Vec<String> = match (s.topology, n0.topic) {

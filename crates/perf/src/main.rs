@@ -137,6 +137,11 @@ struct Cli {
     /// instead of a new one per run; lets a run replay what an earlier one wrote.
     #[arg(long)]
     stream: Option<String>,
+    /// AMQP, `--topology queue`: use this queue (declared if missing, kept after
+    /// the run) instead of a new one per run; lets a run fill a queue that a
+    /// broker restart and a later run drain.
+    #[arg(long)]
+    queue: Option<String>,
     /// Stream protocol: where consumers start (`next`, or `first` to replay).
     #[arg(long, value_parser = ["next", "first"], default_value = "next")]
     stream_offset: String,
@@ -239,6 +244,7 @@ async fn run_cli(cli: Cli) -> Result<()> {
         duration: Duration::from_secs(cli.duration),
         run_id,
         stream: cli.stream.clone(),
+        queue: cli.queue.clone(),
         stream_first: cli.stream_offset == "first",
         queue_type: (cli.queue_type != "classic").then(|| cli.queue_type.clone()),
         text_stamp: cli.protocol == Protocol::Stomp,

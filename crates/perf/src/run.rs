@@ -62,6 +62,9 @@ pub struct Settings {
     pub run_id: String,
     /// Stream protocol: the stream to use (default: one per run, deleted after).
     pub stream: Option<String>,
+    /// AMQP: the queue to use with `Topology::Queue` (default: one per run,
+    /// deleted after).
+    pub queue: Option<String>,
     /// Stream protocol: consumers read from the first offset (replay) instead
     /// of the next one.
     pub stream_first: bool,

@@ -283,11 +283,15 @@ impl MessageLog {
                     if wanted {
                         let mut message = *message;
                         let len = message.body.len();
-                        let on_disk = if resident.saturating_add(len) > resident_budget {
+                        // The budget counts what a resident message costs, not
+                        // only its body: 16-byte bodies would otherwise keep
+                        // millions of messages resident.
+                        let cost = switchyard_core::memory::cost(len);
+                        let on_disk = if resident.saturating_add(cost) > resident_budget {
                             message.body = bytes::Bytes::new();
                             Some(len)
                         } else {
-                            resident += len;
+                            resident += cost;
                             None
                         };
                         messages.insert(id, (segment, offset, Arc::new(message), on_disk));
