@@ -38,13 +38,15 @@
 //! `Stream`, and the one accept loop) hands every adapter its stream, so a new
 //! adapter gets every transport at once.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::consumer::Outbox;
 use switchyard_core::flow::{self, Blockers};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
@@ -68,6 +70,13 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// messages) is given back once it is empty, so a connection's peak does not
 /// stay resident (and count against the memory alarm) after the burst.
 pub const KEEP_BUFFER: usize = 2 * 1024 * 1024;
+/// Buffers are held only while traffic is heavy. A connection without a read
+/// buffer reads through a stack buffer of this size (only the bytes read are
+/// copied to the heap), and a read or a write smaller than this that leaves
+/// its buffer empty gives the buffer back: an idle connection holds neither
+/// a read nor a write buffer. A read that fills it (more is probably waiting)
+/// gets a [`READ_CHUNK`] buffer for the next one.
+pub const SMALL_IO: usize = 4 * 1024;
 
 /// What the driver knows about the connection's traffic, for deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -195,7 +204,9 @@ where
         shutdown,
     } = signals;
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
+    // Both allocated on demand, and given back when a small read or write
+    // leaves them empty (see SMALL_IO): an idle connection holds neither.
+    let mut input = BytesMut::new();
     let mut output = BytesMut::new();
     let started = Instant::now();
     let mut activity = Activity {
@@ -262,7 +273,9 @@ where
         if input.is_empty() && input_big {
             input = BytesMut::with_capacity(READ_CHUNK);
             input_big = false;
-        } else if input.capacity() - input.len() < READ_CHUNK / 4 {
+        } else if !input.is_empty() && input.capacity() - input.len() < READ_CHUNK / 4 {
+            // A partial frame: read big next. (An empty input without a buffer
+            // reads through the stack: see `read_some`.)
             input.reserve(READ_CHUNK);
         }
         activity.output_pending = !output.is_empty();
@@ -271,23 +284,35 @@ where
         tokio::select! {
             written = writer.write_buf(&mut output), if !output.is_empty() => match written {
                 Ok(0) | Err(_) => break End::WriteFailed,
-                Ok(_) => {
+                Ok(n) => {
                     activity.last_write = Instant::now();
-                    if output.is_empty() && output_big {
+                    if output.is_empty() && (output_big || n < SMALL_IO) {
                         // The session gets this buffer back at the next take:
-                        // a fresh one instead of the burst's allocation.
+                        // a fresh (unallocated) one instead of the burst's, or
+                        // of a quiet connection's, allocation.
                         output = BytesMut::new();
                         output_big = false;
+                        if n < SMALL_IO {
+                            release_if_empty(session.output());
+                        }
                     }
                 }
             },
-            read = reader.read_buf(&mut input), if may_read => match read {
+            read = read_some(&mut reader, &mut input), if may_read => match read {
                 Ok(0) => break End::PeerClosed,
                 Err(e) => break End::ReadError(e),
-                Ok(_) => {
+                Ok(n) => {
                     activity.last_read = Instant::now();
                     if let Some(pause) = handle_read(&mut session, &mut input, activity.last_read) {
                         flow_paused = Some(pause);
+                    }
+                    if input.is_empty() {
+                        if n < SMALL_IO {
+                            input = BytesMut::new();
+                        } else {
+                            // More is probably waiting: read it in big chunks.
+                            input.reserve(READ_CHUNK);
+                        }
                     }
                 }
             },
@@ -334,6 +359,41 @@ where
     };
     session.finish(end);
     let _ = writer.shutdown().await;
+}
+
+/// Reads into `input`. Without a buffer (an idle connection's), the read goes
+/// through a stack buffer of [`SMALL_IO`] bytes, so waiting for bytes holds no
+/// heap allocation; what was read is then copied into `input`. (`read_buf`
+/// into an empty `BytesMut` would read 64 bytes at a time.) A pending read
+/// leaves nothing in the stack buffer, so dropping it between polls is safe.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+) -> std::io::Result<usize> {
+    if input.capacity() > input.len() {
+        return reader.read_buf(input).await;
+    }
+    std::future::poll_fn(|cx| {
+        let mut stack = [0u8; SMALL_IO];
+        let mut buf = ReadBuf::new(&mut stack);
+        match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                input.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(buf.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Frees an empty buffer's allocation, if it has one. (`capacity()` cannot
+/// tell: it counts from the read position, so it is not consulted.)
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() {
+        *buf = BytesMut::new();
+    }
 }
 
 /// Hands the session what was read, recording the lagging queues it
@@ -432,6 +492,15 @@ mod tests {
         /// Closes with "silent" when nothing was read for this long.
         silence_timeout: Option<Duration>,
         ended: Option<tokio::sync::oneshot::Sender<String>>,
+        /// The input buffer's allocation at each `handle_input`, and the
+        /// output buffer's at each deadline (what an idle connection holds).
+        seen: Arc<std::sync::Mutex<Seen>>,
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        input_capacity: Vec<usize>,
+        output_capacity: Vec<usize>,
     }
 
     impl Session for Echo {
@@ -439,6 +508,9 @@ mod tests {
             &mut self.out
         }
         fn handle_input(&mut self, input: &mut BytesMut) {
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.input_capacity.push(input.capacity());
+            }
             while let Some(n) = input.iter().position(|b| *b == b'\n') {
                 let line = input.split_to(n + 1);
                 if &line[..] == b"bye\n" {
@@ -481,6 +553,9 @@ mod tests {
             }
         }
         fn deadline(&mut self, now: Instant, activity: &Activity) {
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.output_capacity.push(self.out.capacity());
+            }
             if let Some(t) = self.silence_timeout {
                 if now.duration_since(activity.last_read) >= t {
                     self.out.extend_from_slice(b"silent\n");
@@ -691,6 +766,80 @@ mod tests {
         assert_eq!(read_line(&mut client).await, "still here\n");
         // Once read again, a silent client is timed out as before.
         assert_eq!(read_line(&mut client).await, "silent\n");
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_holds_no_read_or_write_buffer() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let session = Echo {
+            tick_every: Some(Duration::from_secs(5)),
+            seen: seen.clone(),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let (signals, _alarm) = signals(&shutdown);
+        let task = tokio::spawn(drive(server, session, signals));
+        for line in ["one\n", "two\n"] {
+            client.write_all(line.as_bytes()).await.unwrap();
+            assert_eq!(read_line(&mut client).await, line);
+        }
+        // Quiet now: the next deadline sees the session's output buffer.
+        assert_eq!(read_line(&mut client).await, "tick\n");
+        // A burst is read in big chunks: the buffer it lands in is kept
+        // while it lasts (a full stack read asks for a READ_CHUNK one).
+        let burst = vec![b'x'; 3 * READ_CHUNK];
+        client.write_all(&burst).await.unwrap();
+        client.write_all(b"\nthree\n").await.unwrap();
+        let mut echoed = vec![0u8; burst.len() + 1];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(read_line(&mut client).await, "three\n");
+        shutdown.cancel();
+        assert_eq!(read_all(&mut client).await, b"shutdown\n");
+        task.await.unwrap();
+        let seen = seen.lock().unwrap();
+        // Small reads arrive in a buffer just their size (read through the
+        // stack), not in a READ_CHUNK one held for the connection's life.
+        assert!(
+            seen.input_capacity[..2].iter().all(|c| *c < SMALL_IO),
+            "{:?}",
+            seen.input_capacity
+        );
+        assert!(
+            seen.input_capacity.iter().any(|c| *c >= READ_CHUNK),
+            "{:?}",
+            seen.input_capacity
+        );
+        // After small writes, the session's output buffer was given back.
+        assert_eq!(seen.output_capacity.first(), Some(&0));
+    }
+
+    #[tokio::test]
+    async fn a_frame_split_across_many_reads_is_reassembled() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let (signals, _alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, Echo::default(), signals));
+        // One byte per write, each read on its own: the partial line stays
+        // buffered between reads.
+        for b in b"split\n" {
+            client.write_all(&[*b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(read_line(&mut client).await, "split\n");
+        // A line larger than any buffer step, through a 256-byte pipe.
+        let long: Vec<u8> = (0..5 * READ_CHUNK).map(|i| b'a' + (i % 26) as u8).collect();
+        let writer = tokio::spawn(async move {
+            client.write_all(&long).await.unwrap();
+            client.write_all(b"\nbye\n").await.unwrap();
+            let got = read_all(&mut client).await;
+            (long, got)
+        });
+        let (long, got) = writer.await.unwrap();
+        let mut want = long;
+        want.extend_from_slice(b"\nok\n");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the long line came back changed");
         task.await.unwrap();
     }
 }

@@ -309,7 +309,9 @@ impl AcceptLoop {
                 async move {
                     let established = tokio::select! {
                         () = token.cancelled() => None,
-                        r = establish(socket, peer, local, &transport, deadlines) => Some(r),
+                        // Boxed: the handshake's state (TLS, WebSocket upgrade) is
+                        // freed once done instead of sizing the task for its life.
+                        r = Box::pin(establish(socket, peer, local, &transport, deadlines)) => Some(r),
                     };
                     match established {
                         Some(Ok(conn)) => handler(conn, token).await,
