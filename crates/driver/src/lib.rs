@@ -51,6 +51,9 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
+mod output;
+pub use output::{Output, Sink, SHARED_BODY_MIN};
+
 /// Stop reading and taking deliveries while this much output waits to be written.
 pub const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
 /// The longest a read waits for lagging queues to catch up before the next one
@@ -77,6 +80,8 @@ pub const KEEP_BUFFER: usize = 2 * 1024 * 1024;
 /// a read nor a write buffer. A read that fills it (more is probably waiting)
 /// gets a [`READ_CHUNK`] buffer for the next one.
 pub const SMALL_IO: usize = 4 * 1024;
+/// The most slices one vectored write passes (Linux takes up to 1024).
+pub const MAX_SLICES: usize = 64;
 
 /// What the driver knows about the connection's traffic, for deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -111,7 +116,7 @@ pub enum End {
 pub trait Session {
     /// The bytes the session produced, appended in order; the driver takes them
     /// (leaving the buffer empty) before every wait.
-    fn output(&mut self) -> &mut BytesMut;
+    fn output(&mut self) -> &mut Output;
 
     /// Bytes arrived. Whole frames are consumed from `input`; a partial frame
     /// stays for the next call.
@@ -220,7 +225,11 @@ where
     // Both allocated on demand, and given back when a small read or write
     // leaves them empty (see SMALL_IO): an idle connection holds neither.
     let mut input = BytesMut::new();
-    let mut output = BytesMut::new();
+    let mut output = Output::default();
+    // Whether the stream writes several slices in one call (TCP, TLS): then
+    // large bodies are written from their shared buffers; else they are
+    // copied into the output once, as before (see `Output`).
+    let vectored = writer.is_write_vectored();
     let started = Instant::now();
     let mut activity = Activity {
         started,
@@ -240,11 +249,12 @@ where
     let (mut input_big, mut output_big) = (false, false);
 
     let end = loop {
-        take_output(session, &mut output);
+        take_output(session, &mut output, vectored);
         output_big |= output.len() > KEEP_BUFFER;
         if session.is_closed() {
-            if !output.is_empty() {
-                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output)).await;
+            if !output.is_drained() {
+                output.flatten();
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output[..])).await;
             }
             if let Some(wait) = session.peer_closes().filter(|_| !shutting_down) {
                 let deadline = Instant::now() + wait;
@@ -267,9 +277,9 @@ where
         // hear it: lapin stops writing altogether (acks, heartbeats) once blocked.
         let blocked = *alarm.borrow() && session.blocks_on_alarm();
         session.alarm(blocked);
-        take_output(session, &mut output);
+        take_output(session, &mut output, vectored);
         output_big |= output.len() > KEEP_BUFFER;
-        let room = output.len() < OUTPUT_HIGH_WATER;
+        let room = output.pending() < OUTPUT_HIGH_WATER;
         // We stop listening on purpose (alarm, flow control, a login waiting
         // for its backend): the client's silence meanwhile is ours, not its,
         // so it does not count towards its heartbeat timeout (RabbitMQ pauses
@@ -291,19 +301,19 @@ where
             // reads through the stack: see `read_some`.)
             input.reserve(READ_CHUNK);
         }
-        activity.output_pending = !output.is_empty();
+        activity.output_pending = !output.is_drained();
         let timer = session.next_deadline(&activity).unwrap_or(far);
 
         tokio::select! {
-            written = writer.write_buf(&mut output), if !output.is_empty() => match written {
+            written = write_output(&mut writer, &mut output), if !output.is_drained() => match written {
                 Ok(0) | Err(_) => break End::WriteFailed,
                 Ok(n) => {
                     activity.last_write = Instant::now();
-                    if output.is_empty() && (output_big || n < SMALL_IO) {
+                    if output.is_drained() && (output_big || n < SMALL_IO) {
                         // The session gets this buffer back at the next take:
                         // a fresh (unallocated) one instead of the burst's, or
                         // of a quiet connection's, allocation.
-                        output = BytesMut::new();
+                        output = Output::default();
                         output_big = false;
                         if n < SMALL_IO {
                             release_if_empty(session.output());
@@ -406,10 +416,32 @@ async fn read_some<R: AsyncRead + Unpin>(
 
 /// Frees an empty buffer's allocation, if it has one. (`capacity()` cannot
 /// tell: it counts from the read position, so it is not consulted.)
-fn release_if_empty(buf: &mut BytesMut) {
-    if buf.is_empty() {
-        *buf = BytesMut::new();
+fn release_if_empty(buf: &mut Output) {
+    if buf.is_drained() {
+        *buf = Output::default();
     }
+}
+
+/// Writes what `output` holds: with one vectored write when bodies are
+/// spliced in (at most [`MAX_SLICES`] slices a call), else from the buffer.
+async fn write_output<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    output: &mut Output,
+) -> std::io::Result<usize> {
+    if !output.has_bodies() {
+        return writer.write_buf(&mut **output).await;
+    }
+    std::future::poll_fn(|cx| {
+        let polled = {
+            let slices = output.slices(MAX_SLICES);
+            Pin::new(&mut *writer).poll_write_vectored(cx, &slices)
+        };
+        if let Poll::Ready(Ok(n)) = polled {
+            output.advance(n);
+        }
+        polled
+    })
+    .await
 }
 
 /// Hands the session what was read, recording the lagging queues it
@@ -424,19 +456,22 @@ fn handle_read<S: Session>(
 }
 
 /// Moves what the session produced into the stream's output buffer: a swap when
-/// nothing is pending (no copy on the hot path), else an append.
-fn take_output<S: Session>(session: &mut S, output: &mut BytesMut) {
+/// nothing is pending (no copy on the hot path), else an append. A stream that
+/// cannot write vectored gets the bodies copied in.
+fn take_output<S: Session + ?Sized>(session: &mut S, output: &mut Output, vectored: bool) {
     let produced = session.output();
-    if produced.is_empty() {
+    if produced.is_drained() {
         return;
     }
-    if output.is_empty() {
+    if !vectored {
+        produced.flatten();
+    }
+    if output.is_drained() {
         // The session now fills what was our (empty) buffer; one that held a
         // burst was replaced by a fresh one once written (see `output_big`).
         std::mem::swap(output, produced);
     } else {
-        output.extend_from_slice(produced);
-        produced.clear();
+        output.append(produced);
     }
 }
 
@@ -497,7 +532,7 @@ mod tests {
     /// set, writes "tick\n"; shutdown writes "shutdown\n" and closes.
     #[derive(Default)]
     struct Echo {
-        out: BytesMut,
+        out: Output,
         closed: bool,
         linger: Option<Duration>,
         tick_every: Option<Duration>,
@@ -520,7 +555,7 @@ mod tests {
     }
 
     impl Session for Echo {
-        fn output(&mut self) -> &mut BytesMut {
+        fn output(&mut self) -> &mut Output {
             &mut self.out
         }
         fn handle_input(&mut self, input: &mut BytesMut) {
@@ -529,6 +564,13 @@ mod tests {
             }
             while let Some(n) = input.iter().position(|b| *b == b'\n') {
                 let line = input.split_to(n + 1);
+                if &line[..] == b"big\n" {
+                    // A large body between two frames' bytes.
+                    self.out.extend_from_slice(b"<");
+                    self.out.put_body(&big_body());
+                    self.out.extend_from_slice(b">\n");
+                    continue;
+                }
                 if &line[..] == b"bye\n" {
                     self.out.extend_from_slice(b"ok\n");
                     self.closed = true;
@@ -856,6 +898,57 @@ mod tests {
         want.extend_from_slice(b"\nok\n");
         assert_eq!(got.len(), want.len());
         assert!(got == want, "the long line came back changed");
+        task.await.unwrap();
+    }
+
+    fn big_body() -> bytes::Bytes {
+        (0..4 * SHARED_BODY_MIN)
+            .map(|i| b'a' + u8::try_from(i % 26).unwrap())
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    /// Over TCP (vectored writes: the body is written from its buffer) and a
+    /// pipe (no vectored writes: it is copied), a large body arrives in its
+    /// place between the bytes around it.
+    #[tokio::test]
+    async fn large_bodies_are_written_in_order_whatever_the_stream() {
+        let want = |n: usize| {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                v.extend_from_slice(b"one\n<");
+                v.extend_from_slice(&big_body());
+                v.extend_from_slice(b">\n");
+            }
+            v.extend_from_slice(b"ok\n");
+            v
+        };
+        let script = b"one\nbig\none\nbig\none\nbig\nbye\n";
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(server.is_write_vectored());
+        let (signals_tcp, _alarm_tcp) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, Echo::default(), signals_tcp));
+        client.write_all(script).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == want(3),
+            "TCP: {} bytes, want {}",
+            got.len(),
+            want(3).len()
+        );
+        task.await.unwrap();
+
+        let (mut pipe, server) = tokio::io::duplex(1024);
+        let (signals_pipe, _alarm_pipe) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, Echo::default(), signals_pipe));
+        pipe.write_all(script).await.unwrap();
+        assert!(read_all(&mut pipe).await == want(3), "pipe");
         task.await.unwrap();
     }
 }

@@ -18,6 +18,7 @@ mod channel;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use switchyard_driver::Output;
 
 use bytes::{Bytes, BytesMut};
 use switchyard_core::auth::{LoginError, TopicRules, User};
@@ -205,7 +206,7 @@ pub struct Session {
     id: u64,
     state: State,
     /// Frames to write, appended in order.
-    out: BytesMut,
+    out: Output,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -271,7 +272,7 @@ impl Session {
             peer,
             id,
             state: State::Header,
-            out: BytesMut::with_capacity(8 * 1024),
+            out: Output::default(),
             frame_max: codec::FRAME_MIN_SIZE,
             channel_max: 0,
             heartbeat: 0,
@@ -302,7 +303,7 @@ impl Session {
     }
 
     /// The bytes to write next. The caller writes and clears them.
-    pub fn output(&mut self) -> &mut BytesMut {
+    pub fn output(&mut self) -> &mut Output {
         // What the caller takes now is what goes out on the wire.
         if let Some(stats) = &self.stats {
             stats.add(Stat::SendOct, self.out.len() as u64);
