@@ -324,7 +324,7 @@ impl Session {
     pub fn output(&mut self) -> &mut Output {
         // What the caller takes now is what goes out on the wire.
         if let Some(stats) = &self.stats {
-            stats.add(Stat::SendOct, self.out.len() as u64);
+            stats.add(Stat::SendOct, self.out.pending() as u64);
         }
         &mut self.out
     }
