@@ -38,16 +38,21 @@
 //! `Stream`, and the one accept loop) hands every adapter its stream, so a new
 //! adapter gets every transport at once.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use switchyard_core::consumer::Outbox;
 use switchyard_core::flow::{self, Blockers};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
+
+mod output;
+pub use output::{Output, Sink, SHARED_BODY_MIN};
 
 /// Stop reading and taking deliveries while this much output waits to be written.
 pub const OUTPUT_HIGH_WATER: usize = 1024 * 1024;
@@ -68,6 +73,15 @@ pub const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// messages) is given back once it is empty, so a connection's peak does not
 /// stay resident (and count against the memory alarm) after the burst.
 pub const KEEP_BUFFER: usize = 2 * 1024 * 1024;
+/// Buffers are held only while traffic is heavy. A connection without a read
+/// buffer reads through a stack buffer of this size (only the bytes read are
+/// copied to the heap), and a read or a write smaller than this that leaves
+/// its buffer empty gives the buffer back: an idle connection holds neither
+/// a read nor a write buffer. A read that fills it (more is probably waiting)
+/// gets a [`READ_CHUNK`] buffer for the next one.
+pub const SMALL_IO: usize = 4 * 1024;
+/// The most slices one vectored write passes (Linux takes up to 1024).
+pub const MAX_SLICES: usize = 64;
 
 /// What the driver knows about the connection's traffic, for deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +116,7 @@ pub enum End {
 pub trait Session {
     /// The bytes the session produced, appended in order; the driver takes them
     /// (leaving the buffer empty) before every wait.
-    fn output(&mut self) -> &mut BytesMut;
+    fn output(&mut self) -> &mut Output;
 
     /// Bytes arrived. Whole frames are consumed from `input`; a partial frame
     /// stays for the next call.
@@ -182,11 +196,24 @@ pub struct Signals {
 
 /// Runs `session` over `stream` until the session closes, the stream ends or
 /// fails, or shutdown has closed it.
-pub async fn drive<S, T>(stream: T, mut session: S, signals: Signals)
+pub fn drive<S, T>(stream: T, session: S, signals: Signals) -> impl std::future::Future<Output = ()>
 where
     S: Session,
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    // The session lives in a box of its own, not in the future: an async
+    // fn's arguments are stored in its future beside the locals they are
+    // moved into, so a session passed by value is paid twice by every
+    // connection (about 1.5 kB for MQTT) for as long as it lives.
+    run(stream, Box::new(session), signals)
+}
+
+async fn run<S, T>(stream: T, mut session: Box<S>, signals: Signals)
+where
+    S: Session,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let session = &mut *session;
     let Signals {
         outbox,
         mut synced,
@@ -195,8 +222,14 @@ where
         shutdown,
     } = signals;
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut output = BytesMut::new();
+    // Both allocated on demand, and given back when a small read or write
+    // leaves them empty (see SMALL_IO): an idle connection holds neither.
+    let mut input = BytesMut::new();
+    let mut output = Output::default();
+    // Whether the stream writes several slices in one call (TCP, TLS): then
+    // large bodies are written from their shared buffers; else they are
+    // copied into the output once, as before (see `Output`).
+    let vectored = writer.is_write_vectored();
     let started = Instant::now();
     let mut activity = Activity {
         started,
@@ -216,11 +249,12 @@ where
     let (mut input_big, mut output_big) = (false, false);
 
     let end = loop {
-        take_output(&mut session, &mut output);
+        take_output(session, &mut output, vectored);
         output_big |= output.len() > KEEP_BUFFER;
         if session.is_closed() {
-            if !output.is_empty() {
-                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output)).await;
+            if !output.is_drained() {
+                output.flatten();
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output[..])).await;
             }
             if let Some(wait) = session.peer_closes().filter(|_| !shutting_down) {
                 let deadline = Instant::now() + wait;
@@ -243,9 +277,9 @@ where
         // hear it: lapin stops writing altogether (acks, heartbeats) once blocked.
         let blocked = *alarm.borrow() && session.blocks_on_alarm();
         session.alarm(blocked);
-        take_output(&mut session, &mut output);
+        take_output(session, &mut output, vectored);
         output_big |= output.len() > KEEP_BUFFER;
-        let room = output.len() < OUTPUT_HIGH_WATER;
+        let room = output.pending() < OUTPUT_HIGH_WATER;
         // We stop listening on purpose (alarm, flow control, a login waiting
         // for its backend): the client's silence meanwhile is ours, not its,
         // so it does not count towards its heartbeat timeout (RabbitMQ pauses
@@ -262,32 +296,46 @@ where
         if input.is_empty() && input_big {
             input = BytesMut::with_capacity(READ_CHUNK);
             input_big = false;
-        } else if input.capacity() - input.len() < READ_CHUNK / 4 {
+        } else if !input.is_empty() && input.capacity() - input.len() < READ_CHUNK / 4 {
+            // A partial frame: read big next. (An empty input without a buffer
+            // reads through the stack: see `read_some`.)
             input.reserve(READ_CHUNK);
         }
-        activity.output_pending = !output.is_empty();
+        activity.output_pending = !output.is_drained();
         let timer = session.next_deadline(&activity).unwrap_or(far);
 
         tokio::select! {
-            written = writer.write_buf(&mut output), if !output.is_empty() => match written {
+            written = write_output(&mut writer, &mut output), if !output.is_drained() => match written {
                 Ok(0) | Err(_) => break End::WriteFailed,
-                Ok(_) => {
+                Ok(n) => {
                     activity.last_write = Instant::now();
-                    if output.is_empty() && output_big {
+                    if output.is_drained() && (output_big || n < SMALL_IO) {
                         // The session gets this buffer back at the next take:
-                        // a fresh one instead of the burst's allocation.
-                        output = BytesMut::new();
+                        // a fresh (unallocated) one instead of the burst's, or
+                        // of a quiet connection's, allocation.
+                        output = Output::default();
                         output_big = false;
+                        if n < SMALL_IO {
+                            release_if_empty(session.output());
+                        }
                     }
                 }
             },
-            read = reader.read_buf(&mut input), if may_read => match read {
+            read = read_some(&mut reader, &mut input), if may_read => match read {
                 Ok(0) => break End::PeerClosed,
                 Err(e) => break End::ReadError(e),
-                Ok(_) => {
+                Ok(n) => {
                     activity.last_read = Instant::now();
-                    if let Some(pause) = handle_read(&mut session, &mut input, activity.last_read) {
+                    if let Some(pause) = handle_read(session, &mut input, activity.last_read) {
                         flow_paused = Some(pause);
+                    }
+                    if input.is_empty() {
+                        if n < SMALL_IO {
+                            input = BytesMut::new();
+                        } else {
+                            // More is probably waiting: read it in big chunks.
+                            input.reserve(READ_CHUNK);
+                        }
                     }
                 }
             },
@@ -297,7 +345,7 @@ where
                 session.handle_outbox();
                 if login_pending && !session.input_paused() && !input.is_empty() {
                     // What arrived while the login waited: handled as a read.
-                    if let Some(pause) = handle_read(&mut session, &mut input, Instant::now()) {
+                    if let Some(pause) = handle_read(session, &mut input, Instant::now()) {
                         flow_paused = Some(pause);
                     }
                 }
@@ -336,6 +384,66 @@ where
     let _ = writer.shutdown().await;
 }
 
+/// Reads into `input`. Without a buffer (an idle connection's), the read goes
+/// through a stack buffer of [`SMALL_IO`] bytes, so waiting for bytes holds no
+/// heap allocation; what was read is then copied into `input`. (`read_buf`
+/// into an empty `BytesMut` would read 64 bytes at a time.) A pending read
+/// leaves nothing in the stack buffer, so dropping it between polls is safe.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    input: &mut BytesMut,
+) -> std::io::Result<usize> {
+    if input.capacity() > input.len() {
+        return reader.read_buf(input).await;
+    }
+    std::future::poll_fn(|cx| {
+        // Uninitialised: this runs at every poll of the read branch (each
+        // wake-up of the connection, e.g. per delivery batch of a consumer),
+        // and zeroing 4 KiB each time measurably slowed a busy consumer.
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); SMALL_IO];
+        let mut buf = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                input.extend_from_slice(buf.filled());
+                Poll::Ready(Ok(buf.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Frees an empty buffer's allocation, if it has one. (`capacity()` cannot
+/// tell: it counts from the read position, so it is not consulted.)
+fn release_if_empty(buf: &mut Output) {
+    if buf.is_drained() {
+        *buf = Output::default();
+    }
+}
+
+/// Writes what `output` holds: with one vectored write when bodies are
+/// spliced in (at most [`MAX_SLICES`] slices a call), else from the buffer.
+async fn write_output<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    output: &mut Output,
+) -> std::io::Result<usize> {
+    if !output.has_bodies() {
+        return writer.write_buf(&mut **output).await;
+    }
+    std::future::poll_fn(|cx| {
+        let polled = {
+            let slices = output.slices(MAX_SLICES);
+            Pin::new(&mut *writer).poll_write_vectored(cx, &slices)
+        };
+        if let Poll::Ready(Ok(n)) = polled {
+            output.advance(n);
+        }
+        polled
+    })
+    .await
+}
+
 /// Hands the session what was read, recording the lagging queues it
 /// published into (flow control); returns the pause they call for, if any.
 fn handle_read<S: Session>(
@@ -348,19 +456,22 @@ fn handle_read<S: Session>(
 }
 
 /// Moves what the session produced into the stream's output buffer: a swap when
-/// nothing is pending (no copy on the hot path), else an append.
-fn take_output<S: Session>(session: &mut S, output: &mut BytesMut) {
+/// nothing is pending (no copy on the hot path), else an append. A stream that
+/// cannot write vectored gets the bodies copied in.
+fn take_output<S: Session + ?Sized>(session: &mut S, output: &mut Output, vectored: bool) {
     let produced = session.output();
-    if produced.is_empty() {
+    if produced.is_drained() {
         return;
     }
-    if output.is_empty() {
+    if !vectored {
+        produced.flatten();
+    }
+    if output.is_drained() {
         // The session now fills what was our (empty) buffer; one that held a
         // burst was replaced by a fresh one once written (see `output_big`).
         std::mem::swap(output, produced);
     } else {
-        output.extend_from_slice(produced);
-        produced.clear();
+        output.append(produced);
     }
 }
 
@@ -421,7 +532,7 @@ mod tests {
     /// set, writes "tick\n"; shutdown writes "shutdown\n" and closes.
     #[derive(Default)]
     struct Echo {
-        out: BytesMut,
+        out: Output,
         closed: bool,
         linger: Option<Duration>,
         tick_every: Option<Duration>,
@@ -432,15 +543,34 @@ mod tests {
         /// Closes with "silent" when nothing was read for this long.
         silence_timeout: Option<Duration>,
         ended: Option<tokio::sync::oneshot::Sender<String>>,
+        /// The input buffer's allocation at each `handle_input`, and the
+        /// output buffer's at each deadline (what an idle connection holds).
+        seen: Arc<std::sync::Mutex<Seen>>,
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        input_capacity: Vec<usize>,
+        output_capacity: Vec<usize>,
     }
 
     impl Session for Echo {
-        fn output(&mut self) -> &mut BytesMut {
+        fn output(&mut self) -> &mut Output {
             &mut self.out
         }
         fn handle_input(&mut self, input: &mut BytesMut) {
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.input_capacity.push(input.capacity());
+            }
             while let Some(n) = input.iter().position(|b| *b == b'\n') {
                 let line = input.split_to(n + 1);
+                if &line[..] == b"big\n" {
+                    // A large body between two frames' bytes.
+                    self.out.extend_from_slice(b"<");
+                    self.out.put_body(&big_body());
+                    self.out.extend_from_slice(b">\n");
+                    continue;
+                }
                 if &line[..] == b"bye\n" {
                     self.out.extend_from_slice(b"ok\n");
                     self.closed = true;
@@ -481,6 +611,9 @@ mod tests {
             }
         }
         fn deadline(&mut self, now: Instant, activity: &Activity) {
+            if let Ok(mut seen) = self.seen.lock() {
+                seen.output_capacity.push(self.out.capacity());
+            }
             if let Some(t) = self.silence_timeout {
                 if now.duration_since(activity.last_read) >= t {
                     self.out.extend_from_slice(b"silent\n");
@@ -691,6 +824,131 @@ mod tests {
         assert_eq!(read_line(&mut client).await, "still here\n");
         // Once read again, a silent client is timed out as before.
         assert_eq!(read_line(&mut client).await, "silent\n");
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_connection_holds_no_read_or_write_buffer() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let session = Echo {
+            tick_every: Some(Duration::from_secs(5)),
+            seen: seen.clone(),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let (signals, _alarm) = signals(&shutdown);
+        let task = tokio::spawn(drive(server, session, signals));
+        for line in ["one\n", "two\n"] {
+            client.write_all(line.as_bytes()).await.unwrap();
+            assert_eq!(read_line(&mut client).await, line);
+        }
+        // Quiet now: the next deadline sees the session's output buffer.
+        assert_eq!(read_line(&mut client).await, "tick\n");
+        // A burst is read in big chunks: the buffer it lands in is kept
+        // while it lasts (a full stack read asks for a READ_CHUNK one).
+        let burst = vec![b'x'; 3 * READ_CHUNK];
+        client.write_all(&burst).await.unwrap();
+        client.write_all(b"\nthree\n").await.unwrap();
+        let mut echoed = vec![0u8; burst.len() + 1];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(read_line(&mut client).await, "three\n");
+        shutdown.cancel();
+        assert_eq!(read_all(&mut client).await, b"shutdown\n");
+        task.await.unwrap();
+        let seen = seen.lock().unwrap();
+        // Small reads arrive in a buffer just their size (read through the
+        // stack), not in a READ_CHUNK one held for the connection's life.
+        assert!(
+            seen.input_capacity[..2].iter().all(|c| *c < SMALL_IO),
+            "{:?}",
+            seen.input_capacity
+        );
+        assert!(
+            seen.input_capacity.iter().any(|c| *c >= READ_CHUNK),
+            "{:?}",
+            seen.input_capacity
+        );
+        // After small writes, the session's output buffer was given back.
+        assert_eq!(seen.output_capacity.first(), Some(&0));
+    }
+
+    #[tokio::test]
+    async fn a_frame_split_across_many_reads_is_reassembled() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let (signals, _alarm) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, Echo::default(), signals));
+        // One byte per write, each read on its own: the partial line stays
+        // buffered between reads.
+        for b in b"split\n" {
+            client.write_all(&[*b]).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(read_line(&mut client).await, "split\n");
+        // A line larger than any buffer step, through a 256-byte pipe.
+        let long: Vec<u8> = (0..5 * READ_CHUNK).map(|i| b'a' + (i % 26) as u8).collect();
+        let writer = tokio::spawn(async move {
+            client.write_all(&long).await.unwrap();
+            client.write_all(b"\nbye\n").await.unwrap();
+            let got = read_all(&mut client).await;
+            (long, got)
+        });
+        let (long, got) = writer.await.unwrap();
+        let mut want = long;
+        want.extend_from_slice(b"\nok\n");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the long line came back changed");
+        task.await.unwrap();
+    }
+
+    fn big_body() -> bytes::Bytes {
+        (0..4 * SHARED_BODY_MIN)
+            .map(|i| b'a' + u8::try_from(i % 26).unwrap())
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    /// Over TCP (vectored writes: the body is written from its buffer) and a
+    /// pipe (no vectored writes: it is copied), a large body arrives in its
+    /// place between the bytes around it.
+    #[tokio::test]
+    async fn large_bodies_are_written_in_order_whatever_the_stream() {
+        let want = |n: usize| {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                v.extend_from_slice(b"one\n<");
+                v.extend_from_slice(&big_body());
+                v.extend_from_slice(b">\n");
+            }
+            v.extend_from_slice(b"ok\n");
+            v
+        };
+        let script = b"one\nbig\none\nbig\none\nbig\nbye\n";
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(server.is_write_vectored());
+        let (signals_tcp, _alarm_tcp) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, Echo::default(), signals_tcp));
+        client.write_all(script).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == want(3),
+            "TCP: {} bytes, want {}",
+            got.len(),
+            want(3).len()
+        );
+        task.await.unwrap();
+
+        let (mut pipe, server) = tokio::io::duplex(1024);
+        let (signals_pipe, _alarm_pipe) = signals(&CancellationToken::new());
+        let task = tokio::spawn(drive(server, Echo::default(), signals_pipe));
+        pipe.write_all(script).await.unwrap();
+        assert!(read_all(&mut pipe).await == want(3), "pipe");
         task.await.unwrap();
     }
 }

@@ -50,19 +50,35 @@ pub(crate) async fn serve(
                 cert_login,
             };
             let (stream, peer) = (conn.stream, conn.peer);
+            // Each protocol's connection future is boxed on its own: inline,
+            // this future would be as large as the largest of them (a match
+            // is sized by its biggest arm), and every idle MQTT connection
+            // would pay for an AMQP session's state.
             ACCEPTED.scope(facts, async move {
                 match protocol {
                     Protocol::Amqp(settings) => {
-                        switchyard_amqp::serve(stream, peer, broker, settings, token).await;
+                        Box::pin(switchyard_amqp::serve(
+                            stream, peer, broker, settings, token,
+                        ))
+                        .await;
                     }
                     Protocol::Mqtt(settings, state) => {
-                        switchyard_mqtt::serve(stream, peer, broker, state, settings, token).await;
+                        Box::pin(switchyard_mqtt::serve(
+                            stream, peer, broker, state, settings, token,
+                        ))
+                        .await;
                     }
                     Protocol::Stomp(settings) => {
-                        switchyard_stomp::serve(stream, peer, broker, settings, token).await;
+                        Box::pin(switchyard_stomp::serve(
+                            stream, peer, broker, settings, token,
+                        ))
+                        .await;
                     }
                     Protocol::Stream(settings) => {
-                        switchyard_stream::serve(stream, peer, broker, settings, token).await;
+                        Box::pin(switchyard_stream::serve(
+                            stream, peer, broker, settings, token,
+                        ))
+                        .await;
                     }
                 }
             })

@@ -117,6 +117,25 @@ impl AsyncWrite for Stream {
         each!(self, s => s.poll_write(cx, buf))
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    /// As the stream inside: the driver writes large message bodies from
+    /// their shared buffers only where one call takes several slices.
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Ws(s) => s.is_write_vectored(),
+            Stream::Wss(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         each!(self, s => s.poll_flush(cx))
     }
@@ -309,7 +328,9 @@ impl AcceptLoop {
                 async move {
                     let established = tokio::select! {
                         () = token.cancelled() => None,
-                        r = establish(socket, peer, local, &transport, deadlines) => Some(r),
+                        // Boxed: the handshake's state (TLS, WebSocket upgrade) is
+                        // freed once done instead of sizing the task for its life.
+                        r = Box::pin(establish(socket, peer, local, &transport, deadlines)) => Some(r),
                     };
                     match established {
                         Some(Ok(conn)) => handler(conn, token).await,

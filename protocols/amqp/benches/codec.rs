@@ -127,7 +127,7 @@ fn encode(c: &mut Criterion) {
         routing_key: "q".into(),
         redelivered: false,
     });
-    let body = [7u8; 16];
+    let body = bytes::Bytes::from_static(&[7u8; 16]);
     group.bench_function("content/deliver-16B", |b| {
         b.iter(|| {
             out.clear();

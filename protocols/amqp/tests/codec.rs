@@ -200,7 +200,14 @@ fn publish_header_body_known_bytes() {
     let Frame::Header { properties, .. } = &frames[1] else {
         unreachable!()
     };
-    encode_content(&mut buf, 1, method, properties, b"hello", FRAME_MIN_SIZE);
+    encode_content(
+        &mut buf,
+        1,
+        method,
+        properties,
+        &Bytes::from_static(b"hello"),
+        FRAME_MIN_SIZE,
+    );
     assert_eq!(&buf[..], &bytes[..]);
 }
 
@@ -388,7 +395,7 @@ fn encode_content_splits_body_by_frame_max() {
         3,
         &method,
         &Properties::default(),
-        &body,
+        &Bytes::from(body.clone()),
         FRAME_MIN_SIZE,
     );
     let frames = decode_all(&buf, FRAME_MIN_SIZE).unwrap();
@@ -430,7 +437,7 @@ fn empty_body_has_no_body_frame() {
         1,
         &method,
         &Properties::default(),
-        b"",
+        &Bytes::new(),
         FRAME_MIN_SIZE,
     );
     let frames = decode_all(&buf, FRAME_MIN_SIZE).unwrap();
@@ -611,7 +618,7 @@ proptest! {
     ) {
         let method: Method = publish.into();
         let mut buf = BytesMut::new();
-        encode_content(&mut buf, channel, &method, &properties, &body, frame_max);
+        encode_content(&mut buf, channel, &method, &properties, &Bytes::from(body.clone()), frame_max);
         let frames = decode_all(&buf, frame_max).unwrap();
         prop_assert_eq!(&frames[0], &Frame::Method { channel, method });
         let Frame::Header { properties: got, body_size, .. } = &frames[1] else {

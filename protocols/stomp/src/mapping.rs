@@ -285,7 +285,10 @@ pub fn reply_to_header(reply_to: &str) -> String {
 /// their text (numbers, booleans); nested tables and arrays (such as `x-death`)
 /// have no STOMP form and are left out. Property headers win over message headers
 /// of the same name, and only the first of each name is written.
-pub fn write_property_headers(w: &mut FrameWriter<'_>, p: &Properties) {
+pub fn write_property_headers<O: switchyard_driver::Sink>(
+    w: &mut FrameWriter<'_, O>,
+    p: &Properties,
+) {
     if let Some(v) = &p.content_type {
         w.header("content-type", v);
     }

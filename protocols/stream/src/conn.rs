@@ -83,7 +83,7 @@ struct Conn {
 }
 
 impl switchyard_driver::Session for Conn {
-    fn output(&mut self) -> &mut BytesMut {
+    fn output(&mut self) -> &mut switchyard_driver::Output {
         self.session.output()
     }
 

@@ -31,6 +31,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_driver::Output;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use switchyard_core::auth::{Access, LoginError, Resource};
@@ -122,7 +123,7 @@ pub struct Session {
     peer: SocketAddr,
     local: Option<SocketAddr>,
     id: u64,
-    out: BytesMut,
+    out: Output,
     outbox: Arc<Outbox>,
     synced: Option<watch::Receiver<u64>>,
     state: State,
@@ -167,7 +168,7 @@ impl Session {
             settings,
             peer,
             id,
-            out: BytesMut::new(),
+            out: Output::default(),
             outbox: Outbox::new(1),
             synced,
             state: State::Authenticating,
@@ -189,7 +190,7 @@ impl Session {
         }
     }
 
-    pub fn output(&mut self) -> &mut BytesMut {
+    pub fn output(&mut self) -> &mut Output {
         &mut self.out
     }
 

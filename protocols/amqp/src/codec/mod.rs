@@ -38,6 +38,7 @@ mod types;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use switchyard_core::message::Properties;
+use switchyard_driver::Sink;
 
 pub use error::CodecError;
 pub use method::*;
@@ -284,11 +285,11 @@ pub fn encode_heartbeat(buf: &mut BytesMut) {
 /// frames of at most `frame_max - 8` payload bytes (`frame_max` 0 = no limit). An
 /// empty body gets no body frame, as the spec says.
 pub fn encode_content(
-    buf: &mut BytesMut,
+    out: &mut impl Sink,
     channel: u16,
     method: &Method,
     properties: &Properties,
-    body: &[u8],
+    body: &Bytes,
     frame_max: u32,
 ) {
     let max = if frame_max == 0 { u32::MAX } else { frame_max };
@@ -302,12 +303,30 @@ pub fn encode_content(
     // plus a guess for the method and header frames. Saturating, because only
     // the hint would overflow, not the frames.
     let overhead = body_frames.saturating_mul(FRAME_OVERHEAD as usize);
-    buf.reserve(body.len().saturating_add(overhead).saturating_add(256));
+    // Body frames large enough are written from the message's own buffer
+    // (see `switchyard_driver::Output`): only their 8 framing bytes are ours.
+    let shared = out.shares(chunk.min(body.len()));
+    let copied = if shared { 0 } else { body.len() };
+    let buf = out.bytes();
+    buf.reserve(copied.saturating_add(overhead).saturating_add(256));
     encode_method(buf, channel, method);
     let body_size = u64::try_from(body.len()).unwrap_or(u64::MAX);
     encode_header(buf, channel, method.class_id(), body_size, properties);
-    for part in body.chunks(chunk) {
-        encode_body(buf, channel, part);
+    let mut from = 0;
+    while from < body.len() {
+        let to = from.saturating_add(chunk).min(body.len());
+        let part = body.slice(from..to);
+        if out.shares(part.len()) {
+            let buf = out.bytes();
+            buf.put_u8(FRAME_BODY);
+            buf.put_u16(channel);
+            buf.put_u32(u32::try_from(part.len()).unwrap_or(u32::MAX));
+            out.put_body(&part);
+            out.bytes().put_u8(FRAME_END);
+        } else {
+            encode_body(out.bytes(), channel, &part);
+        }
+        from = to;
     }
 }
 

@@ -29,7 +29,7 @@ pub(crate) struct Ctx<'a> {
     pub vhost: &'a Arc<VHost>,
     pub user: &'a str,
     pub connection: u64,
-    pub out: &'a mut BytesMut,
+    pub out: &'a mut switchyard_driver::Output,
     pub outbox: &'a Arc<Outbox>,
     pub frame_max: u32,
     pub exclusive_queues: &'a mut Vec<Arc<Queue>>,
@@ -545,7 +545,12 @@ impl Channel {
 
     // ---- deliveries ----
 
-    pub(crate) fn write_delivery(&mut self, out: &mut BytesMut, d: Delivery, frame_max: u32) {
+    pub(crate) fn write_delivery(
+        &mut self,
+        out: &mut switchyard_driver::Output,
+        d: Delivery,
+        frame_max: u32,
+    ) {
         let tag = self.next_tag;
         self.next_tag += 1;
         let qt = d.queue.queue_type();

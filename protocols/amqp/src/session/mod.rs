@@ -18,6 +18,7 @@ mod channel;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use switchyard_driver::Output;
 
 use bytes::{Bytes, BytesMut};
 use switchyard_core::auth::{LoginError, TopicRules, User};
@@ -205,7 +206,7 @@ pub struct Session {
     id: u64,
     state: State,
     /// Frames to write, appended in order.
-    out: BytesMut,
+    out: Output,
     frame_max: u32,
     channel_max: u16,
     heartbeat: u16,
@@ -214,7 +215,10 @@ pub struct Session {
     capabilities: ClientCapabilities,
     user: String,
     vhost: Option<Arc<VHost>>,
-    channels: HashMap<u16, Channel>,
+    /// Boxed: a channel is several hundred bytes, and a map's spare slots
+    /// hold a whole value each; boxed, an idle connection's spare slots cost
+    /// a pointer (measured: 3 kB -> 1.6 kB for two channels).
+    channels: HashMap<u16, Box<Channel>>,
     outbox: Arc<Outbox>,
     /// Exclusive queues this connection declared: deleted when it closes.
     exclusive_queues: Vec<Arc<Queue>>,
@@ -268,7 +272,7 @@ impl Session {
             peer,
             id,
             state: State::Header,
-            out: BytesMut::with_capacity(8 * 1024),
+            out: Output::default(),
             frame_max: codec::FRAME_MIN_SIZE,
             channel_max: 0,
             heartbeat: 0,
@@ -299,10 +303,10 @@ impl Session {
     }
 
     /// The bytes to write next. The caller writes and clears them.
-    pub fn output(&mut self) -> &mut BytesMut {
+    pub fn output(&mut self) -> &mut Output {
         // What the caller takes now is what goes out on the wire.
         if let Some(stats) = &self.stats {
-            stats.add(Stat::SendOct, self.out.len() as u64);
+            stats.add(Stat::SendOct, self.out.pending() as u64);
         }
         &mut self.out
     }
@@ -991,8 +995,10 @@ impl Session {
                 .broker
                 .stats
                 .open_source(Protocol::Amqp091, self.id, id, vhost, true);
-            self.channels
-                .insert(id, Channel::new(id, stats, self.unacked_credit.clone()));
+            self.channels.insert(
+                id,
+                Box::new(Channel::new(id, stats, self.unacked_credit.clone())),
+            );
             self.count_channels();
             codec::encode_method(
                 &mut self.out,
@@ -1179,7 +1185,7 @@ impl Session {
     /// Some confirm or commit waits for the store: the connection task should
     /// call [`Session::flush_confirms`] when the synced position moves.
     pub fn awaits_sync(&self) -> bool {
-        self.channels.values().any(Channel::awaits_sync)
+        self.channels.values().any(|ch| ch.awaits_sync())
     }
 
     /// Releases everything the connection holds: unacked messages go back to

@@ -19,6 +19,7 @@ mod read;
 pub mod reason;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use switchyard_driver::Sink;
 
 pub use error::{CodecError, CodecResult};
 pub use properties::Properties;
@@ -720,13 +721,14 @@ pub fn encode(
     packet: &Packet,
     version: Version,
     limit: usize,
-    out: &mut BytesMut,
+    out: &mut impl Sink,
 ) -> Result<usize, TooLargeForPeer> {
     let v5 = version.is_v5();
     // The variable header (and small payloads) go to a scratch buffer so the
-    // remaining length is known; a PUBLISH payload is appended straight to `out`.
+    // remaining length is known; a PUBLISH payload is appended straight to `out`
+    // (a large one shared, not copied: see `switchyard_driver::Output`).
     let mut vh = BytesMut::new();
-    let mut payload: &[u8] = &[];
+    let mut payload: Option<&Bytes> = None;
     let first: u8 = match packet {
         Packet::Connect(c) => {
             put_string(&mut vh, c.version.name());
@@ -785,7 +787,7 @@ pub fn encode(
             if v5 {
                 p.properties.encode(&mut vh);
             }
-            payload = &p.payload;
+            payload = Some(&p.payload);
             let mut first = 0x30 | (p.qos.as_u8() << 1);
             if p.dup && p.qos != QoS::AtMostOnce {
                 first |= 0x08;
@@ -859,17 +861,26 @@ pub fn encode(
             0xf0
         }
     };
-    let remaining = vh.len().saturating_add(payload.len());
+    let payload_len = payload.map_or(0, Bytes::len);
+    let remaining = vh.len().saturating_add(payload_len);
     let header = 1 + varint_len(remaining);
     let size = header.saturating_add(remaining);
     if size > limit || remaining > MAX_REMAINING_LENGTH {
         return Err(TooLargeForPeer { size, limit });
     }
-    out.reserve(size);
-    out.put_u8(first);
-    put_varint(out, u32::try_from(remaining).unwrap_or(u32::MAX));
-    out.extend_from_slice(&vh);
-    out.extend_from_slice(payload);
+    let copied = if out.shares(payload_len) {
+        size.saturating_sub(payload_len)
+    } else {
+        size
+    };
+    let buf = out.bytes();
+    buf.reserve(copied);
+    buf.put_u8(first);
+    put_varint(buf, u32::try_from(remaining).unwrap_or(u32::MAX));
+    buf.extend_from_slice(&vh);
+    if let Some(payload) = payload {
+        out.put_body(payload);
+    }
     Ok(size)
 }
 
@@ -895,7 +906,7 @@ fn varint_len(n: usize) -> usize {
 
 /// Encodes with no size limit (tests, tools, our own packets to a peer that set
 /// none).
-pub fn encode_unlimited(packet: &Packet, version: Version, out: &mut BytesMut) {
+pub fn encode_unlimited(packet: &Packet, version: Version, out: &mut impl Sink) {
     // Only `limit` can make encode fail, and it is unlimited here.
     let _ = encode(packet, version, usize::MAX, out);
 }

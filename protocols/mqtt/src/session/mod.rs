@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_driver::Output;
 
 use bytes::BytesMut;
 use switchyard_core::auth::{Access, Resource, TopicRules};
@@ -129,7 +130,7 @@ pub struct Session {
     phase: Phase,
     version: Version,
     decoder: Decoder,
-    out: BytesMut,
+    out: Output,
     outbox: Arc<Outbox>,
     /// Receive-maximum credit shared by this connection's QoS 1/2 consumers.
     credit: Arc<Credit>,
@@ -210,7 +211,7 @@ impl Session {
             phase: Phase::Connect,
             version: Version::V311,
             decoder,
-            out: BytesMut::new(),
+            out: Output::default(),
             outbox: Outbox::new(OUTBOX_CAPACITY),
             credit: Arc::new(Credit::new(u32::from(settings.max_inflight))),
             kick: CancellationToken::new(),
@@ -320,10 +321,10 @@ impl Session {
     }
 
     /// Packets produced so far, to be written to the socket.
-    pub fn output(&mut self) -> &mut BytesMut {
+    pub fn output(&mut self) -> &mut Output {
         // What the caller takes now is what goes out on the wire.
         if let Some(stats) = &self.stats {
-            stats.add(Stat::SendOct, self.out.len() as u64);
+            stats.add(Stat::SendOct, self.out.pending() as u64);
         }
         &mut self.out
     }

@@ -36,6 +36,7 @@ mod error;
 mod head;
 
 use bytes::{Buf, Bytes, BytesMut};
+use switchyard_driver::Sink;
 
 pub use error::{CodecError, Escaped};
 pub use head::Escaping;
@@ -202,15 +203,16 @@ impl Frame {
 /// Writes one frame straight into an output buffer, escaping headers as the
 /// version and command require; used for MESSAGE frames so a delivery costs no
 /// intermediate header list.
-pub struct FrameWriter<'a> {
-    out: &'a mut BytesMut,
+pub struct FrameWriter<'a, O: Sink = BytesMut> {
+    out: &'a mut O,
     escaping: Escaping,
 }
 
-impl<'a> FrameWriter<'a> {
-    pub fn start(out: &'a mut BytesMut, command: Command, version: Version) -> Self {
-        out.extend_from_slice(command.as_str().as_bytes());
-        out.extend_from_slice(b"\n");
+impl<'a, O: Sink> FrameWriter<'a, O> {
+    pub fn start(out: &'a mut O, command: Command, version: Version) -> Self {
+        let buf = out.bytes();
+        buf.extend_from_slice(command.as_str().as_bytes());
+        buf.extend_from_slice(b"\n");
         let escaping = if command.is_unescaped() {
             Escaping::None
         } else {
@@ -220,17 +222,27 @@ impl<'a> FrameWriter<'a> {
     }
 
     pub fn header(&mut self, name: &str, value: &str) {
-        self.escaping.encode(name, self.out);
-        self.out.extend_from_slice(b":");
-        self.escaping.encode(value, self.out);
-        self.out.extend_from_slice(b"\n");
+        let buf = self.out.bytes();
+        self.escaping.encode(name, buf);
+        buf.extend_from_slice(b":");
+        self.escaping.encode(value, buf);
+        buf.extend_from_slice(b"\n");
     }
 
     /// Ends the head, appends the body and the closing NUL.
     pub fn finish(self, body: &[u8]) {
-        self.out.extend_from_slice(b"\n");
-        self.out.extend_from_slice(body);
-        self.out.extend_from_slice(b"\0");
+        let buf = self.out.bytes();
+        buf.extend_from_slice(b"\n");
+        buf.extend_from_slice(body);
+        buf.extend_from_slice(b"\0");
+    }
+
+    /// As [`FrameWriter::finish`], for a message body: a large one is
+    /// written from its own buffer (see `switchyard_driver::Output`).
+    pub fn finish_body(self, body: &Bytes) {
+        self.out.bytes().extend_from_slice(b"\n");
+        self.out.put_body(body);
+        self.out.bytes().extend_from_slice(b"\0");
     }
 }
 

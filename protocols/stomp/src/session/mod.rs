@@ -21,6 +21,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_driver::Output;
 
 use bytes::BytesMut;
 use switchyard_core::auth::{Access, Resource, TopicRules};
@@ -121,7 +122,7 @@ pub struct Session {
     state: State,
     decoder: Decoder,
     version: Version,
-    out: BytesMut,
+    out: Output,
     user: String,
     vhost: Option<Arc<VHost>>,
     outbox: Arc<Outbox>,
@@ -189,7 +190,7 @@ impl Session {
             state: State::Connecting,
             decoder,
             version: Version::V1_0,
-            out: BytesMut::with_capacity(8 * 1024),
+            out: Output::default(),
             user: String::new(),
             vhost: None,
             outbox: Outbox::new(OUTBOX_CAPACITY),
@@ -225,10 +226,10 @@ impl Session {
     }
 
     /// The bytes to write next. The caller writes and clears them.
-    pub fn output(&mut self) -> &mut BytesMut {
+    pub fn output(&mut self) -> &mut Output {
         // What the caller takes now is what goes out on the wire.
         if let Some(stats) = &self.stats {
-            stats.add(Stat::SendOct, self.out.len() as u64);
+            stats.add(Stat::SendOct, self.out.pending() as u64);
         }
         &mut self.out
     }
@@ -1079,7 +1080,7 @@ impl Session {
         mapping::write_property_headers(&mut w, &msg.properties);
         // Always: bodies may hold NULs, and clients then need not scan for the end.
         w.header("content-length", &msg.body.len().to_string());
-        w.finish(&msg.body);
+        w.finish_body(&msg.body);
     }
 
     /// Gives back everything the connection holds.
