@@ -132,6 +132,16 @@ EOF
 stop_rabbitmq() {
     [[ -n "$rb_pid" ]] || return 0
     rb_env timeout 60 /usr/lib/rabbitmq/bin/rabbitmqctl -n "$RB_NODE" stop >/dev/null 2>&1 || kill "$rb_pid" 2>/dev/null || true
+    # `rabbitmqctl stop` returns before the node's process has gone: a node
+    # started at once would find the distribution port taken and crash.
+    for _ in $(seq 100); do
+        kill -0 "$rb_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    for _ in $(seq 100); do
+        ss -Hltn "sport = :$RB_DIST" 2>/dev/null | grep -q . || break
+        sleep 0.1
+    done
     rb_pid=""
 }
 
