@@ -285,52 +285,39 @@ done >"$tmp/cases.txt"
 load_before="$(cat /proc/loadavg)"
 started_at="$(date -u +%Y-%m-%dT%H:%MZ)"
 
-# S7 first, each round on freshly started brokers: resident memory per idle
-# connection is only meaningful before traffic has grown (and freed) the heap.
-if grep -q '^S7' "$tmp/cases.txt"; then
+# Runs the cases a function lists (`$1`), each round and broker on a freshly
+# started broker (after `$2` seconds of rest), for `$3` seconds each: what these
+# measure (memory) must be the run's own, not what earlier traffic left.
+fresh_runs() {
+    local cases_fn="$1" rest="$2" duration="$3" round id ref key args broker
     for round in $(seq "$ROUNDS"); do
         # The list comes on fd 3: the brokers' tools would eat it from stdin.
         while IFS='|' read -r -u 3 id ref key args; do
             wanted "$id" || continue
             for broker in switchyard "$ref"; do
                 "start_$broker"
-                sleep 2
-                run_case "$round" "$id" "$broker" "$key" "$args" 3
+                sleep "$rest"
+                run_case "$round" "$id" "$broker" "$key" "$args" "$duration"
                 "stop_$broker"
             done
-        done 3< <(idle_cases)
+        done 3< <("$cases_fn")
     done
-fi
+}
 
-# FLOOD: fresh brokers per run, so the peak resident set is this run's.
+# S7 first: resident memory per idle connection is only meaningful before
+# traffic has grown (and freed) the heap.
+if grep -q '^S7' "$tmp/cases.txt"; then
+    fresh_runs idle_cases 2 3
+fi
+# FLOOD: the peak resident set is this run's, under FLOOD_WATERMARK.
 if grep -q '^FLOOD' "$tmp/cases.txt"; then
     WATERMARK="$FLOOD_WATERMARK"
-    for round in $(seq "$ROUNDS"); do
-        while IFS='|' read -r -u 3 id ref key args; do
-            wanted "$id" || continue
-            for broker in switchyard "$ref"; do
-                "start_$broker"
-                run_case "$round" "$id" "$broker" "$key" "$args" "$DURATION"
-                "stop_$broker"
-            done
-        done 3< <(flood_cases)
-    done
+    fresh_runs flood_cases 0 "$DURATION"
     WATERMARK=""
 fi
-
-# BACKLOG: fresh brokers per run, so the growth is this backlog's alone.
+# BACKLOG: the growth is this backlog's alone.
 if grep -q '^BACKLOG' "$tmp/cases.txt"; then
-    for round in $(seq "$ROUNDS"); do
-        while IFS='|' read -r -u 3 id ref key args; do
-            wanted "$id" || continue
-            for broker in switchyard "$ref"; do
-                "start_$broker"
-                sleep 2
-                run_case "$round" "$id" "$broker" "$key" "$args" "$BACKLOG_SECS"
-                "stop_$broker"
-            done
-        done 3< <(backlog_cases)
-    done
+    fresh_runs backlog_cases 2 "$BACKLOG_SECS"
 fi
 
 if grep -qv -e '^S7' -e '^FLOOD' -e '^BACKLOG' "$tmp/cases.txt"; then

@@ -594,18 +594,27 @@ async fn paged_messages_come_back_whole() {
             .unwrap();
         assert!(confirm.await.unwrap().is_ack());
     }
-    // Paged as they entered the queue.
-    for i in 0..COUNT {
-        let d = ch
-            .basic_get(
-                "paged.now".into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("message {i} of paged.now"));
-        check(&d.delivery, i);
+    // Every message of `queue`, in order, checked.
+    async fn get_all(
+        ch: &lapin::Channel,
+        queue: &str,
+        count: usize,
+        check: impl Fn(&lapin::message::Delivery, usize),
+    ) {
+        for i in 0..count {
+            let d = ch
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("message {i} of {queue}"));
+            check(&d.delivery, i);
+        }
     }
+    // Paged as they entered the queue.
+    get_all(&ch, "paged.now", COUNT, check).await;
     std::mem::forget(conn);
     broker.kill9();
 
@@ -613,17 +622,7 @@ async fn paged_messages_come_back_whole() {
     let broker = start_child_with(&dir, 1, &tiny);
     let conn = connect(&broker.amqp_url()).await;
     let ch = conn.create_channel().await.unwrap();
-    for i in 0..COUNT {
-        let d = ch
-            .basic_get(
-                "paged.later".into(),
-                lapin::options::BasicGetOptions { no_ack: true },
-            )
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("message {i} of paged.later after the restart"));
-        check(&d.delivery, i);
-    }
+    get_all(&ch, "paged.later", COUNT, check).await;
     conn.close(200, "bye".into()).await.unwrap();
     broker.kill9();
 }
