@@ -1170,6 +1170,8 @@ impl Session {
         .saturating_sub(DELIVER_OVERHEAD)
         .max(1024);
         let mut data = Vec::new();
+        // Core-format entries are converted here, one after the other.
+        let mut converted = Vec::new();
         loop {
             let Some(sub) = self.subscriptions.get_mut(&id) else {
                 return;
@@ -1225,8 +1227,8 @@ impl Session {
                 if offset < from {
                     continue;
                 }
-                let encoded = match chunk.format {
-                    EntryFormat::Amqp10 => entry,
+                let encoded: &[u8] = match chunk.format {
+                    EntryFormat::Amqp10 => &entry,
                     EntryFormat::Core => {
                         let Some(message) = Message::decode_stream_entry(&entry) else {
                             tracing::warn!(offset, "undecodable stream entry skipped");
@@ -1235,9 +1237,9 @@ impl Session {
                             count += 1;
                             continue;
                         };
-                        let mut encoded = Vec::with_capacity(entry.len() + 32);
-                        amqp10::encode(&message, &mut encoded);
-                        Bytes::from(encoded)
+                        converted.clear();
+                        amqp10::encode(&message, &mut converted);
+                        &converted
                     }
                 };
                 if count > 0
@@ -1265,7 +1267,7 @@ impl Session {
                     first = offset;
                     count = 0;
                 }
-                push_entry(&mut data, &encoded);
+                push_entry(&mut data, encoded);
                 count += 1;
             }
             let Some(sub) = self.subscriptions.get_mut(&id) else {
