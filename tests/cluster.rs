@@ -232,3 +232,158 @@ fn a_node_without_a_majority_refuses_metadata_writes() {
     assert!(started.elapsed() < Duration::from_secs(8));
     assert!(!has_vhost(&c, alone, "in-the-minority"));
 }
+
+/// A management API call on node `i` as guest.
+fn api(
+    c: &LocalCluster,
+    i: usize,
+    method: reqwest::Method,
+    path: &str,
+    body: Value,
+) -> reqwest::blocking::Response {
+    http()
+        .request(
+            method,
+            format!("http://{}/api/{path}", c.addr(i, "management")),
+        )
+        .basic_auth("guest", Some("guest"))
+        .json(&body)
+        .send()
+        .unwrap()
+}
+
+fn exchange_to_exchange_bindings(c: &LocalCluster, i: usize) -> Vec<(String, String, String)> {
+    let v: Value = api(c, i, reqwest::Method::GET, "bindings/%2F", Value::Null)
+        .json()
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["destination_type"] == "exchange")
+        .map(|b| {
+            let s = |k: &str| b[k].as_str().unwrap().to_owned();
+            (s("source"), s("destination"), s("routing_key"))
+        })
+        .collect()
+}
+
+#[test]
+fn durable_exchanges_and_their_bindings_are_replicated_and_route_on_every_node() {
+    use reqwest::Method;
+    let tmp = tempfile::tempdir().unwrap();
+    let c = start(tmp.path());
+    let l = leader(&c, &[0, 1, 2]);
+    let (f, third) = ((l + 1) % 3, (l + 2) % 3);
+    let durable = |kind: &str| serde_json::json!({"type": kind, "durable": true});
+
+    // Declared on a follower and on the leader, bound on the third node.
+    assert!(
+        api(&c, f, Method::PUT, "exchanges/%2F/orders", durable("topic"))
+            .status()
+            .is_success()
+    );
+    assert!(
+        api(&c, l, Method::PUT, "exchanges/%2F/audit", durable("fanout"))
+            .status()
+            .is_success()
+    );
+    let bind = api(
+        &c,
+        third,
+        Method::POST,
+        "bindings/%2F/e/orders/e/audit",
+        serde_json::json!({"routing_key": "eu.#"}),
+    );
+    assert!(bind.status().is_success(), "{}", bind.status());
+    // A transient exchange stays on its node.
+    assert!(api(
+        &c,
+        f,
+        Method::PUT,
+        "exchanges/%2F/scratch",
+        serde_json::json!({"type": "direct", "durable": false})
+    )
+    .status()
+    .is_success());
+    let e2e = ("orders".to_owned(), "audit".to_owned(), "eu.#".to_owned());
+    for i in 0..3 {
+        eventually(10, "replicated exchanges and binding on every node", || {
+            let xs = names(&c, i, "exchanges/%2F");
+            xs.contains(&"orders".to_owned())
+                && xs.contains(&"audit".to_owned())
+                && exchange_to_exchange_bindings(&c, i).contains(&e2e)
+        });
+        assert_eq!(
+            names(&c, i, "exchanges/%2F").contains(&"scratch".to_owned()),
+            i == f
+        );
+    }
+
+    // Each node routes through the replicated topology into its own
+    // (node-local) classic queue.
+    for i in 0..3 {
+        let q = format!("audit-copy-{i}");
+        assert!(api(
+            &c,
+            i,
+            Method::PUT,
+            &format!("queues/%2F/{q}"),
+            serde_json::json!({"durable": true})
+        )
+        .status()
+        .is_success());
+        assert!(api(
+            &c,
+            i,
+            Method::POST,
+            &format!("bindings/%2F/e/audit/q/{q}"),
+            serde_json::json!({"routing_key": ""})
+        )
+        .status()
+        .is_success());
+        let routed: Value = api(
+            &c,
+            i,
+            Method::POST,
+            "exchanges/%2F/orders/publish",
+            serde_json::json!({"routing_key": "eu.fr", "payload": "x",
+                "payload_encoding": "string", "properties": {}}),
+        )
+        .json()
+        .unwrap();
+        assert_eq!(routed["routed"], true, "node {i}");
+    }
+    // Classic queues are node-local.
+    assert!(!names(&c, l, "queues/%2F").contains(&format!("audit-copy-{f}")));
+
+    // A conflicting declaration is refused on any node, as on one node.
+    let conflict = api(
+        &c,
+        third,
+        Method::PUT,
+        "exchanges/%2F/orders",
+        durable("direct"),
+    );
+    assert!(!conflict.status().is_success(), "{}", conflict.status());
+
+    // Unbinding and deleting through other nodes removes them everywhere.
+    let unbind = api(
+        &c,
+        l,
+        Method::DELETE,
+        "bindings/%2F/e/orders/e/audit/eu.%2523",
+        Value::Null,
+    );
+    assert!(unbind.status().is_success(), "{}", unbind.status());
+    assert!(
+        api(&c, f, Method::DELETE, "exchanges/%2F/audit", Value::Null)
+            .status()
+            .is_success()
+    );
+    for i in 0..3 {
+        eventually(10, "the deletion on every node", || {
+            !names(&c, i, "exchanges/%2F").contains(&"audit".to_owned())
+                && exchange_to_exchange_bindings(&c, i).is_empty()
+        });
+    }
+}

@@ -186,7 +186,7 @@ impl Cluster {
         .validate()
         .map_err(io::Error::other)?;
         let network = Network {
-            peers: Peers::default(),
+            peers: Peers::from_listen(&addr),
         };
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
@@ -195,7 +195,7 @@ impl Cluster {
             node: settings.node.clone(),
             raft: raft.clone(),
             applied,
-            forward: Peers::default(),
+            forward: Peers::from_listen(&addr),
             write_timeout: settings.write_timeout,
             runtime: tokio::runtime::Handle::current(),
         });
@@ -445,6 +445,14 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
 /// `Broker::apply` on a clustered node.
 struct Replicator {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Replicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("node", &self.inner.node)
+            .finish()
+    }
 }
 
 impl MetaLog for Replicator {

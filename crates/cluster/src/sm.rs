@@ -17,7 +17,7 @@ use std::sync::Arc;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot};
 use serde::{Deserialize, Serialize};
-use switchyard_core::admin::MetaCommand;
+use switchyard_core::admin::{EntityCommand, MetaCommand};
 use switchyard_core::Broker;
 use tokio::sync::watch;
 
@@ -96,7 +96,40 @@ pub fn export(broker: &Broker) -> Vec<MetaCommand> {
             limits: l.limits,
         });
     }
+    out.extend(replicated_entities(broker).map(MetaCommand::Entity));
     out
+}
+
+/// Every vhost's replicated exchanges and bindings.
+fn replicated_entities(broker: &Broker) -> impl Iterator<Item = EntityCommand> + '_ {
+    broker
+        .vhost_infos()
+        .into_iter()
+        .filter_map(|v| broker.vhost(&v.name).ok())
+        .flat_map(|v| v.replicated_entities())
+}
+
+/// The command that undoes a replicated entity the snapshot lacks.
+fn undo(entity: EntityCommand) -> Option<EntityCommand> {
+    match entity {
+        EntityCommand::DeclareExchange { vhost, name, .. } => {
+            Some(EntityCommand::DeleteExchange { vhost, name })
+        }
+        EntityCommand::BindExchange {
+            vhost,
+            source,
+            destination,
+            routing_key,
+            arguments,
+        } => Some(EntityCommand::UnbindExchange {
+            vhost,
+            source,
+            destination,
+            routing_key,
+            arguments,
+        }),
+        EntityCommand::DeleteExchange { .. } | EntityCommand::UnbindExchange { .. } => None,
+    }
 }
 
 /// Makes `broker`'s metadata equal to `target` (an [`export`]): deletes what
@@ -146,6 +179,13 @@ pub fn reconcile(broker: &Broker, target: &[MetaCommand]) -> usize {
         }
     }
     let mut deletes = Vec::new();
+    // Bindings first, then exchanges (a deleted exchange takes its bindings).
+    let mut entity_undos: Vec<EntityCommand> = replicated_entities(broker)
+        .filter(|e| !target.contains(&MetaCommand::Entity(e.clone())))
+        .filter_map(undo)
+        .collect();
+    entity_undos.sort_by_key(|e| matches!(e, EntityCommand::DeleteExchange { .. }));
+    deletes.extend(entity_undos.into_iter().map(MetaCommand::Entity));
     for p in broker.permissions() {
         if !perms.contains(&(p.user.clone(), p.vhost.clone())) {
             deletes.push(MetaCommand::ClearPermissions {

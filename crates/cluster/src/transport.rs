@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 
 use crate::types::{Applied, Command, Member, NodeId, TypeConfig};
@@ -129,9 +129,27 @@ pub async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr
     Ok((stream, peer))
 }
 
-/// Dials a node.
-pub async fn dial(addr: &str) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+/// Dials a node, from `source` when given: a node whose `[cluster] listen` is
+/// a specific IP dials from that IP, so that a peer (or a fault-injecting proxy
+/// in tests) can tell nodes apart by their source address.
+pub async fn dial(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let connect = async {
+        let Some(ip) = source else {
+            return TcpStream::connect(addr).await;
+        };
+        let target = tokio::net::lookup_host(addr)
+            .await?
+            .find(|a| a.is_ipv4() == ip.is_ipv4())
+            .ok_or_else(|| io::Error::other(format!("{addr} has no address of {ip}'s family")))?;
+        let socket = if ip.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(ip, 0))?;
+        socket.connect(target).await
+    };
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| {
             io::Error::new(
@@ -146,7 +164,7 @@ pub async fn dial(addr: &str) -> io::Result<TcpStream> {
 /// One request and its response on a fresh connection (`switchyard ctl`).
 pub async fn call_once(addr: &str, req: &Request, timeout: Duration) -> io::Result<Response> {
     tokio::time::timeout(timeout, async {
-        let mut s = dial(addr).await?;
+        let mut s = dial(addr, None).await?;
         write_frame(&mut s, req).await?;
         read_frame(&mut s)
             .await?
@@ -168,13 +186,15 @@ pub struct CallError {
 #[derive(Debug)]
 pub struct Peer {
     addr: String,
+    source: Option<IpAddr>,
     conn: Mutex<Option<TcpStream>>,
 }
 
 impl Peer {
-    pub fn new(addr: String) -> Self {
+    pub fn new(addr: String, source: Option<IpAddr>) -> Self {
         Peer {
             addr,
+            source,
             conn: Mutex::new(None),
         }
     }
@@ -186,7 +206,7 @@ impl Peer {
         let mut sent = false;
         let result = tokio::time::timeout(timeout, async {
             if guard.is_none() {
-                *guard = Some(dial(&self.addr).await?);
+                *guard = Some(dial(&self.addr, self.source).await?);
             }
             let Some(stream) = guard.as_mut() else {
                 return Err(io::Error::other("no connection"));
@@ -210,6 +230,8 @@ impl Peer {
 #[derive(Debug, Default, Clone)]
 pub struct Peers {
     peers: Arc<parking_lot_free::Map>,
+    /// The IP outgoing connections are made from (see [`dial`]).
+    source: Option<IpAddr>,
 }
 
 mod parking_lot_free {
@@ -219,21 +241,31 @@ mod parking_lot_free {
     pub struct Map(std::sync::Mutex<HashMap<String, Arc<Peer>>>);
 
     impl Map {
-        pub fn get(&self, addr: &str) -> Arc<Peer> {
+        pub fn get(&self, addr: &str, source: Option<IpAddr>) -> Arc<Peer> {
             let mut m = match self.0.lock() {
                 Ok(m) => m,
                 Err(poisoned) => poisoned.into_inner(),
             };
             m.entry(addr.to_owned())
-                .or_insert_with(|| Arc::new(Peer::new(addr.to_owned())))
+                .or_insert_with(|| Arc::new(Peer::new(addr.to_owned(), source)))
                 .clone()
         }
     }
 }
 
 impl Peers {
+    /// Connections dialled from `listen`'s IP when it names a specific one
+    /// (not `0.0.0.0`, `::` or a host name).
+    pub fn from_listen(listen: &SocketAddr) -> Self {
+        let ip = listen.ip();
+        Peers {
+            peers: Arc::default(),
+            source: (!ip.is_unspecified()).then_some(ip),
+        }
+    }
+
     /// The connection to `addr` (created on first use).
     pub fn get(&self, addr: &str) -> Arc<Peer> {
-        self.peers.get(addr)
+        self.peers.get(addr, self.source)
     }
 }

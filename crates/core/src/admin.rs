@@ -1,6 +1,8 @@
 //! Runtime administration: every change to the broker's metadata (vhosts, users,
 //! permissions, topic permissions, policies, operator policies, vhost and user
-//! limits) is one [`MetaCommand`], applied by [`crate::Broker::apply`].
+//! limits) is one [`MetaCommand`], applied by [`crate::Broker::apply`]. In a
+//! cluster, the replicated exchanges and bindings travel as
+//! [`MetaCommand::Entity`] too (vhost.rs proposes them).
 //!
 //! `apply` validates the command, commits it to the metadata store (one
 //! transaction, on disk before it returns) and only then changes the live state:
@@ -110,6 +112,82 @@ pub enum MetaCommand {
         user: String,
         limit: Option<String>,
     },
+    /// A change to a vhost's routing topology that a cluster replicates (see
+    /// [`EntityCommand`]). A single node never builds one: its declarations go
+    /// straight to the vhost.
+    Entity(EntityCommand),
+}
+
+/// The exchange and binding changes a cluster carries in its metadata log, so
+/// that every node routes the same way. Only durable exchanges that are not
+/// auto-delete, and the bindings between two of them, are replicated: transient
+/// and auto-delete exchanges live and die with a node's connections, and
+/// classic queues (with their bindings) are node-local.
+///
+/// A node checks a declaration (equivalence, `if-unused`, reserved names)
+/// before proposing it; applying it is then unconditional on every node, so the
+/// nodes cannot diverge on local state (their node-local bindings differ).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum EntityCommand {
+    /// Creates an exchange; refused on every node alike if one of the name
+    /// exists with other properties (two nodes declared it concurrently).
+    DeclareExchange {
+        vhost: String,
+        name: String,
+        kind: String,
+        options: crate::exchange::ExchangeOptions,
+    },
+    /// Deletes an exchange and every binding from or to it, on every node.
+    DeleteExchange { vhost: String, name: String },
+    /// Binds exchange `destination` to exchange `source`.
+    BindExchange {
+        vhost: String,
+        source: String,
+        destination: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+    UnbindExchange {
+        vhost: String,
+        source: String,
+        destination: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+}
+
+impl EntityCommand {
+    pub fn vhost(&self) -> &str {
+        match self {
+            EntityCommand::DeclareExchange { vhost, .. }
+            | EntityCommand::DeleteExchange { vhost, .. }
+            | EntityCommand::BindExchange { vhost, .. }
+            | EntityCommand::UnbindExchange { vhost, .. } => vhost,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            EntityCommand::DeclareExchange { vhost, name, .. } => {
+                format!("declare_exchange '{name}' in '{vhost}'")
+            }
+            EntityCommand::DeleteExchange { vhost, name } => {
+                format!("delete_exchange '{name}' in '{vhost}'")
+            }
+            EntityCommand::BindExchange {
+                vhost,
+                source,
+                destination,
+                ..
+            } => format!("bind_exchange '{source}' -> '{destination}' in '{vhost}'"),
+            EntityCommand::UnbindExchange {
+                vhost,
+                source,
+                destination,
+                ..
+            } => format!("unbind_exchange '{source}' -> '{destination}' in '{vhost}'"),
+        }
+    }
 }
 
 impl MetaCommand {
@@ -158,6 +236,7 @@ impl MetaCommand {
             MetaCommand::ClearVhostLimit { vhost, .. } => format!("clear_vhost_limits '{vhost}'"),
             MetaCommand::SetUserLimits { user, .. } => format!("set_user_limits '{user}'"),
             MetaCommand::ClearUserLimit { user, .. } => format!("clear_user_limits '{user}'"),
+            MetaCommand::Entity(e) => e.describe(),
         }
     }
 }

@@ -36,9 +36,13 @@ pub type VhostDeletedHook = Arc<dyn Fn(&str) + Send + Sync>;
 /// applies it on every node through [`Broker::apply_local`]. `replicate` returns
 /// once the command is committed and applied on this node, with the result of
 /// applying it; a cluster without a majority returns an error within its timeout.
-pub trait MetaLog: Send + Sync {
+pub trait MetaLog: Send + Sync + std::fmt::Debug {
     fn replicate(&self, cmd: MetaCommand) -> CoreResult<()>;
 }
+
+/// Where a clustered node's [`MetaLog`] is set once, after the broker and its
+/// vhosts exist; empty on a single node.
+pub type MetaLogCell = Arc<std::sync::OnceLock<Arc<dyn MetaLog>>>;
 
 pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
@@ -73,7 +77,9 @@ pub struct Broker {
     pending: Mutex<Recovered>,
     vhost_hooks: Mutex<Vec<VhostDeletedHook>>,
     /// Set when the node is clustered: metadata commands go through it.
-    meta_log: std::sync::OnceLock<Arc<dyn MetaLog>>,
+    /// The replicated log, on a clustered node; shared with every vhost, which
+    /// proposes its replicated declarations through it.
+    meta_log: MetaLogCell,
 }
 
 impl std::fmt::Debug for Broker {
@@ -274,7 +280,7 @@ impl Broker {
             seeded: Mutex::new(HashSet::new()),
             pending: Mutex::new(recovered),
             vhost_hooks: Mutex::new(Vec::new()),
-            meta_log: std::sync::OnceLock::new(),
+            meta_log: MetaLogCell::default(),
         })
     }
 
@@ -288,12 +294,13 @@ impl Broker {
             existing.set_default_queue_type(default_queue_type.as_deref());
             return;
         }
-        let vhost = VHost::with_env(
+        let vhost = VHost::in_broker(
             name.clone(),
             self.memory.clone(),
             self.store.clone(),
             self.timers.clone(),
             self.policies.clone(),
+            self.meta_log.clone(),
         );
         vhost.set_default_queue_type(default_queue_type.as_deref());
         vhost.restore(&mut self.pending.lock());
@@ -629,6 +636,10 @@ impl Broker {
     }
 
     fn apply_seeded(&self, cmd: MetaCommand, seed: Option<&str>) -> CoreResult<()> {
+        if let MetaCommand::Entity(e) = &cmd {
+            // The vhost stores and applies its own entities (vhost.rs).
+            return self.vhost(e.vhost())?.apply_entity(e);
+        }
         let _serial = self.admin.lock();
         let prepared = self.validate(&cmd)?;
         let mut writes = self.writes(&cmd)?;
@@ -705,6 +716,7 @@ impl Broker {
     fn validate(&self, cmd: &MetaCommand) -> CoreResult<Prepared> {
         let invalid = |text: String| CoreError::precondition(text);
         match cmd {
+            MetaCommand::Entity(_) => Ok(Prepared::None),
             MetaCommand::PutVhost {
                 name,
                 default_queue_type,
@@ -911,6 +923,7 @@ impl Broker {
             |kind: &'static str, key: String, value: Vec<u8>| MetaWrite::Put { kind, key, value };
         let del = |kind: &'static str, key: String| MetaWrite::Delete { kind, key };
         Ok(match cmd {
+            MetaCommand::Entity(_) => Vec::new(),
             MetaCommand::PutVhost {
                 name,
                 description,
@@ -1094,6 +1107,7 @@ impl Broker {
     fn change(&self, cmd: MetaCommand, prepared: Prepared) {
         let now = self.timers.now_ms();
         match cmd {
+            MetaCommand::Entity(_) => {}
             MetaCommand::PutVhost {
                 name,
                 description,

@@ -33,7 +33,7 @@ pub mod timer;
 pub mod topic;
 pub mod vhost;
 
-pub use broker::{Broker, MetaLog};
+pub use broker::{Broker, MetaLog, MetaLogCell};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use field::{FieldTable, FieldValue};
 pub use message::{Message, Properties, Props};

@@ -15,7 +15,8 @@ use std::sync::{Arc, Weak};
 use parking_lot::{Mutex, RwLock};
 use smallvec::SmallVec;
 
-use crate::admin::{BindingInfo, ExchangeInfo, QueueInfo};
+use crate::admin::{BindingInfo, EntityCommand, ExchangeInfo, MetaCommand, QueueInfo};
+use crate::broker::{MetaLog, MetaLogCell};
 use crate::consumer::Consumer;
 use crate::deadletter::{self, DeathReason};
 use crate::error::{CoreError, CoreResult};
@@ -142,6 +143,9 @@ pub struct VHost {
     /// The vhost's default queue type is quorum (RabbitMQ's
     /// `default_queue_type`): see [`VHost::declare_queue`].
     default_quorum: AtomicBool,
+    /// The broker's replicated log on a clustered node: replicated
+    /// declarations are proposed through it (see [`EntityCommand`]).
+    meta_log: MetaLogCell,
 }
 
 fn opts(durable: bool) -> ExchangeOptions {
@@ -259,6 +263,25 @@ impl VHost {
         timers: Arc<Timers>,
         policies: Arc<PolicyTable>,
     ) -> Arc<Self> {
+        Self::in_broker(
+            name,
+            memory,
+            store,
+            timers,
+            policies,
+            MetaLogCell::default(),
+        )
+    }
+
+    /// A vhost of a broker, which shares its (possibly replicated) metadata log.
+    pub(crate) fn in_broker(
+        name: impl Into<String>,
+        memory: Arc<MemoryMonitor>,
+        store: Option<Arc<dyn Store>>,
+        timers: Arc<Timers>,
+        policies: Arc<PolicyTable>,
+        meta_log: MetaLogCell,
+    ) -> Arc<Self> {
         let mut exchanges = HashMap::new();
         let default_exchange = Arc::new(Exchange::new("", ExchangeKind::Direct, opts(true)));
         exchanges.insert(String::new(), default_exchange.clone());
@@ -286,6 +309,7 @@ impl VHost {
             max_queues: AtomicI64::new(-1),
             deleted: AtomicBool::new(false),
             default_quorum: AtomicBool::new(false),
+            meta_log,
         })
     }
 
@@ -583,27 +607,8 @@ impl VHost {
         let kind = ExchangeKind::parse(&req.kind).ok_or_else(|| {
             CoreError::precondition(format!("unknown exchange type '{}'", req.kind))
         })?;
-        let mut exchanges = self.exchanges.write();
-        // Under the map's lock: see `begin_delete`.
-        self.check_live()?;
-        if let Some(existing) = exchanges.get(&req.name) {
-            let current = &existing.options;
-            let mismatch = if existing.kind != kind {
-                Some(("type", received_current(&req.kind, existing.kind.as_str())))
-            } else {
-                flag_mismatch(&[
-                    ("durable", req.options.durable, current.durable),
-                    ("auto_delete", req.options.auto_delete, current.auto_delete),
-                    ("internal", req.options.internal, current.internal),
-                ])
-                .or_else(|| inequivalent_arg(&req.options.arguments, &current.arguments))
-            };
-            if let Some((arg, detail)) = mismatch {
-                return Err(CoreError::precondition(format!(
-                    "inequivalent arg '{}' for exchange '{}' in vhost '{}': {}",
-                    arg, req.name, self.name, detail
-                )));
-            }
+        if let Some(existing) = self.exchanges.read().get(&req.name) {
+            self.check_equivalent(existing, &req.kind, kind, &req.options)?;
             return Ok(existing.clone());
         }
         if req.name.starts_with("amq.") {
@@ -612,17 +617,84 @@ impl VHost {
                 req.name
             )));
         }
-        if req.options.durable {
-            let record = ExchangeRecord {
+        if let Some(log) = self.log_for(&req.options) {
+            log.replicate(MetaCommand::Entity(EntityCommand::DeclareExchange {
                 vhost: self.name.clone(),
                 name: req.name.clone(),
                 kind: kind.as_str().to_owned(),
-                options: req.options.clone(),
+                options: req.options,
+            }))?;
+            return self.exchange(&req.name);
+        }
+        self.create_exchange(req.name, &req.kind, kind, req.options)
+    }
+
+    /// The replicated log, when an exchange with these options is replicated:
+    /// on a clustered node, durable exchanges that are not auto-delete.
+    fn log_for(&self, options: &ExchangeOptions) -> Option<&Arc<dyn MetaLog>> {
+        self.meta_log
+            .get()
+            .filter(|_| options.durable && !options.auto_delete)
+    }
+
+    /// Whether an existing exchange is declared again with the same properties.
+    fn check_equivalent(
+        &self,
+        existing: &Exchange,
+        received_kind: &str,
+        kind: ExchangeKind,
+        options: &ExchangeOptions,
+    ) -> CoreResult<()> {
+        let current = &existing.options;
+        let mismatch = if existing.kind != kind {
+            Some((
+                "type",
+                received_current(received_kind, existing.kind.as_str()),
+            ))
+        } else {
+            flag_mismatch(&[
+                ("durable", options.durable, current.durable),
+                ("auto_delete", options.auto_delete, current.auto_delete),
+                ("internal", options.internal, current.internal),
+            ])
+            .or_else(|| inequivalent_arg(&options.arguments, &current.arguments))
+        };
+        match mismatch {
+            Some((arg, detail)) => Err(CoreError::precondition(format!(
+                "inequivalent arg '{}' for exchange '{}' in vhost '{}': {}",
+                arg, existing.name, self.name, detail
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates an exchange (stored when durable), or returns the equivalent one
+    /// that exists: the last step of a declaration, on every node of a cluster.
+    fn create_exchange(
+        &self,
+        name: String,
+        received_kind: &str,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+    ) -> CoreResult<Arc<Exchange>> {
+        let mut exchanges = self.exchanges.write();
+        // Under the map's lock: see `begin_delete`.
+        self.check_live()?;
+        if let Some(existing) = exchanges.get(&name) {
+            self.check_equivalent(existing, received_kind, kind, &options)?;
+            return Ok(existing.clone());
+        }
+        if options.durable {
+            let record = ExchangeRecord {
+                vhost: self.name.clone(),
+                name: name.clone(),
+                kind: kind.as_str().to_owned(),
+                options: options.clone(),
             };
             self.persist("exchange", |s| s.save_exchange(&record))?;
         }
-        let exchange = Arc::new(Exchange::new(req.name.clone(), kind, req.options));
-        exchanges.insert(req.name, exchange.clone());
+        let exchange = Arc::new(Exchange::new(name.clone(), kind, options));
+        exchanges.insert(name, exchange.clone());
         Ok(exchange)
     }
 
@@ -650,6 +722,18 @@ impl VHost {
                 name, self.name
             )));
         }
+        if let Some(log) = self.log_for(&exchange.options) {
+            return log.replicate(MetaCommand::Entity(EntityCommand::DeleteExchange {
+                vhost: self.name.clone(),
+                name: name.to_owned(),
+            }));
+        }
+        self.remove_exchange(&exchange)
+    }
+
+    /// Deletes an exchange (from the store too) with its bindings.
+    fn remove_exchange(&self, exchange: &Exchange) -> CoreResult<()> {
+        let name = exchange.name.as_str();
         if exchange.options.durable {
             self.persist("exchange", |s| s.delete_exchange(&self.name, name))?;
         }
@@ -661,6 +745,111 @@ impl VHost {
         drop(exchanges);
         self.unbind_everywhere(&sources, &dest);
         Ok(())
+    }
+
+    /// Applies a replicated change that the log committed: the same on every
+    /// node, whatever its node-local bindings and queues.
+    pub fn apply_entity(&self, cmd: &EntityCommand) -> CoreResult<()> {
+        match cmd {
+            EntityCommand::DeclareExchange {
+                name,
+                kind: kind_name,
+                options,
+                ..
+            } => {
+                let kind = ExchangeKind::parse(kind_name).ok_or_else(|| {
+                    CoreError::precondition(format!("unknown exchange type '{kind_name}'"))
+                })?;
+                self.create_exchange(name.clone(), kind_name, kind, options.clone())
+                    .map(drop)
+            }
+            EntityCommand::DeleteExchange { name, .. } => match self.exchange(name) {
+                Ok(x) => self.remove_exchange(&x),
+                Err(_) => Ok(()),
+            },
+            EntityCommand::BindExchange {
+                source,
+                destination,
+                routing_key,
+                arguments,
+                ..
+            } => {
+                let src = self.exchange(source)?;
+                self.exchange(destination)?;
+                self.add_binding(
+                    &src,
+                    Destination::Exchange(destination.clone()),
+                    routing_key,
+                    arguments.clone(),
+                )
+            }
+            EntityCommand::UnbindExchange {
+                source,
+                destination,
+                routing_key,
+                arguments,
+                ..
+            } => {
+                if let Ok(src) = self.exchange(source) {
+                    self.remove_binding(
+                        &src,
+                        Destination::Exchange(destination.clone()),
+                        routing_key,
+                        arguments,
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// This vhost's replicated entities as the commands that recreate them (a
+    /// cluster snapshot): the replicated exchanges, then the bindings between two
+    /// of them.
+    pub fn replicated_entities(&self) -> Vec<EntityCommand> {
+        let replicated = |x: &Exchange| {
+            !x.name.is_empty()
+                && !x.name.starts_with("amq.")
+                && x.options.durable
+                && !x.options.auto_delete
+        };
+        let mut exchanges = self.exchanges();
+        exchanges.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out: Vec<EntityCommand> = exchanges
+            .iter()
+            .filter(|x| replicated(x))
+            .map(|x| EntityCommand::DeclareExchange {
+                vhost: self.name.clone(),
+                name: x.name.clone(),
+                kind: x.kind.as_str().to_owned(),
+                options: x.options.clone(),
+            })
+            .collect();
+        let is_replicated = |name: &str| {
+            self.exchanges
+                .read()
+                .get(name)
+                .is_some_and(|x| replicated(x) || name.starts_with("amq."))
+        };
+        for x in exchanges
+            .iter()
+            .filter(|x| replicated(x) || x.name.starts_with("amq."))
+        {
+            for b in x.bindings() {
+                if let DestinationName::Exchange(dest) = b.destination.name() {
+                    if is_replicated(&dest) {
+                        out.push(EntityCommand::BindExchange {
+                            vhost: self.name.clone(),
+                            source: x.name.clone(),
+                            destination: dest,
+                            routing_key: b.routing_key.clone(),
+                            arguments: b.arguments.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Removes all bindings to `dest` and deletes auto-delete exchanges left with
@@ -956,13 +1145,32 @@ impl VHost {
         arguments: FieldTable,
     ) -> CoreResult<()> {
         let src = self.check_bindable_source(source)?;
-        self.check_bindable_source(destination)?;
+        let dest = self.check_bindable_source(destination)?;
+        if let (Some(log), Some(_)) = (
+            self.replicated_exchange(&src),
+            self.replicated_exchange(&dest),
+        ) {
+            return log.replicate(MetaCommand::Entity(EntityCommand::BindExchange {
+                vhost: self.name.clone(),
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+                routing_key: routing_key.to_owned(),
+                arguments,
+            }));
+        }
         self.add_binding(
             &src,
             Destination::Exchange(destination.to_owned()),
             routing_key,
             arguments,
         )
+    }
+
+    /// The replicated log, when `x` is replicated (the predeclared `amq.*`
+    /// exchanges exist on every node, so bindings between them replicate too).
+    fn replicated_exchange(&self, x: &Exchange) -> Option<&Arc<dyn MetaLog>> {
+        let log = self.meta_log.get()?;
+        (x.name.starts_with("amq.") || self.log_for(&x.options).is_some()).then_some(log)
     }
 
     pub fn unbind_exchange(
@@ -980,6 +1188,19 @@ impl VHost {
         let Ok(src) = self.exchange(source) else {
             return Ok(());
         };
+        let dest = self.exchange(destination).ok();
+        if let (Some(log), Some(_)) = (
+            self.replicated_exchange(&src),
+            dest.as_deref().and_then(|d| self.replicated_exchange(d)),
+        ) {
+            return log.replicate(MetaCommand::Entity(EntityCommand::UnbindExchange {
+                vhost: self.name.clone(),
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+                routing_key: routing_key.to_owned(),
+                arguments: arguments.clone(),
+            }));
+        }
         self.remove_binding(
             &src,
             Destination::Exchange(destination.to_owned()),
