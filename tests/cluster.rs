@@ -161,6 +161,42 @@ fn metadata_changed_on_any_node_exists_on_every_node() {
         .unwrap();
     assert_eq!(who["name"], "alice");
 
+    // Every node lists every member, with its Raft view; Prometheus shows the
+    // metadata group's Raft figures.
+    let nodes: Value = http()
+        .get(format!("http://{}/api/nodes", c.addr(third, "management")))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let listed: Vec<(&str, bool)> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["name"].as_str().unwrap(), n["running"] == true))
+        .collect();
+    assert_eq!(listed, [("n1", true), ("n2", true), ("n3", true)]);
+    let leaders: Vec<&Value> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["cluster"]["leader"] == true)
+        .collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["cluster"]["raft_state"], "Leader");
+    let metrics = http()
+        .get(format!("http://{}/metrics", c.addr(third, "prometheus")))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains("rabbitmq_raft_term{raft_cluster=\"rabbitmq_metadata\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rabbitmq_identity_info{rabbitmq_node=\"n"));
+
     // A refused command is refused the same way through the log.
     let resp = http()
         .delete(format!(
@@ -183,6 +219,21 @@ fn metadata_survives_kill_9_of_a_follower_and_of_the_leader() {
 
     // Follower killed: the two others are a majority, writes go on.
     c.kill9(f);
+    let nodes: Value = http()
+        .get(format!("http://{}/api/nodes", c.addr(other, "management")))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let down: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["running"] == false)
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(down, [c.nodes[f].name.as_str()]);
     assert!(put_vhost(&c, other, "while-follower-down")
         .status()
         .is_success());

@@ -114,7 +114,14 @@ pub struct Status {
     pub term: u64,
     pub leader: Option<String>,
     pub last_log_index: u64,
+    /// The last entry applied here: committed (openraft 0.9's metrics have no
+    /// separate commit index; applying follows a commit within one step).
     pub last_applied: u64,
+    /// The last entry covered by a snapshot (0: none).
+    pub snapshot_index: u64,
+    /// How long the last metadata write proposed on this node took from
+    /// proposal to being applied here, in microseconds (0: none yet).
+    pub commit_latency_us: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -152,6 +159,8 @@ struct Inner {
     forward: Peers,
     write_timeout: Duration,
     runtime: tokio::runtime::Handle,
+    /// See [`Status::commit_latency_us`].
+    commit_latency_us: std::sync::atomic::AtomicU64,
 }
 
 /// A running cluster node.
@@ -198,6 +207,7 @@ impl Cluster {
             forward: Peers::from_listen(&addr),
             write_timeout: settings.write_timeout,
             runtime: tokio::runtime::Handle::current(),
+            commit_latency_us: Default::default(),
         });
         let accept = tokio::spawn(accept_loop(listener, inner.clone()));
         let is_seed = settings.seeds.iter().any(|m| m.name == settings.node);
@@ -241,6 +251,13 @@ impl Cluster {
         self.inner.status()
     }
 
+    /// A handle for reading this node's and its peers' state (management API).
+    pub fn view(&self) -> ClusterView {
+        ClusterView {
+            inner: self.inner.clone(),
+        }
+    }
+
     /// Stops Raft and the listener.
     pub async fn shutdown(self) {
         self.accept.abort();
@@ -274,6 +291,10 @@ impl Inner {
             leader,
             last_log_index: m.last_log_index.unwrap_or(0),
             last_applied: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            commit_latency_us: self
+                .commit_latency_us
+                .load(std::sync::atomic::Ordering::Relaxed),
             members,
         }
     }
@@ -292,7 +313,8 @@ impl Inner {
     /// this node applied it. Retries while there is no leader, until the write
     /// timeout.
     async fn write(&self, cmd: Command) -> CoreResult<Applied> {
-        let deadline = Instant::now() + self.write_timeout;
+        let started = Instant::now();
+        let deadline = started + self.write_timeout;
         let mut metrics = self.raft.metrics();
         loop {
             let local = self.leader_write(cmd.clone()).await;
@@ -321,7 +343,14 @@ impl Inner {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let waited = tokio::time::timeout(left, rx.wait_for(|&i| i >= index)).await;
                     return match waited {
-                        Ok(Ok(_)) => Ok(applied),
+                        Ok(Ok(_)) => {
+                            let took = u64::try_from(started.elapsed().as_micros());
+                            self.commit_latency_us.store(
+                                took.unwrap_or(u64::MAX),
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            Ok(applied)
+                        }
                         _ => Err(unavailable(
                             "metadata write committed but not applied on this node in time"
                                 .to_owned(),
@@ -439,6 +468,59 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
                 }
             }
         });
+    }
+}
+
+/// Reads a node's view of the cluster and asks its peers for theirs.
+#[derive(Clone)]
+pub struct ClusterView {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ClusterView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterView")
+            .field("node", &self.inner.node)
+            .finish()
+    }
+}
+
+impl ClusterView {
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner.status()
+    }
+
+    /// Every member (by name) with its own status, asked over the inter-node port
+    /// (`None`: it did not answer within `timeout`, so it counts as down); this
+    /// node answers from memory.
+    pub async fn members(&self, timeout: Duration) -> Vec<(MemberStatus, Option<Status>)> {
+        let me = self.inner.status();
+        // Asked concurrently: a member that is down costs one timeout, not one each.
+        let asks: Vec<_> = me
+            .members
+            .iter()
+            .map(|m| {
+                let addr = m.addr.clone();
+                let local = (m.name == me.node).then(|| me.clone());
+                tokio::spawn(async move {
+                    match local {
+                        Some(s) => Some(s),
+                        None => remote_status(&addr, timeout).await.ok(),
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(asks.len());
+        for (m, ask) in me.members.iter().zip(asks) {
+            out.push((m.clone(), ask.await.ok().flatten()));
+        }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        out
     }
 }
 

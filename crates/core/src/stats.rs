@@ -1249,13 +1249,27 @@ pub mod process {
     }
 
     /// This node's name, `switchyard@<hostname>` (RabbitMQ's `rabbit@<host>`).
+    /// This node's name: `switchyard@<hostname>`, or the `[cluster] node` name
+    /// of a clustered node (set once at start, [`set_node_name`]).
     pub fn node_name() -> String {
+        if let Some(name) = NODE_NAME.get() {
+            return name.clone();
+        }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".to_owned());
         format!("switchyard@{host}")
+    }
+
+    static NODE_NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+    /// Names this node for the rest of the process (a clustered node goes by
+    /// its `[cluster] node` name, the one its peers know it by). False if a
+    /// name was set already.
+    pub fn set_node_name(name: &str) -> bool {
+        NODE_NAME.set(name.to_owned()).is_ok()
     }
 
     /// Open file descriptors (`/proc/self/fd`).

@@ -49,22 +49,15 @@ pub struct NodeInfo {
     pub disk_free_limit: u64,
     /// Where the broker keeps its data: free disk space is measured there.
     pub data_dir: Option<std::path::PathBuf>,
+    /// This node's cluster, when `[cluster]` is set: `/api/nodes` lists every
+    /// member and Prometheus shows the metadata group's Raft figures.
+    pub cluster: Option<switchyard_cluster::ClusterView>,
 }
 
 impl NodeInfo {
     /// A node named after this host, started now, with no listeners known.
     pub fn local() -> Self {
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-                    .filter(|h| !h.is_empty())
-            })
-            .unwrap_or_else(|| "localhost".to_owned());
-        let name = format!("switchyard@{host}");
+        let name = switchyard_core::stats::process::node_name();
         NodeInfo {
             cluster_name: name.clone(),
             name,
@@ -72,6 +65,7 @@ impl NodeInfo {
             listeners: Vec::new(),
             disk_free_limit: 0,
             data_dir: None,
+            cluster: None,
         }
     }
 }

@@ -40,18 +40,79 @@ pub fn router(state: Management) -> axum::Router {
 async fn aggregated(
     axum::extract::State(m): axum::extract::State<Management>,
 ) -> impl IntoResponse {
-    respond(&m.broker, false)
+    respond(&m, false)
 }
 
 async fn per_object(
     axum::extract::State(m): axum::extract::State<Management>,
 ) -> impl IntoResponse {
-    respond(&m.broker, true)
+    respond(&m, true)
 }
 
-fn respond(broker: &Arc<Broker>, per_object: bool) -> impl IntoResponse {
-    let body = render(broker, per_object, &Identity::of_node());
+fn respond(m: &Management, per_object: bool) -> impl IntoResponse {
+    let mut body = render(&m.broker, per_object, &Identity::of_node());
+    if let Some(cluster) = &m.node.cluster {
+        body = raft_series(body, &cluster.status());
+    }
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], body)
+}
+
+/// The metadata group's Raft figures, under RabbitMQ's `rabbitmq_raft_*`
+/// names with the label RabbitMQ gives its own metadata store's Ra cluster
+/// (`raft_cluster="rabbitmq_metadata"`, Khepri).
+fn raft_series(body: String, status: &switchyard_cluster::Status) -> String {
+    let mut out = Out { s: body };
+    let labels = [("raft_cluster", "rabbitmq_metadata")];
+    let series: [(&str, &str, &str, u64); 4] = [
+        (
+            "rabbitmq_raft_term",
+            "gauge",
+            "Current Raft term number",
+            status.term,
+        ),
+        (
+            "rabbitmq_raft_commit_index",
+            "gauge",
+            "Raft commit index (the last entry applied on this node)",
+            status.last_applied,
+        ),
+        (
+            "rabbitmq_raft_last_written_index",
+            "gauge",
+            "Last fully written and fsynced Raft log index",
+            status.last_log_index,
+        ),
+        (
+            "rabbitmq_raft_snapshot_index",
+            "gauge",
+            "Raft snapshot index",
+            status.snapshot_index,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        out.family(name, kind, help);
+        out.sample(name, &labels, value);
+    }
+    out.family(
+        "rabbitmq_raft_commit_latency_seconds",
+        "gauge",
+        "Time taken by the last metadata write proposed on this node to be committed and applied",
+    );
+    out.sample(
+        "rabbitmq_raft_commit_latency_seconds",
+        &labels,
+        Micros(status.commit_latency_us),
+    );
+    out.s
+}
+
+/// Microseconds shown as seconds with six decimals, without floats.
+struct Micros(u64);
+
+impl Display for Micros {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:06}", self.0 / 1_000_000, self.0 % 1_000_000)
+    }
 }
 
 /// Who this node is, for `rabbitmq_identity_info`.

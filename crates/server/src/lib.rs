@@ -249,6 +249,10 @@ async fn watch_tls(tls: Arc<TlsContext>, every: Duration, shutdown: Cancellation
 /// listener. Must be called inside a tokio runtime; the accept loops run on it.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     config.validate()?;
+    if let Some(c) = &config.cluster {
+        // Peers, /api/nodes and the queues' `node` name it as the cluster does.
+        switchyard_core::stats::process::set_node_name(&c.node);
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|error| ServerError::DataDir {
         path: config.data_dir.clone(),
         error,
@@ -506,6 +510,13 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         let mut node = switchyard_mgmt::NodeInfo::local();
         node.disk_free_limit = config.limits.disk_free_limit_bytes;
         node.data_dir = Some(config.data_dir.clone());
+        if let (Some(c), Some(settings)) = (&cluster, &config.cluster) {
+            node.cluster = Some(c.view());
+            // RabbitMQ's default cluster name: its first node's name.
+            if let Some((first, _)) = settings.seeds.first().and_then(|s| s.split_once('@')) {
+                node.cluster_name = first.to_owned();
+            }
+        }
         node.listeners = addrs
             .iter()
             .map(|(name, addr)| switchyard_mgmt::ListenerInfo {

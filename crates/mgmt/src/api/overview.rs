@@ -198,9 +198,54 @@ fn node(m: &Management) -> Value {
     })
 }
 
+/// How long `/api/nodes` waits for a peer's status before showing it as not
+/// running.
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Every node: this one, and on a clustered node each member of the cluster,
+/// with its Raft view under `cluster` (a member that does not answer within
+/// [`PEER_TIMEOUT`] is shown as RabbitMQ shows a stopped node: `running: false`).
+async fn all_nodes(m: &Management) -> Vec<Value> {
+    let Some(cluster) = &m.node.cluster else {
+        return vec![node(m)];
+    };
+    let mut out = Vec::new();
+    for (member, status) in cluster.members(PEER_TIMEOUT).await {
+        let mut v = if member.name == cluster.node() {
+            node(m)
+        } else {
+            json!({
+                "name": member.name,
+                "type": "disc",
+                "running": status.is_some(),
+                "being_drained": false,
+                "rabbitmq_version": RABBITMQ_VERSION,
+                "product_name": PRODUCT_NAME,
+                "product_version": PRODUCT_VERSION,
+            })
+        };
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert(
+                "cluster".to_owned(),
+                json!({
+                    "address": member.addr,
+                    "voter": member.voter,
+                    "leader": member.leader,
+                    "raft_state": status.as_ref().map(|s| s.state.clone()),
+                    "term": status.as_ref().map(|s| s.term),
+                    "last_log_index": status.as_ref().map(|s| s.last_log_index),
+                    "last_applied": status.as_ref().map(|s| s.last_applied),
+                }),
+            );
+        }
+        out.push(v);
+    }
+    out
+}
+
 async fn nodes(State(m): State<Management>, caller: Caller) -> ApiResult {
     caller.require_monitor()?;
-    Ok(super::json(Value::Array(vec![node(&m)])))
+    Ok(super::json(Value::Array(all_nodes(&m).await)))
 }
 
 async fn one_node(
@@ -210,10 +255,11 @@ async fn one_node(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
     caller.require_monitor()?;
-    if name != m.node.name {
-        return Err(ApiError::not_found());
-    }
-    Ok(object_response(node(&m), &q))
+    let found = all_nodes(&m)
+        .await
+        .into_iter()
+        .find(|n| n["name"].as_str() == Some(name.as_str()));
+    Ok(object_response(found.ok_or_else(ApiError::not_found)?, &q))
 }
 
 async fn cluster_name(State(m): State<Management>, _caller: Caller) -> ApiResult {
