@@ -38,6 +38,7 @@ fn status(c: &LocalCluster, i: usize) -> Option<switchyard_cluster::Status> {
         .unwrap();
     rt.block_on(switchyard_cluster::remote_status(
         &c.nodes[i].cluster_addr,
+        &switchyard_cluster::Link::default(),
         Duration::from_secs(2),
     ))
     .ok()
@@ -437,4 +438,57 @@ fn durable_exchanges_and_their_bindings_are_replicated_and_route_on_every_node()
                 && exchange_to_exchange_bindings(&c, i).is_empty()
         });
     }
+}
+
+#[test]
+fn with_tls_nodes_talk_mutual_tls_and_refuse_who_has_no_cluster_certificate() {
+    use switchyard_cluster::{Link, NodeTls};
+    use switchyard_testkit::tls::TestCerts;
+    let certs = TestCerts::generate();
+    certs.write_node_cert("node");
+    let tls = format!(
+        "\n[tls]\ncertfile = {:?}\nkeyfile = {:?}\ncacertfile = {:?}\n",
+        certs.server_cert, certs.server_key, certs.ca
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let c = LocalCluster::start_with(Path::new(EXE), tmp.path(), 3, &tls);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ask = |link: &Link, i: usize| {
+        rt.block_on(switchyard_cluster::remote_status(
+            &c.nodes[i].cluster_addr,
+            link,
+            Duration::from_secs(2),
+        ))
+    };
+    // A client holding a certificate of the cluster's CA (what `ctl cluster
+    // --config` uses) sees the cluster formed over TLS.
+    let settings = switchyard_transport::TlsSettings {
+        certfile: certs.server_cert.clone(),
+        keyfile: certs.server_key.clone(),
+        cacertfile: Some(certs.ca.clone()),
+        verify_peer: true,
+        fail_if_no_peer_cert: true,
+    };
+    let member = Link::client(Some(NodeTls::load(&settings).unwrap()));
+    eventually(15, "a leader elected over TLS", || {
+        ask(&member, 0).is_ok_and(|s| s.leader.is_some())
+    });
+    assert!(put_vhost(&c, 1, "over-tls").status().is_success());
+    for i in 0..3 {
+        eventually(10, "replicated over TLS", || has_vhost(&c, i, "over-tls"));
+    }
+    // Plain TCP, or TLS with a certificate of another CA, gets nothing.
+    assert!(ask(&Link::default(), 0).is_err());
+    let stranger = TestCerts::generate();
+    stranger.write_node_cert("intruder");
+    let other = switchyard_transport::TlsSettings {
+        certfile: stranger.server_cert.clone(),
+        keyfile: stranger.server_key.clone(),
+        cacertfile: Some(stranger.ca.clone()),
+        ..settings
+    };
+    assert!(ask(&Link::client(Some(NodeTls::load(&other).unwrap())), 0).is_err());
 }

@@ -2,7 +2,10 @@
 //! port (`[cluster] listen`), not the management API.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
+
+use switchyard_cluster::{Link, NodeTls};
 
 use clap::Subcommand;
 
@@ -45,13 +48,35 @@ fn unavailable(what: &str, e: std::io::Error) -> CtlError {
     CtlError::new(exit::UNAVAILABLE, format!("{what}: {e}"))
 }
 
-pub fn run(cmd: &ClusterCmd, json: bool, out: &mut impl Write) -> Result<u8, CtlError> {
+/// How ctl reaches nodes: mutual TLS with the `[tls]` files of the node
+/// config given with `--config`, plain TCP without one.
+fn link(config: Option<&Path>) -> Result<Link, CtlError> {
+    let Some(path) = config else {
+        return Ok(Link::client(None));
+    };
+    let config = switchyard_server::config::Config::load(path)
+        .map_err(|e| CtlError::new(exit::USAGE, e.to_string()))?;
+    let Some(settings) = config.tls_settings() else {
+        return Ok(Link::client(None));
+    };
+    let tls =
+        NodeTls::load(&settings).map_err(|e| CtlError::new(exit::USAGE, format!("[tls]: {e}")))?;
+    Ok(Link::client(Some(tls)))
+}
+
+pub fn run(
+    cmd: &ClusterCmd,
+    config: Option<&Path>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<u8, CtlError> {
     let rt = runtime()?;
+    let link = link(config)?;
     let io = |e: std::io::Error| CtlError::new(exit::IO, e.to_string());
     match cmd {
         ClusterCmd::Status { node } => {
             let status = rt
-                .block_on(switchyard_cluster::remote_status(node, TIMEOUT))
+                .block_on(switchyard_cluster::remote_status(node, &link, TIMEOUT))
                 .map_err(|e| unavailable(node, e))?;
             if json {
                 let text = serde_json::to_string_pretty(&status)
@@ -65,7 +90,7 @@ pub fn run(cmd: &ClusterCmd, json: bool, out: &mut impl Write) -> Result<u8, Ctl
             let m = switchyard_cluster::parse_member(member)
                 .map_err(|e| CtlError::new(exit::USAGE, e))?;
             rt.block_on(switchyard_cluster::remote_membership(
-                via, m, false, TIMEOUT,
+                via, &link, m, false, TIMEOUT,
             ))
             .map_err(|e| unavailable("join", e))?;
             writeln!(out, "{member} joined").map_err(io)?;
@@ -75,8 +100,10 @@ pub fn run(cmd: &ClusterCmd, json: bool, out: &mut impl Write) -> Result<u8, Ctl
                 name: name.clone(),
                 addr: String::new(),
             };
-            rt.block_on(switchyard_cluster::remote_membership(via, m, true, TIMEOUT))
-                .map_err(|e| unavailable("leave", e))?;
+            rt.block_on(switchyard_cluster::remote_membership(
+                via, &link, m, true, TIMEOUT,
+            ))
+            .map_err(|e| unavailable("leave", e))?;
             writeln!(out, "{name} left").map_err(io)?;
         }
     }

@@ -127,6 +127,10 @@ enum CtlCommand {
     },
     /// Cluster membership and status, over a node's inter-node port.
     Cluster {
+        /// A node's config file: its `[tls]` certificate is used to reach
+        /// nodes whose inter-node traffic is mutual TLS.
+        #[arg(long, global = true)]
+        config: Option<std::path::PathBuf>,
         #[command(subcommand)]
         what: cluster::ClusterCmd,
     },
@@ -709,7 +713,9 @@ fn dispatch(args: &CtlArgs, c: &Client, out: &mut impl Write) -> Result<u8, CtlE
     let v = vhost(args);
     let vs = seg(v);
     match &args.command {
-        CtlCommand::Cluster { what } => cluster::run(what, args.json, out),
+        CtlCommand::Cluster { config, what } => {
+            cluster::run(what, config.as_deref(), args.json, out)
+        }
         CtlCommand::Show {
             what: ShowWhat::Overview,
         } => {

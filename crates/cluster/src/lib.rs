@@ -38,6 +38,7 @@ pub use types::{node_id, Member, NodeId};
 use crate::network::Network;
 use crate::sm::StateMachine;
 use crate::store::{LogStore, RaftDb};
+pub use crate::transport::{Link, NodeTls};
 use crate::transport::{Peers, Refused, Request, Response, WriteResult};
 use crate::types::{Applied, Command, Raft};
 
@@ -60,6 +61,8 @@ pub struct Settings {
     pub election_max: Duration,
     /// How long a metadata write may wait for a commit before it fails.
     pub write_timeout: Duration,
+    /// Mutual TLS between nodes (`[tls]` set); `None`: plain TCP.
+    pub tls: Option<Arc<NodeTls>>,
 }
 
 impl Settings {
@@ -74,6 +77,7 @@ impl Settings {
             election_min: Duration::from_millis(500),
             election_max: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -161,6 +165,8 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     /// See [`Status::commit_latency_us`].
     commit_latency_us: std::sync::atomic::AtomicU64,
+    /// How this node dials and serves its peers.
+    link: Link,
 }
 
 /// A running cluster node.
@@ -194,8 +200,9 @@ impl Cluster {
         }
         .validate()
         .map_err(io::Error::other)?;
+        let link = Link::node(&addr, settings.tls.clone());
         let network = Network {
-            peers: Peers::from_listen(&addr),
+            peers: Peers::new(link.clone()),
         };
         let raft = Raft::new(id, Arc::new(config), network, log, sm)
             .await
@@ -204,7 +211,8 @@ impl Cluster {
             node: settings.node.clone(),
             raft: raft.clone(),
             applied,
-            forward: Peers::from_listen(&addr),
+            forward: Peers::new(link.clone()),
+            link,
             write_timeout: settings.write_timeout,
             runtime: tokio::runtime::Handle::current(),
             commit_latency_us: Default::default(),
@@ -443,7 +451,7 @@ fn unavailable(text: String) -> CoreError {
 
 async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
     loop {
-        let (mut stream, peer) = match transport::accept(&listener).await {
+        let (tcp, peer) = match transport::accept(&listener).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster accept failed");
@@ -452,6 +460,13 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
         };
         let inner = inner.clone();
         tokio::spawn(async move {
+            let mut stream = match inner.link.secure(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cluster connection refused");
+                    return;
+                }
+            };
             loop {
                 let req: Request = match transport::read_frame(&mut stream).await {
                     Ok(Some(r)) => r,
@@ -506,11 +521,12 @@ impl ClusterView {
             .iter()
             .map(|m| {
                 let addr = m.addr.clone();
+                let link = self.inner.link.clone();
                 let local = (m.name == me.node).then(|| me.clone());
                 tokio::spawn(async move {
                     match local {
                         Some(s) => Some(s),
-                        None => remote_status(&addr, timeout).await.ok(),
+                        None => remote_status(&addr, &link, timeout).await.ok(),
                     }
                 })
             })
@@ -566,8 +582,8 @@ impl MetaLog for Replicator {
 }
 
 /// Asks the node at `addr` (its `[cluster] listen`) for its status.
-pub async fn remote_status(addr: &str, timeout: Duration) -> io::Result<Status> {
-    match transport::call_once(addr, &Request::Status, timeout).await? {
+pub async fn remote_status(addr: &str, link: &Link, timeout: Duration) -> io::Result<Status> {
+    match transport::call_once(addr, link, &Request::Status, timeout).await? {
         Response::Status(s) => Ok(s),
         _ => Err(io::Error::other("unexpected response")),
     }
@@ -578,6 +594,7 @@ pub async fn remote_status(addr: &str, timeout: Duration) -> io::Result<Status> 
 /// the leader once.
 pub async fn remote_membership(
     addr: &str,
+    link: &Link,
     member: Member,
     leave: bool,
     timeout: Duration,
@@ -591,7 +608,7 @@ pub async fn remote_membership(
     };
     let mut target = addr.to_owned();
     for _ in 0..3 {
-        match transport::call_once(&target, &req(), timeout).await? {
+        match transport::call_once(&target, link, &req(), timeout).await? {
             Response::Membership(Ok(())) => return Ok(()),
             Response::Membership(Err(Refused::NotLeader(Some(leader)))) => target = leader.addr,
             Response::Membership(Err(Refused::NotLeader(None))) => {

@@ -1,7 +1,6 @@
-//! The inter-node transport: length-prefixed postcard frames over TCP, one
-//! request and one response at a time per connection. Dialing and accepting
-//! live here only, so that TLS (h-tls's transport layer) wraps these two
-//! functions and nothing else.
+//! The inter-node transport: length-prefixed postcard frames over TCP (mutual
+//! TLS when `[tls]` is set), one request and one response at a time per
+//! connection. Dialing and securing accepted connections live in [`Link`] only.
 //!
 //! Frame: a 4-byte big-endian length, then that many bytes of postcard.
 
@@ -122,49 +121,156 @@ pub async fn bind(addr: &str) -> io::Result<(TcpListener, SocketAddr)> {
     Ok((listener, local))
 }
 
-/// Accepts one connection.
+/// Accepts one TCP connection; [`Link::secure`] then makes it a node stream
+/// (in the connection's own task: a slow handshake must not stall accepting).
 pub async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     let (stream, peer) = listener.accept().await?;
     stream.set_nodelay(true)?;
     Ok((stream, peer))
 }
 
-/// Dials a node, from `source` when given: a node whose `[cluster] listen` is
-/// a specific IP dials from that IP, so that a peer (or a fault-injecting proxy
-/// in tests) can tell nodes apart by their source address.
-pub async fn dial(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let connect = async {
-        let Some(ip) = source else {
-            return TcpStream::connect(addr).await;
+/// A connection between nodes: TCP, or TLS over it.
+pub trait NodeIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> NodeIo for T {}
+pub type NodeStream = Box<dyn NodeIo>;
+
+/// Mutual TLS between nodes (`[tls]` set): see
+/// `switchyard_transport::tls::node_configs`.
+pub struct NodeTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeTls")
+    }
+}
+
+impl NodeTls {
+    /// From the `[tls]` files (which must name the CA: `cacertfile`).
+    pub fn load(
+        settings: &switchyard_transport::TlsSettings,
+    ) -> Result<Arc<Self>, switchyard_transport::TlsError> {
+        let (server, client) = switchyard_transport::tls::node_configs(settings)?;
+        Ok(Arc::new(NodeTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        }))
+    }
+}
+
+/// How long a peer may take to finish the TLS handshake on an accepted
+/// connection.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a node (or `switchyard ctl`) reaches nodes and serves them: the source
+/// IP of its dials and, with `[tls]`, mutual TLS both ways. Dialing and
+/// securing accepted connections live here only.
+#[derive(Clone, Default)]
+pub struct Link {
+    /// A node whose `[cluster] listen` is a specific IP dials from that IP, so
+    /// that a peer (or a fault-injecting proxy in tests) can tell nodes apart
+    /// by their source address.
+    source: Option<IpAddr>,
+    tls: Option<Arc<NodeTls>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("source", &self.source)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Link {
+    /// A node's link: dials from `listen`'s IP when it names a specific one
+    /// (not `0.0.0.0` or `::`).
+    pub fn node(listen: &SocketAddr, tls: Option<Arc<NodeTls>>) -> Self {
+        let ip = listen.ip();
+        Link {
+            source: (!ip.is_unspecified()).then_some(ip),
+            tls,
+        }
+    }
+
+    /// A client's link (`switchyard ctl`): any source address.
+    pub fn client(tls: Option<Arc<NodeTls>>) -> Self {
+        Link { source: None, tls }
+    }
+
+    /// Dials a node (TCP connect and TLS handshake within [`CONNECT_TIMEOUT`]).
+    pub async fn dial(&self, addr: &str) -> io::Result<NodeStream> {
+        let connect = async {
+            let tcp = match self.source {
+                None => TcpStream::connect(addr).await?,
+                Some(ip) => {
+                    let target = tokio::net::lookup_host(addr)
+                        .await?
+                        .find(|a| a.is_ipv4() == ip.is_ipv4())
+                        .ok_or_else(|| {
+                            io::Error::other(format!("{addr} has no address of {ip}'s family"))
+                        })?;
+                    let socket = if ip.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                    socket.connect(target).await?
+                }
+            };
+            tcp.set_nodelay(true)?;
+            match &self.tls {
+                None => Ok(Box::new(tcp) as NodeStream),
+                Some(tls) => {
+                    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                    let stream = tls.connector.connect(name, tcp).await?;
+                    Ok(Box::new(stream) as NodeStream)
+                }
+            }
         };
-        let target = tokio::net::lookup_host(addr)
-            .await?
-            .find(|a| a.is_ipv4() == ip.is_ipv4())
-            .ok_or_else(|| io::Error::other(format!("{addr} has no address of {ip}'s family")))?;
-        let socket = if ip.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        socket.bind(SocketAddr::new(ip, 0))?;
-        socket.connect(target).await
-    };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connecting to {addr} timed out"),
-            )
-        })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                )
+            })?
+    }
+
+    /// Makes an accepted connection a node stream: with TLS, after a handshake
+    /// in which the peer proved it holds a certificate of the cluster's CA.
+    pub async fn secure(&self, tcp: TcpStream) -> io::Result<NodeStream> {
+        match &self.tls {
+            None => Ok(Box::new(tcp)),
+            Some(tls) => {
+                let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
+                Ok(Box::new(stream))
+            }
+        }
+    }
 }
 
 /// One request and its response on a fresh connection (`switchyard ctl`).
-pub async fn call_once(addr: &str, req: &Request, timeout: Duration) -> io::Result<Response> {
+pub async fn call_once(
+    addr: &str,
+    link: &Link,
+    req: &Request,
+    timeout: Duration,
+) -> io::Result<Response> {
     tokio::time::timeout(timeout, async {
-        let mut s = dial(addr, None).await?;
+        let mut s = link.dial(addr).await?;
         write_frame(&mut s, req).await?;
         read_frame(&mut s)
             .await?
@@ -183,18 +289,23 @@ pub struct CallError {
 }
 
 /// A reusable connection to one peer: requests on it are serialised.
-#[derive(Debug)]
 pub struct Peer {
     addr: String,
-    source: Option<IpAddr>,
-    conn: Mutex<Option<TcpStream>>,
+    link: Link,
+    conn: Mutex<Option<NodeStream>>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("addr", &self.addr).finish()
+    }
 }
 
 impl Peer {
-    pub fn new(addr: String, source: Option<IpAddr>) -> Self {
+    pub fn new(addr: String, link: Link) -> Self {
         Peer {
             addr,
-            source,
+            link,
             conn: Mutex::new(None),
         }
     }
@@ -206,7 +317,7 @@ impl Peer {
         let mut sent = false;
         let result = tokio::time::timeout(timeout, async {
             if guard.is_none() {
-                *guard = Some(dial(&self.addr, self.source).await?);
+                *guard = Some(self.link.dial(&self.addr).await?);
             }
             let Some(stream) = guard.as_mut() else {
                 return Err(io::Error::other("no connection"));
@@ -230,8 +341,7 @@ impl Peer {
 #[derive(Debug, Default, Clone)]
 pub struct Peers {
     peers: Arc<parking_lot_free::Map>,
-    /// The IP outgoing connections are made from (see [`dial`]).
-    source: Option<IpAddr>,
+    link: Link,
 }
 
 mod parking_lot_free {
@@ -241,31 +351,29 @@ mod parking_lot_free {
     pub struct Map(std::sync::Mutex<HashMap<String, Arc<Peer>>>);
 
     impl Map {
-        pub fn get(&self, addr: &str, source: Option<IpAddr>) -> Arc<Peer> {
+        pub fn get(&self, addr: &str, link: &Link) -> Arc<Peer> {
             let mut m = match self.0.lock() {
                 Ok(m) => m,
                 Err(poisoned) => poisoned.into_inner(),
             };
             m.entry(addr.to_owned())
-                .or_insert_with(|| Arc::new(Peer::new(addr.to_owned(), source)))
+                .or_insert_with(|| Arc::new(Peer::new(addr.to_owned(), link.clone())))
                 .clone()
         }
     }
 }
 
 impl Peers {
-    /// Connections dialled from `listen`'s IP when it names a specific one
-    /// (not `0.0.0.0`, `::` or a host name).
-    pub fn from_listen(listen: &SocketAddr) -> Self {
-        let ip = listen.ip();
+    /// Connections made through `link`.
+    pub fn new(link: Link) -> Self {
         Peers {
             peers: Arc::default(),
-            source: (!ip.is_unspecified()).then_some(ip),
+            link,
         }
     }
 
     /// The connection to `addr` (created on first use).
     pub fn get(&self, addr: &str) -> Arc<Peer> {
-        self.peers.get(addr, self.source)
+        self.peers.get(addr, &self.link)
     }
 }

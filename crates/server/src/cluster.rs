@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_cluster::{node_id, parse_member, Cluster, Member, Settings};
+use switchyard_cluster::{node_id, parse_member, Cluster, Member, NodeTls, Settings};
 use switchyard_core::Broker;
+use switchyard_transport::TlsSettings;
 
 /// The `[cluster]` section.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -75,8 +76,23 @@ impl ClusterConfig {
 
     /// Starts this node's part of the cluster; its Raft state lives in
     /// `<data_dir>/cluster`.
-    pub async fn start(&self, data_dir: &Path, broker: Arc<Broker>) -> std::io::Result<Cluster> {
+    /// Starts this node's part of the cluster. With `tls` (`[tls]` names a
+    /// certificate), inter-node traffic is mutual TLS from the same files,
+    /// which needs `cacertfile`: the CA that signs every node's certificate.
+    pub async fn start(
+        &self,
+        data_dir: &Path,
+        broker: Arc<Broker>,
+        tls: Option<&TlsSettings>,
+    ) -> std::io::Result<Cluster> {
         let seeds = self.validate().map_err(std::io::Error::other)?;
+        let tls =
+            match tls {
+                None => None,
+                Some(t) => Some(NodeTls::load(t).map_err(|e| {
+                    std::io::Error::other(format!("inter-node TLS from [tls]: {e}"))
+                })?),
+            };
         let mut settings = Settings::new(
             self.node.clone(),
             self.listen.clone(),
@@ -84,6 +100,7 @@ impl ClusterConfig {
             data_dir.join("cluster"),
         );
         settings.write_timeout = Duration::from_millis(self.write_timeout_ms);
+        settings.tls = tls;
         Cluster::start(settings, broker).await
     }
 }

@@ -310,12 +310,16 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     // Clustered: from here on, metadata commands go through the replicated log.
     let cluster = match &config.cluster {
         Some(c) => Some(
-            c.start(&config.data_dir, broker.clone())
-                .await
-                .map_err(|error| ServerError::Cluster {
-                    listen: c.listen.clone(),
-                    error,
-                })?,
+            c.start(
+                &config.data_dir,
+                broker.clone(),
+                config.tls_settings().as_ref(),
+            )
+            .await
+            .map_err(|error| ServerError::Cluster {
+                listen: c.listen.clone(),
+                error,
+            })?,
         ),
         None => None,
     };

@@ -67,6 +67,12 @@ impl LocalCluster {
 
     /// Writes the configs of `n` nodes (`n1`..) under `dir` and starts them all.
     pub fn start(exe: &Path, dir: &Path, n: usize) -> LocalCluster {
+        Self::start_with(exe, dir, n, "")
+    }
+
+    /// [`LocalCluster::start`] with `extra` TOML appended to every node's
+    /// config (a `[tls]` section).
+    pub fn start_with(exe: &Path, dir: &Path, n: usize, extra: &str) -> LocalCluster {
         let names: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
         let addrs: Vec<String> = names
             .iter()
@@ -86,6 +92,7 @@ impl LocalCluster {
                 "\n[cluster]\nnode = \"{name}\"\nlisten = \"{addr}\"\nseeds = [{}]\nwrite_timeout_ms = 5000\n",
                 seeds.join(", ")
             ));
+            text.push_str(extra);
             let config = node_dir.join("config.toml");
             std::fs::write(&config, text).expect("testkit: cannot write config");
             nodes.push(ClusterNode {

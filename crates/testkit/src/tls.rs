@@ -62,10 +62,26 @@ impl TestCerts {
 
     /// (Re)writes the server certificate and key, with common name `cn`.
     pub fn write_server_cert(&self, cn: &str) {
+        self.write_server(cn, vec![ExtendedKeyUsagePurpose::ServerAuth]);
+    }
+
+    /// (Re)writes the server certificate as a cluster node's: usable for both
+    /// ends of a mutual TLS connection (server and client authentication).
+    pub fn write_node_cert(&self, cn: &str) {
+        self.write_server(
+            cn,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        );
+    }
+
+    fn write_server(&self, cn: &str, usages: Vec<ExtendedKeyUsagePurpose>) {
         let (cert, key) = self.leaf(
             &[(DnType::CommonName, cn)],
             vec!["localhost".into(), "127.0.0.1".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            usages,
         );
         std::fs::write(&self.server_cert, cert).expect("write server.pem");
         std::fs::write(&self.server_key, key).expect("write server.key");
@@ -74,7 +90,7 @@ impl TestCerts {
     /// A client certificate with subject `dn` (in the order given; RabbitMQ's
     /// DN string lists it reversed), written as `<file>.pem` and `<file>.key`.
     pub fn client_cert(&self, file: &str, dn: &[(DnType, &str)]) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.leaf(dn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth);
+        let (cert, key) = self.leaf(dn, Vec::new(), vec![ExtendedKeyUsagePurpose::ClientAuth]);
         let c = self.dir.path().join(format!("{file}.pem"));
         let k = self.dir.path().join(format!("{file}.key"));
         std::fs::write(&c, cert).expect("write client cert");
@@ -86,14 +102,14 @@ impl TestCerts {
         &self,
         dn: &[(DnType, &str)],
         sans: Vec<String>,
-        usage: ExtendedKeyUsagePurpose,
+        usages: Vec<ExtendedKeyUsagePurpose>,
     ) -> (String, String) {
         let mut params = CertificateParams::new(sans).expect("leaf params");
         params.distinguished_name = rcgen::DistinguishedName::new();
         for (t, v) in dn {
             params.distinguished_name.push(t.clone(), *v);
         }
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         (cert.pem(), key.serialize_pem())

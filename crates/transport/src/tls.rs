@@ -193,6 +193,109 @@ pub fn build(settings: &TlsSettings) -> Result<ServerConfig, TlsError> {
         })
 }
 
+/// The TLS configurations of inter-node (cluster) traffic, from the same
+/// `[tls]` files: every node presents the `[tls]` certificate, and a peer must
+/// present one signed by `cacertfile` in both directions (mutual TLS: holding a
+/// certificate of the cluster's CA is what lets a process talk to a node's
+/// cluster port). Host names are not checked: nodes are addressed by IP or
+/// by names their certificates need not carry, and the CA is the authority.
+pub fn node_configs(
+    settings: &TlsSettings,
+) -> Result<(ServerConfig, rustls::ClientConfig), TlsError> {
+    let ca = settings.cacertfile.as_ref().ok_or(TlsError::NoCaFile)?;
+    let strict = TlsSettings {
+        verify_peer: true,
+        fail_if_no_peer_cert: true,
+        ..settings.clone()
+    };
+    let server = build(&strict)?;
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots.add(cert).map_err(|error| TlsError::BadCa {
+            path: ca.clone(),
+            error,
+        })?;
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let chain = read_certs(&settings.certfile)?;
+    let key = PrivateKeyDer::from_pem_file(&settings.keyfile).map_err(|error| TlsError::Read {
+        path: settings.keyfile.clone(),
+        error,
+    })?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Verifier(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CaOnly { webpki }))
+        .with_client_auth_cert(chain, key)
+        .map_err(|error| TlsError::Identity {
+            certfile: settings.certfile.clone(),
+            keyfile: settings.keyfile.clone(),
+            error,
+        })?;
+    Ok((server, client))
+}
+
+/// Checks a peer node's certificate chain against the cluster's CA (validity,
+/// signatures, usage), but not the name in it (see [`node_configs`]).
+#[derive(Debug)]
+struct CaOnly {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for CaOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 /// Where a certificate login takes the user name from (`[auth] ssl_cert_login_from`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CertLoginFrom {
