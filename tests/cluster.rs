@@ -472,7 +472,7 @@ fn with_tls_nodes_talk_mutual_tls_and_refuse_who_has_no_cluster_certificate() {
         verify_peer: true,
         fail_if_no_peer_cert: true,
     };
-    let member = Link::client(Some(NodeTls::load(&settings).unwrap()));
+    let member = Link::client(Some(NodeTls::load(&settings).unwrap()), None);
     eventually(15, "a leader elected over TLS", || {
         ask(&member, 0).is_ok_and(|s| s.leader.is_some())
     });
@@ -490,5 +490,44 @@ fn with_tls_nodes_talk_mutual_tls_and_refuse_who_has_no_cluster_certificate() {
         cacertfile: Some(stranger.ca.clone()),
         ..settings
     };
-    assert!(ask(&Link::client(Some(NodeTls::load(&other).unwrap())), 0).is_err());
+    assert!(ask(&Link::client(Some(NodeTls::load(&other).unwrap()), None), 0).is_err());
+}
+
+#[test]
+fn with_a_cookie_only_who_knows_it_reaches_the_cluster_port() {
+    use switchyard_cluster::{Cookie, Link};
+    const COOKIE: &str = "correct horse battery staple";
+    let tmp = tempfile::tempdir().unwrap();
+    // Appended to each node's `[cluster]` section (the last one).
+    let c = LocalCluster::start_with(
+        Path::new(EXE),
+        tmp.path(),
+        3,
+        &format!("cookie = {COOKIE:?}\n"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ask = |link: &Link| {
+        rt.block_on(switchyard_cluster::remote_status(
+            &c.nodes[2].cluster_addr,
+            link,
+            Duration::from_secs(2),
+        ))
+    };
+    let knows = Link::client(None, Some(Cookie::new(COOKIE)));
+    eventually(
+        15,
+        "a leader elected between nodes sharing the cookie",
+        || ask(&knows).is_ok_and(|s| s.leader.is_some()),
+    );
+    assert!(put_vhost(&c, 0, "cookie-protected").status().is_success());
+    eventually(10, "replicated", || has_vhost(&c, 2, "cookie-protected"));
+    assert!(ask(&Link::default()).is_err());
+    assert!(ask(&Link::client(
+        None,
+        Some(Cookie::new("not the cookie at all"))
+    ))
+    .is_err());
 }

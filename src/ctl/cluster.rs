@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use switchyard_cluster::{Link, NodeTls};
+use switchyard_cluster::{Cookie, Link, NodeTls};
 
 use clap::Subcommand;
 
@@ -48,20 +48,27 @@ fn unavailable(what: &str, e: std::io::Error) -> CtlError {
     CtlError::new(exit::UNAVAILABLE, format!("{what}: {e}"))
 }
 
-/// How ctl reaches nodes: mutual TLS with the `[tls]` files of the node
-/// config given with `--config`, plain TCP without one.
+/// How ctl reaches nodes: with the `[tls]` files and `[cluster] cookie` of the
+/// node config given with `--config`; plain TCP without one.
 fn link(config: Option<&Path>) -> Result<Link, CtlError> {
     let Some(path) = config else {
-        return Ok(Link::client(None));
+        return Ok(Link::client(None, None));
     };
     let config = switchyard_server::config::Config::load(path)
         .map_err(|e| CtlError::new(exit::USAGE, e.to_string()))?;
-    let Some(settings) = config.tls_settings() else {
-        return Ok(Link::client(None));
+    let cookie = config
+        .cluster
+        .as_ref()
+        .and_then(|c| c.cookie.as_deref())
+        .map(Cookie::new);
+    let tls = match config.tls_settings() {
+        None => None,
+        Some(settings) => Some(
+            NodeTls::load(&settings)
+                .map_err(|e| CtlError::new(exit::USAGE, format!("[tls]: {e}")))?,
+        ),
     };
-    let tls =
-        NodeTls::load(&settings).map_err(|e| CtlError::new(exit::USAGE, format!("[tls]: {e}")))?;
-    Ok(Link::client(Some(tls)))
+    Ok(Link::client(tls, cookie))
 }
 
 pub fn run(

@@ -127,8 +127,8 @@ enum CtlCommand {
     },
     /// Cluster membership and status, over a node's inter-node port.
     Cluster {
-        /// A node's config file: its `[tls]` certificate is used to reach
-        /// nodes whose inter-node traffic is mutual TLS.
+        /// A node's config file: its `[tls]` certificate and `[cluster]
+        /// cookie` are used to reach nodes that require them.
         #[arg(long, global = true)]
         config: Option<std::path::PathBuf>,
         #[command(subcommand)]

@@ -38,7 +38,7 @@ pub use types::{node_id, Member, NodeId};
 use crate::network::Network;
 use crate::sm::StateMachine;
 use crate::store::{LogStore, RaftDb};
-pub use crate::transport::{Link, NodeTls};
+pub use crate::transport::{Cookie, Link, NodeTls};
 use crate::transport::{Peers, Refused, Request, Response, WriteResult};
 use crate::types::{Applied, Command, Raft};
 
@@ -63,6 +63,8 @@ pub struct Settings {
     pub write_timeout: Duration,
     /// Mutual TLS between nodes (`[tls]` set); `None`: plain TCP.
     pub tls: Option<Arc<NodeTls>>,
+    /// The cluster's shared secret (`[cluster] cookie`).
+    pub cookie: Option<Cookie>,
 }
 
 impl Settings {
@@ -78,6 +80,7 @@ impl Settings {
             election_max: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(10),
             tls: None,
+            cookie: None,
         }
     }
 }
@@ -200,7 +203,11 @@ impl Cluster {
         }
         .validate()
         .map_err(io::Error::other)?;
-        let link = Link::node(&addr, settings.tls.clone());
+        let link = Link::node(&addr, settings.tls.clone(), settings.cookie.clone());
+        if !link.is_authenticated() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the inter-node port is neither TLS nor protected by a cookie: \
+                anyone who reaches it can change the cluster; set [tls] or [cluster] cookie");
+        }
         let network = Network {
             peers: Peers::new(link.clone()),
         };

@@ -174,13 +174,71 @@ pub struct Link {
     /// by their source address.
     source: Option<IpAddr>,
     tls: Option<Arc<NodeTls>>,
+    /// The cluster's shared secret (`[cluster] cookie`): see [`Cookie`].
+    cookie: Option<Cookie>,
 }
+
+/// The shared secret every node of a cluster is configured with (`[cluster]
+/// cookie`, RabbitMQ's Erlang cookie). A connection starts with a challenge:
+/// the accepting node sends 32 random bytes, the dialing one answers with
+/// HMAC-SHA256(cookie, challenge); a wrong answer closes the connection before
+/// any request is read. The secret itself never crosses the wire.
+#[derive(Clone)]
+pub struct Cookie(Arc<[u8]>);
+
+impl std::fmt::Debug for Cookie {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret itself (it would end up in logs).
+        f.write_str("Cookie(..)")
+    }
+}
+
+impl Cookie {
+    pub fn new(secret: &str) -> Self {
+        Cookie(Arc::from(secret.as_bytes()))
+    }
+
+    fn mac(&self, challenge: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        // HMAC takes keys of any length: `new_from_slice` cannot fail.
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(b"switchyard cluster v1");
+        mac.update(challenge);
+        mac
+    }
+
+    /// The dialing side: answers the challenge.
+    async fn prove(&self, stream: &mut NodeStream) -> io::Result<()> {
+        use hmac::Mac;
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        stream.read_exact(&mut challenge).await?;
+        let answer = self.mac(&challenge).finalize().into_bytes();
+        stream.write_all(&answer).await?;
+        stream.flush().await
+    }
+
+    /// The accepting side: whether the peer knows the cookie.
+    async fn check(&self, stream: &mut NodeStream) -> io::Result<bool> {
+        use hmac::Mac;
+        let challenge: [u8; CHALLENGE_LEN] = rand::random();
+        stream.write_all(&challenge).await?;
+        stream.flush().await?;
+        let mut answer = [0u8; CHALLENGE_LEN];
+        stream.read_exact(&mut answer).await?;
+        // Compared in constant time.
+        Ok(self.mac(&challenge).verify_slice(&answer).is_ok())
+    }
+}
+
+const CHALLENGE_LEN: usize = 32;
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Link")
             .field("source", &self.source)
             .field("tls", &self.tls.is_some())
+            .field("cookie", &self.cookie.is_some())
             .finish()
     }
 }
@@ -188,17 +246,27 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// A node's link: dials from `listen`'s IP when it names a specific one
     /// (not `0.0.0.0` or `::`).
-    pub fn node(listen: &SocketAddr, tls: Option<Arc<NodeTls>>) -> Self {
+    pub fn node(listen: &SocketAddr, tls: Option<Arc<NodeTls>>, cookie: Option<Cookie>) -> Self {
         let ip = listen.ip();
         Link {
             source: (!ip.is_unspecified()).then_some(ip),
             tls,
+            cookie,
         }
     }
 
     /// A client's link (`switchyard ctl`): any source address.
-    pub fn client(tls: Option<Arc<NodeTls>>) -> Self {
-        Link { source: None, tls }
+    pub fn client(tls: Option<Arc<NodeTls>>, cookie: Option<Cookie>) -> Self {
+        Link {
+            source: None,
+            tls,
+            cookie,
+        }
+    }
+
+    /// Whether connections are authenticated (mutual TLS or a cookie).
+    pub fn is_authenticated(&self) -> bool {
+        self.tls.is_some() || self.cookie.is_some()
     }
 
     /// Dials a node (TCP connect and TLS handshake within [`CONNECT_TIMEOUT`]).
@@ -223,17 +291,20 @@ impl Link {
                 }
             };
             tcp.set_nodelay(true)?;
-            match &self.tls {
-                None => Ok(Box::new(tcp) as NodeStream),
+            let mut stream: NodeStream = match &self.tls {
+                None => Box::new(tcp),
                 Some(tls) => {
                     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
                     let host = host.trim_start_matches('[').trim_end_matches(']');
                     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    let stream = tls.connector.connect(name, tcp).await?;
-                    Ok(Box::new(stream) as NodeStream)
+                    Box::new(tls.connector.connect(name, tcp).await?)
                 }
+            };
+            if let Some(cookie) = &self.cookie {
+                cookie.prove(&mut stream).await?;
             }
+            Ok(stream)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
@@ -246,19 +317,27 @@ impl Link {
     }
 
     /// Makes an accepted connection a node stream: with TLS, after a handshake
-    /// in which the peer proved it holds a certificate of the cluster's CA.
+    /// in which the peer proved it holds a certificate of the cluster's CA;
+    /// with a cookie, after the peer answered its challenge.
     pub async fn secure(&self, tcp: TcpStream) -> io::Result<NodeStream> {
-        match &self.tls {
-            None => Ok(Box::new(tcp)),
-            Some(tls) => {
-                let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                    })??;
-                Ok(Box::new(stream))
+        let handshake = async {
+            let mut stream: NodeStream = match &self.tls {
+                None => Box::new(tcp),
+                Some(tls) => Box::new(tls.acceptor.accept(tcp).await?),
+            };
+            if let Some(cookie) = &self.cookie {
+                if !cookie.check(&mut stream).await? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "the peer does not know the cluster's cookie",
+                    ));
+                }
             }
-        }
+            Ok(stream)
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))?
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use switchyard_cluster::{node_id, parse_member, Cluster, Member, NodeTls, Settings};
+use switchyard_cluster::{node_id, parse_member, Cluster, Cookie, Member, NodeTls, Settings};
 use switchyard_core::Broker;
 use switchyard_transport::TlsSettings;
 
@@ -35,6 +35,12 @@ pub struct ClusterConfig {
     /// commit before it fails.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// The cluster's shared secret (RabbitMQ's Erlang cookie): when set, a
+    /// node only talks to peers (and `ctl cluster --config`) that prove they
+    /// know it. Give every node the same one. `[tls]` authenticates nodes by
+    /// certificate instead (or as well).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
 }
 
 fn default_write_timeout_ms() -> u64 {
@@ -59,6 +65,11 @@ impl ClusterConfig {
         if self.write_timeout_ms == 0 {
             return Err(
                 "invalid value 0 for key cluster.write_timeout_ms: must be at least 1".into(),
+            );
+        }
+        if self.cookie.as_deref().is_some_and(|c| c.len() < 16) {
+            return Err(
+                "invalid value for key cluster.cookie: at least 16 characters (a guessable cookie protects nothing)".into(),
             );
         }
         let mut seeds = Vec::new();
@@ -101,6 +112,7 @@ impl ClusterConfig {
         );
         settings.write_timeout = Duration::from_millis(self.write_timeout_ms);
         settings.tls = tls;
+        settings.cookie = self.cookie.as_deref().map(Cookie::new);
         Cluster::start(settings, broker).await
     }
 }
@@ -115,6 +127,7 @@ mod tests {
             listen: "127.0.0.1:25672".into(),
             seeds: seeds.iter().map(|s| s.to_string()).collect(),
             write_timeout_ms: 10_000,
+            cookie: None,
         }
     }
 
