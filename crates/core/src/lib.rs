@@ -23,6 +23,7 @@ pub mod message;
 pub mod persist;
 pub mod policy;
 pub mod queue;
+pub mod quorum;
 pub mod ratelimit;
 pub mod scopes;
 pub mod sessions;
