@@ -154,6 +154,29 @@ pub enum EntityCommand {
         routing_key: String,
         arguments: FieldTable,
     },
+    /// Creates a quorum queue on every node (its messages then go through
+    /// `QueueCommand`s of the replicated log, quorum.rs).
+    DeclareQueue {
+        vhost: String,
+        name: String,
+        options: crate::queue::QueueOptions,
+    },
+    DeleteQueue { vhost: String, name: String },
+    /// Binds quorum queue `queue` to replicated exchange `source`.
+    BindQueue {
+        vhost: String,
+        source: String,
+        queue: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+    UnbindQueue {
+        vhost: String,
+        source: String,
+        queue: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
 }
 
 impl EntityCommand {
@@ -162,7 +185,11 @@ impl EntityCommand {
             EntityCommand::DeclareExchange { vhost, .. }
             | EntityCommand::DeleteExchange { vhost, .. }
             | EntityCommand::BindExchange { vhost, .. }
-            | EntityCommand::UnbindExchange { vhost, .. } => vhost,
+            | EntityCommand::UnbindExchange { vhost, .. }
+            | EntityCommand::DeclareQueue { vhost, .. }
+            | EntityCommand::DeleteQueue { vhost, .. }
+            | EntityCommand::BindQueue { vhost, .. }
+            | EntityCommand::UnbindQueue { vhost, .. } => vhost,
         }
     }
 
@@ -186,6 +213,24 @@ impl EntityCommand {
                 destination,
                 ..
             } => format!("unbind_exchange '{source}' -> '{destination}' in '{vhost}'"),
+            EntityCommand::DeclareQueue { vhost, name, .. } => {
+                format!("declare_queue '{name}' in '{vhost}'")
+            }
+            EntityCommand::DeleteQueue { vhost, name } => {
+                format!("delete_queue '{name}' in '{vhost}'")
+            }
+            EntityCommand::BindQueue {
+                vhost,
+                source,
+                queue,
+                ..
+            } => format!("bind_queue '{source}' -> '{queue}' in '{vhost}'"),
+            EntityCommand::UnbindQueue {
+                vhost,
+                source,
+                queue,
+                ..
+            } => format!("unbind_queue '{source}' -> '{queue}' in '{vhost}'"),
         }
     }
 }

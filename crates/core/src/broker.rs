@@ -38,6 +38,11 @@ pub type VhostDeletedHook = Arc<dyn Fn(&str) + Send + Sync>;
 /// applying it; a cluster without a majority returns an error within its timeout.
 pub trait MetaLog: Send + Sync + std::fmt::Debug {
     fn replicate(&self, cmd: MetaCommand) -> CoreResult<()>;
+    /// The log that carries clustered quorum queues' commands (quorum_link.rs);
+    /// `None`: quorum queues stay node-local.
+    fn quorum(&self) -> Option<Arc<dyn crate::quorum_link::QuorumLog>> {
+        None
+    }
 }
 
 /// Where a clustered node's [`MetaLog`] is set once, after the broker and its
@@ -51,6 +56,10 @@ pub struct Broker {
     next_id: AtomicU64,
     /// The store's synced position, when there is a store.
     synced: Option<tokio::sync::watch::Receiver<u64>>,
+    /// On a clustered node: the store's synced position as followed by
+    /// connections, also poked when a quorum queue commits publishes (see
+    /// [`Broker::confirm_nudger`]).
+    nudged: std::sync::OnceLock<Arc<tokio::sync::watch::Sender<u64>>>,
     /// The store itself, for adapters' own records (MQTT retained messages and
     /// sessions); `None`: everything lives in memory only.
     store: Option<Arc<dyn Store>>,
@@ -266,6 +275,7 @@ impl Broker {
             memory,
             next_id: AtomicU64::new(1),
             synced,
+            nudged: std::sync::OnceLock::new(),
             store,
             timers,
             stats: Arc::new(NodeStats::default()),
@@ -382,7 +392,34 @@ impl Broker {
     /// Follows the store's synced position: a publish whose `Routed::durable_at`
     /// is at or below it is on disk. `None` without a store (nothing to wait for).
     pub fn synced(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.synced.clone()
+        match self.nudged.get() {
+            Some(tx) => Some(tx.subscribe()),
+            None => self.synced.clone(),
+        }
+    }
+
+    /// What wakes connections waiting for confirms when something other than
+    /// the store commits (a clustered quorum queue): `send_modify(|_| ())`
+    /// on it. Connections opened from then on follow it; it forwards the
+    /// store's synced position. Must run inside a tokio runtime.
+    pub fn confirm_nudger(&self) -> Arc<tokio::sync::watch::Sender<u64>> {
+        self.nudged
+            .get_or_init(|| {
+                let start = self.synced.as_ref().map_or(0, |rx| *rx.borrow());
+                let tx = Arc::new(tokio::sync::watch::channel(start).0);
+                if let Some(mut rx) = self.synced.clone() {
+                    let fwd = Arc::downgrade(&tx);
+                    tokio::spawn(async move {
+                        while rx.changed().await.is_ok() {
+                            let Some(tx) = fwd.upgrade() else { return };
+                            let at = *rx.borrow_and_update();
+                            tx.send_replace(at);
+                        }
+                    });
+                }
+                tx
+            })
+            .clone()
     }
 
     /// The store, if the broker has one: adapters keep their own records in it
@@ -609,7 +646,18 @@ impl Broker {
     /// Routes every later [`Broker::apply`] through `log` (once; false if a log
     /// was set already).
     pub fn set_meta_log(&self, log: Arc<dyn MetaLog>) -> bool {
-        self.meta_log.set(log).is_ok()
+        let quorum = log.quorum().is_some();
+        if self.meta_log.set(log).is_err() {
+            return false;
+        }
+        if quorum {
+            self.confirm_nudger();
+            // Quorum queues the store brought back become clustered ones.
+            for v in self.vhosts() {
+                v.attach_quorum_links();
+            }
+        }
+        true
     }
 
     /// Whether metadata commands go through a replicated log.

@@ -24,6 +24,7 @@ pub mod persist;
 pub mod policy;
 pub mod queue;
 pub mod quorum;
+pub mod quorum_link;
 pub mod ratelimit;
 pub mod scopes;
 pub mod sessions;

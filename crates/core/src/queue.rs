@@ -353,6 +353,9 @@ pub struct Queue {
     kind: QueueType,
     /// Set once for a stream queue (stream_queue.rs): its entry points hand over.
     stream: std::sync::OnceLock<Arc<crate::stream_queue::StreamQueue>>,
+    /// Set once for a quorum queue of a cluster (quorum_link.rs): publishes,
+    /// acks, returns and consumer credit go through the replicated log.
+    quorum: std::sync::OnceLock<Arc<crate::quorum_link::QuorumLink>>,
     /// Whether its consumers have fallen behind, for the connections that
     /// publish into it (flow.rs).
     flow: Arc<flow::Gate>,
@@ -477,6 +480,7 @@ impl Queue {
             history: History::default(),
             kind,
             stream: std::sync::OnceLock::new(),
+            quorum: std::sync::OnceLock::new(),
             flow: Arc::default(),
         });
         let st = queue.state.lock();
@@ -637,6 +641,93 @@ impl Queue {
     }
 
     /// The queue's id in the store, if it is durable and a store is in use.
+    /// The replicated log link of a clustered quorum queue.
+    pub fn quorum_link(&self) -> Option<&Arc<crate::quorum_link::QuorumLink>> {
+        self.quorum.get()
+    }
+
+    /// Makes this queue a clustered quorum queue (once; later calls do nothing).
+    pub(crate) fn attach_quorum(&self, link: impl FnOnce() -> Arc<crate::quorum_link::QuorumLink>) {
+        let mut made = false;
+        self.quorum.get_or_init(|| {
+            made = true;
+            link()
+        });
+        if made {
+            self.update_window();
+        }
+    }
+
+    /// What this node's consumers can take, for the quorum credit window.
+    fn update_window(&self) {
+        let Some(link) = self.quorum.get() else {
+            return;
+        };
+        let window: u64 = {
+            let st = self.state.lock();
+            st.consumers
+                .iter()
+                .map(|c| match c.options.prefetch {
+                    0 => crate::quorum_link::UNLIMITED_WINDOW,
+                    p => u64::from(p),
+                })
+                .sum()
+        };
+        if window == 0 {
+            link.withdraw(self.take_ready_ids());
+        } else {
+            link.set_window(window);
+        }
+    }
+
+    /// Takes every ready message out (a clustered quorum queue giving back
+    /// what its node holds undelivered); returns their ids (log indexes).
+    pub(crate) fn take_ready_ids(&self) -> Vec<u64> {
+        let mut st = self.state.lock();
+        let mut out = Vec::new();
+        while let Some(m) = st.ready.pop_front() {
+            self.memory.sub(m.resident());
+            out.push(m.id);
+        }
+        out
+    }
+
+    /// A message the replicated log assigned to this node (a clustered quorum
+    /// queue): its id is the log index, so acks map back.
+    pub(crate) fn enqueue_assigned(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        index: u64,
+        delivery_count: u32,
+    ) {
+        let now = self.timers.now_ms();
+        let message = if delivery_count > 0 {
+            with_delivery_count(&message, delivery_count)
+        } else {
+            message
+        };
+        self.memory.add(crate::memory::cost(message.body_size()));
+        let mut st = self.state.lock();
+        if st.deleted {
+            drop(st);
+            self.memory.sub(crate::memory::cost(message.body_size()));
+            return;
+        }
+        st.counts.bump(Stat::Publish);
+        let expires_at = Self::expiry_of(st.settings.message_ttl, &message, now);
+        st.ready.insert_by_id(QueuedMessage {
+            id: index,
+            message,
+            redelivered: delivery_count > 0,
+            stored: None,
+            expires_at,
+            delivery_count,
+            on_disk: None,
+        });
+        self.dispatch_locked(&mut st, now);
+        self.finish(st, now);
+    }
+
     pub fn store_id(&self) -> Option<u64> {
         self.durable.as_ref().map(|(_, id)| *id)
     }
@@ -985,6 +1076,9 @@ impl Queue {
             }
         }
         self.forget_stored(dead.iter().filter_map(|(m, _)| m.stored.as_ref()));
+        if let Some(link) = self.quorum.get() {
+            link.discard(dead.iter().map(|(m, _)| m.id).collect());
+        }
     }
 
     /// Hands ready messages to consumers with credit, round robin, until either
@@ -1045,6 +1139,9 @@ impl Queue {
                 st.counts.bump(Stat::DeliverNoAck);
                 self.memory.sub(message.resident());
                 self.forget_stored(message.stored.iter());
+                if let Some(link) = self.quorum.get() {
+                    link.settle(vec![message.id]);
+                }
             } else {
                 st.counts.bump(Stat::Deliver);
                 st.unacked += 1;
@@ -1082,6 +1179,7 @@ impl Queue {
         st.consumers.push(consumer);
         self.dispatch_locked(&mut st, now);
         self.finish(st, now);
+        self.update_window();
         Ok(())
     }
 
@@ -1131,6 +1229,7 @@ impl Queue {
         let delete =
             self.options.auto_delete && st.had_consumer && st.consumers.is_empty() && !st.deleted;
         self.finish(st, now);
+        self.update_window();
         delete
     }
 
@@ -1214,6 +1313,14 @@ impl Queue {
         if messages.is_empty() {
             return;
         }
+        if let Some(link) = self.quorum.get() {
+            let ids = messages.iter().map(|m| m.id).collect();
+            if acked {
+                link.settle(ids);
+            } else {
+                link.discard(ids);
+            }
+        }
         let bytes: usize = messages.iter().map(QueuedMessage::resident).sum();
         let resume = {
             let mut st = self.state.lock();
@@ -1249,6 +1356,22 @@ impl Queue {
             return;
         }
         if messages.is_empty() {
+            return;
+        }
+        if let Some(link) = self.quorum.get() {
+            // The log takes them back (counting the delivery) and hands them
+            // out again, here or on another node.
+            let resume = {
+                let mut st = self.state.lock();
+                st.unacked = st.unacked.saturating_sub(messages.len());
+                std::mem::take(&mut st.handover_pending)
+            };
+            self.memory
+                .sub(messages.iter().map(QueuedMessage::resident).sum());
+            link.return_(messages.iter().map(|m| m.id).collect());
+            if resume {
+                self.dispatch();
+            }
             return;
         }
         let mut st = self.state.lock();

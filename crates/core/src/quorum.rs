@@ -63,6 +63,9 @@ pub enum QueueCommand {
     NodeDown { node: String },
     /// Every ready message is removed (checked-out ones stay).
     Purge,
+    /// `node` has no consumer left: its credit is dropped and `indexes` (checked
+    /// out to it but never delivered) go back to the ready list uncounted.
+    Withdraw { node: String, indexes: Vec<Index> },
 }
 
 /// What applying a command answered.
@@ -142,6 +145,16 @@ impl QueueMachine {
                 body: h.body.clone(),
             })
             .collect()
+    }
+
+    /// The incarnation `node` announced last.
+    pub fn incarnation_of(&self, node: &str) -> Option<u64> {
+        self.incarnations.get(node).copied()
+    }
+
+    /// The credit `node` has left.
+    pub fn credit_of(&self, node: &str) -> u64 {
+        self.credit.get(node).copied().unwrap_or(0)
     }
 
     /// The last log index applied.
@@ -234,6 +247,15 @@ impl QueueMachine {
                 let n = self.ready.len() as u64;
                 self.ready.clear();
                 QueueApplied::Purged(n)
+            }
+            QueueCommand::Withdraw { node, indexes } => {
+                self.credit.remove(&node);
+                for i in indexes {
+                    if let Some(held) = self.take_out(&node, i) {
+                        self.ready.insert(i, held);
+                    }
+                }
+                QueueApplied::Done
             }
         };
         self.assign(assigned);
@@ -483,6 +505,31 @@ mod tests {
             vec![up("n1", 1), checkout("n1", 1), enqueue(1, 1), up("n1", 1)],
         );
         assert_eq!(m2.checked_out_count(), 1);
+    }
+
+    #[test]
+    fn withdraw_drops_credit_and_returns_undelivered_messages_uncounted() {
+        let mut m = QueueMachine::new();
+        let mut next = 1;
+        run(&mut m, &mut next, vec![up("a", 1), up("b", 1)]);
+        run(&mut m, &mut next, vec![enqueue(1, 1), enqueue(1, 2)]);
+        let got = run(&mut m, &mut next, vec![checkout("a", 5)]);
+        assert_eq!(got.len(), 2);
+        let idx: Vec<Index> = got.iter().map(|a| a.index).collect();
+        let back = run(
+            &mut m,
+            &mut next,
+            vec![QueueCommand::Withdraw {
+                node: "a".into(),
+                indexes: idx.clone(),
+            }],
+        );
+        assert!(back.is_empty(), "a has no credit left: {back:?}");
+        assert_eq!(m.credit_of("a"), 0);
+        assert_eq!(m.ready_count(), 2);
+        let got = run(&mut m, &mut next, vec![checkout("b", 5)]);
+        assert_eq!(got.iter().map(|a| a.index).collect::<Vec<_>>(), idx);
+        assert!(got.iter().all(|a| a.node == "b" && a.delivery_count == 0));
     }
 
     #[test]

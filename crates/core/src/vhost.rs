@@ -800,6 +800,50 @@ impl VHost {
                 }
                 Ok(())
             }
+            EntityCommand::DeclareQueue { name, options, .. } => self
+                .declare_queue_at(
+                    QueueDeclare {
+                        name: name.clone(),
+                        passive: false,
+                        options: options.clone(),
+                        connection: 0,
+                        server_named: false,
+                    },
+                    false,
+                )
+                .map(drop),
+            EntityCommand::DeleteQueue { name, .. } => {
+                if let Ok(q) = self.queue(name) {
+                    if let Some(link) = q.quorum_link() {
+                        link.close();
+                    }
+                    self.remove_queue(&q);
+                }
+                Ok(())
+            }
+            EntityCommand::BindQueue {
+                source,
+                queue,
+                routing_key,
+                arguments,
+                ..
+            } => {
+                let src = self.exchange(source)?;
+                let q = self.queue(queue)?;
+                self.add_binding(&src, Destination::Queue(q), routing_key, arguments.clone())
+            }
+            EntityCommand::UnbindQueue {
+                source,
+                queue,
+                routing_key,
+                arguments,
+                ..
+            } => {
+                if let (Ok(src), Ok(q)) = (self.exchange(source), self.queue(queue)) {
+                    self.remove_binding(&src, Destination::Queue(q), routing_key, arguments);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -836,8 +880,8 @@ impl VHost {
             .filter(|x| replicated(x) || x.name.starts_with("amq."))
         {
             for b in x.bindings() {
-                if let DestinationName::Exchange(dest) = b.destination.name() {
-                    if is_replicated(&dest) {
+                match b.destination.name() {
+                    DestinationName::Exchange(dest) if is_replicated(&dest) => {
                         out.push(EntityCommand::BindExchange {
                             vhost: self.name.clone(),
                             source: x.name.clone(),
@@ -846,10 +890,95 @@ impl VHost {
                             arguments: b.arguments.clone(),
                         });
                     }
+                    DestinationName::Queue(queue)
+                        if self
+                            .queue(&queue)
+                            .is_ok_and(|q| q.quorum_link().is_some()) =>
+                    {
+                        out.push(EntityCommand::BindQueue {
+                            vhost: self.name.clone(),
+                            source: x.name.clone(),
+                            queue,
+                            routing_key: b.routing_key.clone(),
+                            arguments: b.arguments.clone(),
+                        });
+                    }
+                    _ => {}
                 }
             }
         }
+        let mut queues: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.quorum_link().is_some())
+            .cloned()
+            .collect();
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let declares = queues.iter().map(|q| EntityCommand::DeclareQueue {
+            vhost: self.name.clone(),
+            name: q.name.clone(),
+            options: q.options.clone(),
+        });
+        // Queues before the bindings to them.
+        let at = out
+            .iter()
+            .position(|c| matches!(c, EntityCommand::BindExchange { .. } | EntityCommand::BindQueue { .. }))
+            .unwrap_or(out.len());
+        out.splice(at..at, declares);
         out
+    }
+
+    // ---- clustered quorum queues ----
+
+    /// The quorum queue log, when a queue with these options is a clustered
+    /// quorum queue.
+    fn quorum_log_for(
+        &self,
+        options: &QueueOptions,
+    ) -> Option<(&Arc<dyn MetaLog>, Arc<dyn crate::quorum_link::QuorumLog>)> {
+        let meta = self.meta_log.get()?;
+        if options.arguments.get_str("x-queue-type") != Some("quorum") || !options.durable {
+            return None;
+        }
+        meta.quorum().map(|q| (meta, q))
+    }
+
+    /// Links a clustered quorum queue to its log (once).
+    fn attach_quorum_link(&self, queue: &Arc<Queue>) {
+        if queue.owner.is_some() {
+            return;
+        }
+        if let Some((_, log)) = self.quorum_log_for(&queue.options) {
+            queue.attach_quorum(|| {
+                crate::quorum_link::QuorumLink::start(log, queue, rand::random::<u64>())
+            });
+        }
+    }
+
+    /// Links every quorum queue of the vhost to the log: a node that became
+    /// clustered (at start, after its store recovered the queues).
+    pub fn attach_quorum_links(&self) {
+        let queues: Vec<Arc<Queue>> = self.queues.read().values().cloned().collect();
+        for q in &queues {
+            self.attach_quorum_link(q);
+        }
+    }
+
+    /// What the log assigned to this node for `queue` (called by the log for
+    /// commands it applied, in order).
+    pub fn quorum_assigned(&self, queue: &str, assigned: Vec<crate::quorum::Assigned>) {
+        if assigned.is_empty() {
+            return;
+        }
+        if let Some(link) = self
+            .queues
+            .read()
+            .get(queue)
+            .and_then(|q| q.quorum_link().cloned())
+        {
+            link.assigned(assigned);
+        }
     }
 
     /// Removes all bindings to `dest` and deletes auto-delete exchanges left with
@@ -877,7 +1006,13 @@ impl VHost {
         )
     }
 
-    pub fn declare_queue(&self, mut req: QueueDeclare) -> CoreResult<QueueDeclared> {
+    pub fn declare_queue(&self, req: QueueDeclare) -> CoreResult<QueueDeclared> {
+        self.declare_queue_at(req, true)
+    }
+
+    /// A declaration; `propose`: a clustered quorum queue new here is proposed
+    /// to the log (false: the log applies it).
+    fn declare_queue_at(&self, mut req: QueueDeclare, propose: bool) -> CoreResult<QueueDeclared> {
         let answer = |q: &Arc<Queue>| QueueDeclared {
             queue: q.clone(),
             message_count: q.message_count(),
@@ -923,7 +1058,31 @@ impl VHost {
                 .insert("x-queue-type", FieldValue::string("quorum"));
         }
         validate_queue_arguments(&req.name, &self.name, &req.options)?;
-        Churn::bump(&self.churn.declared);
+        if let (true, Some((log, _))) = (propose, self.quorum_log_for(&req.options)) {
+            if req.options.auto_delete || req.options.exclusive {
+                return Err(CoreError::precondition(format!(
+                    "invalid property '{}' for queue '{}' in vhost '{}'",
+                    if req.options.exclusive {
+                        "exclusive-owner"
+                    } else {
+                        "auto-delete"
+                    },
+                    req.name,
+                    self.name
+                )));
+            }
+            if !self.queues.read().contains_key(&req.name) {
+                // On every node; then answered below as a re-declaration.
+                log.replicate(MetaCommand::Entity(EntityCommand::DeclareQueue {
+                    vhost: self.name.clone(),
+                    name: req.name.clone(),
+                    options: req.options.clone(),
+                }))?;
+            }
+        }
+        if propose {
+            Churn::bump(&self.churn.declared);
+        }
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&req.name) {
             self.check_owner(existing, req.connection)?;
@@ -1012,7 +1171,9 @@ impl VHost {
             ),
         };
         queues.insert(req.name, queue.clone());
+        drop(queues);
         Churn::bump(&self.churn.created);
+        self.attach_quorum_link(&queue);
         Ok(answer(&queue))
     }
 
@@ -1040,6 +1201,14 @@ impl VHost {
                 "queue '{}' in vhost '{}' not empty",
                 name, self.name
             )));
+        }
+        if let (Some(log), Some(_)) = (self.meta_log.get(), queue.quorum_link()) {
+            let count = queue.message_count();
+            log.replicate(MetaCommand::Entity(EntityCommand::DeleteQueue {
+                vhost: self.name.clone(),
+                name: name.to_owned(),
+            }))?;
+            return Ok(count);
         }
         Ok(self.remove_queue(&queue))
     }
@@ -1107,6 +1276,15 @@ impl VHost {
         self.check_owner(&q, connection)?;
         let x = self.check_bindable_source(exchange)?;
         validate_binding(&x, &arguments)?;
+        if let (Some(_), Some(log)) = (q.quorum_link(), self.replicated_exchange(&x)) {
+            return log.replicate(MetaCommand::Entity(EntityCommand::BindQueue {
+                vhost: self.name.clone(),
+                source: exchange.to_owned(),
+                queue: queue.to_owned(),
+                routing_key: routing_key.to_owned(),
+                arguments,
+            }));
+        }
         self.add_binding(&x, Destination::Queue(q), routing_key, arguments)
     }
 
@@ -1132,6 +1310,15 @@ impl VHost {
         let Ok(x) = self.exchange(exchange) else {
             return Ok(());
         };
+        if let (Some(_), Some(log)) = (q.quorum_link(), self.replicated_exchange(&x)) {
+            return log.replicate(MetaCommand::Entity(EntityCommand::UnbindQueue {
+                vhost: self.name.clone(),
+                source: exchange.to_owned(),
+                queue: queue.to_owned(),
+                routing_key: routing_key.to_owned(),
+                arguments: arguments.clone(),
+            }));
+        }
         self.remove_binding(&x, Destination::Queue(q), routing_key, arguments);
         self.maybe_auto_delete(&x);
         Ok(())
@@ -1262,7 +1449,7 @@ impl VHost {
             Some(store) if message.properties.is_persistent() => {
                 let ids: SmallVec<[u64; 4]> = queues
                     .iter()
-                    .filter(|q| q.stream().is_none())
+                    .filter(|q| q.stream().is_none() && q.quorum_link().is_none())
                     .filter_map(|q| q.store_id())
                     .collect();
                 if ids.is_empty() {
@@ -1288,6 +1475,16 @@ impl VHost {
                     }),
                     None => rejected += 1,
                 }
+                continue;
+            }
+            if let Some(link) = q.quorum_link() {
+                // A clustered quorum queue: through its log, confirmed once
+                // committed (delivered by the node the log assigns it to).
+                let seq = link.enqueue(&message);
+                streams.push(StreamWait {
+                    committed: link.committed(),
+                    after: seq,
+                });
                 continue;
             }
             let stored = stored.filter(|_| q.store_id().is_some());
