@@ -12,6 +12,7 @@
 //! Without a majority, `apply` returns an error after the write timeout.
 
 pub mod network;
+pub mod quorum;
 pub mod sm;
 pub mod store;
 pub mod transport;

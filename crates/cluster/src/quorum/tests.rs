@@ -1,0 +1,280 @@
+//! Quorum groups on three in-process nodes over loopback TCP.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn settings(name: &str, listen: &str, dir: &std::path::Path) -> QuorumSettings {
+    let mut s = QuorumSettings::new(name.to_owned(), listen.to_owned(), dir.to_path_buf());
+    // Small, so that the test sees snapshots, purges and a snapshot install.
+    s.snapshot_every = 16;
+    s.keep_logs = 0;
+    s
+}
+
+fn enqueue(enqueuer: u64, seq: u64) -> QueueCommand {
+    QueueCommand::Enqueue {
+        enqueuer,
+        seq,
+        message: Bytes::from(format!("m{enqueuer}-{seq}")),
+    }
+}
+
+fn view(nodes: &[Option<QuorumGroups>]) -> Vec<Option<&QuorumGroups>> {
+    nodes.iter().map(|n| n.as_ref()).collect()
+}
+
+/// The node (index in `nodes`) that leads `gid`, once one does.
+async fn leader_of(nodes: &[Option<&QuorumGroups>], gid: u64) -> usize {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if let Some(h) = n.and_then(|n| n.get(gid)) {
+                if h.is_leader() {
+                    return i;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader for group {gid}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_applied(h: &GroupHandle, index: u64) {
+    let mut rx = h.applied();
+    tokio::time::timeout(WAIT, rx.wait_for(|&i| i >= index))
+        .await
+        .unwrap_or_else(|_| panic!("group {} not applied to {index}", h.id()))
+        .unwrap();
+}
+
+fn bodies(h: &GroupHandle) -> Vec<(u64, Bytes, u32)> {
+    h.ready_messages()
+        .into_iter()
+        .map(|m| (m.index, m.message, m.delivery_count))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_fail_over_dedup_and_recover() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let names = ["q1", "q2", "q3"];
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        nodes.push(Some(
+            QuorumGroups::open(settings(name, "127.0.0.1:0", dirs[i].path()))
+                .await
+                .unwrap(),
+        ));
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .map(|n| {
+            let n = n.as_ref().unwrap();
+            (n.node_id(), n.member())
+        })
+        .collect();
+    let ids: Vec<NodeId> = nodes
+        .iter()
+        .map(|n| n.as_ref().unwrap().node_id())
+        .collect();
+    // Three groups, each initialised by a different node (leaders spread).
+    for gid in 1..=3u64 {
+        for n in nodes.iter().flatten() {
+            let h = n
+                .create_led_by(gid, members.clone(), ids[(gid as usize - 1) % 3])
+                .await
+                .unwrap();
+            assert_eq!(h.id(), gid);
+            // Idempotent.
+            n.create(gid, members.clone()).await.unwrap();
+        }
+    }
+
+    // Enqueues on each group's leader; a few settled and returned in group 1.
+    let mut last = BTreeMap::new();
+    for gid in 1..=3u64 {
+        let l = leader_of(&view(&nodes), gid).await;
+        let h = nodes[l].as_ref().unwrap().get(gid).unwrap();
+        let count = if gid == 1 { 40 } else { 10 };
+        for seq in 1..=count {
+            let (index, outcome) = h.propose(enqueue(7, seq)).await.unwrap();
+            assert_eq!(outcome, Outcome::Enqueued);
+            last.insert(gid, index);
+        }
+    }
+    let g1 = leader_of(&view(&nodes), 1).await;
+    let h1 = nodes[g1].as_ref().unwrap().get(1).unwrap();
+    let first: Vec<u64> = h1
+        .ready_messages()
+        .iter()
+        .take(3)
+        .map(|m| m.index)
+        .collect();
+    let (_, o) = h1
+        .propose(QueueCommand::Settle {
+            indexes: vec![first[0]],
+        })
+        .await
+        .unwrap();
+    assert_eq!(o, Outcome::Settled { count: 1 });
+    let (index, o) = h1
+        .propose(QueueCommand::Return {
+            indexes: vec![first[1]],
+        })
+        .await
+        .unwrap();
+    assert_eq!(o, Outcome::Returned { count: 1 });
+    last.insert(1, index);
+
+    // Applied on all three, identically.
+    for gid in 1..=3u64 {
+        let mut states = Vec::new();
+        for n in nodes.iter().flatten() {
+            let h = n.get(gid).unwrap();
+            wait_applied(&h, last[&gid]).await;
+            states.push(bodies(&h));
+        }
+        assert_eq!(states[0].len(), if gid == 1 { 39 } else { 10 });
+        assert!(
+            states.iter().all(|s| *s == states[0]),
+            "group {gid} differs"
+        );
+    }
+    let before = bodies(&h1);
+    assert_eq!(before[0].2, 1, "the returned message counts a delivery");
+
+    // Group 1's leader dies.
+    let dead = g1;
+    let dead_addr = nodes[dead].as_ref().unwrap().local_addr().to_string();
+    drop(h1);
+    nodes[dead].take().unwrap().shutdown().await;
+    let started = tokio::time::Instant::now();
+    let g1 = leader_of(&view(&nodes), 1).await;
+    assert_ne!(g1, dead);
+    let elected_in = started.elapsed();
+    let node = nodes[g1].as_ref().unwrap();
+    let h1 = node.get(1).unwrap();
+    // Every committed enqueue is on the new leader.
+    let (_, ready) = h1.leader_view().await.unwrap();
+    let after: Vec<(u64, Bytes, u32)> = ready
+        .into_iter()
+        .map(|m| (m.index, m.message, m.delivery_count))
+        .collect();
+    assert_eq!(after, before);
+    // A publisher resending after the leader change is deduplicated...
+    match h1.propose(enqueue(7, 40)).await.unwrap() {
+        (_, Outcome::Duplicate { last_seq, .. }) => assert_eq!(last_seq, 40),
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    // ...and its next message goes in, also when proposed on a follower
+    // (forwarded to the leader).
+    assert_eq!(
+        h1.propose(enqueue(7, 41)).await.unwrap().1,
+        Outcome::Enqueued
+    );
+    let follower = (0..3).find(|&i| i != g1 && i != dead).unwrap();
+    let fnode = nodes[follower].as_ref().unwrap();
+    assert_eq!(
+        fnode.propose(1, enqueue(7, 42)).await.unwrap().1,
+        Outcome::Enqueued
+    );
+    assert!(matches!(
+        fnode.propose(1, enqueue(7, 42)).await.unwrap().1,
+        Outcome::Duplicate { .. }
+    ));
+    // More while the dead node is away: snapshots are built and the log
+    // purged, so it will need a snapshot to catch up.
+    let mut index = 0;
+    for seq in 43..=80 {
+        index = h1.propose(enqueue(8, seq)).await.unwrap().0;
+    }
+    let (lo, _) = h1.log_bounds();
+    assert!(lo.unwrap_or(u64::MAX) > 1, "log not purged: {lo:?}");
+
+    // The dead node restarts from its directory and catches up.
+    let again = QuorumGroups::open(settings(names[dead], &dead_addr, dirs[dead].path()))
+        .await
+        .unwrap();
+    assert_eq!(again.groups(), vec![1, 2, 3]);
+    nodes[dead] = Some(again);
+    let back = nodes[dead].as_ref().unwrap().get(1).unwrap();
+    wait_applied(&back, index).await;
+    wait_applied(&h1, index).await;
+    assert_eq!(bodies(&back), bodies(&h1));
+    assert_eq!(bodies(&back).len(), 39 + 2 + 38);
+    // The other groups came back too, with their messages.
+    for gid in 2..=3u64 {
+        let h = nodes[dead].as_ref().unwrap().get(gid).unwrap();
+        wait_applied(&h, last[&gid]).await;
+        assert_eq!(h.ready_messages().len(), 10);
+    }
+    tracing::info!(?elected_in, "new leader elected");
+    for n in nodes.iter().flatten() {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_groups_share_fsyncs_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = QuorumGroups::open(settings("solo", "127.0.0.1:0", dir.path()))
+        .await
+        .unwrap();
+    let members = BTreeMap::from([(node.node_id(), node.member())]);
+    let groups = 20u64;
+    for gid in 1..=groups {
+        let h = node.create(gid, members.clone()).await.unwrap();
+        h.wait_leader(WAIT).await.unwrap();
+    }
+    let before_batches = node.wal_stats().batches.load(Ordering::Relaxed);
+    let before_appends = node.wal_stats().appends.load(Ordering::Relaxed);
+    // Every group proposes at once, one message at a time each.
+    let mut tasks = Vec::new();
+    for gid in 1..=groups {
+        let h = node.get(gid).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for seq in 1..=10 {
+                h.propose(enqueue(1, seq)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let batches = node.wal_stats().batches.load(Ordering::Relaxed) - before_batches;
+    let appends = node.wal_stats().appends.load(Ordering::Relaxed) - before_appends;
+    assert!(appends >= groups * 10, "{appends} appends");
+    assert!(
+        batches * 2 < appends,
+        "{batches} fsync batches for {appends} appends: no group commit"
+    );
+
+    node.delete(20).await.unwrap();
+    node.shutdown().await;
+    drop(node);
+    let node = QuorumGroups::open(settings("solo", "127.0.0.1:0", dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(node.groups(), (1..groups).collect::<Vec<_>>());
+    for gid in 1..groups {
+        let h = node.get(gid).unwrap();
+        h.wait_leader(WAIT).await.unwrap();
+        let (_, ready) = h.leader_view().await.unwrap();
+        assert_eq!(ready.len(), 10, "group {gid}");
+        assert!(matches!(
+            h.propose(enqueue(1, 10)).await.unwrap().1,
+            Outcome::Duplicate { .. }
+        ));
+    }
+    node.shutdown().await;
+}
