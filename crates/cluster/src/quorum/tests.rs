@@ -157,8 +157,8 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
     let dead = g1;
     let dead_addr = nodes[dead].as_ref().unwrap().local_addr().to_string();
     drop(h1);
-    nodes[dead].take().unwrap().shutdown().await;
     let started = tokio::time::Instant::now();
+    nodes[dead].take().unwrap().shutdown().await;
     let g1 = leader_of(&view(&nodes), 1).await;
     assert_ne!(g1, dead);
     let elected_in = started.elapsed();
@@ -198,8 +198,17 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
     for seq in 43..=80 {
         index = h1.propose(enqueue(8, seq)).await.unwrap().0;
     }
-    let (lo, _) = h1.log_bounds();
-    assert!(lo.unwrap_or(u64::MAX) > 1, "log not purged: {lo:?}");
+    // Snapshots and purges run in the background: wait for one past the dead
+    // node's last entry.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h1.log_bounds().0.unwrap_or(u64::MAX) <= last[&1] + 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "log not purged past the dead node's last entry: {:?}",
+            h1.log_bounds()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The dead node restarts from its directory and catches up.
     let again = QuorumGroups::open(settings(names[dead], &dead_addr, dirs[dead].path()))
@@ -218,6 +227,10 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
         wait_applied(&h, last[&gid]).await;
         assert_eq!(h.ready_messages().len(), 10);
     }
+    // It could only catch up through a snapshot (its last entry was purged on
+    // the leader), which it now has.
+    let snap = back.metrics().borrow().snapshot;
+    assert!(snap.is_some_and(|s| s.index > last[&1]), "{snap:?}");
     tracing::info!(?elected_in, "new leader elected");
     for n in nodes.iter().flatten() {
         n.shutdown().await;
@@ -259,6 +272,7 @@ async fn concurrent_groups_share_fsyncs_and_survive_a_restart() {
         "{batches} fsync batches for {appends} appends: no group commit"
     );
 
+    tracing::info!(batches, appends, "group commit");
     node.delete(20).await.unwrap();
     node.shutdown().await;
     drop(node);

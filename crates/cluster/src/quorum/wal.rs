@@ -128,6 +128,7 @@ enum Op {
         key: u8,
         value: Vec<u8>,
     },
+    /// Records a new group (clearing anything left under its id).
     PutGroup {
         group: u64,
         record: Vec<u8>,
@@ -400,6 +401,12 @@ fn write_batch(db: &Database, batch: &[Queued]) -> io::Result<()> {
                         .map_err(io_err)?;
                 }
                 Op::PutGroup { group, record } => {
+                    // A new group: nothing of an earlier group with this id
+                    // (a late write after its deletion) may leak into it.
+                    log.retain_in((*group, 0)..=(*group, u64::MAX), |_, _| false)
+                        .map_err(io_err)?;
+                    meta.retain_in((*group, 0)..=(*group, u8::MAX), |_, _| false)
+                        .map_err(io_err)?;
                     groups.insert(*group, record.as_slice()).map_err(io_err)?;
                 }
                 Op::DeleteGroup { group } => {
