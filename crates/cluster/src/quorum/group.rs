@@ -284,6 +284,8 @@ pub struct QuorumGroups {
     wal: Wal,
     peers: MuxPeers,
     registry: Arc<Registry>,
+    /// Groups found damaged on disk at open (not started), with the reason.
+    damaged: std::sync::Mutex<BTreeMap<u64, String>>,
     /// Serialises create/delete.
     admin: tokio::sync::Mutex<()>,
     addr: SocketAddr,
@@ -315,6 +317,7 @@ impl QuorumGroups {
             wal,
             peers: MuxPeers::default(),
             registry,
+            damaged: std::sync::Mutex::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             addr,
             stop,
@@ -322,12 +325,38 @@ impl QuorumGroups {
         };
         let n = recovered.len();
         for (gid, mut rec) in recovered {
-            let record: GroupRecord =
-                postcard::from_bytes(&rec.record).map_err(io::Error::other)?;
-            groups.start(gid, record, Some(&mut rec)).await?;
+            let record = match &rec.damaged {
+                Some(e) => Err(e.clone()),
+                None => postcard::from_bytes::<GroupRecord>(&rec.record).map_err(|e| e.to_string()),
+            };
+            match record {
+                Ok(record) => {
+                    groups.start(gid, record, Some(&mut rec)).await?;
+                }
+                Err(e) => {
+                    tracing::error!(group = gid, error = %e, "quorum group not started");
+                    groups.damaged_write().insert(gid, e);
+                }
+            }
         }
         tracing::info!(node = %groups.me, groups = n, "quorum groups opened");
         Ok(groups)
+    }
+
+    fn damaged_write(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, String>> {
+        match self.damaged.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Groups found damaged on disk when the node opened (checksum mismatch):
+    /// not started here, so this replica neither votes nor leads in them, and
+    /// `create` refuses them. The repair is a membership change: remove this
+    /// replica from the group, `delete` it here, add it back as a new learner
+    /// (membership changes of quorum groups are not built yet).
+    pub fn damaged(&self) -> BTreeMap<u64, String> {
+        self.damaged_write().clone()
     }
 
     /// This node as group members name it (its bound address).
@@ -417,6 +446,14 @@ impl QuorumGroups {
         if let Some(h) = self.registry.get(gid) {
             return Ok(h);
         }
+        if let Some(e) = self.damaged_write().get(&gid) {
+            // Restarting it empty would let this replica vote without the
+            // log (and vote) it had: refused until deleted here.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("quorum group {gid} is damaged on this node: {e}"),
+            ));
+        }
         if !members.contains_key(&self.id) || !members.contains_key(&initializer) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -434,6 +471,7 @@ impl QuorumGroups {
     /// Stops the group and deletes its log, state and snapshot on this node.
     pub async fn delete(&self, gid: u64) -> io::Result<()> {
         let _admin = self.admin.lock().await;
+        self.damaged_write().remove(&gid);
         let handle = self.registry.write().remove(&gid);
         if let Some(h) = handle {
             if let Err(e) = h.inner.raft.shutdown().await {

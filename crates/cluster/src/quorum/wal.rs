@@ -26,8 +26,9 @@
 //! policy (see `group.rs`).
 //!
 //! Every stored value carries a CRC-32 of its bytes (CLUSTER.md §2.2: if the
-//! disk lies, openraft's behaviour is undefined): a mismatch on reopen fails
-//! the open instead of feeding Raft a corrupted entry.
+//! disk lies, openraft's behaviour is undefined): a mismatch on reopen
+//! quarantines that group on this node (see [`RecoveredGroup::damaged`])
+//! instead of feeding Raft a corrupted entry.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -169,6 +170,13 @@ pub struct RecoveredGroup {
     pub purged: Option<QLogId>,
     /// The last snapshot (`sm.rs` encodes it).
     pub snapshot: Option<Vec<u8>>,
+    /// Why the group could not be read back (a checksum mismatch, an
+    /// undecodable record): such a group is not started. Truncating the bad
+    /// suffix and rejoining would be unsafe: this replica may have acknowledged
+    /// those entries, and voting without them could elect a leader that lacks
+    /// committed ones. Two healthy replicas of three carry on; the replica is
+    /// repaired by deleting and re-adding it.
+    pub damaged: Option<String>,
 }
 
 /// The handle to the shared log: cheap to clone, one writer behind it.
@@ -288,39 +296,55 @@ fn recover(db: &Database) -> io::Result<BTreeMap<u64, RecoveredGroup>> {
     for item in groups_t.iter().map_err(io_err)? {
         let (k, v) = item.map_err(io_err)?;
         let group = k.value();
-        let mut g = RecoveredGroup {
-            record: unseal(v.value())?.to_vec(),
-            ..Default::default()
-        };
-        for item in log_t
-            .range((group, 0)..=(group, u64::MAX))
-            .map_err(io_err)?
-        {
-            let (k, v) = item.map_err(io_err)?;
-            let entry: QEntry = decode(v.value())?;
-            g.entries.insert(k.value().1, entry);
-        }
-        let meta = |key: u8| -> io::Result<Option<Vec<u8>>> {
-            Ok(meta_t
-                .get((group, key))
-                .map_err(io_err)?
-                .map(|v| v.value().to_vec()))
-        };
-        if let Some(v) = meta(K_VOTE)? {
-            g.vote = Some(decode(&v)?);
-        }
-        if let Some(v) = meta(K_COMMITTED)? {
-            g.committed = decode(&v)?;
-        }
-        if let Some(v) = meta(K_PURGED)? {
-            g.purged = Some(decode(&v)?);
-        }
-        if let Some(v) = meta(K_SNAPSHOT)? {
-            g.snapshot = Some(unseal(&v)?.to_vec());
+        let mut g = RecoveredGroup::default();
+        // A damaged record quarantines its group only (the others start).
+        if let Err(e) = recover_group(&mut g, v.value(), group, &log_t, &meta_t) {
+            tracing::error!(group, error = %e, "quorum group damaged on disk: not started");
+            g = RecoveredGroup {
+                damaged: Some(e.to_string()),
+                ..Default::default()
+            };
         }
         out.insert(group, g);
     }
     Ok(out)
+}
+
+fn recover_group(
+    g: &mut RecoveredGroup,
+    record: &[u8],
+    group: u64,
+    log_t: &redb::ReadOnlyTable<(u64, u64), &[u8]>,
+    meta_t: &redb::ReadOnlyTable<(u64, u8), &[u8]>,
+) -> io::Result<()> {
+    g.record = unseal(record)?.to_vec();
+    for item in log_t
+        .range((group, 0)..=(group, u64::MAX))
+        .map_err(io_err)?
+    {
+        let (k, v) = item.map_err(io_err)?;
+        let entry: QEntry = decode(v.value())?;
+        g.entries.insert(k.value().1, entry);
+    }
+    let meta = |key: u8| -> io::Result<Option<Vec<u8>>> {
+        Ok(meta_t
+            .get((group, key))
+            .map_err(io_err)?
+            .map(|v| v.value().to_vec()))
+    };
+    if let Some(v) = meta(K_VOTE)? {
+        g.vote = Some(decode(&v)?);
+    }
+    if let Some(v) = meta(K_COMMITTED)? {
+        g.committed = decode(&v)?;
+    }
+    if let Some(v) = meta(K_PURGED)? {
+        g.purged = Some(decode(&v)?);
+    }
+    if let Some(v) = meta(K_SNAPSHOT)? {
+        g.snapshot = Some(unseal(&v)?.to_vec());
+    }
+    Ok(())
 }
 
 /// The writer thread: one durable transaction per batch of queued operations.
@@ -692,6 +716,39 @@ mod tests {
         let got = log.try_get_log_entries(5..7).await.unwrap();
         assert_eq!(got, vec![entry(3, 5), entry(3, 6)]);
         assert_eq!(groups[&50].entries.len(), 20);
+        wal.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_entry_quarantines_its_group_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quorum.redb");
+        let (wal, _) = Wal::open(&path).unwrap();
+        for g in [1u64, 2] {
+            wal.put_group(g, vec![g as u8]).await.unwrap();
+            for i in 1..=3 {
+                append(&wal, g, i).await.await.unwrap().unwrap();
+            }
+        }
+        wal.close().await;
+        {
+            // The disk lies about one entry of group 1.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(LOG).unwrap();
+                let mut v = t.get((1, 2)).unwrap().unwrap().value().to_vec();
+                let last = v.len() - 1;
+                v[last] ^= 0x40;
+                t.insert((1, 2), v.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let (wal, groups) = Wal::open(&path).unwrap();
+        assert!(groups[&1].damaged.as_deref().unwrap().contains("checksum"));
+        assert!(groups[&1].entries.is_empty());
+        assert!(groups[&2].damaged.is_none());
+        assert_eq!(groups[&2].entries.len(), 3);
         wal.close().await;
     }
 
