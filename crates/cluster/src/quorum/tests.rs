@@ -292,3 +292,105 @@ async fn concurrent_groups_share_fsyncs_and_survive_a_restart() {
     }
     node.shutdown().await;
 }
+
+/// This process's CPU time (user + system), from /proc (Linux; 100 Hz ticks).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    Duration::from_millis(fields.iter().sum::<u64>() * 10)
+}
+
+/// The idle cost of quorum groups: `QQ_IDLE_GROUPS` groups (default 300) over
+/// three in-process nodes, leaders spread, nothing proposed; prints the CPU
+/// the whole process (all three nodes) uses over 10 s. Run with
+/// `QQ_IDLE_GROUPS=1000 cargo nextest run --release -p switchyard-cluster
+/// --run-ignored only idle --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn idle_groups_cpu() {
+    let groups: u64 = std::env::var("QQ_IDLE_GROUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in ["i1", "i2", "i3"].iter().enumerate() {
+        let s = QuorumSettings::new(
+            name.to_string(),
+            "127.0.0.1:0".into(),
+            dirs[i].path().into(),
+        );
+        nodes.push(std::sync::Arc::new(QuorumGroups::open(s).await.unwrap()));
+    }
+    let members: BTreeMap<NodeId, Member> =
+        nodes.iter().map(|n| (n.node_id(), n.member())).collect();
+    let ids: Vec<NodeId> = nodes.iter().map(|n| n.node_id()).collect();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        for gid in 1..=groups {
+            let (n, members, init) = (n.clone(), members.clone(), ids[(gid % 3) as usize]);
+            tasks.push(tokio::spawn(async move {
+                n.create_led_by(gid, members, init).await.unwrap();
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for gid in 1..=groups {
+        nodes[0]
+            .get(gid)
+            .unwrap()
+            .wait_leader(WAIT * 4)
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "{groups} groups x 3 nodes created and led in {:?}",
+        started.elapsed()
+    );
+    // QQ_IDLE_QUIET=heartbeat|tick: what quiescing would save (no failover
+    // without heartbeats: a measurement only).
+    let quiet = std::env::var("QQ_IDLE_QUIET").unwrap_or_default();
+    for n in &nodes {
+        for gid in 1..=groups {
+            let h = n.get(gid).unwrap();
+            if quiet.contains("heartbeat") {
+                h.raft().runtime_config().heartbeat(false);
+                h.raft().runtime_config().elect(false);
+            }
+            if quiet.contains("tick") {
+                h.raft().runtime_config().tick(false);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu0, t0) = (cpu_time(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (cpu, wall) = (cpu_time() - cpu0, t0.elapsed());
+    let leaders: Vec<usize> = nodes
+        .iter()
+        .map(|n| {
+            (1..=groups)
+                .filter(|g| n.get(*g).unwrap().is_leader())
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "idle: {groups} groups over 3 nodes (leaders per node {leaders:?}): {:.1}% of one core \
+         for all three nodes ({cpu:?} CPU in {wall:?})",
+        cpu.as_secs_f64() * 100.0 / wall.as_secs_f64()
+    );
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
