@@ -29,6 +29,8 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use switchyard_core::admin::MetaCommand;
+use switchyard_core::quorum::QueueCommand;
+use switchyard_core::quorum_link::{Proposal, QuorumLog};
 use switchyard_core::{Broker, CoreError, CoreResult, ErrorKind, MetaLog};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -188,7 +190,11 @@ impl Cluster {
     pub async fn start(settings: Settings, broker: Arc<Broker>) -> io::Result<Cluster> {
         let id = node_id(&settings.node);
         let db = RaftDb::open(&settings.dir.join("raft.redb"))?;
-        let (sm, applied) = StateMachine::open(broker.clone(), db.clone())?;
+        let (mut sm, applied) = StateMachine::open(broker.clone(), db.clone())?;
+        // A new incarnation per start: what the last one held of quorum
+        // queues goes back to their ready lists (`NodeUp`).
+        let incarnation: u64 = rand::random();
+        sm.set_node(settings.node.clone(), incarnation);
         let log = LogStore::new(db);
         let (listener, addr) = transport::bind(&settings.listen).await?;
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -242,8 +248,14 @@ impl Cluster {
                 }
             }
         }
+        let quorum = Arc::new(QuorumProposer {
+            inner: inner.clone(),
+            incarnation,
+            nudge: broker.confirm_nudger(),
+        });
         broker.set_meta_log(Arc::new(Replicator {
             inner: inner.clone(),
+            quorum,
         }));
         tracing::info!(node = %settings.node, %addr, "cluster node started");
         Ok(Cluster {
@@ -551,6 +563,48 @@ impl ClusterView {
 /// `Broker::apply` on a clustered node.
 struct Replicator {
     inner: Arc<Inner>,
+    quorum: Arc<QuorumProposer>,
+}
+
+/// Clustered quorum queues' commands, carried by the metadata log as
+/// [`Command::Queue`] (until quorum queues have groups of their own).
+struct QuorumProposer {
+    inner: Arc<Inner>,
+    incarnation: u64,
+    nudge: Arc<watch::Sender<u64>>,
+}
+
+impl std::fmt::Debug for QuorumProposer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuorumProposer")
+            .field("node", &self.inner.node)
+            .field("incarnation", &self.incarnation)
+            .finish()
+    }
+}
+
+impl QuorumLog for QuorumProposer {
+    fn node(&self) -> &str {
+        &self.inner.node
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    fn propose(&self, vhost: &str, queue: &str, cmds: Vec<QueueCommand>) -> Proposal {
+        let inner = self.inner.clone();
+        let cmd = Command::Queue {
+            vhost: vhost.to_owned(),
+            queue: queue.to_owned(),
+            cmds,
+        };
+        Box::pin(async move { inner.write(cmd).await.map(drop) })
+    }
+
+    fn nudge(&self) {
+        self.nudge.send_modify(|_| ());
+    }
 }
 
 impl std::fmt::Debug for Replicator {
@@ -562,6 +616,10 @@ impl std::fmt::Debug for Replicator {
 }
 
 impl MetaLog for Replicator {
+    fn quorum(&self) -> Option<Arc<dyn QuorumLog>> {
+        Some(self.quorum.clone())
+    }
+
     fn replicate(&self, cmd: MetaCommand) -> CoreResult<()> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let inner = self.inner.clone();

@@ -10,7 +10,7 @@
 //! permissions, policies, operator policies, limits). Installing one reconciles
 //! the node with it: what the snapshot lacks is deleted, the rest put.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -18,10 +18,11 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot};
 use serde::{Deserialize, Serialize};
 use switchyard_core::admin::{EntityCommand, MetaCommand};
+use switchyard_core::quorum::{QueueCommand, QueueMachine};
 use switchyard_core::Broker;
 use tokio::sync::watch;
 
-use crate::store::{encode, RaftDb, KEY_APPLIED, KEY_MEMBERSHIP, KEY_SNAPSHOT};
+use crate::store::{encode, RaftDb, KEY_APPLIED, KEY_MEMBERSHIP, KEY_QUORUM, KEY_SNAPSHOT};
 use crate::types::{
     Applied, Command, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
     WireError,
@@ -38,6 +39,15 @@ struct StoredSnapshot {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotBody {
     pub commands: Vec<MetaCommand>,
+    /// Every clustered quorum queue's machine: (vhost, queue, machine).
+    pub queues: Vec<(String, String, QueueMachine)>,
+}
+
+/// A clustered quorum queue: (vhost, name).
+type QueueKey = (String, String);
+
+fn machine_key(q: &QueueKey) -> String {
+    format!("quorum/{}\n{}", q.0, q.1)
 }
 
 /// The broker's metadata as the commands that recreate it.
@@ -128,7 +138,26 @@ fn undo(entity: EntityCommand) -> Option<EntityCommand> {
             routing_key,
             arguments,
         }),
-        EntityCommand::DeleteExchange { .. } | EntityCommand::UnbindExchange { .. } => None,
+        EntityCommand::DeclareQueue { vhost, name, .. } => {
+            Some(EntityCommand::DeleteQueue { vhost, name })
+        }
+        EntityCommand::BindQueue {
+            vhost,
+            source,
+            queue,
+            routing_key,
+            arguments,
+        } => Some(EntityCommand::UnbindQueue {
+            vhost,
+            source,
+            queue,
+            routing_key,
+            arguments,
+        }),
+        EntityCommand::DeleteExchange { .. }
+        | EntityCommand::UnbindExchange { .. }
+        | EntityCommand::DeleteQueue { .. }
+        | EntityCommand::UnbindQueue { .. } => None,
     }
 }
 
@@ -184,7 +213,12 @@ pub fn reconcile(broker: &Broker, target: &[MetaCommand]) -> usize {
         .filter(|e| !target.contains(&MetaCommand::Entity(e.clone())))
         .filter_map(undo)
         .collect();
-    entity_undos.sort_by_key(|e| matches!(e, EntityCommand::DeleteExchange { .. }));
+    entity_undos.sort_by_key(|e| {
+        matches!(
+            e,
+            EntityCommand::DeleteExchange { .. } | EntityCommand::DeleteQueue { .. }
+        )
+    });
     deletes.extend(entity_undos.into_iter().map(MetaCommand::Entity));
     for p in broker.permissions() {
         if !perms.contains(&(p.user.clone(), p.vhost.clone())) {
@@ -266,6 +300,16 @@ pub struct StateMachine {
     /// The index applied last, for writers waiting to read their own write.
     applied_tx: watch::Sender<u64>,
     snapshot_seq: u64,
+    /// Clustered quorum queues' machines (kept with the applied position).
+    queues: BTreeMap<QueueKey, QueueMachine>,
+    /// Machines changed since the last persist; `queues_listed`: the set of
+    /// queues changed too.
+    touched: BTreeSet<QueueKey>,
+    queues_listed: bool,
+    /// This node's name and incarnation: what the machines assign to it is
+    /// handed to its broker.
+    node: String,
+    incarnation: u64,
 }
 
 fn read_err(e: std::io::Error) -> StorageError {
@@ -283,6 +327,13 @@ impl StateMachine {
         let membership: StoredMembership = db.get(KEY_MEMBERSHIP)?.unwrap_or_default();
         let snapshot: Option<StoredSnapshot> = db.get(KEY_SNAPSHOT)?;
         let (applied_tx, rx) = watch::channel(applied.map_or(0, |l| l.index));
+        let listed: Vec<QueueKey> = db.get(KEY_QUORUM)?.unwrap_or_default();
+        let mut queues = BTreeMap::new();
+        for q in listed {
+            if let Some(m) = db.get::<QueueMachine>(&machine_key(&q))? {
+                queues.insert(q, m);
+            }
+        }
         Ok((
             StateMachine {
                 broker,
@@ -292,16 +343,83 @@ impl StateMachine {
                 snapshot,
                 applied_tx,
                 snapshot_seq: 0,
+                queues,
+                touched: BTreeSet::new(),
+                queues_listed: false,
+                node: String::new(),
+                incarnation: 0,
             },
             rx,
         ))
     }
 
-    fn persist_applied(&self) -> std::io::Result<()> {
-        self.db.put_all(&[
+    /// Names this node: what quorum queue machines assign to `node` while it
+    /// is `incarnation` goes to the broker's local queues.
+    pub fn set_node(&mut self, node: String, incarnation: u64) {
+        self.node = node;
+        self.incarnation = incarnation;
+    }
+
+    fn persist_applied(&mut self) -> std::io::Result<()> {
+        let touched = std::mem::take(&mut self.touched);
+        let mut owned: Vec<(String, Vec<u8>)> = Vec::new();
+        for q in &touched {
+            if let Some(m) = self.queues.get(q) {
+                owned.push((machine_key(q), encode(m)?));
+            }
+        }
+        if std::mem::take(&mut self.queues_listed) {
+            let listed: Vec<&QueueKey> = self.queues.keys().collect();
+            owned.push((KEY_QUORUM.to_owned(), encode(&listed)?));
+        }
+        let mut items: Vec<(&str, Vec<u8>)> = vec![
             (KEY_APPLIED, encode(&self.applied)?),
             (KEY_MEMBERSHIP, encode(&self.membership)?),
-        ])
+        ];
+        items.extend(owned.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        self.db.put_all(&items)
+    }
+
+    /// Applies a quorum queue's commands; hands this node what it was assigned.
+    fn apply_queue(&mut self, vhost: String, queue: String, cmds: Vec<QueueCommand>) {
+        let Ok(v) = self.broker.vhost(&vhost) else {
+            return;
+        };
+        if v.queue(&queue).is_err() {
+            // Deleted (or never declared here): late commands are dropped.
+            return;
+        }
+        let key = (vhost, queue);
+        if !self.queues.contains_key(&key) {
+            self.queues_listed = true;
+        }
+        let m = self.queues.entry(key.clone()).or_default();
+        let mut assigned = Vec::new();
+        for cmd in cmds {
+            let index = m.applied_index() + 1;
+            m.apply(index, cmd, &mut assigned);
+        }
+        if m.incarnation_of(&self.node) == Some(self.incarnation) {
+            assigned.retain(|a| a.node == self.node);
+            v.quorum_assigned(&key.1, assigned);
+        }
+        self.touched.insert(key);
+    }
+
+    /// A metadata command that removes quorum queues drops their machines.
+    fn forget_queues(&mut self, cmd: &MetaCommand) {
+        let gone = |k: &QueueKey| match cmd {
+            MetaCommand::Entity(EntityCommand::DeleteQueue { vhost, name }) => {
+                k.0 == *vhost && k.1 == *name
+            }
+            MetaCommand::DeleteVhost { name } => k.0 == *name,
+            _ => false,
+        };
+        let before = self.queues.len();
+        self.queues.retain(|k, _| !gone(k));
+        if self.queues.len() != before {
+            self.queues_listed = true;
+        }
     }
 
     fn apply_one(&mut self, entry: Entry) -> Applied {
@@ -312,7 +430,12 @@ impl StateMachine {
                 self.membership = StoredMembership::new(Some(entry.log_id), m);
                 Applied::default()
             }
+            EntryPayload::Normal(Command::Queue { vhost, queue, cmds }) => {
+                self.apply_queue(vhost, queue, cmds);
+                Applied::default()
+            }
             EntryPayload::Normal(Command::Meta(cmd)) => {
+                self.forget_queues(&cmd);
                 let what = cmd.describe();
                 match self.broker.apply_local(cmd) {
                     Ok(()) => Applied::default(),
@@ -330,6 +453,11 @@ impl StateMachine {
     fn build(&mut self) -> std::io::Result<StoredSnapshot> {
         let body = SnapshotBody {
             commands: export(&self.broker),
+            queues: self
+                .queues
+                .iter()
+                .map(|((v, q), m)| (v.clone(), q.clone(), m.clone()))
+                .collect(),
         };
         self.snapshot_seq += 1;
         let last = self.applied;
@@ -408,6 +536,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let body: SnapshotBody = postcard::from_bytes(&data)
             .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
         let failed = reconcile(&self.broker, &body.commands);
+        self.queues = body
+            .queues
+            .into_iter()
+            .map(|(v, q, m)| ((v, q), m))
+            .collect();
+        self.touched = self.queues.keys().cloned().collect();
+        self.queues_listed = true;
         tracing::info!(snapshot = %meta.snapshot_id, commands = body.commands.len(), failed, "snapshot installed");
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

@@ -138,7 +138,10 @@ pub enum EntityCommand {
         options: crate::exchange::ExchangeOptions,
     },
     /// Deletes an exchange and every binding from or to it, on every node.
-    DeleteExchange { vhost: String, name: String },
+    DeleteExchange {
+        vhost: String,
+        name: String,
+    },
     /// Binds exchange `destination` to exchange `source`.
     BindExchange {
         vhost: String,
@@ -161,7 +164,10 @@ pub enum EntityCommand {
         name: String,
         options: crate::queue::QueueOptions,
     },
-    DeleteQueue { vhost: String, name: String },
+    DeleteQueue {
+        vhost: String,
+        name: String,
+    },
     /// Binds quorum queue `queue` to replicated exchange `source`.
     BindQueue {
         vhost: String,

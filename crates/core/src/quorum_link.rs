@@ -107,7 +107,9 @@ impl QuorumLink {
             Ok(rt) => {
                 rt.spawn(run(link.clone()));
             }
-            Err(_) => tracing::error!(queue = %link.queue_name, "quorum queue link outside a runtime: it will not propose"),
+            Err(_) => {
+                tracing::error!(queue = %link.queue_name, "quorum queue link outside a runtime: it will not propose")
+            }
         }
         link
     }
@@ -300,7 +302,7 @@ async fn run(link: Arc<QuorumLink>) {
                         return;
                     }
                     failures += 1;
-                    if failures == 1 || failures % 50 == 0 {
+                    if failures == 1 || failures.is_multiple_of(50) {
                         tracing::warn!(queue = %link.queue_name, error = %e, failures, "quorum queue proposal failed; resending");
                     }
                     // The same commands with the same numbers: the machine

@@ -32,6 +32,9 @@ use crate::stats::{
 };
 use crate::timer::{Clock, Timers, NEVER};
 
+/// A clustered node's quorum queue log.
+type QuorumLogRef = Arc<dyn crate::quorum_link::QuorumLog>;
+
 /// The pseudo-queue of RabbitMQ's direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
@@ -891,9 +894,7 @@ impl VHost {
                         });
                     }
                     DestinationName::Queue(queue)
-                        if self
-                            .queue(&queue)
-                            .is_ok_and(|q| q.quorum_link().is_some()) =>
+                        if self.queue(&queue).is_ok_and(|q| q.quorum_link().is_some()) =>
                     {
                         out.push(EntityCommand::BindQueue {
                             vhost: self.name.clone(),
@@ -923,7 +924,12 @@ impl VHost {
         // Queues before the bindings to them.
         let at = out
             .iter()
-            .position(|c| matches!(c, EntityCommand::BindExchange { .. } | EntityCommand::BindQueue { .. }))
+            .position(|c| {
+                matches!(
+                    c,
+                    EntityCommand::BindExchange { .. } | EntityCommand::BindQueue { .. }
+                )
+            })
             .unwrap_or(out.len());
         out.splice(at..at, declares);
         out
@@ -933,10 +939,7 @@ impl VHost {
 
     /// The quorum queue log, when a queue with these options is a clustered
     /// quorum queue.
-    fn quorum_log_for(
-        &self,
-        options: &QueueOptions,
-    ) -> Option<(&Arc<dyn MetaLog>, Arc<dyn crate::quorum_link::QuorumLog>)> {
+    fn quorum_log_for(&self, options: &QueueOptions) -> Option<(&Arc<dyn MetaLog>, QuorumLogRef)> {
         let meta = self.meta_log.get()?;
         if options.arguments.get_str("x-queue-type") != Some("quorum") || !options.durable {
             return None;

@@ -49,7 +49,7 @@ use tokio::task::JoinHandle;
 use super::group::{ProposeError, Registry};
 use super::machine::{Outcome, QueueCommand};
 use super::QueueTypeConfig;
-use crate::transport::{dial, read_frame, MAX_FRAME};
+use crate::transport::{read_frame, CONNECT_TIMEOUT, MAX_FRAME};
 use crate::types::{Member, NodeId};
 
 /// A request to one group on a peer.
@@ -213,7 +213,7 @@ impl MuxPeer {
             }
         }
         *guard = None;
-        let c = Arc::new(Conn::start(dial(&self.addr).await?));
+        let c = Arc::new(Conn::start(dial_plain(&self.addr).await?));
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -413,4 +413,19 @@ impl RaftNetwork<QueueTypeConfig> for GroupClient {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+/// A plain TCP connection to a peer's quorum port (not yet over the node's
+/// authenticated inter-node `Link`).
+async fn dial_plain(addr: &str) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
