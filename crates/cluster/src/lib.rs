@@ -10,6 +10,11 @@
 //! inter-node transport (`transport.rs`), and `apply` returns once the command
 //! is committed and applied on the proposing node, so reads stay local.
 //! Without a majority, `apply` returns an error after the write timeout.
+//!
+//! Clustered quorum queues run on Raft groups of their own, one per queue
+//! (`quorum/`), created and deleted as the metadata log applies their declares
+//! and deletes (`sm.rs`); their traffic shares the cluster port and its
+//! authentication. [`QuorumLog`] for the core is [`GroupProposer`].
 
 pub mod network;
 pub mod quorum;
@@ -29,7 +34,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use switchyard_core::admin::MetaCommand;
-use switchyard_core::quorum::QueueCommand;
+use switchyard_core::quorum::{Assigned, QueueCommand};
 use switchyard_core::quorum_link::{Proposal, QuorumLog};
 use switchyard_core::{Broker, CoreError, CoreResult, ErrorKind, MetaLog};
 use tokio::sync::watch;
@@ -39,6 +44,7 @@ use tokio::time::Instant;
 pub use types::{node_id, Member, NodeId};
 
 use crate::network::Network;
+use crate::quorum::{Deliver, ProposeError, QuorumGroups, QuorumSettings};
 use crate::sm::StateMachine;
 use crate::store::{LogStore, RaftDb};
 pub use crate::transport::{Cookie, Link, NodeTls};
@@ -173,6 +179,8 @@ struct Inner {
     commit_latency_us: std::sync::atomic::AtomicU64,
     /// How this node dials and serves its peers.
     link: Link,
+    /// This node's quorum queue groups.
+    groups: Arc<QuorumGroups>,
 }
 
 /// A running cluster node.
@@ -194,7 +202,6 @@ impl Cluster {
         // A new incarnation per start: what the last one held of quorum
         // queues goes back to their ready lists (`NodeUp`).
         let incarnation: u64 = rand::random();
-        sm.set_node(settings.node.clone(), incarnation);
         let log = LogStore::new(db);
         let (listener, addr) = transport::bind(&settings.listen).await?;
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -215,6 +222,18 @@ impl Cluster {
             tracing::warn!(%addr, "the inter-node port is neither TLS nor protected by a cookie: \
                 anyone who reaches it can change the cluster; set [tls] or [cluster] cookie");
         }
+        // The quorum groups: their data under the cluster dir, their RPCs on
+        // the cluster port (handed over by the accept loop below).
+        let mut qs = QuorumSettings::new(
+            settings.node.clone(),
+            addr.to_string(),
+            settings.dir.join("quorum"),
+        );
+        qs.own_listener = false;
+        qs.incarnation = incarnation;
+        let deliver: Arc<dyn Deliver> = Arc::new(BrokerDeliver(Arc::downgrade(&broker)));
+        let groups = Arc::new(QuorumGroups::open(qs, link.clone(), Some(deliver)).await?);
+        sm.attach_groups(groups.clone()).await;
         let network = Network {
             peers: Peers::new(link.clone()),
         };
@@ -227,6 +246,7 @@ impl Cluster {
             applied,
             forward: Peers::new(link.clone()),
             link,
+            groups: groups.clone(),
             write_timeout: settings.write_timeout,
             runtime: tokio::runtime::Handle::current(),
             commit_latency_us: Default::default(),
@@ -248,8 +268,9 @@ impl Cluster {
                 }
             }
         }
-        let quorum = Arc::new(QuorumProposer {
-            inner: inner.clone(),
+        let quorum = Arc::new(GroupProposer {
+            node: settings.node.clone(),
+            groups,
             incarnation,
             nudge: broker.confirm_nudger(),
         });
@@ -286,12 +307,18 @@ impl Cluster {
         }
     }
 
-    /// Stops Raft and the listener.
+    /// This node's quorum queue groups (tests, metrics).
+    pub fn groups(&self) -> &Arc<QuorumGroups> {
+        &self.inner.groups
+    }
+
+    /// Stops Raft, the quorum groups and the listener.
     pub async fn shutdown(self) {
         self.accept.abort();
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
+        self.inner.groups.shutdown().await;
     }
 }
 
@@ -461,6 +488,10 @@ impl Inner {
                 Response::Membership(self.change(req).await)
             }
             Request::Status => Response::Status(self.status()),
+            // Taken by the accept loop before it gets here.
+            Request::QuorumMux => Response::Write(Err(Refused::Failed(
+                "a quorum connection's hello in the middle of a connection".to_owned(),
+            ))),
         }
     }
 }
@@ -489,6 +520,11 @@ async fn accept_loop(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
             };
             loop {
                 let req: Request = match transport::read_frame(&mut stream).await {
+                    Ok(Some(Request::QuorumMux)) => {
+                        // The rest of this connection is quorum groups' RPCs.
+                        inner.groups.serve(stream).await;
+                        return;
+                    }
                     Ok(Some(r)) => r,
                     Ok(None) => return,
                     Err(e) => {
@@ -563,47 +599,68 @@ impl ClusterView {
 /// `Broker::apply` on a clustered node.
 struct Replicator {
     inner: Arc<Inner>,
-    quorum: Arc<QuorumProposer>,
+    quorum: Arc<GroupProposer>,
 }
 
-/// Clustered quorum queues' commands, carried by the metadata log as
-/// [`Command::Queue`] (until quorum queues have groups of their own).
-struct QuorumProposer {
-    inner: Arc<Inner>,
+/// Clustered quorum queues' commands, proposed to each queue's own group.
+struct GroupProposer {
+    node: String,
+    groups: Arc<QuorumGroups>,
     incarnation: u64,
     nudge: Arc<watch::Sender<u64>>,
 }
 
-impl std::fmt::Debug for QuorumProposer {
+impl std::fmt::Debug for GroupProposer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuorumProposer")
-            .field("node", &self.inner.node)
+        f.debug_struct("GroupProposer")
+            .field("node", &self.node)
             .field("incarnation", &self.incarnation)
             .finish()
     }
 }
 
-impl QuorumLog for QuorumProposer {
+impl QuorumLog for GroupProposer {
     fn node(&self) -> &str {
-        &self.inner.node
+        &self.node
     }
 
     fn incarnation(&self) -> u64 {
         self.incarnation
     }
 
+    /// Resolves once the entry is committed (on a majority's disks); it is
+    /// applied on this node's member shortly after, which only matters for
+    /// what it assigns here (it arrives through `Deliver` when applied).
     fn propose(&self, vhost: &str, queue: &str, cmds: Vec<QueueCommand>) -> Proposal {
-        let inner = self.inner.clone();
-        let cmd = Command::Queue {
-            vhost: vhost.to_owned(),
-            queue: queue.to_owned(),
-            cmds,
-        };
-        Box::pin(async move { inner.write(cmd).await.map(drop) })
+        let groups = self.groups.clone();
+        let (vhost, queue) = (vhost.to_owned(), queue.to_owned());
+        Box::pin(async move {
+            match groups.propose_to_queue(&vhost, &queue, cmds).await {
+                Ok(_) => Ok(()),
+                Err(ProposeError::NoGroup) => Err(unavailable(format!(
+                    "quorum queue '{queue}' has no group on the nodes asked"
+                ))),
+                Err(ProposeError::NotLeader(_)) => Err(unavailable(format!(
+                    "quorum queue '{queue}' has no leader now (it needs a majority of its members)"
+                ))),
+                Err(ProposeError::Failed(e)) => Err(unavailable(e)),
+            }
+        })
     }
 
     fn nudge(&self) {
         self.nudge.send_modify(|_| ());
+    }
+}
+
+/// Hands what quorum groups assign to this node to the broker's queues.
+struct BrokerDeliver(std::sync::Weak<Broker>);
+
+impl Deliver for BrokerDeliver {
+    fn assigned(&self, vhost: &str, queue: &str, assigned: Vec<Assigned>) {
+        if let Some(v) = self.0.upgrade().and_then(|b| b.vhost(vhost).ok()) {
+            v.quorum_assigned(queue, assigned);
+        }
     }
 }
 

@@ -9,6 +9,12 @@
 //! A snapshot is the metadata as commands (vhosts, users, permissions, topic
 //! permissions, policies, operator policies, limits). Installing one reconciles
 //! the node with it: what the snapshot lacks is deleted, the rest put.
+//!
+//! Quorum queues' groups follow the log: applying a clustered quorum queue's
+//! declare places its group ([`place`]: id and members derived from the entry
+//! and the membership, so identical on every node) and creates this node's
+//! member of it; deleting the queue (or its vhost) deletes the group here. The
+//! placements are kept with the applied position and travel in snapshots.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
@@ -18,14 +24,15 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot};
 use serde::{Deserialize, Serialize};
 use switchyard_core::admin::{EntityCommand, MetaCommand};
-use switchyard_core::quorum::{QueueCommand, QueueMachine};
+use switchyard_core::queue::QueueOptions;
 use switchyard_core::Broker;
 use tokio::sync::watch;
 
+use crate::quorum::{Placement, QuorumGroups};
 use crate::store::{encode, RaftDb, KEY_APPLIED, KEY_MEMBERSHIP, KEY_QUORUM, KEY_SNAPSHOT};
 use crate::types::{
-    Applied, Command, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
-    WireError,
+    node_id, Applied, Command, Entry, LogId, Member, NodeId, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig, WireError,
 };
 
 /// A stored snapshot: its meta and body.
@@ -39,15 +46,61 @@ struct StoredSnapshot {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotBody {
     pub commands: Vec<MetaCommand>,
-    /// Every clustered quorum queue's machine: (vhost, queue, machine).
-    pub queues: Vec<(String, String, QueueMachine)>,
+    /// Every clustered quorum queue's group placement.
+    pub groups: Vec<Placement>,
 }
 
 /// A clustered quorum queue: (vhost, name).
 type QueueKey = (String, String);
 
-fn machine_key(q: &QueueKey) -> String {
-    format!("quorum/{}\n{}", q.0, q.1)
+/// How many members a quorum queue's group has (fewer in a smaller cluster).
+pub const GROUP_SIZE: usize = 3;
+
+/// Whether a queue with these options is a clustered quorum queue (what
+/// `VHost` links to the quorum log).
+fn is_quorum(options: &QueueOptions) -> bool {
+    options.arguments.get_str("x-queue-type") == Some("quorum")
+        && options.durable
+        && !options.exclusive
+        && !options.auto_delete
+}
+
+/// The group of a quorum queue declared by the metadata entry at `index`,
+/// over the voters of `membership`. Every node applies the same entry with the
+/// same membership, so every node computes the same placement.
+///
+/// The group id hashes vhost, name and the declare's log index: the same on
+/// every node, and a queue deleted and declared again (a later entry) gets a
+/// new group, so a node that missed the delete can never mix the old group's
+/// log into the new one. Members: the `GROUP_SIZE` voters ranked highest by a
+/// hash of (group id, node) (rendezvous hashing: queues spread evenly over
+/// nodes); the first of them initialises the group and so normally leads it
+/// first, which spreads leaders too.
+pub fn place(
+    vhost: &str,
+    queue: &str,
+    index: u64,
+    membership: &openraft::Membership<NodeId, Member>,
+) -> Option<Placement> {
+    let gid = node_id(&format!("{vhost}\n{queue}\n{index}"));
+    let mut voters: Vec<(u64, NodeId, Member)> = membership
+        .voter_ids()
+        .filter_map(|id| {
+            membership
+                .get_node(&id)
+                .map(|m| (node_id(&format!("{gid}/{}", m.name)), id, m.clone()))
+        })
+        .collect();
+    voters.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    voters.truncate(GROUP_SIZE);
+    let initializer = voters.first()?.1;
+    Some(Placement {
+        vhost: vhost.to_owned(),
+        queue: queue.to_owned(),
+        gid,
+        members: voters.into_iter().map(|(_, id, m)| (id, m)).collect(),
+        initializer,
+    })
 }
 
 /// The broker's metadata as the commands that recreate it.
@@ -300,16 +353,12 @@ pub struct StateMachine {
     /// The index applied last, for writers waiting to read their own write.
     applied_tx: watch::Sender<u64>,
     snapshot_seq: u64,
-    /// Clustered quorum queues' machines (kept with the applied position).
-    queues: BTreeMap<QueueKey, QueueMachine>,
-    /// Machines changed since the last persist; `queues_listed`: the set of
-    /// queues changed too.
-    touched: BTreeSet<QueueKey>,
-    queues_listed: bool,
-    /// This node's name and incarnation: what the machines assign to it is
-    /// handed to its broker.
-    node: String,
-    incarnation: u64,
+    /// Clustered quorum queues' group placements (kept with the applied
+    /// position); `placed_changed`: changed since the last persist.
+    placements: BTreeMap<QueueKey, Placement>,
+    placed_changed: bool,
+    /// This node's quorum groups (none in unit tests of the metadata alone).
+    groups: Option<Arc<QuorumGroups>>,
 }
 
 fn read_err(e: std::io::Error) -> StorageError {
@@ -327,13 +376,11 @@ impl StateMachine {
         let membership: StoredMembership = db.get(KEY_MEMBERSHIP)?.unwrap_or_default();
         let snapshot: Option<StoredSnapshot> = db.get(KEY_SNAPSHOT)?;
         let (applied_tx, rx) = watch::channel(applied.map_or(0, |l| l.index));
-        let listed: Vec<QueueKey> = db.get(KEY_QUORUM)?.unwrap_or_default();
-        let mut queues = BTreeMap::new();
-        for q in listed {
-            if let Some(m) = db.get::<QueueMachine>(&machine_key(&q))? {
-                queues.insert(q, m);
-            }
-        }
+        let placed: Vec<Placement> = db.get(KEY_QUORUM)?.unwrap_or_default();
+        let placements = placed
+            .into_iter()
+            .map(|p| ((p.vhost.clone(), p.queue.clone()), p))
+            .collect();
         Ok((
             StateMachine {
                 broker,
@@ -343,101 +390,112 @@ impl StateMachine {
                 snapshot,
                 applied_tx,
                 snapshot_seq: 0,
-                queues,
-                touched: BTreeSet::new(),
-                queues_listed: false,
-                node: String::new(),
-                incarnation: 0,
+                placements,
+                placed_changed: false,
+                groups: None,
             },
             rx,
         ))
     }
 
-    /// Names this node: what quorum queue machines assign to `node` while it
-    /// is `incarnation` goes to the broker's local queues.
-    pub fn set_node(&mut self, node: String, incarnation: u64) {
-        self.node = node;
-        self.incarnation = incarnation;
+    /// Hands the quorum queues' groups to this node's `groups`: every known
+    /// placement is registered there (proposals find their group), and a
+    /// group this node is a member of but lacks (lost with its WAL) is
+    /// created empty; it catches up from the others.
+    pub async fn attach_groups(&mut self, groups: Arc<QuorumGroups>) {
+        for p in self.placements.values() {
+            if groups.get(p.gid).is_none() {
+                if let Err(e) = groups.ensure(p).await {
+                    tracing::error!(queue = %p.queue, group = p.gid, error = %e, "quorum group not started");
+                }
+            } else {
+                groups.place(p.clone());
+            }
+        }
+        self.groups = Some(groups);
     }
 
     fn persist_applied(&mut self) -> std::io::Result<()> {
-        let touched = std::mem::take(&mut self.touched);
-        let mut owned: Vec<(String, Vec<u8>)> = Vec::new();
-        for q in &touched {
-            if let Some(m) = self.queues.get(q) {
-                owned.push((machine_key(q), encode(m)?));
-            }
-        }
-        if std::mem::take(&mut self.queues_listed) {
-            let listed: Vec<&QueueKey> = self.queues.keys().collect();
-            owned.push((KEY_QUORUM.to_owned(), encode(&listed)?));
-        }
         let mut items: Vec<(&str, Vec<u8>)> = vec![
             (KEY_APPLIED, encode(&self.applied)?),
             (KEY_MEMBERSHIP, encode(&self.membership)?),
         ];
-        items.extend(owned.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        if std::mem::take(&mut self.placed_changed) {
+            let placed: Vec<&Placement> = self.placements.values().collect();
+            items.push((KEY_QUORUM, encode(&placed)?));
+        }
         self.db.put_all(&items)
     }
 
-    /// Applies a quorum queue's commands; hands this node what it was assigned.
-    fn apply_queue(&mut self, vhost: String, queue: String, cmds: Vec<QueueCommand>) {
-        let Ok(v) = self.broker.vhost(&vhost) else {
+    /// After a committed declare of a clustered quorum queue: places its group
+    /// (unless it has one: a repeated declare) and creates this node's member.
+    async fn declared(&mut self, vhost: &str, queue: &str, index: u64) {
+        let key = (vhost.to_owned(), queue.to_owned());
+        if self.placements.contains_key(&key) {
+            return;
+        }
+        let Some(p) = place(vhost, queue, index, self.membership.membership()) else {
+            tracing::warn!(%queue, "quorum queue declared without a membership: no group");
             return;
         };
-        if v.queue(&queue).is_err() {
-            // Deleted (or never declared here): late commands are dropped.
-            return;
-        }
-        let key = (vhost, queue);
-        if !self.queues.contains_key(&key) {
-            self.queues_listed = true;
-        }
-        let m = self.queues.entry(key.clone()).or_default();
-        let mut assigned = Vec::new();
-        for cmd in cmds {
-            let index = m.applied_index() + 1;
-            m.apply(index, cmd, &mut assigned);
-        }
-        if m.incarnation_of(&self.node) == Some(self.incarnation) {
-            assigned.retain(|a| a.node == self.node);
-            v.quorum_assigned(&key.1, assigned);
-        }
-        self.touched.insert(key);
-    }
-
-    /// A metadata command that removes quorum queues drops their machines.
-    fn forget_queues(&mut self, cmd: &MetaCommand) {
-        let gone = |k: &QueueKey| match cmd {
-            MetaCommand::Entity(EntityCommand::DeleteQueue { vhost, name }) => {
-                k.0 == *vhost && k.1 == *name
+        self.placements.insert(key, p.clone());
+        self.placed_changed = true;
+        if let Some(groups) = &self.groups {
+            if let Err(e) = groups.ensure(&p).await {
+                tracing::error!(%queue, group = p.gid, error = %e, "quorum group not created");
             }
-            MetaCommand::DeleteVhost { name } => k.0 == *name,
-            _ => false,
-        };
-        let before = self.queues.len();
-        self.queues.retain(|k, _| !gone(k));
-        if self.queues.len() != before {
-            self.queues_listed = true;
         }
     }
 
-    fn apply_one(&mut self, entry: Entry) -> Applied {
+    /// Deletes the groups of the quorum queues `gone` selects.
+    async fn forget(&mut self, gone: impl Fn(&QueueKey) -> bool) {
+        let keys: Vec<QueueKey> = self
+            .placements
+            .keys()
+            .filter(|k| gone(k))
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(p) = self.placements.remove(&k) {
+                self.placed_changed = true;
+                if let Some(groups) = &self.groups {
+                    if let Err(e) = groups.delete(p.gid).await {
+                        tracing::warn!(queue = %p.queue, group = p.gid, error = %e, "quorum group not deleted");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply_one(&mut self, entry: Entry) -> Applied {
         self.applied = Some(entry.log_id);
+        let index = entry.log_id.index;
         match entry.payload {
             EntryPayload::Blank => Applied::default(),
             EntryPayload::Membership(m) => {
                 self.membership = StoredMembership::new(Some(entry.log_id), m);
                 Applied::default()
             }
-            EntryPayload::Normal(Command::Queue { vhost, queue, cmds }) => {
-                self.apply_queue(vhost, queue, cmds);
-                Applied::default()
-            }
             EntryPayload::Normal(Command::Meta(cmd)) => {
-                self.forget_queues(&cmd);
                 let what = cmd.describe();
-                match self.broker.apply_local(cmd) {
+                let result = self.broker.apply_local(cmd.clone());
+                match &cmd {
+                    MetaCommand::Entity(EntityCommand::DeclareQueue {
+                        vhost,
+                        name,
+                        options,
+                    }) if result.is_ok() && is_quorum(options) => {
+                        self.declared(vhost, name, index).await;
+                    }
+                    MetaCommand::Entity(EntityCommand::DeleteQueue { vhost, name }) => {
+                        self.forget(|k| k.0 == *vhost && k.1 == *name).await;
+                    }
+                    MetaCommand::DeleteVhost { name } if result.is_ok() => {
+                        self.forget(|k| k.0 == *name).await;
+                    }
+                    _ => {}
+                }
+                match result {
                     Ok(()) => Applied::default(),
                     Err(e) => {
                         tracing::debug!(command = %what, error = %e, "replicated command refused");
@@ -453,11 +511,7 @@ impl StateMachine {
     fn build(&mut self) -> std::io::Result<StoredSnapshot> {
         let body = SnapshotBody {
             commands: export(&self.broker),
-            queues: self
-                .queues
-                .iter()
-                .map(|((v, q), m)| (v.clone(), q.clone(), m.clone()))
-                .collect(),
+            groups: self.placements.values().cloned().collect(),
         };
         self.snapshot_seq += 1;
         let last = self.applied;
@@ -510,7 +564,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let results: Vec<Applied> = entries.into_iter().map(|e| self.apply_one(e)).collect();
+        let mut results = Vec::new();
+        for e in entries {
+            results.push(self.apply_one(e).await);
+        }
         self.persist_applied().map_err(write_err)?;
         self.applied_tx
             .send_replace(self.applied.map_or(0, |l| l.index));
@@ -536,13 +593,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let body: SnapshotBody = postcard::from_bytes(&data)
             .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
         let failed = reconcile(&self.broker, &body.commands);
-        self.queues = body
-            .queues
+        let target: BTreeMap<QueueKey, Placement> = body
+            .groups
             .into_iter()
-            .map(|(v, q, m)| ((v, q), m))
+            .map(|p| ((p.vhost.clone(), p.queue.clone()), p))
             .collect();
-        self.touched = self.queues.keys().cloned().collect();
-        self.queues_listed = true;
+        // Groups the snapshot lacks (or has under another id) go; the rest
+        // are created here where missing.
+        let stale: BTreeSet<QueueKey> = self
+            .placements
+            .iter()
+            .filter(|(k, p)| target.get(*k).map(|t| t.gid) != Some(p.gid))
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.forget(|k| stale.contains(k)).await;
+        for (k, p) in target {
+            if self.placements.contains_key(&k) {
+                continue;
+            }
+            if let Some(groups) = &self.groups {
+                if let Err(e) = groups.ensure(&p).await {
+                    tracing::error!(queue = %p.queue, group = p.gid, error = %e, "quorum group not created");
+                }
+            }
+            self.placements.insert(k, p);
+        }
+        self.placed_changed = true;
         tracing::info!(snapshot = %meta.snapshot_id, commands = body.commands.len(), failed, "snapshot installed");
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
@@ -701,5 +777,40 @@ mod tests {
         assert_eq!(target.policies(), source.policies());
         assert_eq!(*applied.borrow(), 1);
         assert!(other.get_current_snapshot().await.unwrap().is_some());
+    }
+
+    #[test]
+    fn groups_are_placed_the_same_everywhere_and_spread() {
+        let nodes: BTreeMap<u64, Member> = (1..=5)
+            .map(|i| {
+                let name = format!("n{i}");
+                (
+                    crate::types::node_id(&name),
+                    Member {
+                        name,
+                        addr: format!("127.0.0.1:{i}"),
+                    },
+                )
+            })
+            .collect();
+        let voters: BTreeSet<u64> = nodes.keys().copied().collect();
+        let membership = Membership::new(vec![voters], nodes);
+        let a = place("/", "orders", 12, &membership).unwrap();
+        assert_eq!(place("/", "orders", 12, &membership), Some(a.clone()));
+        assert_eq!(a.members.len(), GROUP_SIZE);
+        assert!(a.members.contains_key(&a.initializer));
+        // Declared again later: another group.
+        assert_ne!(place("/", "orders", 40, &membership).unwrap().gid, a.gid);
+        // Leaders spread over the nodes.
+        let leaders: BTreeSet<u64> = (0..50)
+            .map(|i| {
+                place("/", &format!("q{i}"), i, &membership)
+                    .unwrap()
+                    .initializer
+            })
+            .collect();
+        assert!(leaders.len() >= 4, "{leaders:?}");
+        // No membership yet: no group.
+        assert!(place("/", "x", 1, &Membership::new(vec![], BTreeMap::new())).is_none());
     }
 }

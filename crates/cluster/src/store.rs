@@ -27,8 +27,8 @@ pub(crate) const KEY_PURGED: &str = "purged";
 pub(crate) const KEY_APPLIED: &str = "applied";
 pub(crate) const KEY_MEMBERSHIP: &str = "membership";
 pub(crate) const KEY_SNAPSHOT: &str = "snapshot";
-/// The clustered quorum queues whose machines are stored (sm.rs).
-pub(crate) const KEY_QUORUM: &str = "quorum_queues";
+/// The clustered quorum queues' group placements (sm.rs).
+pub(crate) const KEY_QUORUM: &str = "quorum_groups";
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())

@@ -44,6 +44,10 @@ pub enum Request {
     Leave(String),
     /// The node's view of the cluster.
     Status,
+    /// The hello of a quorum groups' connection (`quorum::network`): the rest
+    /// of the connection carries the groups' multiplexed RPCs. Sent only by a
+    /// node, after the connection was authenticated like any other.
+    QuorumMux,
 }
 
 /// Why a forwarded request was not done.

@@ -6,7 +6,6 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 use switchyard_core::admin::MetaCommand;
-use switchyard_core::quorum::QueueCommand;
 use switchyard_core::{CoreError, ErrorKind};
 
 /// A node's Raft id: a stable 64-bit hash (FNV-1a) of its configured name, so
@@ -41,16 +40,8 @@ pub fn node_id(name: &str) -> NodeId {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// A metadata change, applied on every node by `Broker::apply_local`.
+    /// (Quorum queues' commands go to their own groups: `crate::quorum`.)
     Meta(MetaCommand),
-    /// Commands of a clustered quorum queue, applied in order to every node's
-    /// copy of its machine (`switchyard_core::quorum`); each node then serves
-    /// what was assigned to it. Carried by the metadata group until quorum
-    /// queues get groups of their own.
-    Queue {
-        vhost: String,
-        queue: String,
-        cmds: Vec<QueueCommand>,
-    },
 }
 
 /// The outcome of applying a command: the core's error, if it refused it. Every

@@ -28,15 +28,16 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::SnapshotPolicy;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::machine::{Outcome, QueueCommand, QueueState, ReadyMessage};
+use switchyard_core::quorum::QueueMachine;
+
 use super::network::{serve, GroupNetwork, GroupReply, GroupRpc, MuxPeers};
-pub use super::sm::GroupEvent;
-use super::sm::{lock, QueueSm, Shared};
+use super::sm::{lock, Deliver, Owner, QueueSm, Shared};
 use super::wal::{encode, GroupLog, RecoveredGroup, Wal, WalStats};
-use super::{QMetrics, QRaft};
+use super::{Batch, Outcome, QMetrics, QRaft};
+use crate::transport::{Link, NodeStream, Request};
 use crate::types::{node_id, Member, NodeId};
 
 /// Why a proposal was not written.
@@ -58,8 +59,14 @@ pub enum ProposeError {
 pub struct QuorumSettings {
     /// This node's name (its id is `node_id(name)`).
     pub node: String,
-    /// Where the groups' RPCs are accepted (`host:port`, port 0 for any).
+    /// This process's incarnation (random per start): what the machines
+    /// assign to `node` under it goes to [`Deliver`].
+    pub incarnation: u64,
+    /// With `own_listener`: where the groups' RPCs are accepted (`host:port`,
+    /// port 0 for any; in-process tests). Without: the node's cluster address,
+    /// whose accept loop hands quorum connections to [`QuorumGroups::serve`].
     pub listen: String,
+    pub own_listener: bool,
     /// Where the shared WAL lives (`<data_dir>/quorum`).
     pub dir: PathBuf,
     pub heartbeat: Duration,
@@ -75,10 +82,13 @@ pub struct QuorumSettings {
 }
 
 impl QuorumSettings {
+    /// Settings for a node with its own listener on `listen`.
     pub fn new(node: String, listen: String, dir: PathBuf) -> Self {
         QuorumSettings {
             node,
+            incarnation: 0,
             listen,
+            own_listener: true,
             dir,
             heartbeat: Duration::from_millis(100),
             election_min: Duration::from_millis(200),
@@ -108,12 +118,17 @@ impl QuorumSettings {
     }
 }
 
-/// What the WAL keeps about a group.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct GroupRecord {
-    members: BTreeMap<NodeId, Member>,
+/// Where a quorum queue's group lives: what the metadata log decides when it
+/// applies the queue's declare, identical on every node. The WAL keeps it as
+/// the group's record, so a restarting member reopens the group for its queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub vhost: String,
+    pub queue: String,
+    pub gid: u64,
+    pub members: BTreeMap<NodeId, Member>,
     /// The node that initialises the group (and so usually its first leader).
-    initializer: NodeId,
+    pub initializer: NodeId,
 }
 
 struct GroupInner {
@@ -122,7 +137,6 @@ struct GroupInner {
     raft: QRaft,
     state: Shared,
     applied: watch::Receiver<u64>,
-    events: broadcast::Sender<GroupEvent>,
     log: GroupLog,
     members: BTreeMap<NodeId, Member>,
 }
@@ -143,10 +157,10 @@ impl GroupHandle {
         &self.inner.members
     }
 
-    /// Writes `cmd` if this node is the leader; returns once it is committed (on
-    /// a majority's disks, this node's included) and applied here, with its
-    /// index and outcome.
-    pub async fn propose(&self, cmd: QueueCommand) -> Result<(u64, Outcome), ProposeError> {
+    /// Writes `cmd` (one entry) if this node is the leader; returns once it is
+    /// committed (on a majority's disks, this node's included) and applied
+    /// here, with its index and outcome.
+    pub async fn propose(&self, cmd: Batch) -> Result<(u64, Outcome), ProposeError> {
         match self.inner.raft.client_write(cmd).await {
             Ok(r) => Ok((r.log_id.index, r.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
@@ -193,38 +207,26 @@ impl GroupHandle {
         }
     }
 
-    /// The messages in this node's state machine, in index order (as applied
-    /// so far: on a follower it may lag).
-    pub fn ready_messages(&self) -> Vec<ReadyMessage> {
-        lock(&self.inner.state).ready().collect()
-    }
-
-    /// Reads the state machine under its lock.
-    pub fn with_state<R>(&self, f: impl FnOnce(&QueueState) -> R) -> R {
+    /// Reads the queue's machine (as applied here so far: on a follower it
+    /// may lag) under its lock.
+    pub fn with_state<R>(&self, f: impl FnOnce(&QueueMachine) -> R) -> R {
         f(&lock(&self.inner.state))
     }
 
     /// For a node that became leader: confirms it still is (a round to a
     /// majority), waits until everything committed before is applied here, and
-    /// returns the applied index and the messages in the queue. Entries applied
-    /// later arrive through [`GroupHandle::subscribe`] (subscribe first).
-    pub async fn leader_view(&self) -> Result<(u64, Vec<ReadyMessage>), ProposeError> {
+    /// returns the applied index and the machine.
+    pub async fn leader_view(&self) -> Result<(u64, QueueMachine), ProposeError> {
         match self.inner.raft.ensure_linearizable().await {
             Ok(_) => {
                 let state = lock(&self.inner.state);
-                Ok((*self.inner.applied.borrow(), state.ready().collect()))
+                Ok((*self.inner.applied.borrow(), state.clone()))
             }
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(
                 ProposeError::NotLeader(f.leader_node.or_else(|| self.leader_member())),
             ),
             Err(e) => Err(ProposeError::Failed(e.to_string())),
         }
-    }
-
-    /// Every applied command, in log order, from now on (a lagging receiver
-    /// gets `Lagged` and should re-read [`GroupHandle::ready_messages`]).
-    pub fn subscribe(&self) -> broadcast::Receiver<GroupEvent> {
-        self.inner.events.subscribe()
     }
 
     /// The first and last log index held on this node (purging shows here).
@@ -274,8 +276,9 @@ impl Registry {
     }
 }
 
-/// The quorum groups of one node: the shared WAL, the listener for the groups'
-/// RPCs and every group's Raft.
+/// The quorum groups of one node: the shared WAL, every group's Raft, and
+/// every quorum queue's placement (also of queues this node is no member of:
+/// it forwards their proposals).
 pub struct QuorumGroups {
     me: Member,
     id: NodeId,
@@ -284,27 +287,49 @@ pub struct QuorumGroups {
     wal: Wal,
     peers: MuxPeers,
     registry: Arc<Registry>,
+    deliver: Option<Arc<dyn Deliver>>,
+    placements: RwLock<HashMap<(String, String), Placement>>,
     /// Groups found damaged on disk at open (not started), with the reason.
     damaged: std::sync::Mutex<BTreeMap<u64, String>>,
     /// Serialises create/delete.
     admin: tokio::sync::Mutex<()>,
     addr: SocketAddr,
     stop: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    accept: Option<JoinHandle<()>>,
 }
 
 impl QuorumGroups {
-    /// Opens the WAL in `settings.dir`, binds the listener and restarts every
-    /// group found in the WAL. Must run inside a multi-threaded tokio runtime.
-    pub async fn open(settings: QuorumSettings) -> io::Result<QuorumGroups> {
+    /// Opens the WAL in `settings.dir`, binds the listener (with
+    /// `own_listener`) and restarts every group found in the WAL. Peers are
+    /// dialled, and accepted connections authenticated, through `link`; what
+    /// the machines assign to this node goes to `deliver`. Must run inside a
+    /// multi-threaded tokio runtime.
+    pub async fn open(
+        settings: QuorumSettings,
+        link: Link,
+        deliver: Option<Arc<dyn Deliver>>,
+    ) -> io::Result<QuorumGroups> {
         let config = Arc::new(settings.raft_config()?);
-        let (listener, addr) = crate::transport::bind(&settings.listen).await?;
+        std::fs::create_dir_all(&settings.dir)?;
         let (wal, recovered) = Wal::open(&settings.dir.join("quorum.redb"))?;
         let registry = Arc::new(Registry {
             groups: RwLock::new(HashMap::new()),
         });
         let (stop, stop_rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, Arc::downgrade(&registry), stop_rx));
+        let (addr, accept) = if settings.own_listener {
+            let (listener, addr) = crate::transport::bind(&settings.listen).await?;
+            let weak = Arc::downgrade(&registry);
+            let task = tokio::spawn(accept_loop(listener, link.clone(), weak, stop_rx));
+            (addr, Some(task))
+        } else {
+            let addr: SocketAddr = settings.listen.parse().map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("quorum address '{}': {e}", settings.listen),
+                )
+            })?;
+            (addr, None)
+        };
         let me = Member {
             name: settings.node.clone(),
             addr: addr.to_string(),
@@ -315,8 +340,10 @@ impl QuorumGroups {
             settings,
             config,
             wal,
-            peers: MuxPeers::default(),
+            peers: MuxPeers::new(link),
             registry,
+            deliver,
+            placements: RwLock::new(HashMap::new()),
             damaged: std::sync::Mutex::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             addr,
@@ -327,11 +354,17 @@ impl QuorumGroups {
         for (gid, mut rec) in recovered {
             let record = match &rec.damaged {
                 Some(e) => Err(e.clone()),
-                None => postcard::from_bytes::<GroupRecord>(&rec.record).map_err(|e| e.to_string()),
+                None => postcard::from_bytes::<Placement>(&rec.record).map_err(|e| e.to_string()),
             };
             match record {
+                Ok(record) if record.gid == gid => {
+                    groups.place(record.clone());
+                    groups.start(record, Some(&mut rec), false).await?;
+                }
                 Ok(record) => {
-                    groups.start(gid, record, Some(&mut rec)).await?;
+                    let e = format!("its record names group {}", record.gid);
+                    tracing::error!(group = gid, error = %e, "quorum group not started");
+                    groups.damaged_write().insert(gid, e);
                 }
                 Err(e) => {
                     tracing::error!(group = gid, error = %e, "quorum group not started");
@@ -350,8 +383,7 @@ impl QuorumGroups {
         }
     }
 
-    /// Groups found damaged on disk when the node opened (checksum mismatch):
-    /// not started here, so this replica neither votes nor leads in them, and
+    /// Groups whose WAL rows failed their checksum at open: not started, and
     /// `create` refuses them. The repair is a membership change: remove this
     /// replica from the group, `delete` it here, add it back as a new learner
     /// (membership changes of quorum groups are not built yet).
@@ -359,7 +391,7 @@ impl QuorumGroups {
         self.damaged_write().clone()
     }
 
-    /// This node as group members name it (its bound address).
+    /// This node as group members name it.
     pub fn member(&self) -> Member {
         self.me.clone()
     }
@@ -368,6 +400,7 @@ impl QuorumGroups {
         self.id
     }
 
+    /// The address this node's groups are reached at.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -377,17 +410,68 @@ impl QuorumGroups {
         self.wal.stats()
     }
 
+    /// Serves a connection accepted (and authenticated) on the cluster port
+    /// whose hello was `Request::QuorumMux`.
+    pub async fn serve(&self, stream: NodeStream) {
+        let mut stop = self.stop.subscribe();
+        tokio::select! {
+            _ = serve(stream, Arc::downgrade(&self.registry)) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+
+    fn placements_write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<(String, String), Placement>> {
+        match self.placements.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Records where a queue's group lives (members or not).
+    pub fn place(&self, p: Placement) {
+        self.placements_write()
+            .insert((p.vhost.clone(), p.queue.clone()), p);
+    }
+
+    /// The placement of a queue's group.
+    pub fn placement(&self, vhost: &str, queue: &str) -> Option<Placement> {
+        let key = (vhost.to_owned(), queue.to_owned());
+        match self.placements.read() {
+            Ok(g) => g.get(&key).cloned(),
+            Err(p) => p.into_inner().get(&key).cloned(),
+        }
+    }
+
+    /// Every placement known here.
+    pub fn placements(&self) -> Vec<Placement> {
+        let mut all: Vec<Placement> = match self.placements.read() {
+            Ok(g) => g.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        all.sort_by(|a, b| (&a.vhost, &a.queue).cmp(&(&b.vhost, &b.queue)));
+        all
+    }
+
     async fn start(
         &self,
-        gid: u64,
-        record: GroupRecord,
+        record: Placement,
         mut recovered: Option<&mut RecoveredGroup>,
+        fresh: bool,
     ) -> io::Result<GroupHandle> {
+        let gid = record.gid;
         let snapshot = recovered.as_mut().and_then(|r| r.snapshot.take());
         let log = GroupLog::new(gid, self.wal.clone(), recovered);
-        let (events, _) = broadcast::channel(1024);
+        let owner = Owner {
+            vhost: record.vhost.clone(),
+            queue: record.queue.clone(),
+            node: self.settings.node.clone(),
+            incarnation: self.settings.incarnation,
+            deliver: self.deliver.clone(),
+        };
         let (sm, state, applied) =
-            QueueSm::open(gid, self.wal.clone(), snapshot.as_deref(), events.clone())?;
+            QueueSm::open(gid, self.wal.clone(), owner, snapshot.as_deref())?;
         let network = GroupNetwork {
             group: gid,
             peers: self.peers.clone(),
@@ -403,6 +487,20 @@ impl QuorumGroups {
                 Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
                 Err(e) => return Err(io::Error::other(e)),
             }
+        } else if fresh {
+            // The initializer may be down when the declare is applied here:
+            // then the other members initialise too, after a while without a
+            // leader. Initialising several members with the same membership is
+            // safe in Raft (openraft's `initialize` docs); one of them wins.
+            let (raft, members) = (raft.clone(), record.members.clone());
+            let wait = self.settings.election_max * 8;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                if matches!(raft.is_initialized().await, Ok(false)) {
+                    tracing::info!(group = gid, "quorum group initialised by a non-initializer");
+                    let _ = raft.initialize(members).await;
+                }
+            });
         }
         let handle = GroupHandle {
             inner: Arc::new(GroupInner {
@@ -411,7 +509,6 @@ impl QuorumGroups {
                 raft,
                 state,
                 applied,
-                events,
                 log,
                 members: record.members,
             }),
@@ -420,57 +517,51 @@ impl QuorumGroups {
         Ok(handle)
     }
 
-    /// Creates (or, if it exists, returns) the group `gid` over `members`
-    /// (this node must be one). The first member (lowest id) initialises it.
-    pub async fn create(
-        &self,
-        gid: u64,
-        members: BTreeMap<NodeId, Member>,
-    ) -> io::Result<GroupHandle> {
-        let first = members.keys().next().copied().unwrap_or(self.id);
-        self.create_led_by(gid, members, first).await
-    }
-
-    /// [`QuorumGroups::create`], with `initializer` (a member) initialising
-    /// the group: it normally becomes the first leader, which is how the
-    /// placement spreads leaders across nodes. Every member must be created
-    /// with the same arguments. Durable before it returns: the group is
-    /// restarted by [`QuorumGroups::open`] after a restart.
-    pub async fn create_led_by(
-        &self,
-        gid: u64,
-        members: BTreeMap<NodeId, Member>,
-        initializer: NodeId,
-    ) -> io::Result<GroupHandle> {
+    /// Records `p` and creates (or, if it exists, returns) its group on this
+    /// node, which must be a member. The initializer normally becomes the
+    /// first leader, which is how the placement spreads leaders across nodes.
+    /// Every member must be created with the same placement. Durable before it
+    /// returns: the group is restarted by [`QuorumGroups::open`] after a
+    /// restart.
+    pub async fn create(&self, p: &Placement) -> io::Result<GroupHandle> {
         let _admin = self.admin.lock().await;
-        if let Some(h) = self.registry.get(gid) {
+        self.place(p.clone());
+        if let Some(h) = self.registry.get(p.gid) {
             return Ok(h);
         }
-        if let Some(e) = self.damaged_write().get(&gid) {
+        if let Some(e) = self.damaged_write().get(&p.gid) {
             // Restarting it empty would let this replica vote without the
             // log (and vote) it had: refused until deleted here.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("quorum group {gid} is damaged on this node: {e}"),
+                format!("quorum group {} is damaged on this node: {e}", p.gid),
             ));
         }
-        if !members.contains_key(&self.id) || !members.contains_key(&initializer) {
+        if !p.members.contains_key(&self.id) || !p.members.contains_key(&p.initializer) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "this node and the initializer must be members of the group",
             ));
         }
-        let record = GroupRecord {
-            members,
-            initializer,
-        };
-        self.wal.put_group(gid, encode(&record)?).await?;
-        self.start(gid, record, None).await
+        self.wal.put_group(p.gid, encode(p)?).await?;
+        self.start(p.clone(), None, true).await
     }
 
-    /// Stops the group and deletes its log, state and snapshot on this node.
+    /// Records `p`; creates its group here if this node is a member.
+    pub async fn ensure(&self, p: &Placement) -> io::Result<()> {
+        if p.members.contains_key(&self.id) {
+            self.create(p).await.map(drop)
+        } else {
+            self.place(p.clone());
+            Ok(())
+        }
+    }
+
+    /// Stops the group and deletes its log, state and snapshot on this node,
+    /// and forgets its placement.
     pub async fn delete(&self, gid: u64) -> io::Result<()> {
         let _admin = self.admin.lock().await;
+        self.placements_write().retain(|_, p| p.gid != gid);
         self.damaged_write().remove(&gid);
         let handle = self.registry.write().remove(&gid);
         if let Some(h) = handle {
@@ -497,11 +588,7 @@ impl QuorumGroups {
 
     /// Proposes `cmd` to the group's leader: here if this node leads it, else
     /// forwarded once to the leader this node knows of.
-    pub async fn propose(
-        &self,
-        gid: u64,
-        cmd: QueueCommand,
-    ) -> Result<(u64, Outcome), ProposeError> {
+    pub async fn propose(&self, gid: u64, cmd: Batch) -> Result<(u64, Outcome), ProposeError> {
         let h = self.get(gid).ok_or(ProposeError::NoGroup)?;
         match h.propose(cmd.clone()).await {
             Err(ProposeError::NotLeader(Some(leader))) if leader.name != self.me.name => {
@@ -511,12 +598,59 @@ impl QuorumGroups {
         }
     }
 
+    /// Proposes `cmd` to the group of `vhost`/`queue`, wherever its leader is:
+    /// here, or forwarded to the leader this node knows of, or (a node outside
+    /// the group, or a member that knows no leader) to the members in turn,
+    /// following their redirects a few hops. `Failed`: the outcome is unknown
+    /// (the caller resends; the machine deduplicates enqueues).
+    pub async fn propose_to_queue(
+        &self,
+        vhost: &str,
+        queue: &str,
+        cmd: Batch,
+    ) -> Result<(u64, Outcome), ProposeError> {
+        let p = self.placement(vhost, queue).ok_or(ProposeError::NoGroup)?;
+        let mut targets: std::collections::VecDeque<Member> = std::collections::VecDeque::new();
+        if let Some(h) = self.get(p.gid) {
+            match h.propose(cmd.clone()).await {
+                Err(ProposeError::NotLeader(Some(l))) if l.name != self.me.name => {
+                    targets.push_back(l)
+                }
+                Err(ProposeError::NotLeader(_)) => {}
+                other => return other,
+            }
+        }
+        if targets.is_empty() {
+            targets.extend(
+                p.members
+                    .values()
+                    .filter(|m| m.name != self.me.name)
+                    .cloned(),
+            );
+        }
+        let mut last = ProposeError::NotLeader(None);
+        for _ in 0..4 {
+            let Some(m) = targets.pop_front() else {
+                break;
+            };
+            match self.forward(p.gid, &m, cmd.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(ProposeError::NotLeader(Some(l))) if l.name != self.me.name => {
+                    targets.push_front(l);
+                }
+                Err(e @ ProposeError::Failed(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Sends `cmd` to `leader` for it to write.
     pub async fn forward(
         &self,
         gid: u64,
         leader: &Member,
-        cmd: QueueCommand,
+        cmd: Batch,
     ) -> Result<(u64, Outcome), ProposeError> {
         let peer = self.peers.get(&leader.addr);
         match peer
@@ -539,7 +673,9 @@ impl QuorumGroups {
     /// (what a crash does, minus the torn writes).
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
-        self.accept.abort();
+        if let Some(a) = &self.accept {
+            a.abort();
+        }
         let handles: Vec<GroupHandle> = self.registry.write().drain().map(|(_, h)| h).collect();
         for h in handles {
             if let Err(e) = h.inner.raft.shutdown().await {
@@ -554,17 +690,23 @@ impl QuorumGroups {
 impl Drop for QuorumGroups {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-        self.accept.abort();
+        if let Some(a) = &self.accept {
+            a.abort();
+        }
     }
 }
 
+/// The own listener's accept loop (in-process tests): each connection is
+/// authenticated through `link` and must open with the `QuorumMux` hello,
+/// as on the cluster port.
 async fn accept_loop(
     listener: tokio::net::TcpListener,
+    link: Link,
     registry: Weak<Registry>,
     stop: watch::Receiver<bool>,
 ) {
     loop {
-        let (stream, _) = match crate::transport::accept(&listener).await {
+        let (tcp, peer) = match crate::transport::accept(&listener).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "quorum accept failed");
@@ -574,7 +716,22 @@ async fn accept_loop(
         };
         let registry = registry.clone();
         let mut stop = stop.clone();
+        let link = link.clone();
         tokio::spawn(async move {
+            let mut stream = match link.secure(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "quorum connection refused");
+                    return;
+                }
+            };
+            match crate::transport::read_frame::<_, Request>(&mut stream).await {
+                Ok(Some(Request::QuorumMux)) => {}
+                _ => {
+                    tracing::warn!(%peer, "quorum connection without its hello");
+                    return;
+                }
+            }
             tokio::select! {
                 _ = serve(stream, registry) => {}
                 _ = stop.wait_for(|s| *s) => {}

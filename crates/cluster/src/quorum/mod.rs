@@ -2,19 +2,20 @@
 //!
 //! - [`wal`]: every group on a node appends through one shared log with group
 //!   commit (one fsync per batch of appends from all groups).
-//! - [`machine`]: the queue's deterministic state machine (enqueue with
-//!   deduplication, settle, return, discard, purge) and its snapshot.
-//! - [`sm`]: openraft's `RaftStateMachine` over it, with the snapshot policy.
+//! - [`sm`]: openraft's `RaftStateMachine` over the core's queue machine
+//!   (`switchyard_core::quorum::QueueMachine`), with the snapshot policy; what
+//!   the machine assigns to this node goes to the broker through [`Deliver`].
 //! - [`network`]: the groups' RPCs between two nodes, multiplexed over one
-//!   pipelined connection per peer.
+//!   pipelined connection per peer, dialled through the node's authenticated
+//!   `Link` and accepted on the cluster port.
 //! - [`group`]: the per-node manager ([`QuorumGroups`]) and the per-queue
-//!   handle ([`GroupHandle`]) the broker uses.
+//!   handle ([`GroupHandle`]).
 //!
-//! Not wired into the broker yet: the broker-side queue on the leader,
-//! forwarding publishes, remote consumers and confirms build on this API.
+//! The metadata log decides which groups exist: applying a quorum queue's
+//! declare creates its group on the members (`crate::sm`), deleting the
+//! queue deletes it.
 
 pub mod group;
-pub mod machine;
 pub mod network;
 pub mod sm;
 pub mod wal;
@@ -24,15 +25,23 @@ mod tests;
 
 use std::io::Cursor;
 
-pub use group::{GroupEvent, GroupHandle, ProposeError, QuorumGroups, QuorumSettings};
-pub use machine::{Outcome, QueueCommand, QueueState, ReadyMessage};
+pub use group::{GroupHandle, Placement, ProposeError, QuorumGroups, QuorumSettings};
+pub use sm::Deliver;
+use switchyard_core::quorum::{QueueApplied, QueueCommand};
 
 use crate::types::{Member, NodeId};
+
+/// One log entry of a queue's group: the commands one proposal batched, applied
+/// in order (what `QuorumLog::propose` hands over).
+pub type Batch = Vec<QueueCommand>;
+
+/// What applying a [`Batch`] answered, one per command.
+pub type Outcome = Vec<QueueApplied>;
 
 openraft::declare_raft_types!(
     /// A quorum queue group's types.
     pub QueueTypeConfig:
-        D = QueueCommand,
+        D = Batch,
         R = Outcome,
         NodeId = NodeId,
         Node = Member,

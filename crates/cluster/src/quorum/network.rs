@@ -22,10 +22,12 @@
 //! responses are ignored); a read or write error drops the connection, fails
 //! everything pending on it, and the next call dials again.
 //!
-//! Frames are the metadata transport's (4-byte length, postcard), so a later
-//! integration can hand a connection accepted on the cluster port to
-//! [`serve`] after a hello frame; for now [`super::QuorumGroups`] has its own
-//! listener.
+//! Frames are the metadata transport's (4-byte length, postcard), and so is
+//! the way in: a connection is dialled through the node's [`Link`] (mutual TLS
+//! with `[tls]`, the cookie challenge with `[cluster] cookie`) to the peer's
+//! cluster port, and its first frame is `Request::QuorumMux`; the cluster's
+//! accept loop then hands the rest of the connection to [`serve`]. So quorum
+//! traffic is authenticated exactly like the metadata traffic, on one port.
 
 use std::collections::HashMap;
 use std::io;
@@ -42,14 +44,12 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::group::{ProposeError, Registry};
-use super::machine::{Outcome, QueueCommand};
-use super::QueueTypeConfig;
-use crate::transport::{read_frame, CONNECT_TIMEOUT, MAX_FRAME};
+use super::{Batch, Outcome, QueueTypeConfig};
+use crate::transport::{read_frame, write_frame, Link, NodeStream, Request, MAX_FRAME};
 use crate::types::{Member, NodeId};
 
 /// A request to one group on a peer.
@@ -59,8 +59,8 @@ pub enum GroupRpc {
     AppendEntries(AppendEntriesRequest<QueueTypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<QueueTypeConfig>),
-    /// A command proposed elsewhere, for the leader to write.
-    Propose(QueueCommand),
+    /// Commands proposed elsewhere, for the leader to write as one entry.
+    Propose(Batch),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -105,7 +105,7 @@ fn frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
 
 /// Writes every queued frame, coalescing what is queued into one write.
 async fn write_loop(
-    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut w: tokio::io::WriteHalf<NodeStream>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     closed: Arc<AtomicBool>,
 ) {
@@ -156,8 +156,8 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    fn start(stream: TcpStream) -> Conn {
-        let (mut r, w) = stream.into_split();
+    fn start(stream: NodeStream) -> Conn {
+        let (mut r, w) = tokio::io::split(stream);
         let (tx, rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
@@ -192,14 +192,16 @@ pub struct CallError {
 /// The multiplexed connection to one peer.
 pub struct MuxPeer {
     addr: String,
+    link: Link,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
 }
 
 impl MuxPeer {
-    fn new(addr: String) -> Self {
+    fn new(addr: String, link: Link) -> Self {
         MuxPeer {
             addr,
+            link,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
         }
@@ -213,7 +215,10 @@ impl MuxPeer {
             }
         }
         *guard = None;
-        let c = Arc::new(Conn::start(dial_plain(&self.addr).await?));
+        let mut stream = self.link.dial(&self.addr).await?;
+        // The hello: the peer's cluster port serves quorum groups from here on.
+        write_frame(&mut stream, &Request::QuorumMux).await?;
+        let c = Arc::new(Conn::start(stream));
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -259,16 +264,25 @@ impl MuxPeer {
 #[derive(Clone, Default)]
 pub struct MuxPeers {
     peers: Arc<Mutex<HashMap<String, Arc<MuxPeer>>>>,
+    link: Link,
 }
 
 impl MuxPeers {
+    /// Connections dialled through `link`.
+    pub fn new(link: Link) -> Self {
+        MuxPeers {
+            peers: Arc::default(),
+            link,
+        }
+    }
+
     pub fn get(&self, addr: &str) -> Arc<MuxPeer> {
         let mut m = match self.peers.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
         m.entry(addr.to_owned())
-            .or_insert_with(|| Arc::new(MuxPeer::new(addr.to_owned())))
+            .or_insert_with(|| Arc::new(MuxPeer::new(addr.to_owned(), self.link.clone())))
             .clone()
     }
 
@@ -281,9 +295,10 @@ impl MuxPeers {
     }
 }
 
-/// Serves one accepted connection: each request runs in its own task.
-pub async fn serve(stream: TcpStream, registry: Weak<Registry>) {
-    let (mut r, w) = stream.into_split();
+/// Serves one accepted, authenticated connection after its hello: each
+/// request runs in its own task.
+pub async fn serve(stream: NodeStream, registry: Weak<Registry>) {
+    let (mut r, w) = tokio::io::split(stream);
     let (tx, rx) = mpsc::unbounded_channel();
     let closed = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_loop(w, rx, closed));
@@ -413,19 +428,4 @@ impl RaftNetwork<QueueTypeConfig> for GroupClient {
             other => Err(unexpected(&other)),
         }
     }
-}
-
-/// A plain TCP connection to a peer's quorum port (not yet over the node's
-/// authenticated inter-node `Link`).
-async fn dial_plain(addr: &str) -> std::io::Result<TcpStream> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connecting to {addr} timed out"),
-            )
-        })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }

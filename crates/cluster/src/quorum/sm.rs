@@ -1,12 +1,18 @@
-//! openraft's `RaftStateMachine` for a quorum queue: the in-memory
-//! [`QueueState`] plus the applied position and membership.
+//! openraft's `RaftStateMachine` for a quorum queue: the core's
+//! [`QueueMachine`] (the one state machine of a quorum queue) plus the applied
+//! position and membership.
 //!
 //! Persistence is by snapshot (openraft's "persistent snapshot" option):
-//! `apply` changes memory only; a snapshot (the whole dehydrated state, built
-//! every `snapshot_every` applied entries by openraft's `SnapshotPolicy`) is
-//! written durably to the shared WAL before openraft may purge the log up to
-//! it. On reopen the state is the last snapshot, and openraft re-applies the
+//! `apply` changes memory only; a snapshot (the whole machine, built every
+//! `snapshot_every` applied entries by openraft's `SnapshotPolicy`) is written
+//! durably to the shared WAL before openraft may purge the log up to it. On
+//! reopen the machine is the last snapshot, and openraft re-applies the
 //! committed entries after it from the log.
+//!
+//! What the machine assigns to this node goes to the broker ([`Deliver`]), but
+//! only while the node's incarnation announced in the log is the one this
+//! process runs as: entries re-applied after a restart were assigned to the
+//! previous incarnation, whose local queue is gone (its `NodeUp` returns them).
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,27 +20,32 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, Snapshot};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use switchyard_core::quorum::{Assigned, QueueMachine};
+use tokio::sync::watch;
 
-use super::machine::{Outcome, QueueCommand, QueueState};
 use super::wal::{encode, Wal};
-use super::{QEntry, QLogId, QSnapshotMeta, QStorageError, QStoredMembership, QueueTypeConfig};
+use super::{
+    Outcome, QEntry, QLogId, QSnapshotMeta, QStorageError, QStoredMembership, QueueTypeConfig,
+};
 
-/// What a group's subscribers hear, in log order.
-#[derive(Debug, Clone)]
-pub enum GroupEvent {
-    /// A command was applied at `index` with this outcome.
-    Applied {
-        index: u64,
-        command: QueueCommand,
-        outcome: Outcome,
-    },
-    /// The state was replaced by a snapshot (up to `index`): re-read it with
-    /// `GroupHandle::ready_messages`.
-    Reset { index: u64 },
+/// Where a group hands what its machine assigned to this node (the broker's
+/// `VHost::quorum_assigned` on a cluster node).
+pub trait Deliver: Send + Sync {
+    /// `assigned`, in log order, all for this node's current incarnation.
+    fn assigned(&self, vhost: &str, queue: &str, assigned: Vec<Assigned>);
 }
 
-/// A snapshot as stored in the WAL: meta and body (a postcard [`QueueState`]).
+/// Who a group's state machine serves: its queue and this node.
+#[derive(Clone)]
+pub(crate) struct Owner {
+    pub vhost: String,
+    pub queue: String,
+    pub node: String,
+    pub incarnation: u64,
+    pub deliver: Option<Arc<dyn Deliver>>,
+}
+
+/// A snapshot as stored in the WAL: meta and body (a postcard [`QueueMachine`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct StoredSnapshot {
     pub meta: QSnapshotMeta,
@@ -53,10 +64,10 @@ fn read_err(e: impl std::fmt::Display) -> QStorageError {
     )
 }
 
-/// The state shared between the state machine and the group's handles.
-pub(crate) type Shared = Arc<Mutex<QueueState>>;
+/// The machine shared between the state machine and the group's handles.
+pub(crate) type Shared = Arc<Mutex<QueueMachine>>;
 
-pub(crate) fn lock(s: &Shared) -> MutexGuard<'_, QueueState> {
+pub(crate) fn lock(s: &Shared) -> MutexGuard<'_, QueueMachine> {
     match s.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -66,13 +77,13 @@ pub(crate) fn lock(s: &Shared) -> MutexGuard<'_, QueueState> {
 pub struct QueueSm {
     group: u64,
     wal: Wal,
+    owner: Owner,
     state: Shared,
     applied: Option<QLogId>,
     membership: QStoredMembership,
     /// The last snapshot, shared with the builders (which replace it).
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     applied_tx: watch::Sender<u64>,
-    events: broadcast::Sender<GroupEvent>,
 }
 
 impl QueueSm {
@@ -80,32 +91,32 @@ impl QueueSm {
     pub(crate) fn open(
         group: u64,
         wal: Wal,
+        owner: Owner,
         snapshot: Option<&[u8]>,
-        events: broadcast::Sender<GroupEvent>,
     ) -> std::io::Result<(QueueSm, Shared, watch::Receiver<u64>)> {
-        let mut sm_state = QueueState::default();
+        let mut machine = QueueMachine::default();
         let mut applied = None;
         let mut membership = QStoredMembership::default();
         let mut stored = None;
         if let Some(bytes) = snapshot {
             let s: StoredSnapshot = postcard::from_bytes(bytes).map_err(std::io::Error::other)?;
-            sm_state = postcard::from_bytes(&s.data).map_err(std::io::Error::other)?;
+            machine = postcard::from_bytes(&s.data).map_err(std::io::Error::other)?;
             applied = s.meta.last_log_id;
             membership = s.meta.last_membership.clone();
             stored = Some(s);
         }
-        let state = Arc::new(Mutex::new(sm_state));
+        let state = Arc::new(Mutex::new(machine));
         let (applied_tx, applied_rx) = watch::channel(applied.map_or(0, |l| l.index));
         Ok((
             QueueSm {
                 group,
                 wal,
+                owner,
                 state: state.clone(),
                 applied,
                 membership,
                 snapshot: Arc::new(Mutex::new(stored)),
                 applied_tx,
-                events,
             },
             state,
             applied_rx,
@@ -116,7 +127,7 @@ impl QueueSm {
 pub struct SnapshotBuilder {
     group: u64,
     wal: Wal,
-    state: QueueState,
+    state: QueueMachine,
     applied: Option<QLogId>,
     membership: QStoredMembership,
     slot: Arc<Mutex<Option<StoredSnapshot>>>,
@@ -176,33 +187,45 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
         I::IntoIter: Send,
     {
         let mut out = Vec::new();
-        let mut events = Vec::new();
+        let mut mine: Vec<Assigned> = Vec::new();
         {
-            let mut state = lock(&self.state);
+            let mut m = lock(&self.state);
+            let mut assigned = Vec::new();
             for e in entries {
                 self.applied = Some(e.log_id);
                 let outcome = match e.payload {
-                    EntryPayload::Blank => Outcome::Noop,
-                    EntryPayload::Normal(cmd) => {
-                        let outcome = state.apply(e.log_id.index, &cmd);
-                        events.push(GroupEvent::Applied {
-                            index: e.log_id.index,
-                            command: cmd,
-                            outcome,
-                        });
-                        outcome
+                    EntryPayload::Blank => Vec::new(),
+                    EntryPayload::Normal(batch) => {
+                        let mut answers = Vec::with_capacity(batch.len());
+                        for cmd in batch {
+                            // A message's index is the machine's own running
+                            // count, not the Raft index: one entry carries a
+                            // batch of commands, each enqueue needs its own
+                            // identity, and every member counts the same.
+                            let index = m.applied_index() + 1;
+                            answers.push(m.apply(index, cmd, &mut assigned));
+                        }
+                        // Checked per entry: a later entry may announce a new
+                        // incarnation that took back what this one assigned.
+                        if m.incarnation_of(&self.owner.node) == Some(self.owner.incarnation) {
+                            mine.extend(assigned.drain(..).filter(|a| a.node == self.owner.node));
+                        } else {
+                            assigned.clear();
+                        }
+                        answers
                     }
-                    EntryPayload::Membership(m) => {
-                        self.membership = QStoredMembership::new(Some(e.log_id), m);
-                        Outcome::Noop
+                    EntryPayload::Membership(mem) => {
+                        self.membership = QStoredMembership::new(Some(e.log_id), mem);
+                        Vec::new()
                     }
                 };
                 out.push(outcome);
             }
         }
-        if self.events.receiver_count() > 0 {
-            for ev in events {
-                let _ = self.events.send(ev);
+        // Outside the machine's lock: the broker takes its own locks.
+        if !mine.is_empty() {
+            if let Some(d) = &self.owner.deliver {
+                d.assigned(&self.owner.vhost, &self.owner.queue, mine);
             }
         }
         self.applied_tx
@@ -231,7 +254,7 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), QStorageError> {
         let data = snapshot.into_inner();
-        let new_state: QueueState = postcard::from_bytes(&data).map_err(read_err)?;
+        let new_state: QueueMachine = postcard::from_bytes(&data).map_err(read_err)?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data,
@@ -240,12 +263,16 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
             .put_snapshot(self.group, encode(&stored).map_err(write_err)?)
             .await
             .map_err(write_err)?;
+        // What the snapshot has checked out to this node's current
+        // incarnation is not handed over again: some of it may sit in the local
+        // queue already (delivered, unacked), and the core queue cannot tell.
+        // It stays checked out here until this node's next `NodeUp` (restart)
+        // returns it; a follower so far behind that it needs a snapshot is rare.
         *lock(&self.state) = new_state;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         *slot(&self.snapshot) = Some(stored);
         let index = self.applied.map_or(0, |l| l.index);
-        let _ = self.events.send(GroupEvent::Reset { index });
         self.applied_tx.send_replace(index);
         Ok(())
     }

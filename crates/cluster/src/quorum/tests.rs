@@ -1,28 +1,84 @@
-//! Quorum groups on three in-process nodes over loopback TCP.
+//! Quorum groups on three in-process nodes over loopback TCP, authenticated
+//! by a cookie as on the cluster port.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use switchyard_core::quorum::{Assigned, QueueApplied, QueueCommand, QueueMachine};
 
 use super::*;
+use crate::transport::{Cookie, Link};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn settings(name: &str, listen: &str, dir: &std::path::Path) -> QuorumSettings {
+fn settings(name: &str, listen: &str, dir: &std::path::Path, incarnation: u64) -> QuorumSettings {
     let mut s = QuorumSettings::new(name.to_owned(), listen.to_owned(), dir.to_path_buf());
     // Small, so that the test sees snapshots, purges and a snapshot install.
     s.snapshot_every = 16;
     s.keep_logs = 0;
+    s.incarnation = incarnation;
     s
 }
 
-fn enqueue(enqueuer: u64, seq: u64) -> QueueCommand {
-    QueueCommand::Enqueue {
+fn link() -> Link {
+    Link::client(None, Some(Cookie::new("quorum test cookie")))
+}
+
+/// What the groups handed to one node, by queue.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(String, u64, u32)>>);
+
+impl Deliver for Recorder {
+    fn assigned(&self, _vhost: &str, queue: &str, assigned: Vec<Assigned>) {
+        let mut got = self.0.lock().unwrap();
+        got.extend(
+            assigned
+                .into_iter()
+                .map(|a| (queue.to_owned(), a.index, a.delivery_count)),
+        );
+    }
+}
+
+async fn open(
+    name: &str,
+    listen: &str,
+    dir: &std::path::Path,
+    incarnation: u64,
+    deliver: Arc<Recorder>,
+) -> QuorumGroups {
+    QuorumGroups::open(
+        settings(name, listen, dir, incarnation),
+        link(),
+        Some(deliver),
+    )
+    .await
+    .unwrap()
+}
+
+fn placement(gid: u64, members: &BTreeMap<NodeId, Member>, initializer: NodeId) -> Placement {
+    Placement {
+        vhost: "/".into(),
+        queue: format!("q{gid}"),
+        gid,
+        members: members.clone(),
+        initializer,
+    }
+}
+
+fn enqueue(enqueuer: u64, seq: u64) -> Batch {
+    vec![QueueCommand::Enqueue {
         enqueuer,
         seq,
-        message: Bytes::from(format!("m{enqueuer}-{seq}")),
+        body: format!("m{enqueuer}-{seq}").into_bytes(),
+    }]
+}
+
+fn enqueued(outcome: &Outcome) -> Option<(u64, bool)> {
+    match outcome.as_slice() {
+        [QueueApplied::Enqueued { index, duplicate }] => Some((*index, *duplicate)),
+        _ => None,
     }
 }
 
@@ -57,23 +113,19 @@ async fn wait_applied(h: &GroupHandle, index: u64) {
         .unwrap();
 }
 
-fn bodies(h: &GroupHandle) -> Vec<(u64, Bytes, u32)> {
-    h.ready_messages()
-        .into_iter()
-        .map(|m| (m.index, m.message, m.delivery_count))
-        .collect()
+fn machine(h: &GroupHandle) -> QueueMachine {
+    h.with_state(|m| m.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_fail_over_dedup_and_recover() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let names = ["q1", "q2", "q3"];
+    let recorders: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::default()).collect();
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
         nodes.push(Some(
-            QuorumGroups::open(settings(name, "127.0.0.1:0", dirs[i].path()))
-                .await
-                .unwrap(),
+            open(name, "127.0.0.1:0", dirs[i].path(), 7, recorders[i].clone()).await,
         ));
     }
     let members: BTreeMap<NodeId, Member> = nodes
@@ -90,17 +142,16 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
     // Three groups, each initialised by a different node (leaders spread).
     for gid in 1..=3u64 {
         for n in nodes.iter().flatten() {
-            let h = n
-                .create_led_by(gid, members.clone(), ids[(gid as usize - 1) % 3])
-                .await
-                .unwrap();
+            let p = placement(gid, &members, ids[(gid as usize - 1) % 3]);
+            let h = n.create(&p).await.unwrap();
             assert_eq!(h.id(), gid);
             // Idempotent.
-            n.create(gid, members.clone()).await.unwrap();
+            n.create(&p).await.unwrap();
+            assert_eq!(n.placement("/", &p.queue), Some(p));
         }
     }
 
-    // Enqueues on each group's leader; a few settled and returned in group 1.
+    // Enqueues on each group's leader.
     let mut last = BTreeMap::new();
     for gid in 1..=3u64 {
         let l = leader_of(&view(&nodes), gid).await;
@@ -108,32 +159,58 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
         let count = if gid == 1 { 40 } else { 10 };
         for seq in 1..=count {
             let (index, outcome) = h.propose(enqueue(7, seq)).await.unwrap();
-            assert_eq!(outcome, Outcome::Enqueued);
+            assert_eq!(enqueued(&outcome).map(|e| e.1), Some(false));
             last.insert(gid, index);
         }
     }
+    // q1 (incarnation 7) checks out three of group 1's messages in one entry,
+    // proposed through any node: only q1 is handed them, once.
+    let (index, _) = nodes[2]
+        .as_ref()
+        .unwrap()
+        .propose_to_queue(
+            "/",
+            "q1",
+            vec![
+                QueueCommand::NodeUp {
+                    node: "q1".into(),
+                    incarnation: 7,
+                },
+                QueueCommand::Checkout {
+                    node: "q1".into(),
+                    incarnation: 7,
+                    credit: 3,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    let h = nodes[0].as_ref().unwrap().get(1).unwrap();
+    wait_applied(&h, index).await;
+    let handed: Vec<(String, u64, u32)> = recorders[0].0.lock().unwrap().clone();
+    assert_eq!(
+        handed,
+        vec![
+            ("q1".into(), 1, 0),
+            ("q1".into(), 2, 0),
+            ("q1".into(), 3, 0)
+        ]
+    );
     let g1 = leader_of(&view(&nodes), 1).await;
     let h1 = nodes[g1].as_ref().unwrap().get(1).unwrap();
-    let first: Vec<u64> = h1
-        .ready_messages()
-        .iter()
-        .take(3)
-        .map(|m| m.index)
-        .collect();
-    let (_, o) = h1
-        .propose(QueueCommand::Settle {
-            indexes: vec![first[0]],
-        })
-        .await
-        .unwrap();
-    assert_eq!(o, Outcome::Settled { count: 1 });
-    let (index, o) = h1
-        .propose(QueueCommand::Return {
-            indexes: vec![first[1]],
-        })
-        .await
-        .unwrap();
-    assert_eq!(o, Outcome::Returned { count: 1 });
+    h1.propose(vec![
+        QueueCommand::Settle {
+            node: "q1".into(),
+            indexes: vec![1],
+        },
+        QueueCommand::Return {
+            node: "q1".into(),
+            indexes: vec![2],
+        },
+    ])
+    .await
+    .unwrap();
+    let (index, _) = h1.propose(enqueue(9, 1)).await.unwrap();
     last.insert(1, index);
 
     // Applied on all three, identically.
@@ -142,16 +219,24 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
         for n in nodes.iter().flatten() {
             let h = n.get(gid).unwrap();
             wait_applied(&h, last[&gid]).await;
-            states.push(bodies(&h));
+            states.push(machine(&h));
         }
-        assert_eq!(states[0].len(), if gid == 1 { 39 } else { 10 });
+        if gid == 1 {
+            assert_eq!(
+                (states[0].ready_count(), states[0].checked_out_count()),
+                (39, 1)
+            );
+        } else {
+            assert_eq!(states[0].ready_count(), 10);
+        }
         assert!(
             states.iter().all(|s| *s == states[0]),
             "group {gid} differs"
         );
     }
-    let before = bodies(&h1);
-    assert_eq!(before[0].2, 1, "the returned message counts a delivery");
+    assert!(recorders[1].0.lock().unwrap().is_empty());
+    assert!(recorders[2].0.lock().unwrap().is_empty());
+    let before = machine(&h1);
 
     // Group 1's leader dies.
     let dead = g1;
@@ -164,34 +249,37 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
     let elected_in = started.elapsed();
     let node = nodes[g1].as_ref().unwrap();
     let h1 = node.get(1).unwrap();
-    // Every committed enqueue is on the new leader.
-    let (_, ready) = h1.leader_view().await.unwrap();
-    let after: Vec<(u64, Bytes, u32)> = ready
-        .into_iter()
-        .map(|m| (m.index, m.message, m.delivery_count))
-        .collect();
+    // Every committed command is on the new leader.
+    let (_, after) = h1.leader_view().await.unwrap();
     assert_eq!(after, before);
     // A publisher resending after the leader change is deduplicated...
-    match h1.propose(enqueue(7, 40)).await.unwrap() {
-        (_, Outcome::Duplicate { last_seq, .. }) => assert_eq!(last_seq, 40),
-        other => panic!("expected a duplicate, got {other:?}"),
-    }
+    assert_eq!(
+        enqueued(&h1.propose(enqueue(7, 40)).await.unwrap().1),
+        Some((40, true))
+    );
     // ...and its next message goes in, also when proposed on a follower
     // (forwarded to the leader).
     assert_eq!(
-        h1.propose(enqueue(7, 41)).await.unwrap().1,
-        Outcome::Enqueued
+        enqueued(&h1.propose(enqueue(7, 41)).await.unwrap().1).map(|e| e.1),
+        Some(false)
     );
     let follower = (0..3).find(|&i| i != g1 && i != dead).unwrap();
     let fnode = nodes[follower].as_ref().unwrap();
     assert_eq!(
-        fnode.propose(1, enqueue(7, 42)).await.unwrap().1,
-        Outcome::Enqueued
+        enqueued(&fnode.propose(1, enqueue(7, 42)).await.unwrap().1).map(|e| e.1),
+        Some(false)
     );
-    assert!(matches!(
-        fnode.propose(1, enqueue(7, 42)).await.unwrap().1,
-        Outcome::Duplicate { .. }
-    ));
+    assert_eq!(
+        enqueued(
+            &fnode
+                .propose_to_queue("/", "q1", enqueue(7, 42))
+                .await
+                .unwrap()
+                .1
+        )
+        .map(|e| e.1),
+        Some(true)
+    );
     // More while the dead node is away: snapshots are built and the log
     // purged, so it will need a snapshot to catch up.
     let mut index = 0;
@@ -210,22 +298,29 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // The dead node restarts from its directory and catches up.
-    let again = QuorumGroups::open(settings(names[dead], &dead_addr, dirs[dead].path()))
-        .await
-        .unwrap();
+    // The dead node restarts from its directory (a new incarnation) and
+    // catches up.
+    let again = open(
+        names[dead],
+        &dead_addr,
+        dirs[dead].path(),
+        8,
+        recorders[dead].clone(),
+    )
+    .await;
     assert_eq!(again.groups(), vec![1, 2, 3]);
+    assert!(again.placement("/", "q2").is_some());
     nodes[dead] = Some(again);
     let back = nodes[dead].as_ref().unwrap().get(1).unwrap();
     wait_applied(&back, index).await;
     wait_applied(&h1, index).await;
-    assert_eq!(bodies(&back), bodies(&h1));
-    assert_eq!(bodies(&back).len(), 39 + 2 + 38);
+    assert_eq!(machine(&back), machine(&h1));
+    assert_eq!(machine(&back).ready_count(), 39 + 2 + 38);
     // The other groups came back too, with their messages.
     for gid in 2..=3u64 {
         let h = nodes[dead].as_ref().unwrap().get(gid).unwrap();
         wait_applied(&h, last[&gid]).await;
-        assert_eq!(h.ready_messages().len(), 10);
+        assert_eq!(machine(&h).ready_count(), 10);
     }
     // It could only catch up through a snapshot (its last entry was purged on
     // the leader), which it now has.
@@ -238,15 +333,47 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_groups_share_fsyncs_and_survive_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = QuorumGroups::open(settings("solo", "127.0.0.1:0", dir.path()))
+async fn a_peer_without_the_cookie_gets_no_answer() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let good = open("c1", "127.0.0.1:0", d1.path(), 1, Arc::default()).await;
+    let bad = QuorumGroups::open(
+        settings("c2", "127.0.0.1:0", d2.path(), 1),
+        Link::client(None, Some(Cookie::new("wrong"))),
+        None,
+    )
+    .await
+    .unwrap();
+    let members = BTreeMap::from([(good.node_id(), good.member())]);
+    let h = good
+        .create(&placement(1, &members, good.node_id()))
         .await
         .unwrap();
+    h.wait_leader(WAIT).await.unwrap();
+    // `bad` knows where the group is but cannot get a proposal through.
+    bad.place(placement(1, &members, good.node_id()));
+    let r = bad.propose_to_queue("/", "q1", enqueue(1, 1)).await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(machine(&h).ready_count(), 0);
+    // The right cookie gets through.
+    assert!(good
+        .propose_to_queue("/", "q1", enqueue(1, 1))
+        .await
+        .is_ok());
+    good.shutdown().await;
+    bad.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_groups_share_fsyncs_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open("solo", "127.0.0.1:0", dir.path(), 1, Arc::default()).await;
     let members = BTreeMap::from([(node.node_id(), node.member())]);
     let groups = 20u64;
     for gid in 1..=groups {
-        let h = node.create(gid, members.clone()).await.unwrap();
+        let h = node
+            .create(&placement(gid, &members, node.node_id()))
+            .await
+            .unwrap();
         h.wait_leader(WAIT).await.unwrap();
     }
     let before_batches = node.wal_stats().batches.load(Ordering::Relaxed);
@@ -274,21 +401,20 @@ async fn concurrent_groups_share_fsyncs_and_survive_a_restart() {
 
     tracing::info!(batches, appends, "group commit");
     node.delete(20).await.unwrap();
+    assert!(node.placement("/", "q20").is_none());
     node.shutdown().await;
     drop(node);
-    let node = QuorumGroups::open(settings("solo", "127.0.0.1:0", dir.path()))
-        .await
-        .unwrap();
+    let node = open("solo", "127.0.0.1:0", dir.path(), 2, Arc::default()).await;
     assert_eq!(node.groups(), (1..groups).collect::<Vec<_>>());
     for gid in 1..groups {
         let h = node.get(gid).unwrap();
         h.wait_leader(WAIT).await.unwrap();
-        let (_, ready) = h.leader_view().await.unwrap();
-        assert_eq!(ready.len(), 10, "group {gid}");
-        assert!(matches!(
-            h.propose(enqueue(1, 10)).await.unwrap().1,
-            Outcome::Duplicate { .. }
-        ));
+        let (_, m) = h.leader_view().await.unwrap();
+        assert_eq!(m.ready_count(), 10, "group {gid}");
+        assert_eq!(
+            enqueued(&h.propose(enqueue(1, 10)).await.unwrap().1).map(|e| e.1),
+            Some(true)
+        );
     }
     node.shutdown().await;
 }
@@ -328,7 +454,9 @@ async fn idle_groups_cpu() {
             "127.0.0.1:0".into(),
             dirs[i].path().into(),
         );
-        nodes.push(std::sync::Arc::new(QuorumGroups::open(s).await.unwrap()));
+        nodes.push(std::sync::Arc::new(
+            QuorumGroups::open(s, Link::default(), None).await.unwrap(),
+        ));
     }
     let members: BTreeMap<NodeId, Member> =
         nodes.iter().map(|n| (n.node_id(), n.member())).collect();
@@ -337,9 +465,9 @@ async fn idle_groups_cpu() {
     let mut tasks = Vec::new();
     for n in &nodes {
         for gid in 1..=groups {
-            let (n, members, init) = (n.clone(), members.clone(), ids[(gid % 3) as usize]);
+            let (n, p) = (n.clone(), placement(gid, &members, ids[(gid % 3) as usize]));
             tasks.push(tokio::spawn(async move {
-                n.create_led_by(gid, members, init).await.unwrap();
+                n.create(&p).await.unwrap();
             }));
         }
     }

@@ -633,17 +633,17 @@ impl RaftLogStorage<QueueTypeConfig> for GroupLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quorum::machine::QueueCommand;
     use openraft::{CommittedLeaderId, EntryPayload};
+    use switchyard_core::quorum::QueueCommand;
 
     fn entry(group: u64, index: u64) -> QEntry {
         QEntry {
             log_id: QLogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(QueueCommand::Enqueue {
+            payload: EntryPayload::Normal(vec![QueueCommand::Enqueue {
                 enqueuer: group,
                 seq: index,
-                message: bytes::Bytes::from(vec![index as u8; 16]),
-            }),
+                body: vec![index as u8; 16],
+            }]),
         }
     }
 
