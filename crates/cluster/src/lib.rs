@@ -139,6 +139,27 @@ pub struct Status {
     /// proposal to being applied here, in microseconds (0: none yet).
     pub commit_latency_us: u64,
     pub members: Vec<MemberStatus>,
+    /// The quorum queues' groups this node is a member of.
+    #[serde(default)]
+    pub quorum: Vec<GroupStatus>,
+}
+
+/// One quorum queue's group as a member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub vhost: String,
+    pub queue: String,
+    pub group: u64,
+    /// The member names.
+    pub members: Vec<String>,
+    pub leader: Option<String>,
+    /// The index applied here.
+    pub applied: u64,
+    /// Messages ready in the machine, and checked out to nodes.
+    pub ready: usize,
+    pub checked_out: usize,
+    /// Credit the members' consumers hold (0: no consumer takes messages).
+    pub credit: u64,
 }
 
 impl Status {
@@ -160,6 +181,18 @@ impl Status {
                 m.addr,
                 if m.voter { "voter" } else { "learner" },
                 if m.leader { ", leader" } else { "" }
+            ));
+        }
+        for g in &self.quorum {
+            out.push_str(&format!(
+                "  quorum queue {}/{}: group {:016x} on {}, leader {}, {} ready, {} checked out\n",
+                g.vhost,
+                g.queue,
+                g.group,
+                g.members.join(","),
+                g.leader.as_deref().unwrap_or("none"),
+                g.ready,
+                g.checked_out
             ));
         }
         out
@@ -351,7 +384,33 @@ impl Inner {
                 .commit_latency_us
                 .load(std::sync::atomic::Ordering::Relaxed),
             members,
+            quorum: self.group_status(),
         }
+    }
+
+    fn group_status(&self) -> Vec<GroupStatus> {
+        self.groups
+            .placements()
+            .into_iter()
+            .filter_map(|p| {
+                let h = self.groups.get(p.gid)?;
+                let (ready, checked_out, credit) = h.with_state(|m| {
+                    let credit = p.members.values().map(|n| m.credit_of(&n.name)).sum();
+                    (m.ready_count(), m.checked_out_count(), credit)
+                });
+                Some(GroupStatus {
+                    vhost: p.vhost,
+                    queue: p.queue,
+                    group: p.gid,
+                    members: p.members.values().map(|m| m.name.clone()).collect(),
+                    leader: h.leader_member().map(|m| m.name),
+                    applied: *h.applied().borrow(),
+                    ready,
+                    checked_out,
+                    credit,
+                })
+            })
+            .collect()
     }
 
     fn inner_metrics(&self) -> openraft::RaftMetrics<NodeId, Member> {
@@ -650,6 +709,12 @@ impl QuorumLog for GroupProposer {
 
     fn nudge(&self) {
         self.nudge.send_modify(|_| ());
+    }
+
+    fn message_count(&self, vhost: &str, queue: &str) -> Option<usize> {
+        let p = self.groups.placement(vhost, queue)?;
+        let h = self.groups.get(p.gid)?;
+        Some(h.with_state(|m| m.ready_count() + m.checked_out_count()))
     }
 }
 

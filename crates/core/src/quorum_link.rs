@@ -1,8 +1,8 @@
 //! A clustered quorum queue's link to its replicated log, on one node.
 //!
-//! The log itself is elsewhere (crates/cluster), behind [`QuorumLog`]: today
-//! the metadata group carries the queue's commands, later a Raft group per
-//! queue can. The link is the node's side of the design in quorum.rs:
+//! The log itself is elsewhere (crates/cluster), behind [`QuorumLog`]: one
+//! Raft group per queue. The link is the node's side of the design in
+//! quorum.rs:
 //!
 //! - publishes become `Enqueue` commands, numbered by this node's enqueuer id
 //!   (random per node incarnation) and a sequence; one proposer task per queue
@@ -33,8 +33,7 @@ use crate::queue::Queue;
 use crate::quorum::{Assigned, Index, QueueCommand};
 
 /// What [`QuorumLog::propose`] returns: resolves once the commands are
-/// committed and applied on this node, or with an error (not committed, or
-/// an unknown outcome).
+/// committed, or with an error (not committed, or an unknown outcome).
 pub type Proposal = Pin<Box<dyn Future<Output = CoreResult<()>> + Send>>;
 
 /// The replicated log that carries quorum queues' commands on a clustered node.
@@ -50,6 +49,11 @@ pub trait QuorumLog: Send + Sync + Debug {
     fn propose(&self, vhost: &str, queue: &str, cmds: Vec<QueueCommand>) -> Proposal;
     /// Tells connections waiting for confirms that a commit moved.
     fn nudge(&self);
+    /// The queue's messages as this node's copy of the machine has them
+    /// (ready plus checked out to any node); `None`: this node has no copy.
+    fn message_count(&self, _vhost: &str, _queue: &str) -> Option<usize> {
+        None
+    }
 }
 
 /// The credit window of a node whose consumers have unlimited prefetch.
@@ -143,6 +147,11 @@ impl QuorumLink {
         };
         self.wake.notify_one();
         seq
+    }
+
+    /// The queue's messages in the log (see [`QuorumLog::message_count`]).
+    pub fn log_message_count(&self) -> Option<usize> {
+        self.log.message_count(&self.vhost, &self.queue_name)
     }
 
     /// The highest enqueue sequence committed.

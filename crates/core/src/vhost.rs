@@ -403,7 +403,20 @@ impl VHost {
 
     /// Every queue as listed (a snapshot), in name order.
     pub fn queue_infos(&self) -> Vec<QueueInfo> {
-        let mut out: Vec<QueueInfo> = self.queues().iter().map(|q| q.info()).collect();
+        let mut out: Vec<QueueInfo> = self
+            .queues()
+            .iter()
+            .map(|q| {
+                let mut info = q.info();
+                if let Some(total) = q.quorum_link().and_then(|l| l.log_message_count()) {
+                    // A clustered quorum queue's messages are the log's, not
+                    // only what this node holds: ready there, or checked out
+                    // to any node; what is unacked here is counted apart.
+                    info.messages_ready = total.saturating_sub(info.messages_unacknowledged);
+                }
+                info
+            })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -1018,7 +1031,11 @@ impl VHost {
     fn declare_queue_at(&self, mut req: QueueDeclare, propose: bool) -> CoreResult<QueueDeclared> {
         let answer = |q: &Arc<Queue>| QueueDeclared {
             queue: q.clone(),
-            message_count: q.message_count(),
+            // A clustered quorum queue: the log's messages (see `queue_infos`).
+            message_count: match q.quorum_link().and_then(|l| l.log_message_count()) {
+                Some(total) => total.saturating_sub(q.unacked_count()),
+                None => q.message_count(),
+            },
             consumer_count: q.consumer_count(),
         };
         if req.passive {
