@@ -788,6 +788,33 @@ mod quorum_queues {
             count_becomes(&chb, "orders", 0).await;
             cb.close(200, "bye".into()).await.unwrap();
         });
+
+        // The dead node restarts, reopens its member of the group from its
+        // WAL and catches up with what was committed without it.
+        c.restart(l);
+        let caught_up = |c: &LocalCluster| {
+            let gs: Vec<_> = (0..3).filter_map(|i| group(c, i, "orders")).collect();
+            gs.len() == 3
+                && gs
+                    .iter()
+                    .all(|g| g.applied == gs[0].applied && g.ready == 0)
+                && gs
+                    .iter()
+                    .all(|g| g.leader.is_some() && g.leader == gs[0].leader)
+        };
+        eventually(20, "the restarted member caught up", || caught_up(&c));
+
+        // Deleting the queue deletes its group on every member.
+        rt.block_on(async {
+            let (cb, chb) = channel(&c, b).await;
+            chb.queue_delete("orders".into(), Default::default())
+                .await
+                .unwrap();
+            cb.close(200, "bye".into()).await.unwrap();
+        });
+        eventually(10, "the group gone everywhere", || {
+            (0..3).all(|i| status(&c, i).is_some_and(|s| s.quorum.is_empty()))
+        });
     }
 
     #[test]
