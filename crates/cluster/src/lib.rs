@@ -693,6 +693,20 @@ impl QuorumLog for GroupProposer {
     fn propose(&self, vhost: &str, queue: &str, cmds: Vec<QueueCommand>) -> Proposal {
         let groups = self.groups.clone();
         let (vhost, queue) = (vhost.to_owned(), queue.to_owned());
+        let mut cmds = cmds;
+        let member = groups
+            .placement(&vhost, &queue)
+            .map(|p| p.members.contains_key(&groups.node_id()));
+        if member == Some(false) {
+            // A node outside the group (a cluster of more than GROUP_SIZE)
+            // applies no copy of the machine, so nothing assigned to it would
+            // ever reach it: it asks for no credit, and its consumers stay idle
+            // while the members' consumers get the messages.
+            cmds.retain(|c| !matches!(c, QueueCommand::Checkout { .. }));
+            if cmds.is_empty() {
+                return Box::pin(async { Ok(()) });
+            }
+        }
         Box::pin(async move {
             match groups.propose_to_queue(&vhost, &queue, cmds).await {
                 Ok(_) => Ok(()),
