@@ -145,9 +145,9 @@ struct Cli {
     /// Stream protocol: where consumers start (`next`, or `first` to replay).
     #[arg(long, value_parser = ["next", "first"], default_value = "next")]
     stream_offset: String,
-    /// AMQP: the queue type to declare (`classic`, or `stream`: consumed with a
-    /// prefetch and acks, from `next`).
-    #[arg(long, value_parser = ["classic", "stream"], default_value = "classic")]
+    /// AMQP: the queue type to declare (`classic`; `quorum`: durable, replicated
+    /// on a cluster; or `stream`: consumed with a prefetch and acks, from `next`).
+    #[arg(long, value_parser = ["classic", "quorum", "stream"], default_value = "classic")]
     queue_type: String,
 }
 

@@ -71,8 +71,8 @@ impl Row for QueueRow {
             "auto_delete" => Key::Bool(q.options.auto_delete),
             "exclusive" => Key::Bool(q.options.exclusive),
             "policy" => q.settings().policy.clone().map_or(Key::None, Key::Str),
-            "messages" => num(q.message_count() + q.unacked_count()),
-            "messages_ready" => num(q.message_count()),
+            "messages" => num(ready_count(q) + q.unacked_count()),
+            "messages_ready" => num(ready_count(q)),
             "messages_unacknowledged" => num(q.unacked_count()),
             "consumers" => num(q.consumer_count()),
             _ => return None,
@@ -83,8 +83,18 @@ impl Row for QueueRow {
     }
 }
 
+/// Ready messages as listed. A clustered quorum queue's are its log's (ready
+/// there or checked out to any node), less what is unacked on this node, not
+/// only what this node holds.
+fn ready_count(q: &Queue) -> usize {
+    match q.quorum_link().and_then(|l| l.log_message_count()) {
+        Some(total) => total.saturating_sub(q.unacked_count()),
+        None => q.message_count(),
+    }
+}
+
 pub(crate) fn render(m: &Management, q: &Queue, ranges: Ranges) -> Value {
-    let ready = q.message_count();
+    let ready = ready_count(q);
     let unacked = q.unacked_count();
     let consumers = q.consumer_count();
     let mut v = json!({
