@@ -822,3 +822,69 @@ pub async fn remote_membership(
     }
     Err(io::Error::other("no leader found"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quorum::Placement;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_outside_the_group_publishes_through_it_but_takes_no_credit() {
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let open = |name: &str, dir: &std::path::Path| {
+            let mut s = QuorumSettings::new(name.into(), "127.0.0.1:0".into(), dir.into());
+            s.incarnation = 1;
+            QuorumGroups::open(s, Link::default(), None)
+        };
+        let member = Arc::new(open("m1", da.path()).await.unwrap());
+        let outside = Arc::new(open("o1", db.path()).await.unwrap());
+        let p = Placement {
+            vhost: "/".into(),
+            queue: "q".into(),
+            gid: 9,
+            members: BTreeMap::from([(member.node_id(), member.member())]),
+            initializer: member.node_id(),
+        };
+        let h = member.create(&p).await.unwrap();
+        h.wait_leader(Duration::from_secs(10)).await.unwrap();
+        outside.ensure(&p).await.unwrap();
+        assert!(outside.get(9).is_none(), "no replica outside the group");
+        let proposer = GroupProposer {
+            node: "o1".into(),
+            groups: outside.clone(),
+            incarnation: 1,
+            nudge: Arc::new(watch::channel(0).0),
+        };
+        // Credit alone: nothing to propose.
+        let credit = QueueCommand::Checkout {
+            node: "o1".into(),
+            incarnation: 1,
+            credit: 5,
+        };
+        proposer
+            .propose("/", "q", vec![credit.clone()])
+            .await
+            .unwrap();
+        let batch = vec![
+            QueueCommand::NodeUp {
+                node: "o1".into(),
+                incarnation: 1,
+            },
+            credit,
+            QueueCommand::Enqueue {
+                enqueuer: 3,
+                seq: 1,
+                body: b"x".to_vec(),
+            },
+        ];
+        proposer.propose("/", "q", batch).await.unwrap();
+        let (_, m) = h.leader_view().await.unwrap();
+        // Forwarded to the member; the message stays ready for members'
+        // consumers instead of being assigned to a node that cannot get it.
+        assert_eq!(m.incarnation_of("o1"), Some(1));
+        assert_eq!(m.credit_of("o1"), 0);
+        assert_eq!((m.ready_count(), m.checked_out_count()), (1, 0));
+        member.shutdown().await;
+        outside.shutdown().await;
+    }
+}
