@@ -716,7 +716,17 @@ mod quorum_queues {
         got
     }
 
-    /// The group's state as its leader reports it.
+    /// Waits until every node applied the queue's declare (metadata is read
+    /// locally: a node that has not applied it yet would not route to it).
+    fn known_everywhere(c: &LocalCluster, queue: &str) {
+        for i in 0..3 {
+            eventually(10, "the queue declared on every node", || {
+                names(c, i, "queues/%2F").iter().any(|n| n == queue)
+            });
+        }
+    }
+
+    /// The group's state as node `i` reports it.
     fn group(c: &LocalCluster, i: usize, queue: &str) -> Option<switchyard_cluster::GroupStatus> {
         status(c, i)?.quorum.into_iter().find(|g| g.queue == queue)
     }
@@ -737,6 +747,9 @@ mod quorum_queues {
             let (c1, ch1) = channel(&c, 0).await;
             assert_eq!(declare(&ch1, "orders", false).await, 0);
             c1.close(200, "bye".into()).await.unwrap();
+        });
+        known_everywhere(&c, "orders");
+        rt.block_on(async {
             let (c2, ch2) = channel(&c, 1).await;
             let acked = publish(&ch2, "orders", 0..200).await;
             assert_eq!(acked, (0..200).collect::<Vec<_>>());
@@ -833,9 +846,13 @@ mod quorum_queues {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
+        let c1 = rt.block_on(async {
             let (c1, ch1) = channel(&c, 0).await;
             declare(&ch1, "tls-orders", false).await;
+            c1
+        });
+        known_everywhere(&c, "tls-orders");
+        rt.block_on(async {
             let (c2, ch2) = channel(&c, 1).await;
             assert_eq!(
                 publish(&ch2, "tls-orders", 0..50).await,

@@ -31,7 +31,31 @@ pub struct LocalCluster {
     pub nodes: Vec<ClusterNode>,
 }
 
+/// A port free now for a node's `[cluster] listen`, which must be known
+/// before the node starts (the seeds name it). Taken below Linux's ephemeral
+/// range (32768-60999): a port found there by binding port 0 is free only
+/// until any outgoing connection on the machine (the other tests' nodes dial
+/// each other all the time) picks it as its source port, before our node
+/// binds it, or while a killed node is down before its restart.
 fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    for _ in 0..200 {
+        // A cheap spread (splitmix64) over 20000..32000; bound to check it
+        // is free.
+        let mut z = seed.wrapping_add(NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let port = 20000 + (z % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("testkit: no free port");
     l.local_addr().expect("testkit: no local addr").port()
 }
