@@ -830,6 +830,171 @@ mod quorum_queues {
         });
     }
 
+    /// A consumer on `ch` with `prefetch` and manual acks.
+    async fn consumer(ch: &Channel, queue: &str, prefetch: u16) -> lapin::Consumer {
+        ch.basic_qos(prefetch, Default::default()).await.unwrap();
+        ch.basic_consume(
+            queue.into(),
+            "held".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The next `n` deliveries within `within` in all (not acked).
+    async fn take(
+        consumer: &mut lapin::Consumer,
+        n: usize,
+        within: Duration,
+    ) -> Vec<lapin::message::Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut got = Vec::new();
+        while got.len() < n {
+            let d = tokio::time::timeout_at(deadline, consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} messages came in {within:?}", got.len()))
+                .unwrap()
+                .unwrap();
+            got.push(d);
+        }
+        got
+    }
+
+    fn number(d: &lapin::message::Delivery) -> u32 {
+        std::str::from_utf8(&d.data).unwrap().parse().unwrap()
+    }
+
+    /// Messages checked out to a node that dies and stays dead are not stuck:
+    /// the group's leader marks it down once it has been silent for a few
+    /// seconds, and a consumer on another node gets them, redelivered.
+    #[test]
+    fn messages_held_by_a_node_killed_for_good_go_to_consumers_elsewhere_redelivered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = start(tmp.path());
+        leader(&c, &[0, 1, 2]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c1, ch1) = channel(&c, 0).await;
+            declare(&ch1, "stuck", false).await;
+            c1.close(200, "bye".into()).await.unwrap();
+        });
+        known_everywhere(&c, "stuck");
+        let (a, b, dead) = (0, 1, 2);
+        let (held, ca, cha) = rt.block_on(async {
+            let (ca, cha) = channel(&c, a).await;
+            let acked = publish(&cha, "stuck", 0..20).await;
+            assert_eq!(acked.len(), 20);
+            // The doomed node's consumer takes them all and acks nothing.
+            let (cc, chc) = channel(&c, dead).await;
+            let mut held = consumer(&chc, "stuck", 50).await;
+            let got = take(&mut held, 20, WAIT).await;
+            assert!(got.iter().all(|d| !d.redelivered));
+            std::mem::forget((cc, chc, held));
+            (got.iter().map(number).collect::<Vec<_>>(), ca, cha)
+        });
+        assert_eq!(held, (0..20).collect::<Vec<_>>());
+        c.kill9(dead);
+        let killed = Instant::now();
+        rt.block_on(async {
+            let (cb, chb) = channel(&c, b).await;
+            let mut cons = consumer(&chb, "stuck", 100).await;
+            let got = take(&mut cons, 20, Duration::from_secs(15)).await;
+            let mut numbers: Vec<u32> = got.iter().map(number).collect();
+            numbers.sort_unstable();
+            assert_eq!(numbers, held);
+            assert!(got.iter().all(|d| d.redelivered), "redelivered set");
+            eprintln!(
+                "held messages redelivered {:?} after the kill",
+                killed.elapsed()
+            );
+            for d in &got {
+                d.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            // Publishing and consuming go on without the dead node.
+            let acked = publish(&cha, "stuck", 20..30).await;
+            assert_eq!(acked.len(), 10);
+            let got = take(&mut cons, 10, WAIT).await;
+            assert_eq!(got.iter().map(number).collect::<Vec<_>>(), acked);
+            for d in &got {
+                d.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            count_becomes(&chb, "stuck", 0).await;
+            cb.close(200, "bye".into()).await.unwrap();
+            ca.close(200, "bye".into()).await.unwrap();
+        });
+    }
+
+    /// A node paused (SIGSTOP) long enough to be marked down returns what it
+    /// held to the others; resumed, it learns it was marked down from its copy
+    /// of the log, announces itself again and its consumer takes messages
+    /// again. Nothing confirmed is lost (what it had delivered before is
+    /// delivered again elsewhere: at least once).
+    #[test]
+    fn a_paused_node_marked_down_rejoins_when_resumed_and_consumes_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = start(tmp.path());
+        leader(&c, &[0, 1, 2]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (c1, ch1) = channel(&c, 0).await;
+            declare(&ch1, "paused", false).await;
+            c1.close(200, "bye".into()).await.unwrap();
+        });
+        known_everywhere(&c, "paused");
+        let (a, b, p) = (0, 1, 2);
+        rt.block_on(async {
+            let (_ca, cha) = channel(&c, a).await;
+            assert_eq!(publish(&cha, "paused", 0..10).await.len(), 10);
+            let (_cp, chp) = channel(&c, p).await;
+            let mut held = consumer(&chp, "paused", 10).await;
+            let first = take(&mut held, 10, WAIT).await;
+            assert_eq!(
+                first.iter().map(number).collect::<Vec<_>>(),
+                (0..10).collect::<Vec<_>>()
+            );
+
+            c.signal_pause(p, true);
+            let (cb, chb) = channel(&c, b).await;
+            let mut other = consumer(&chb, "paused", 100).await;
+            let got = take(&mut other, 10, Duration::from_secs(15)).await;
+            let mut numbers: Vec<u32> = got.iter().map(number).collect();
+            numbers.sort_unstable();
+            assert_eq!(numbers, (0..10).collect::<Vec<_>>());
+            assert!(got.iter().all(|d| d.redelivered));
+            for d in &got {
+                d.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            // Only the paused node's consumer is left.
+            cb.close(200, "bye".into()).await.unwrap();
+
+            c.signal_pause(p, false);
+            // Its acks of what it delivered before change nothing (those
+            // were settled elsewhere) and break nothing.
+            for d in &first {
+                d.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            // It takes new messages again, under its new incarnation.
+            let acked = publish(&cha, "paused", 10..20).await;
+            assert_eq!(acked.len(), 10);
+            let again = take(&mut held, 10, Duration::from_secs(20)).await;
+            assert_eq!(again.iter().map(number).collect::<Vec<_>>(), acked);
+            for d in &again {
+                d.ack(BasicAckOptions::default()).await.unwrap();
+            }
+            count_becomes(&cha, "paused", 0).await;
+        });
+    }
+
     #[test]
     fn over_mutual_tls_a_quorum_queues_group_replicates_and_delivers() {
         use switchyard_testkit::tls::TestCerts;

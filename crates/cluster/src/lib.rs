@@ -741,6 +741,12 @@ impl Deliver for BrokerDeliver {
             v.quorum_assigned(queue, assigned);
         }
     }
+
+    fn marked_down(&self, vhost: &str, queue: &str, incarnation: u64) {
+        if let Some(v) = self.0.upgrade().and_then(|b| b.vhost(vhost).ok()) {
+            v.quorum_marked_down(queue, incarnation);
+        }
+    }
 }
 
 impl std::fmt::Debug for Replicator {

@@ -152,6 +152,20 @@ impl QueueMachine {
         self.incarnations.get(node).copied()
     }
 
+    /// Whether `node` is marked down (a `NodeDown` since its last `NodeUp`):
+    /// its checkouts are ignored until it announces itself again.
+    pub fn is_down(&self, node: &str) -> bool {
+        self.down.contains(node)
+    }
+
+    /// Whether a failure detector should propose `NodeDown` for `node`: it is
+    /// not marked down yet and holds messages or credit (a node that holds
+    /// nothing loses nothing by staying up in the machine).
+    pub fn worth_marking_down(&self, node: &str) -> bool {
+        !self.down.contains(node)
+            && (self.credit.contains_key(node) || self.out.values().any(|(n, _)| n == node))
+    }
+
     /// The credit `node` has left.
     pub fn credit_of(&self, node: &str) -> u64 {
         self.credit.get(node).copied().unwrap_or(0)
@@ -505,6 +519,70 @@ mod tests {
             vec![up("n1", 1), checkout("n1", 1), enqueue(1, 1), up("n1", 1)],
         );
         assert_eq!(m2.checked_out_count(), 1);
+    }
+
+    #[test]
+    fn a_node_marked_down_without_restarting_rejoins_under_the_next_incarnation() {
+        let mut m = QueueMachine::new();
+        let mut i = 0;
+        run(
+            &mut m,
+            &mut i,
+            vec![
+                up("n1", 1),
+                up("n2", 1),
+                checkout("n1", 2),
+                enqueue(1, 1),
+                enqueue(1, 2),
+            ],
+        );
+        assert!(m.worth_marking_down("n1"), "holds two");
+        assert!(!m.worth_marking_down("n2"), "holds nothing, no credit");
+        let held: Vec<Index> = m.checked_out_to("n1").iter().map(|a| a.index).collect();
+        // The leader's failure detector: n1 is silent.
+        run(
+            &mut m,
+            &mut i,
+            vec![QueueCommand::NodeDown { node: "n1".into() }],
+        );
+        assert!(m.is_down("n1") && !m.worth_marking_down("n1"));
+        // n2's consumers get them, redelivered.
+        let got = run(&mut m, &mut i, vec![checkout("n2", 5)]);
+        assert_eq!(got.iter().map(|a| a.index).collect::<Vec<_>>(), held);
+        assert!(got.iter().all(|a| a.node == "n2" && a.delivery_count == 1));
+        // n1 comes back (partition healed): its ack of what it had delivered is
+        // ignored (n2 holds those now), its old incarnation's checkout too.
+        run(
+            &mut m,
+            &mut i,
+            vec![
+                QueueCommand::Settle {
+                    node: "n1".into(),
+                    indexes: held.clone(),
+                },
+                checkout("n1", 5),
+            ],
+        );
+        assert_eq!(m.checked_out_to("n2").len(), 2);
+        assert_eq!(m.credit_of("n1"), 0);
+        // It announces the next incarnation and takes messages again.
+        let got = run(
+            &mut m,
+            &mut i,
+            vec![
+                up("n1", 2),
+                QueueCommand::Checkout {
+                    node: "n1".into(),
+                    incarnation: 2,
+                    credit: 1,
+                },
+                enqueue(1, 3),
+            ],
+        );
+        assert!(!m.is_down("n1"));
+        assert_eq!(got.len(), 1);
+        assert!(["n1", "n2"].contains(&got[0].node.as_str()));
+        assert_eq!(m.ready_count() + m.checked_out_count(), 3, "nothing lost");
     }
 
     #[test]

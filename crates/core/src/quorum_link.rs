@@ -16,7 +16,15 @@
 //! - acks, returns and discards are proposed back, each giving the node its
 //!   credit back (a `Checkout` in the same batch) while it has consumers; the
 //!   node's credit window is its consumers' prefetch (bounded when unlimited);
-//!   when its last consumer leaves, what it held undelivered is withdrawn.
+//!   when its last consumer leaves, what it held undelivered is withdrawn;
+//! - a node the queue's leader marked down (`NodeDown`: it was silent too
+//!   long, partitioned or paused, but did not restart) learns it from its own
+//!   copy of the machine ([`QuorumLink::marked_down`]): what it held was given
+//!   to other nodes, so it drops what it still holds undelivered and announces
+//!   itself again under the next incarnation (its checkouts are ignored while
+//!   it is marked down). Acks of what it delivered before are proposed as
+//!   usual and ignored by the machine (those messages were redelivered
+//!   elsewhere: a duplicate, which at-least-once allows).
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -43,7 +51,8 @@ pub type Proposal = Pin<Box<dyn Future<Output = CoreResult<()>> + Send>>;
 pub trait QuorumLog: Send + Sync + Debug {
     /// This node's name (what `Checkout` and the machine's assignments name).
     fn node(&self) -> &str;
-    /// This node's incarnation: random, chosen at start.
+    /// This node's incarnation: random, chosen at start. A link that rejoins
+    /// after being marked down counts up from it (see [`REJOINS`]).
     fn incarnation(&self) -> u64;
     /// Proposes `cmds` for the queue, in order, as one entry.
     fn propose(&self, vhost: &str, queue: &str, cmds: Vec<QueueCommand>) -> Proposal;
@@ -55,6 +64,13 @@ pub trait QuorumLog: Send + Sync + Debug {
         None
     }
 }
+
+/// A link's incarnation is the process's plus the times it rejoined after
+/// being marked down, fewer than this: the log side hands assignments to any
+/// incarnation in `incarnation..incarnation + REJOINS` (the one the link runs
+/// as is the last it announced). Another process's random incarnation lands
+/// in that range with probability 2^-32.
+pub const REJOINS: u64 = 1 << 32;
 
 /// The credit window of a node whose consumers have unlimited prefetch.
 pub const UNLIMITED_WINDOW: u64 = 256;
@@ -73,6 +89,8 @@ struct LinkState {
     credit: u64,
     /// What the node's consumers can take (0: no consumer).
     window: u64,
+    /// The incarnation this link announced last (see [`REJOINS`]).
+    incarnation: u64,
     closed: bool,
 }
 
@@ -98,7 +116,10 @@ impl QuorumLink {
             queue_name: queue.name.clone(),
             queue: Arc::downgrade(queue),
             enqueuer,
-            state: Mutex::new(LinkState::default()),
+            state: Mutex::new(LinkState {
+                incarnation: log.incarnation(),
+                ..LinkState::default()
+            }),
             wake: Notify::new(),
             committed: watch::channel(0).0,
             log,
@@ -211,9 +232,59 @@ impl QuorumLink {
         st.credit += u64::from(more);
         Some(QueueCommand::Checkout {
             node: self.node(),
-            incarnation: self.log.incarnation(),
+            incarnation: st.incarnation,
             credit: more,
         })
+    }
+
+    /// The incarnation this link runs as now.
+    pub fn incarnation(&self) -> u64 {
+        self.state.lock().incarnation
+    }
+
+    /// This node's copy of the machine marks it down while it announced
+    /// `incarnation` (called by the log, in apply order). If that is the
+    /// incarnation this link runs as: what the local queue holds undelivered
+    /// was given back by the `NodeDown` and is dropped here, and the link
+    /// announces the next incarnation (`NodeUp`) and asks for credit again.
+    /// Otherwise (an older incarnation, or already rejoined) nothing happens.
+    /// Returns whether it rejoined.
+    pub fn marked_down(&self, incarnation: u64) -> bool {
+        let next = {
+            let mut st = self.state.lock();
+            if st.closed || st.incarnation != incarnation {
+                return false;
+            }
+            let next = st.incarnation.wrapping_add(1);
+            if next.wrapping_sub(self.log.incarnation()) >= REJOINS {
+                tracing::error!(queue = %self.queue_name, "quorum queue link rejoined too often; not rejoining");
+                return false;
+            }
+            st.incarnation = next;
+            next
+        };
+        // Outside the link's lock (the queue's lock is taken first elsewhere).
+        // Nothing more is assigned here until the new `NodeUp` is applied.
+        let dropped = self.queue.upgrade().map_or(0, |q| q.take_ready_ids().len()) as u64;
+        let cmds = {
+            let mut st = self.state.lock();
+            // Held now: what consumers here have unacked (their acks are
+            // still proposed, and still give the count back).
+            st.held = st.held.saturating_sub(dropped);
+            st.credit = 0;
+            // Checkouts of the old incarnation would be ignored anyway.
+            st.pending
+                .retain(|c| !matches!(c, QueueCommand::Checkout { .. }));
+            tracing::warn!(queue = %self.queue_name, dropped, "this node was marked down in the quorum queue's log; rejoining");
+            let mut cmds = vec![QueueCommand::NodeUp {
+                node: self.node(),
+                incarnation: next,
+            }];
+            cmds.extend(self.top_up(&mut st));
+            cmds
+        };
+        self.push(cmds);
+        true
     }
 
     fn give_back(&self, cmd: QueueCommand, n: u64) {

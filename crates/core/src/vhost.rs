@@ -997,6 +997,19 @@ impl VHost {
         }
     }
 
+    /// This node's copy of `queue`'s log marks it down under `incarnation`
+    /// (see `QuorumLink::marked_down`).
+    pub fn quorum_marked_down(&self, queue: &str, incarnation: u64) {
+        let link = self
+            .queues
+            .read()
+            .get(queue)
+            .and_then(|q| q.quorum_link().cloned());
+        if let Some(link) = link {
+            link.marked_down(incarnation);
+        }
+    }
+
     /// Removes all bindings to `dest` and deletes auto-delete exchanges left with
     /// no bindings.
     fn unbind_everywhere(&self, sources: &[Arc<Exchange>], dest: &DestinationName) {

@@ -79,6 +79,9 @@ pub struct QuorumSettings {
     pub keep_logs: u64,
     /// How long a forwarded proposal may take.
     pub forward_timeout: Duration,
+    /// A member that has not answered this node for this long is proposed
+    /// `NodeDown` in the groups this node leads (see [`super::detector`]).
+    pub down_after: Duration,
 }
 
 impl QuorumSettings {
@@ -96,6 +99,7 @@ impl QuorumSettings {
             snapshot_every: 4096,
             keep_logs: 512,
             forward_timeout: Duration::from_secs(5),
+            down_after: Duration::from_secs(5),
         }
     }
 
@@ -296,6 +300,7 @@ pub struct QuorumGroups {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
+    detector: JoinHandle<()>,
 }
 
 impl QuorumGroups {
@@ -310,6 +315,7 @@ impl QuorumGroups {
         deliver: Option<Arc<dyn Deliver>>,
     ) -> io::Result<QuorumGroups> {
         let config = Arc::new(settings.raft_config()?);
+        let peers = MuxPeers::new(link.clone());
         std::fs::create_dir_all(&settings.dir)?;
         let (wal, recovered) = Wal::open(&settings.dir.join("quorum.redb"))?;
         let registry = Arc::new(Registry {
@@ -334,13 +340,20 @@ impl QuorumGroups {
             name: settings.node.clone(),
             addr: addr.to_string(),
         };
+        let detector = tokio::spawn(detect(
+            Arc::downgrade(&registry),
+            MuxPeers::clone(&peers),
+            settings.node.clone(),
+            settings.down_after,
+            stop.subscribe(),
+        ));
         let groups = QuorumGroups {
             id: node_id(&settings.node),
             me,
             settings,
             config,
             wal,
-            peers: MuxPeers::new(link),
+            peers,
             registry,
             deliver,
             placements: RwLock::new(HashMap::new()),
@@ -349,6 +362,7 @@ impl QuorumGroups {
             addr,
             stop,
             accept,
+            detector,
         };
         let n = recovered.len();
         for (gid, mut rec) in recovered {
@@ -676,6 +690,7 @@ impl QuorumGroups {
         if let Some(a) = &self.accept {
             a.abort();
         }
+        self.detector.abort();
         let handles: Vec<GroupHandle> = self.registry.write().drain().map(|(_, h)| h).collect();
         for h in handles {
             if let Err(e) = h.inner.raft.shutdown().await {
@@ -690,6 +705,7 @@ impl QuorumGroups {
 impl Drop for QuorumGroups {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
+        self.detector.abort();
         if let Some(a) = &self.accept {
             a.abort();
         }
@@ -737,5 +753,92 @@ async fn accept_loop(
                 _ = stop.wait_for(|s| *s) => {}
             }
         });
+    }
+}
+
+type InFlight = std::sync::Mutex<std::collections::HashSet<(u64, String)>>;
+
+fn in_flight(p: &InFlight) -> std::sync::MutexGuard<'_, std::collections::HashSet<(u64, String)>> {
+    match p.lock() {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
+}
+
+/// The node's failure detector loop (see [`super::detector`]): a tick a
+/// second over the groups led here.
+async fn detect(
+    registry: Weak<Registry>,
+    peers: MuxPeers,
+    me: String,
+    down_after: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use switchyard_core::quorum::QueueCommand;
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut detector = super::detector::Detector::new(ms(down_after));
+    let proposing: Arc<InFlight> = Arc::default();
+    let every = (down_after / 5).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(reg) = registry.upgrade() else {
+            return;
+        };
+        let handles: HashMap<u64, GroupHandle> = match reg.groups.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        drop(reg);
+        let views: Vec<super::detector::GroupView> = handles
+            .values()
+            .map(|h| {
+                let leader = h.is_leader();
+                let members = if leader {
+                    h.members()
+                        .values()
+                        .filter(|m| m.name != me)
+                        .map(|m| (m.name.clone(), peers.get(&m.addr).last_reply_ms()))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                super::detector::GroupView {
+                    gid: h.id(),
+                    leader,
+                    members,
+                }
+            })
+            .collect();
+        let now = super::network::now_ms();
+        let picks = detector.tick(now, &views, |gid, node| {
+            !in_flight(&proposing).contains(&(gid, node.to_owned()))
+                && handles
+                    .get(&gid)
+                    .is_some_and(|h| h.with_state(|m| m.worth_marking_down(node)))
+        });
+        for (gid, node) in picks {
+            let Some(h) = handles.get(&gid).cloned() else {
+                continue;
+            };
+            in_flight(&proposing).insert((gid, node.clone()));
+            let proposing = proposing.clone();
+            tokio::spawn(async move {
+                tracing::warn!(group = gid, %node, "quorum group member silent too long; proposing it down");
+                let cmd = vec![QueueCommand::NodeDown { node: node.clone() }];
+                match tokio::time::timeout(Duration::from_secs(10), h.propose(cmd)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::info!(group = gid, %node, error = %e, "NodeDown not written")
+                    }
+                    Err(_) => tracing::info!(group = gid, %node, "NodeDown timed out"),
+                }
+                in_flight(&proposing).remove(&(gid, node));
+            });
+        }
     }
 }

@@ -8,6 +8,8 @@
 //! - [`network`]: the groups' RPCs between two nodes, multiplexed over one
 //!   pipelined connection per peer, dialled through the node's authenticated
 //!   `Link` and accepted on the cluster port.
+//! - [`detector`]: the per-node failure detector that proposes `NodeDown`
+//!   for members silent too long in the groups the node leads.
 //! - [`group`]: the per-node manager ([`QuorumGroups`]) and the per-queue
 //!   handle ([`GroupHandle`]).
 //!
@@ -15,6 +17,7 @@
 //! declare creates its group on the members (`crate::sm`), deleting the
 //! queue deletes it.
 
+pub mod detector;
 pub mod group;
 pub mod network;
 pub mod sm;

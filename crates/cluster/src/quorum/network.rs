@@ -155,8 +155,18 @@ impl Drop for Conn {
     }
 }
 
+/// Milliseconds since this process first asked (a monotonic clock that fits
+/// an atomic); never 0 once a reply came.
+pub fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 impl Conn {
-    fn start(stream: NodeStream) -> Conn {
+    fn start(stream: NodeStream, last_reply: Arc<AtomicU64>) -> Conn {
         let (mut r, w) = tokio::io::split(stream);
         let (tx, rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
@@ -165,6 +175,7 @@ impl Conn {
         let (p, c) = (pending.clone(), closed.clone());
         let reader = tokio::spawn(async move {
             while let Ok(Some(f)) = read_frame::<_, ReplyFrame>(&mut r).await {
+                last_reply.store(now_ms(), Ordering::Relaxed);
                 if let Some(tx) = pending_map(&p).remove(&f.id) {
                     let _ = tx.send(f.reply);
                 }
@@ -195,6 +206,10 @@ pub struct MuxPeer {
     link: Link,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
+    /// When the peer last answered anything ([`now_ms`]; 0: never): the
+    /// failure detector's signal. A leader sends each follower a heartbeat
+    /// every 100 ms, so a live follower answers all the time.
+    last_reply: Arc<AtomicU64>,
 }
 
 impl MuxPeer {
@@ -204,6 +219,15 @@ impl MuxPeer {
             link,
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
+            last_reply: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// When the peer last answered ([`now_ms`]), if ever.
+    pub fn last_reply_ms(&self) -> Option<u64> {
+        match self.last_reply.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t),
         }
     }
 
@@ -218,7 +242,7 @@ impl MuxPeer {
         let mut stream = self.link.dial(&self.addr).await?;
         // The hello: the peer's cluster port serves quorum groups from here on.
         write_frame(&mut stream, &Request::QuorumMux).await?;
-        let c = Arc::new(Conn::start(stream));
+        let c = Arc::new(Conn::start(stream, self.last_reply.clone()));
         *guard = Some(c.clone());
         Ok(c)
     }

@@ -13,6 +13,10 @@
 //! only while the node's incarnation announced in the log is the one this
 //! process runs as: entries re-applied after a restart were assigned to the
 //! previous incarnation, whose local queue is gone (its `NodeUp` returns them).
+//! A link that was marked down without restarting rejoins under the next
+//! incarnation (`QuorumLink::marked_down`), so "this process's" incarnations
+//! are `incarnation..incarnation + REJOINS`; the machine holds the one the
+//! link announced last, and the link only asks for credit under that one.
 
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +37,10 @@ use super::{
 pub trait Deliver: Send + Sync {
     /// `assigned`, in log order, all for this node's current incarnation.
     fn assigned(&self, vhost: &str, queue: &str, assigned: Vec<Assigned>);
+    /// The machine marks this node down (`NodeDown`) while it announced
+    /// `incarnation`; called once per time it is marked down, in apply order
+    /// (the broker's link rejoins: `QuorumLink::marked_down`).
+    fn marked_down(&self, _vhost: &str, _queue: &str, _incarnation: u64) {}
 }
 
 /// Who a group's state machine serves: its queue and this node.
@@ -84,9 +92,20 @@ pub struct QueueSm {
     /// The last snapshot, shared with the builders (which replace it).
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     applied_tx: watch::Sender<u64>,
+    /// This node was marked down and [`Deliver::marked_down`] told so (until
+    /// the next time the machine has it up).
+    down_told: bool,
 }
 
 impl QueueSm {
+    /// Whether the incarnation the machine has for this node is one of this
+    /// process's (see the module doc).
+    fn ours(&self, m: &QueueMachine) -> bool {
+        m.incarnation_of(&self.owner.node).is_some_and(|i| {
+            i.wrapping_sub(self.owner.incarnation) < switchyard_core::quorum_link::REJOINS
+        })
+    }
+
     /// A state machine starting from the stored snapshot, if any.
     pub(crate) fn open(
         group: u64,
@@ -117,6 +136,7 @@ impl QueueSm {
                 membership,
                 snapshot: Arc::new(Mutex::new(stored)),
                 applied_tx,
+                down_told: false,
             },
             state,
             applied_rx,
@@ -188,6 +208,7 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
     {
         let mut out = Vec::new();
         let mut mine: Vec<Assigned> = Vec::new();
+        let mut marked_down = None;
         {
             let mut m = lock(&self.state);
             let mut assigned = Vec::new();
@@ -207,7 +228,7 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
                         }
                         // Checked per entry: a later entry may announce a new
                         // incarnation that took back what this one assigned.
-                        if m.incarnation_of(&self.owner.node) == Some(self.owner.incarnation) {
+                        if self.ours(&m) {
                             mine.extend(assigned.drain(..).filter(|a| a.node == self.owner.node));
                         } else {
                             assigned.clear();
@@ -221,11 +242,19 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
                 };
                 out.push(outcome);
             }
+            let down = m.is_down(&self.owner.node);
+            if down && !self.down_told && self.ours(&m) {
+                marked_down = m.incarnation_of(&self.owner.node);
+            }
+            self.down_told = down;
         }
         // Outside the machine's lock: the broker takes its own locks.
-        if !mine.is_empty() {
-            if let Some(d) = &self.owner.deliver {
+        if let Some(d) = &self.owner.deliver {
+            if !mine.is_empty() {
                 d.assigned(&self.owner.vhost, &self.owner.queue, mine);
+            }
+            if let Some(incarnation) = marked_down {
+                d.marked_down(&self.owner.vhost, &self.owner.queue, incarnation);
             }
         }
         self.applied_tx

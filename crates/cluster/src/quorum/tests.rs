@@ -522,3 +522,139 @@ async fn idle_groups_cpu() {
         n.shutdown().await;
     }
 }
+
+/// What a node's groups told it about itself being marked down.
+#[derive(Default)]
+struct DownRecorder(Mutex<Vec<(String, u64)>>);
+
+impl Deliver for DownRecorder {
+    fn assigned(&self, _vhost: &str, _queue: &str, _assigned: Vec<Assigned>) {}
+    fn marked_down(&self, _vhost: &str, queue: &str, incarnation: u64) {
+        self.0.lock().unwrap().push((queue.to_owned(), incarnation));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_marks_a_silent_member_down_once_and_its_messages_go_back() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let downs: Vec<Arc<DownRecorder>> = (0..3).map(|_| Arc::default()).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in ["d1", "d2", "d3"].iter().enumerate() {
+        let mut s = settings(name, "127.0.0.1:0", dirs[i].path(), 40);
+        s.down_after = Duration::from_millis(1000);
+        let deliver: Arc<dyn Deliver> = downs[i].clone();
+        nodes.push(Some(
+            QuorumGroups::open(s, link(), Some(deliver)).await.unwrap(),
+        ));
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .flatten()
+        .map(|n| (n.node_id(), n.member()))
+        .collect();
+    let first = nodes[0].as_ref().unwrap().node_id();
+    for n in nodes.iter().flatten() {
+        n.create(&placement(5, &members, first)).await.unwrap();
+    }
+    let l = leader_of(&view(&nodes), 5).await;
+    // A follower takes two messages with credit left over; another member
+    // holds nothing (it is never proposed down).
+    let victim = (l + 1) % 3;
+    let idle = (l + 2) % 3;
+    let vname = nodes[victim].as_ref().unwrap().member().name;
+    let h = nodes[l].as_ref().unwrap().get(5).unwrap();
+    h.propose(vec![
+        QueueCommand::NodeUp {
+            node: vname.clone(),
+            incarnation: 40,
+        },
+        QueueCommand::Checkout {
+            node: vname.clone(),
+            incarnation: 40,
+            credit: 5,
+        },
+    ])
+    .await
+    .unwrap();
+    h.propose(enqueue(1, 1)).await.unwrap();
+    h.propose(enqueue(1, 2)).await.unwrap();
+    // Alive and answering heartbeats: not marked down.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!machine(&h).is_down(&vname));
+    assert_eq!(machine(&h).checked_out_to(&vname).len(), 2);
+
+    // The victim stops answering: within a few timeouts, the leader has it
+    // down, its messages ready again with a delivery counted, its credit gone.
+    let stopped = tokio::time::Instant::now();
+    nodes[victim].take().unwrap().shutdown().await;
+    let deadline = stopped + WAIT;
+    while !machine(&h).is_down(&vname) {
+        assert!(tokio::time::Instant::now() < deadline, "never marked down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = stopped.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "too early: {waited:?}"
+    );
+    let m = machine(&h);
+    assert_eq!((m.ready_count(), m.checked_out_count()), (2, 0));
+    assert_eq!(m.credit_of(&vname), 0);
+    let got = {
+        let mut out = Vec::new();
+        let mut m = m.clone();
+        m.apply(
+            m.applied_index() + 1,
+            QueueCommand::NodeUp {
+                node: "x".into(),
+                incarnation: 1,
+            },
+            &mut out,
+        );
+        m.apply(
+            m.applied_index() + 1,
+            QueueCommand::Checkout {
+                node: "x".into(),
+                incarnation: 1,
+                credit: 9,
+            },
+            &mut out,
+        );
+        out
+    };
+    assert!(got.iter().all(|a| a.delivery_count == 1) && got.len() == 2);
+    // Proposed once: the log does not grow while nothing else happens.
+    let before = h.applied().borrow().to_owned();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(*h.applied().borrow(), before, "NodeDown proposed again");
+    let idle_name = nodes[idle].as_ref().unwrap().member().name;
+    assert!(!machine(&h).is_down(&idle_name));
+    assert!(downs.iter().all(|d| d.0.lock().unwrap().is_empty()));
+    // A live member marked down (as after a partition) hears it from its own
+    // copy of the machine, once, under the incarnation it had.
+    let up = |inc: u64| QueueCommand::NodeUp {
+        node: idle_name.clone(),
+        incarnation: inc,
+    };
+    let down = || QueueCommand::NodeDown {
+        node: idle_name.clone(),
+    };
+    h.propose(vec![up(40), down()]).await.unwrap();
+    let told = || downs[idle].0.lock().unwrap().clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while told().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never told");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (i, _) = h.propose(vec![down()]).await.unwrap();
+    wait_applied(&nodes[idle].as_ref().unwrap().get(5).unwrap(), i).await;
+    assert_eq!(told(), [("q5".to_owned(), 40)]);
+    // Rejoined (the next incarnation), then down again: told again.
+    h.propose(vec![up(41)]).await.unwrap();
+    let (i, _) = h.propose(vec![down()]).await.unwrap();
+    wait_applied(&nodes[idle].as_ref().unwrap().get(5).unwrap(), i).await;
+    assert_eq!(told(), [("q5".to_owned(), 40), ("q5".to_owned(), 41)]);
+    for n in nodes.iter().flatten() {
+        n.shutdown().await;
+    }
+}
