@@ -993,6 +993,15 @@ mod quorum_queues {
             }
             count_becomes(&cha, "paused", 0).await;
         });
+        // It got them by rejoining (its old incarnation's checkouts are
+        // ignored while it is marked down), as its log says.
+        let logs: String = std::fs::read_dir(&c.nodes[p].dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        assert!(logs.contains("marked down in the quorum queue's log; rejoining"));
     }
 
     #[test]

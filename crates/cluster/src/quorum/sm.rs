@@ -297,7 +297,17 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
         // queue already (delivered, unacked), and the core queue cannot tell.
         // It stays checked out here until this node's next `NodeUp` (restart)
         // returns it; a follower so far behind that it needs a snapshot is rare.
+        // A snapshot that has this node marked down is told like an applied
+        // `NodeDown` (the link rejoins; it ignores an incarnation not its own).
+        let down = new_state.is_down(&self.owner.node);
+        let told = (down && !self.down_told && self.ours(&new_state))
+            .then(|| new_state.incarnation_of(&self.owner.node))
+            .flatten();
+        self.down_told = down;
         *lock(&self.state) = new_state;
+        if let (Some(incarnation), Some(d)) = (told, &self.owner.deliver) {
+            d.marked_down(&self.owner.vhost, &self.owner.queue, incarnation);
+        }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         *slot(&self.snapshot) = Some(stored);
