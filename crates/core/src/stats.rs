@@ -34,11 +34,18 @@
 //! Each object has a [`History`]: the last sample (for `rate`) and, only while
 //! the object is active, a ring of up to [`RING_LEN`] samples (10 minutes at
 //! 5 s) for `samples`/`avg_rate`. An object idle for the whole window drops its
-//! ring, so 10,000 idle queues cost a few hundred bytes each.
+//! ring, so 10,000 idle queues cost a few hundred bytes each; one that never
+//! counted anything keeps only the times of its (all-zero) samples.
+//!
+//! A source allocates its counters at its first count (bytes on the wire are
+//! kept apart, as every connection counts its handshake), so the sources of
+//! an idle connection (an MQTT or STOMP session, an AMQP connection and its
+//! channels) cost about 200 bytes each rather than 850, and still list with
+//! zeros wherever RabbitMQ shows them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use serde::ser::{SerializeMap, SerializeStruct};
@@ -275,8 +282,61 @@ struct Sample {
 
 /// An object's samples: the last two (for `rate`) always, the ring only while
 /// the object is active.
+///
+/// While every sample so far was all zeros (an idle connection's channels,
+/// an unused queue), only the times of the last two are kept, and the samples
+/// themselves (about 370 bytes) are allocated at the first non-zero one: the
+/// zeros are then filled in as they were taken, so rates, samples and rings
+/// come out exactly as if they had been kept all along.
 #[derive(Debug, Default)]
-pub struct History(Mutex<HistoryInner>);
+pub struct History(Mutex<HistoryCell>);
+
+#[derive(Debug)]
+struct HistoryCell {
+    /// When the last two all-zero samples were taken (`NO_SAMPLE`: none),
+    /// while `full` is `None`.
+    zero_prev_at: u64,
+    zero_last_at: u64,
+    full: Option<Box<HistoryInner>>,
+}
+
+const NO_SAMPLE: u64 = u64::MAX;
+
+impl Default for HistoryCell {
+    fn default() -> Self {
+        HistoryCell {
+            zero_prev_at: NO_SAMPLE,
+            zero_last_at: NO_SAMPLE,
+            full: None,
+        }
+    }
+}
+
+impl HistoryCell {
+    /// The all-zero samples kept as times only, as a [`HistoryInner`].
+    fn zeros(&self) -> HistoryInner {
+        let zero = |at: u64| {
+            (at != NO_SAMPLE).then(|| Sample {
+                at,
+                counters: Snapshot::default(),
+                lengths: Lengths::default(),
+            })
+        };
+        HistoryInner {
+            prev: zero(self.zero_prev_at),
+            last: zero(self.zero_last_at),
+            ring: None,
+        }
+    }
+
+    /// Calls `f` with the samples, whichever way they are kept.
+    fn with<R>(&self, f: impl FnOnce(&HistoryInner) -> R) -> R {
+        match &self.full {
+            Some(full) => f(full),
+            None => f(&self.zeros()),
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct HistoryInner {
@@ -330,12 +390,42 @@ impl History {
     /// Records a sample taken at `now` (ms since the epoch). Called by the
     /// sampler only.
     pub fn record(&self, now: u64, counters: Snapshot, lengths: Lengths) {
+        let mut cell = self.0.lock();
+        if cell.full.is_none() {
+            if counters == Snapshot::default() && lengths == Lengths::default() {
+                // Still nothing: shift the times (a zero sample never starts a
+                // ring, as the samples before it were zeros too).
+                cell.zero_prev_at = cell.zero_last_at;
+                cell.zero_last_at = now;
+                return;
+            }
+            let zeros = cell.zeros_taken();
+            cell.full = Some(Box::new(zeros));
+        }
+        if let Some(h) = cell.full.as_mut() {
+            h.record(now, counters, lengths);
+        }
+    }
+}
+
+impl HistoryCell {
+    /// [`HistoryCell::zeros`], leaving no times behind.
+    fn zeros_taken(&mut self) -> HistoryInner {
+        let inner = self.zeros();
+        self.zero_prev_at = NO_SAMPLE;
+        self.zero_last_at = NO_SAMPLE;
+        inner
+    }
+}
+
+impl HistoryInner {
+    fn record(&mut self, now: u64, counters: Snapshot, lengths: Lengths) {
         let sample = Sample {
             at: now,
             counters,
             lengths,
         };
-        let mut h = self.0.lock();
+        let h = self;
         // The first sample only sets the baseline; a ring starts with the
         // first change.
         let changed = h
@@ -363,18 +453,9 @@ impl History {
         h.prev = h.last.replace(sample);
     }
 
-    /// The per-second rate of one value between the last two samples.
-    fn rate(&self, f: impl Fn(&Sample) -> u64) -> f64 {
-        let h = self.0.lock();
-        match (&h.prev, &h.last) {
-            (Some(a), Some(b)) => rate_between(a, b, f),
-            _ => 0.0,
-        }
-    }
-
     /// `*_details` for one value, with samples when `range` is given.
     fn details(&self, range: Option<Range>, f: impl Fn(&Sample) -> u64) -> Details {
-        let h = self.0.lock();
+        let h = self;
         let rate = match (&h.prev, &h.last) {
             (Some(a), Some(b)) => rate_between(a, b, &f),
             _ => 0.0,
@@ -436,6 +517,21 @@ impl History {
             avg: Some(avg),
         }
     }
+}
+
+impl History {
+    /// The per-second rate of one value between the last two samples.
+    fn rate(&self, f: impl Fn(&Sample) -> u64) -> f64 {
+        self.0.lock().with(|h| match (&h.prev, &h.last) {
+            (Some(a), Some(b)) => rate_between(a, b, f),
+            _ => 0.0,
+        })
+    }
+
+    /// `*_details` for one value, with samples when `range` is given.
+    fn details(&self, range: Option<Range>, f: impl Fn(&Sample) -> u64) -> Details {
+        self.0.lock().with(|h| h.details(range, f))
+    }
 
     /// The rate of one counter (per second, over the last sample interval).
     pub fn rate_of(&self, s: Stat) -> f64 {
@@ -486,14 +582,25 @@ impl History {
 
     /// Whether this history keeps a ring now (for tests and memory accounting).
     pub fn has_ring(&self) -> bool {
-        self.0.lock().ring.is_some()
+        self.0
+            .lock()
+            .full
+            .as_ref()
+            .is_some_and(|h| h.ring.is_some())
+    }
+
+    /// Whether the samples are allocated (some sample was not all zeros).
+    pub fn is_allocated(&self) -> bool {
+        self.0.lock().full.is_some()
     }
 
     /// The last sampled counters and lengths (zero before the first sample).
     pub fn last(&self) -> (Snapshot, Lengths) {
         self.0
             .lock()
-            .last
+            .full
+            .as_ref()
+            .and_then(|h| h.last)
             .map_or_else(Default::default, |s| (s.counters, s.lengths))
     }
 }
@@ -688,6 +795,26 @@ pub struct Source {
     /// An AMQP channel (counted in `rabbitmq_channels`); MQTT and STOMP
     /// sessions are not.
     pub is_channel: bool,
+    /// The counters, allocated at the first count: an idle connection's
+    /// sources (10,000 idle MQTT clients, two idle AMQP channels each...) then
+    /// cost about 200 bytes each instead of 850; an absent block reads as
+    /// zeros everywhere (listings, totals, Prometheus).
+    counts: OnceLock<Box<SourceCounts>>,
+    /// Bytes received and sent (`RecvOct`, `SendOct`): counted from the first
+    /// frame on, so kept here rather than in `counts`.
+    recv_oct: AtomicU64,
+    send_oct: AtomicU64,
+    /// Consumers open now (a gauge set by the session).
+    consumers: AtomicU64,
+    /// The channel's settings and in-flight counts (gauges the session
+    /// publishes after each batch it handles; see [`ChannelState`]).
+    state: [AtomicU64; 8],
+    pub history: History,
+}
+
+/// A [`Source`]'s counters (single writer: its session's task).
+#[derive(Debug, Default)]
+struct SourceCounts {
     /// Publish-side counters and counters of classic queues.
     classic: Counters,
     /// Delivery-side counters of quorum queues.
@@ -695,12 +822,24 @@ pub struct Source {
     /// Message sizes received, per bucket of [`SIZE_BUCKETS`] (+Inf last).
     sizes: [AtomicU64; 9],
     size_sum: AtomicU64,
-    /// Consumers open now (a gauge set by the session).
-    consumers: AtomicU64,
-    /// The channel's settings and in-flight counts (gauges the session
-    /// publishes after each batch it handles; see [`ChannelState`]).
-    state: [AtomicU64; 8],
-    pub history: History,
+}
+
+impl SourceCounts {
+    fn counters(&self, qt: QueueType) -> &Counters {
+        match qt {
+            QueueType::Classic => &self.classic,
+            QueueType::Quorum => &self.quorum,
+        }
+    }
+
+    fn sizes(&self) -> SizeHistogram {
+        let mut h = SizeHistogram::default();
+        for (o, c) in h.buckets.iter_mut().zip(self.sizes.iter()) {
+            *o = c.load(Ordering::Relaxed);
+        }
+        h.sum = self.size_sum.load(Ordering::Relaxed);
+        h
+    }
 }
 
 /// What `/api/channels` shows of a channel beyond its counters: its settings
@@ -730,41 +869,76 @@ pub struct ChannelState {
 }
 
 impl Source {
-    fn counters(&self, qt: QueueType) -> &Counters {
-        match qt {
-            QueueType::Classic => &self.classic,
-            QueueType::Quorum => &self.quorum,
+    /// The counters, allocated now if nothing was counted yet (the writer's
+    /// side: only the session's task counts).
+    #[inline]
+    fn counts_mut(&self) -> &SourceCounts {
+        self.counts.get_or_init(Box::default)
+    }
+
+    /// A snapshot of one queue type's counters (zeros before the first count);
+    /// octets count on the publish side.
+    fn counters_snapshot(&self, qt: QueueType) -> Snapshot {
+        let mut s = self
+            .counts
+            .get()
+            .map_or_else(Snapshot::default, |c| c.counters(qt).snapshot());
+        if qt == QueueType::Classic {
+            s.add(Stat::RecvOct, self.recv_oct.load(Ordering::Relaxed));
+            s.add(Stat::SendOct, self.send_oct.load(Ordering::Relaxed));
         }
+        s
     }
 
     /// Counts `n` of a publish-side stat (publish, confirm, unroutable, octets).
     #[inline]
     pub fn add(&self, s: Stat, n: u64) {
-        self.classic.add_local(s, n);
+        if n == 0 {
+            return;
+        }
+        let octets = match s {
+            Stat::RecvOct => &self.recv_oct,
+            Stat::SendOct => &self.send_oct,
+            _ => return self.counts_mut().classic.add_local(s, n),
+        };
+        // Single writer (see `Counters::add_local`).
+        octets.store(
+            octets.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
 
     /// Counts a delivery-side stat for a queue of type `qt`.
     #[inline]
     pub fn add_for(&self, qt: QueueType, s: Stat, n: u64) {
-        self.counters(qt).add_local(s, n);
+        if n == 0 {
+            return;
+        }
+        self.counts_mut().counters(qt).add_local(s, n);
     }
 
     /// Counts one received message of `size` bytes (publish + size histogram).
     #[inline]
     pub fn published(&self, size: usize) {
-        self.classic.add_local(Stat::Publish, 1);
+        let counts = self.counts_mut();
+        counts.classic.add_local(Stat::Publish, 1);
         let size = size as u64;
         let bucket = SIZE_BUCKETS
             .iter()
             .position(|&b| size <= b)
             .unwrap_or(SIZE_BUCKETS.len());
-        if let Some(c) = self.sizes.get(bucket) {
+        if let Some(c) = counts.sizes.get(bucket) {
             c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
-        self.size_sum.store(
-            self.size_sum.load(Ordering::Relaxed).wrapping_add(size),
+        counts.size_sum.store(
+            counts.size_sum.load(Ordering::Relaxed).wrapping_add(size),
             Ordering::Relaxed,
         );
+    }
+
+    /// Whether anything was counted yet (the counters are allocated).
+    pub fn has_counts(&self) -> bool {
+        self.counts.get().is_some()
     }
 
     pub fn set_consumers(&self, n: usize) {
@@ -820,13 +994,13 @@ impl Source {
 
     /// Both queue types together: the channel's own `message_stats` counts.
     pub fn snapshot(&self) -> Snapshot {
-        let mut s = self.classic.snapshot();
-        s.merge(&self.quorum.snapshot());
+        let mut s = self.counters_snapshot(QueueType::Classic);
+        s.merge(&self.counters_snapshot(QueueType::Quorum));
         s
     }
 
     pub fn snapshot_for(&self, qt: QueueType) -> Snapshot {
-        self.counters(qt).snapshot()
+        self.counters_snapshot(qt)
     }
 
     /// The channel's `message_stats`.
@@ -836,12 +1010,9 @@ impl Source {
     }
 
     fn sizes(&self) -> SizeHistogram {
-        let mut h = SizeHistogram::default();
-        for (o, c) in h.buckets.iter_mut().zip(self.sizes.iter()) {
-            *o = c.load(Ordering::Relaxed);
-        }
-        h.sum = self.size_sum.load(Ordering::Relaxed);
-        h
+        self.counts
+            .get()
+            .map_or_else(SizeHistogram::default, |c| c.sizes())
     }
 }
 
@@ -1034,10 +1205,9 @@ impl NodeStats {
             channel,
             vhost: vhost.to_owned(),
             is_channel,
-            classic: Counters::default(),
-            quorum: Counters::default(),
-            sizes: Default::default(),
-            size_sum: AtomicU64::new(0),
+            counts: OnceLock::new(),
+            recv_oct: AtomicU64::new(0),
+            send_oct: AtomicU64::new(0),
             consumers: AtomicU64::new(0),
             state: Default::default(),
             history: History::default(),
@@ -1066,8 +1236,8 @@ impl NodeStats {
         {
             let mut retired = self.retired.lock();
             if let Some(t) = retired.get_mut(source.protocol.idx()) {
-                t.by_queue_type[0].merge(&source.classic.snapshot());
-                t.by_queue_type[1].merge(&source.quorum.snapshot());
+                t.by_queue_type[0].merge(&source.snapshot_for(QueueType::Classic));
+                t.by_queue_type[1].merge(&source.snapshot_for(QueueType::Quorum));
                 t.sizes.merge(&source.sizes());
             }
         }
@@ -1133,13 +1303,13 @@ impl NodeStats {
         let mut out = self.retired.lock().clone();
         for s in self.sources.lock().values() {
             if let Some(t) = out.get_mut(s.protocol.idx()) {
-                let classic = s.classic.snapshot();
+                let classic = s.snapshot_for(QueueType::Classic);
                 if classic.get(Stat::Publish) > 0 {
                     t.publishers += 1;
                 }
                 t.consumers += s.consumers();
                 t.by_queue_type[0].merge(&classic);
-                t.by_queue_type[1].merge(&s.quorum.snapshot());
+                t.by_queue_type[1].merge(&s.snapshot_for(QueueType::Quorum));
                 t.sizes.merge(&s.sizes());
             }
         }
@@ -1170,7 +1340,13 @@ impl NodeStats {
     /// [`crate::Broker::sample_stats`].
     pub(crate) fn sample_sources(&self, now: u64) {
         for s in self.sources() {
-            s.history.record(now, s.snapshot(), Lengths::default());
+            // A source's own history feeds its `message_stats`, which shows no
+            // octets: left out, an idle connection's session (which did read
+            // and send its handshake) keeps no samples (see `History`).
+            let mut counters = s.snapshot();
+            counters.set(Stat::RecvOct, 0);
+            counters.set(Stat::SendOct, 0);
+            s.history.record(now, counters, Lengths::default());
         }
         for (p, t) in Protocol::ALL.iter().zip(self.protocol_totals()) {
             if let Some(h) = self.protocol_history.get(p.idx()) {
@@ -1405,13 +1581,101 @@ mod tests {
             h.record(t, snap(i), Lengths::default());
         }
         assert!(h.has_ring());
-        assert_eq!(h.0.lock().ring.as_ref().unwrap().len(), RING_LEN);
+        assert_eq!(
+            h.0.lock()
+                .full
+                .as_ref()
+                .unwrap()
+                .ring
+                .as_ref()
+                .unwrap()
+                .len(),
+            RING_LEN
+        );
         for _ in 0..RING_LEN {
             t += SAMPLE_INTERVAL_MS;
             h.record(t, snap(200), Lengths::default());
         }
         assert!(!h.has_ring(), "idle for the whole window");
         assert_eq!(h.rate_of(Stat::Publish), 0.0);
+    }
+
+    #[test]
+    fn zero_samples_are_kept_as_times_and_read_as_if_kept_whole() {
+        let h = History::default();
+        // The reference keeps every sample from the start.
+        let mut whole = HistoryInner::default();
+        let range = Some(Range {
+            age_ms: 60_000,
+            incr_ms: 5_000,
+        });
+        let mut t = 0;
+        for _ in 0..3 {
+            t += SAMPLE_INTERVAL_MS;
+            h.record(t, snap(0), Lengths::default());
+            whole.record(t, snap(0), Lengths::default());
+        }
+        assert!(!h.is_allocated(), "nothing but zeros: no samples allocated");
+        let publish = |x: &Sample| x.counters.get(Stat::Publish);
+        assert_eq!(h.details(range, publish), whole.details(range, publish));
+        assert_eq!(h.last(), (Snapshot::default(), Lengths::default()));
+        for i in [4, 4, 9, 20] {
+            t += SAMPLE_INTERVAL_MS;
+            h.record(t, snap(i), Lengths::default());
+            whole.record(t, snap(i), Lengths::default());
+            assert!(h.is_allocated());
+            assert_eq!(h.details(range, publish), whole.details(range, publish));
+            assert_eq!(h.details(None, publish), whole.details(None, publish));
+            assert_eq!(h.has_ring(), whole.ring.is_some());
+        }
+        // The first change counts from the last zero sample: 4 in 5 s.
+        let h = History::default();
+        h.record(5_000, snap(0), Lengths::default());
+        h.record(10_000, snap(4), Lengths::default());
+        assert_eq!(h.rate_of(Stat::Publish), 0.8);
+        // A queue with messages but no counts is not all zeros.
+        let h = History::default();
+        let l = Lengths {
+            messages: 1,
+            ready: 1,
+            unacked: 0,
+        };
+        h.record(5_000, snap(0), l);
+        assert!(h.is_allocated());
+        assert_eq!(h.last().1, l);
+    }
+
+    #[test]
+    fn an_idle_source_allocates_no_counters_and_no_samples() {
+        let node = Arc::new(NodeStats::default());
+        let g = node.open_source(Protocol::Mqtt311, 7, 0, "/", false);
+        // What every connection does: its handshake's bytes, and nothing sent.
+        g.add(Stat::RecvOct, 40);
+        g.add(Stat::SendOct, 0);
+        g.add_for(QueueType::Classic, Stat::Deliver, 0);
+        assert!(!g.has_counts());
+        node.sample_sources(5_000);
+        node.sample_sources(10_000);
+        assert!(!g.history.is_allocated());
+        // Listings and totals read zeros (and the octets).
+        assert_eq!(g.snapshot().get(Stat::RecvOct), 40);
+        assert_eq!(g.snapshot().get(Stat::Publish), 0);
+        assert!(g.message_stats(None).is_empty());
+        assert_eq!(node.protocol_totals()[2].all().get(Stat::RecvOct), 40);
+        assert_eq!(node.protocol_totals()[2].publishers, 0);
+        assert_eq!(node.source(7, 0).map(|s| s.id), Some(g.id));
+        // The first publish allocates them; counts and rates are as before.
+        g.published(16);
+        assert!(g.has_counts());
+        node.sample_sources(15_000);
+        assert!(g.history.is_allocated());
+        let ms = g.message_stats(None);
+        assert_eq!(ms.count("publish"), Some(1));
+        assert_eq!(ms.rate("publish"), 0.2);
+        assert_eq!(node.protocol_totals()[2].publishers, 1);
+        drop(g);
+        assert_eq!(node.by_vhost()["/"].get(Stat::RecvOct), 40);
+        assert_eq!(node.by_vhost()["/"].get(Stat::Publish), 1);
     }
 
     #[test]
