@@ -45,13 +45,18 @@ const PEER_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one AMQP connection until it closes or `shutdown` fires (then the
 /// client gets connection.close 320 CONNECTION_FORCED).
-pub async fn serve<S>(
+///
+/// Not an `async fn`: the session is built here and moved straight into the
+/// driver's box. In an `async fn` it would be a local of the connection's
+/// future, which keeps room for it (about 1 kB) for as long as it runs.
+pub fn serve<S>(
     stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     settings: Arc<AmqpSettings>,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let session = Session::new(broker.clone(), settings.clone(), peer);
@@ -68,7 +73,7 @@ pub async fn serve<S>(
         handshake_deadline: Instant::now() + settings.handshake_timeout,
         closing_deadline: None,
     };
-    switchyard_driver::drive(stream, conn, signals).await;
+    switchyard_driver::drive(stream, conn, signals)
 }
 
 /// The session with the timers the driver asks it about.

@@ -20,14 +20,19 @@ use crate::state::MqttState;
 use crate::MqttSettings;
 
 /// Serves one MQTT connection until it closes or `shutdown` fires.
-pub async fn serve<S>(
+///
+/// Not an `async fn`: the session is built here and moved straight into the
+/// driver's box. In an `async fn` it would be a local of the connection's
+/// future, which keeps room for it (about 1 kB) for as long as it runs.
+pub fn serve<S>(
     stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     state: Arc<MqttState>,
     settings: Arc<MqttSettings>,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let session = Session::new(broker.clone(), state, settings.clone(), peer);
@@ -43,7 +48,7 @@ pub async fn serve<S>(
         peer,
         handshake_deadline: Instant::now() + settings.handshake_timeout,
     };
-    switchyard_driver::drive(stream, conn, signals).await;
+    switchyard_driver::drive(stream, conn, signals)
 }
 
 /// The session with the timers the driver asks it about.

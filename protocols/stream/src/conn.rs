@@ -49,13 +49,18 @@ impl Default for StreamSettings {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serves one Stream protocol connection until it closes or `shutdown` fires.
-pub async fn serve<S>(
+///
+/// Not an `async fn`: the session is built here and moved straight into the
+/// driver's box. In an `async fn` it would be a local of the connection's
+/// future, which keeps room for it (about 1 kB) for as long as it runs.
+pub fn serve<S>(
     stream: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     settings: Arc<StreamSettings>,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let session = Session::new(broker.clone(), settings.clone(), peer);
@@ -72,7 +77,7 @@ pub async fn serve<S>(
         handshake_deadline: Instant::now() + settings.handshake_timeout,
         closing_deadline: None,
     };
-    switchyard_driver::drive(stream, conn, signals).await;
+    switchyard_driver::drive(stream, conn, signals)
 }
 
 struct Conn {
