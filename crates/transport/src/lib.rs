@@ -323,7 +323,13 @@ impl AcceptLoop {
             let transport = self.transport.clone();
             let deadlines = self.deadlines;
             let handler = handler.clone();
-            let span = tracing::info_span!("conn", listener = name, %peer);
+            // At debug level: a span the subscriber records costs every
+            // connection about 400 bytes for as long as it lives (its fields,
+            // formatted, in the registry), which is most of what an idle
+            // connection costs. The lines a connection logs at info and above
+            // name their peer themselves; with debug logging on, every line
+            // of the connection carries this span too.
+            let span = tracing::debug_span!("conn", listener = name, %peer);
             self.tasks.spawn(
                 async move {
                     let established = tokio::select! {

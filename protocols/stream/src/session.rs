@@ -961,7 +961,7 @@ impl Session {
                         });
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot append to a stream");
+                        tracing::error!(peer = %self.peer, error = %e, "cannot append to a stream");
                         errors.extend(ids.into_iter().map(|id| (id, code::INTERNAL_ERROR)));
                     }
                 }
