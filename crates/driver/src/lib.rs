@@ -107,7 +107,8 @@ pub enum End {
     ReadError(std::io::Error),
     /// Writing failed, or the stream accepted nothing.
     WriteFailed,
-    /// The broker is gone: the memory alarm's sender was dropped.
+    /// The broker is gone: the memory alarm's sender was dropped (seen by
+    /// sessions the alarm can block, the only ones that watch it).
     BrokerGone,
 }
 
@@ -217,7 +218,7 @@ where
     let Signals {
         outbox,
         mut synced,
-        mut alarm,
+        alarm,
         takeover,
         shutdown,
     } = signals;
@@ -239,8 +240,22 @@ where
     };
     let far = started + Duration::from_secs(365 * 24 * 3600);
     let mut shutting_down = false;
-    // Lagging queues the last read published into, and until when to wait.
-    let mut flow_paused: Option<(Blockers, Instant)> = None;
+    // Waits that most connections never arm live in boxes of their own while
+    // armed, kept across turns, instead of in this future: `select!` stores
+    // every branch's future whether enabled or not, and these four (a flow
+    // pause's timeout, the store's and the alarm's watch, the takeover token)
+    // would add about 600 bytes to every idle connection.
+    // A flow pause: until the lagging queues the last read published into
+    // catch up or its deadline passes.
+    let mut flow_paused = None;
+    // The store's synced position, while the session awaits it.
+    let mut synced_wait = None;
+    // The alarm's changes, while the alarm can block the session (see below);
+    // `alarm` itself is only read.
+    let mut alarm_rx = Some(alarm.clone());
+    let mut alarm_wait = None;
+    // Another connection taking the session over, while that applies.
+    let mut takeover_wait = None;
     // Whether the last turn deliberately did not read (see `paused` below).
     let mut was_paused = false;
     // Whether the read or write buffer held more than KEEP_BUFFER since it was
@@ -287,6 +302,25 @@ where
         // output is backed up, silence still counts.
         // The turn that resumes listening counts too: silence starts there.
         let paused = blocked || flow_paused.is_some() || session.input_paused();
+        // Arm what the session now waits for (each box lives until it fires).
+        if session.awaits_sync() && synced_wait.is_none() {
+            if let Some(rx) = synced.take() {
+                synced_wait = Some(Box::pin(changed_owned(rx)));
+            }
+        }
+        // A session the alarm cannot block does not watch it: it would only be
+        // woken for nothing. (Its broker cannot go away while the session holds
+        // it, and shutdown reaches it through `shutdown`.)
+        if session.blocks_on_alarm() && alarm_wait.is_none() {
+            if let Some(rx) = alarm_rx.take() {
+                alarm_wait = Some(Box::pin(changed_owned(rx)));
+            }
+        }
+        if takeover_wait.is_none() && session.takeover_applies() {
+            if let Some(token) = &takeover {
+                takeover_wait = Some(Box::pin(token.clone().cancelled_owned()));
+            }
+        }
         if paused || was_paused {
             activity.last_read = Instant::now();
         }
@@ -327,7 +361,7 @@ where
                 Ok(n) => {
                     activity.last_read = Instant::now();
                     if let Some(pause) = handle_read(session, &mut input, activity.last_read) {
-                        flow_paused = Some(pause);
+                        flow_paused = Some(Box::pin(flow_resumed(pause)));
                     }
                     if input.is_empty() {
                         if n < SMALL_IO {
@@ -339,34 +373,39 @@ where
                     }
                 }
             },
-            () = flow_resumed(flow_paused.as_ref()), if flow_paused.is_some() => flow_paused = None,
+            () = armed(&mut flow_paused), if flow_paused.is_some() => flow_paused = None,
             () = outbox.wait(), if room => {
                 let login_pending = session.input_paused();
                 session.handle_outbox();
                 if login_pending && !session.input_paused() && !input.is_empty() {
                     // What arrived while the login waited: handled as a read.
                     if let Some(pause) = handle_read(session, &mut input, Instant::now()) {
-                        flow_paused = Some(pause);
+                        flow_paused = Some(Box::pin(flow_resumed(pause)));
                     }
                 }
             }
-            changed = wait_synced(&mut synced), if session.awaits_sync() => {
+            (rx, changed) = armed(&mut synced_wait), if synced_wait.is_some() && session.awaits_sync() => {
+                synced_wait = None;
                 if changed {
+                    synced = Some(rx);
                     session.synced();
-                } else {
-                    // The store is gone (shutting down): nothing more will sync.
-                    synced = None;
                 }
+                // Else the store is gone (shutting down): nothing more will sync.
             }
-            changed = alarm.changed() => {
-                if changed.is_err() {
+            (rx, changed) = armed(&mut alarm_wait), if alarm_wait.is_some() => {
+                alarm_wait = None;
+                if !changed {
                     // The broker dropped its alarm: it is gone.
                     break End::BrokerGone;
                 }
-                // Seen; the next turn tells the session if it blocks it.
-                alarm.borrow_and_update();
+                // Seen; the next turn reads it and tells the session if it
+                // blocks it.
+                alarm_rx = Some(rx);
             }
-            () = cancelled(takeover.as_ref()), if session.takeover_applies() => session.taken_over(),
+            () = armed(&mut takeover_wait), if takeover_wait.is_some() && session.takeover_applies() => {
+                takeover_wait = None;
+                session.taken_over();
+            }
             () = sleep_until(timer) => {
                 let now = Instant::now();
                 if paused {
@@ -476,27 +515,22 @@ fn take_output<S: Session + ?Sized>(session: &mut S, output: &mut Output, vector
 }
 
 /// Waits until the lagging queues caught up or the pause's deadline passed.
-async fn flow_resumed(paused: Option<&(Blockers, Instant)>) {
-    match paused {
-        Some((lagging, until)) => {
-            let _ = tokio::time::timeout_at(*until, lagging.wait()).await;
-        }
-        None => std::future::pending().await,
-    }
+async fn flow_resumed((lagging, until): (Blockers, Instant)) {
+    let _ = tokio::time::timeout_at(until, lagging.wait()).await;
 }
 
-/// Waits for the store's synced position to move; false if it never will.
-async fn wait_synced(synced: &mut Option<watch::Receiver<u64>>) -> bool {
-    match synced {
-        Some(rx) => rx.changed().await.is_ok(),
-        None => std::future::pending().await,
-    }
+/// Waits for a change of `rx`'s value, and gives `rx` back; false if the
+/// sender is gone (nothing will change any more).
+async fn changed_owned<T>(mut rx: watch::Receiver<T>) -> (watch::Receiver<T>, bool) {
+    let changed = rx.changed().await.is_ok();
+    (rx, changed)
 }
 
-/// Waits for `token` to be cancelled; forever if there is none.
-async fn cancelled(token: Option<&CancellationToken>) {
-    match token {
-        Some(t) => t.cancelled().await,
+/// Waits for an armed wait (see `run`) to fire; forever if none is armed.
+/// The caller disarms it (`None`) once it fired: it must not be polled again.
+async fn armed<F: std::future::Future>(wait: &mut Option<Pin<Box<F>>>) -> F::Output {
+    match wait {
+        Some(f) => f.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -739,12 +773,15 @@ mod tests {
         task.await.unwrap();
     }
 
+    // Only a session the alarm can block watches it (the others' brokers
+    // cannot go away under them: they hold them), so this one publishes.
     #[tokio::test]
     async fn the_broker_going_away_ends_the_driver() {
         let (_client, server) = tokio::io::duplex(1024);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let session = Echo {
             ended: Some(tx),
+            publishes: true,
             ..Default::default()
         };
         let (signals, alarm) = signals(&CancellationToken::new());

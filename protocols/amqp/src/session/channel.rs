@@ -134,7 +134,10 @@ enum TxOp {
 pub(crate) struct Channel {
     id: u16,
     closing: bool,
-    content: Option<Content>,
+    /// Boxed: about 420 bytes (the publish, its properties) that a channel
+    /// holds only while a message's frames arrive; inline, every idle channel
+    /// would carry them.
+    content: Option<Box<Content>>,
     next_tag: u64,
     /// In delivery-tag order (tags only grow).
     unacked: VecDeque<Unacked>,
@@ -347,7 +350,7 @@ impl Channel {
     }
 
     fn take_content(&mut self) -> Option<Published> {
-        let c = self.content.take()?;
+        let c = *self.content.take()?;
         let (_, properties) = c.header?;
         let body = c.single.unwrap_or_else(|| c.body.freeze());
         Some((c.publish, properties, body))
@@ -669,12 +672,12 @@ impl Channel {
                     return Err(ConnError::not_implemented("immediate=true").into());
                 }
                 // The exchange is checked when the content is complete (as RabbitMQ).
-                self.content = Some(Content {
+                self.content = Some(Box::new(Content {
                     publish: m,
                     header: None,
                     body: BytesMut::new(),
                     single: None,
-                });
+                }));
                 Ok(())
             }
             Method::BasicAck(m) => self.ack_or_defer(ctx.vhost, m.delivery_tag, m.multiple, None),

@@ -146,7 +146,8 @@ pub struct Session {
     topic_rules: Option<Arc<TopicRules>>,
     /// A CONNECT whose login an external authentication backend is deciding
     /// (with the frame and the login name); no frame is read meanwhile.
-    pending_login: Option<(PendingLogin, Frame, String)>,
+    /// Boxed: set only while an external backend decides (96 bytes inline).
+    pending_login: Option<Box<(PendingLogin, Frame, String)>>,
     perm_generation: u64,
     /// When the access token of a `jwt` login expires (ms since the epoch).
     token_expires_ms: Option<u64>,
@@ -563,7 +564,7 @@ impl Session {
         {
             LoginStart::Done(result) => result,
             LoginStart::Pending(pending) => {
-                self.pending_login = Some((pending, frame.clone(), login));
+                self.pending_login = Some(Box::new((pending, frame.clone(), login)));
                 return Ok(());
             }
         };
@@ -973,10 +974,11 @@ impl Session {
     /// Encodes what queues put in the outbox as MESSAGE frames, and lets queues
     /// that were held back for lack of outbox room dispatch again.
     pub fn handle_outbox(&mut self) {
-        if let Some((pending, frame, login)) = self.pending_login.take() {
+        if let Some(boxed) = self.pending_login.take() {
+            let (pending, frame, login) = *boxed;
             match pending.take() {
                 None => {
-                    self.pending_login = Some((pending, frame, login));
+                    self.pending_login = Some(Box::new((pending, frame, login)));
                     return;
                 }
                 Some(result) => {
