@@ -209,12 +209,15 @@ where
     run(stream, Box::new(session), signals)
 }
 
-async fn run<S, T>(stream: T, mut session: Box<S>, signals: Signals)
+/// Not an `async fn`: its arguments would be stored in the future beside
+/// the locals they are unpacked into (the stream beside its two halves,
+/// `signals` beside its fields). Unpacked here, they are the async block's
+/// captures, stored once.
+fn run<S, T>(stream: T, session: Box<S>, signals: Signals) -> impl std::future::Future<Output = ()>
 where
     S: Session,
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let session = &mut *session;
     let Signals {
         outbox,
         mut synced,
@@ -223,204 +226,209 @@ where
         shutdown,
     } = signals;
     let (mut reader, mut writer) = tokio::io::split(stream);
-    // Both allocated on demand, and given back when a small read or write
-    // leaves them empty (see SMALL_IO): an idle connection holds neither.
-    let mut input = BytesMut::new();
-    let mut output = Output::default();
-    // Whether the stream writes several slices in one call (TCP, TLS): then
-    // large bodies are written from their shared buffers; else they are
-    // copied into the output once, as before (see `Output`).
-    let vectored = writer.is_write_vectored();
-    let started = Instant::now();
-    let mut activity = Activity {
-        started,
-        last_read: started,
-        last_write: started,
-        output_pending: false,
-    };
-    let far = started + Duration::from_secs(365 * 24 * 3600);
-    let mut shutting_down = false;
-    // Waits that most connections never arm live in boxes of their own while
-    // armed, kept across turns, instead of in this future: `select!` stores
-    // every branch's future whether enabled or not, and these four (a flow
-    // pause's timeout, the store's and the alarm's watch, the takeover token)
-    // would add about 600 bytes to every idle connection.
-    // A flow pause: until the lagging queues the last read published into
-    // catch up or its deadline passes.
-    let mut flow_paused = None;
-    // The store's synced position, while the session awaits it.
-    let mut synced_wait = None;
-    // The alarm's changes, while the alarm can block the session (see below);
-    // `alarm` itself is only read.
-    let mut alarm_rx = Some(alarm.clone());
-    let mut alarm_wait = None;
-    // Another connection taking the session over, while that applies.
-    let mut takeover_wait = None;
-    // Whether the last turn deliberately did not read (see `paused` below).
-    let mut was_paused = false;
-    // Whether the read or write buffer held more than KEEP_BUFFER since it was
-    // last empty. (`capacity()` cannot tell: it counts from the read position,
-    // so a drained buffer reports little while its whole allocation lives on.)
-    let (mut input_big, mut output_big) = (false, false);
+    let mut session = session;
+    async move {
+        let session = &mut *session;
+        // Both allocated on demand, and given back when a small read or write
+        // leaves them empty (see SMALL_IO): an idle connection holds neither.
+        let mut input = BytesMut::new();
+        let mut output = Output::default();
+        // Whether the stream writes several slices in one call (TCP, TLS): then
+        // large bodies are written from their shared buffers; else they are
+        // copied into the output once, as before (see `Output`).
+        let vectored = writer.is_write_vectored();
+        let started = Instant::now();
+        let mut activity = Activity {
+            started,
+            last_read: started,
+            last_write: started,
+            output_pending: false,
+        };
+        let far = started + Duration::from_secs(365 * 24 * 3600);
+        let mut shutting_down = false;
+        // Waits that most connections never arm live in boxes of their own while
+        // armed, kept across turns, instead of in this future: `select!` stores
+        // every branch's future whether enabled or not, and these four (a flow
+        // pause's timeout, the store's and the alarm's watch, the takeover token)
+        // would add about 600 bytes to every idle connection.
+        // A flow pause: until the lagging queues the last read published into
+        // catch up or its deadline passes.
+        let mut flow_paused = None;
+        // The store's synced position, while the session awaits it.
+        let mut synced_wait = None;
+        // The alarm's changes, while the alarm can block the session (see below);
+        // `alarm` itself is only read.
+        let mut alarm_rx = Some(alarm.clone());
+        let mut alarm_wait = None;
+        // Another connection taking the session over, while that applies.
+        let mut takeover_wait = None;
+        // Whether the last turn deliberately did not read (see `paused` below).
+        let mut was_paused = false;
+        // Whether the read or write buffer held more than KEEP_BUFFER since it was
+        // last empty. (`capacity()` cannot tell: it counts from the read position,
+        // so a drained buffer reports little while its whole allocation lives on.)
+        let (mut input_big, mut output_big) = (false, false);
 
-    let end = loop {
-        take_output(session, &mut output, vectored);
-        output_big |= output.len() > KEEP_BUFFER;
-        if session.is_closed() {
-            if !output.is_drained() {
-                output.flatten();
-                let _ = tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output[..])).await;
+        let end = loop {
+            take_output(session, &mut output, vectored);
+            output_big |= output.len() > KEEP_BUFFER;
+            if session.is_closed() {
+                if !output.is_drained() {
+                    output.flatten();
+                    let _ =
+                        tokio::time::timeout(FLUSH_TIMEOUT, writer.write_all(&output[..])).await;
+                }
+                if let Some(wait) = session.peer_closes().filter(|_| !shutting_down) {
+                    let deadline = Instant::now() + wait;
+                    await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
+                } else if !shutting_down {
+                    // We close first (a DISCONNECT, an ERROR, a refusal): send our FIN,
+                    // then read and drop what the client still sends for a moment.
+                    // Closing a socket with unread input makes the kernel answer with a
+                    // RST, which can reach the client before it has read our last packet
+                    // (a client publishing fast sees "connection reset", not the reason).
+                    let _ = writer.shutdown().await;
+                    let deadline = Instant::now() + CLOSE_LINGER;
+                    await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
+                }
+                break End::Closed;
             }
-            if let Some(wait) = session.peer_closes().filter(|_| !shutting_down) {
-                let deadline = Instant::now() + wait;
-                await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
-            } else if !shutting_down {
-                // We close first (a DISCONNECT, an ERROR, a refusal): send our FIN,
-                // then read and drop what the client still sends for a moment.
-                // Closing a socket with unread input makes the kernel answer with a
-                // RST, which can reach the client before it has read our last packet
-                // (a client publishing fast sees "connection reset", not the reason).
-                let _ = writer.shutdown().await;
-                let deadline = Instant::now() + CLOSE_LINGER;
-                await_peer_close(&mut reader, &mut input, deadline, &shutdown).await;
+            // The alarm is told only to sessions it blocks (AMQP: those that
+            // published), every turn, so a session that starts publishing while it
+            // is on hears it; the session acts on changes. A pure consumer must not
+            // hear it: lapin stops writing altogether (acks, heartbeats) once blocked.
+            let blocked = *alarm.borrow() && session.blocks_on_alarm();
+            session.alarm(blocked);
+            take_output(session, &mut output, vectored);
+            output_big |= output.len() > KEEP_BUFFER;
+            let room = output.pending() < OUTPUT_HIGH_WATER;
+            // We stop listening on purpose (alarm, flow control, a login waiting
+            // for its backend): the client's silence meanwhile is ours, not its,
+            // so it does not count towards its heartbeat timeout (RabbitMQ pauses
+            // its heartbeat monitor while a connection is blocked). When only our
+            // output is backed up, silence still counts.
+            // The turn that resumes listening counts too: silence starts there.
+            let paused = blocked || flow_paused.is_some() || session.input_paused();
+            // Arm what the session now waits for (each box lives until it fires).
+            if session.awaits_sync() && synced_wait.is_none() {
+                if let Some(rx) = synced.take() {
+                    synced_wait = Some(Box::pin(changed_owned(rx)));
+                }
             }
-            break End::Closed;
-        }
-        // The alarm is told only to sessions it blocks (AMQP: those that
-        // published), every turn, so a session that starts publishing while it
-        // is on hears it; the session acts on changes. A pure consumer must not
-        // hear it: lapin stops writing altogether (acks, heartbeats) once blocked.
-        let blocked = *alarm.borrow() && session.blocks_on_alarm();
-        session.alarm(blocked);
-        take_output(session, &mut output, vectored);
-        output_big |= output.len() > KEEP_BUFFER;
-        let room = output.pending() < OUTPUT_HIGH_WATER;
-        // We stop listening on purpose (alarm, flow control, a login waiting
-        // for its backend): the client's silence meanwhile is ours, not its,
-        // so it does not count towards its heartbeat timeout (RabbitMQ pauses
-        // its heartbeat monitor while a connection is blocked). When only our
-        // output is backed up, silence still counts.
-        // The turn that resumes listening counts too: silence starts there.
-        let paused = blocked || flow_paused.is_some() || session.input_paused();
-        // Arm what the session now waits for (each box lives until it fires).
-        if session.awaits_sync() && synced_wait.is_none() {
-            if let Some(rx) = synced.take() {
-                synced_wait = Some(Box::pin(changed_owned(rx)));
+            // A session the alarm cannot block does not watch it: it would only be
+            // woken for nothing. (Its broker cannot go away while the session holds
+            // it, and shutdown reaches it through `shutdown`.)
+            if session.blocks_on_alarm() && alarm_wait.is_none() {
+                if let Some(rx) = alarm_rx.take() {
+                    alarm_wait = Some(Box::pin(changed_owned(rx)));
+                }
             }
-        }
-        // A session the alarm cannot block does not watch it: it would only be
-        // woken for nothing. (Its broker cannot go away while the session holds
-        // it, and shutdown reaches it through `shutdown`.)
-        if session.blocks_on_alarm() && alarm_wait.is_none() {
-            if let Some(rx) = alarm_rx.take() {
-                alarm_wait = Some(Box::pin(changed_owned(rx)));
+            if takeover_wait.is_none() && session.takeover_applies() {
+                if let Some(token) = &takeover {
+                    takeover_wait = Some(Box::pin(token.clone().cancelled_owned()));
+                }
             }
-        }
-        if takeover_wait.is_none() && session.takeover_applies() {
-            if let Some(token) = &takeover {
-                takeover_wait = Some(Box::pin(token.clone().cancelled_owned()));
+            if paused || was_paused {
+                activity.last_read = Instant::now();
             }
-        }
-        if paused || was_paused {
-            activity.last_read = Instant::now();
-        }
-        was_paused = paused;
-        let may_read = room && !paused;
-        input_big |= input.len() > KEEP_BUFFER;
-        if input.is_empty() && input_big {
-            input = BytesMut::with_capacity(READ_CHUNK);
-            input_big = false;
-        } else if !input.is_empty() && input.capacity() - input.len() < READ_CHUNK / 4 {
-            // A partial frame: read big next. (An empty input without a buffer
-            // reads through the stack: see `read_some`.)
-            input.reserve(READ_CHUNK);
-        }
-        activity.output_pending = !output.is_drained();
-        let timer = session.next_deadline(&activity).unwrap_or(far);
+            was_paused = paused;
+            let may_read = room && !paused;
+            input_big |= input.len() > KEEP_BUFFER;
+            if input.is_empty() && input_big {
+                input = BytesMut::with_capacity(READ_CHUNK);
+                input_big = false;
+            } else if !input.is_empty() && input.capacity() - input.len() < READ_CHUNK / 4 {
+                // A partial frame: read big next. (An empty input without a buffer
+                // reads through the stack: see `read_some`.)
+                input.reserve(READ_CHUNK);
+            }
+            activity.output_pending = !output.is_drained();
+            let timer = session.next_deadline(&activity).unwrap_or(far);
 
-        tokio::select! {
-            written = write_output(&mut writer, &mut output), if !output.is_drained() => match written {
-                Ok(0) | Err(_) => break End::WriteFailed,
-                Ok(n) => {
-                    activity.last_write = Instant::now();
-                    if output.is_drained() && (output_big || n < SMALL_IO) {
-                        // The session gets this buffer back at the next take:
-                        // a fresh (unallocated) one instead of the burst's, or
-                        // of a quiet connection's, allocation.
-                        output = Output::default();
-                        output_big = false;
-                        if n < SMALL_IO {
-                            release_if_empty(session.output());
+            tokio::select! {
+                written = write_output(&mut writer, &mut output), if !output.is_drained() => match written {
+                    Ok(0) | Err(_) => break End::WriteFailed,
+                    Ok(n) => {
+                        activity.last_write = Instant::now();
+                        if output.is_drained() && (output_big || n < SMALL_IO) {
+                            // The session gets this buffer back at the next take:
+                            // a fresh (unallocated) one instead of the burst's, or
+                            // of a quiet connection's, allocation.
+                            output = Output::default();
+                            output_big = false;
+                            if n < SMALL_IO {
+                                release_if_empty(session.output());
+                            }
+                        }
+                    }
+                },
+                read = read_some(&mut reader, &mut input), if may_read => match read {
+                    Ok(0) => break End::PeerClosed,
+                    Err(e) => break End::ReadError(e),
+                    Ok(n) => {
+                        activity.last_read = Instant::now();
+                        if let Some(pause) = handle_read(session, &mut input, activity.last_read) {
+                            flow_paused = Some(Box::pin(flow_resumed(pause)));
+                        }
+                        if input.is_empty() {
+                            if n < SMALL_IO {
+                                input = BytesMut::new();
+                            } else {
+                                // More is probably waiting: read it in big chunks.
+                                input.reserve(READ_CHUNK);
+                            }
+                        }
+                    }
+                },
+                () = armed(&mut flow_paused), if flow_paused.is_some() => flow_paused = None,
+                () = outbox.wait(), if room => {
+                    let login_pending = session.input_paused();
+                    session.handle_outbox();
+                    if login_pending && !session.input_paused() && !input.is_empty() {
+                        // What arrived while the login waited: handled as a read.
+                        if let Some(pause) = handle_read(session, &mut input, Instant::now()) {
+                            flow_paused = Some(Box::pin(flow_resumed(pause)));
                         }
                     }
                 }
-            },
-            read = read_some(&mut reader, &mut input), if may_read => match read {
-                Ok(0) => break End::PeerClosed,
-                Err(e) => break End::ReadError(e),
-                Ok(n) => {
-                    activity.last_read = Instant::now();
-                    if let Some(pause) = handle_read(session, &mut input, activity.last_read) {
-                        flow_paused = Some(Box::pin(flow_resumed(pause)));
+                (rx, changed) = armed(&mut synced_wait), if synced_wait.is_some() && session.awaits_sync() => {
+                    synced_wait = None;
+                    if changed {
+                        synced = Some(rx);
+                        session.synced();
                     }
-                    if input.is_empty() {
-                        if n < SMALL_IO {
-                            input = BytesMut::new();
-                        } else {
-                            // More is probably waiting: read it in big chunks.
-                            input.reserve(READ_CHUNK);
-                        }
+                    // Else the store is gone (shutting down): nothing more will sync.
+                }
+                (rx, changed) = armed(&mut alarm_wait), if alarm_wait.is_some() => {
+                    alarm_wait = None;
+                    if !changed {
+                        // The broker dropped its alarm: it is gone.
+                        break End::BrokerGone;
                     }
+                    // Seen; the next turn reads it and tells the session if it
+                    // blocks it.
+                    alarm_rx = Some(rx);
                 }
-            },
-            () = armed(&mut flow_paused), if flow_paused.is_some() => flow_paused = None,
-            () = outbox.wait(), if room => {
-                let login_pending = session.input_paused();
-                session.handle_outbox();
-                if login_pending && !session.input_paused() && !input.is_empty() {
-                    // What arrived while the login waited: handled as a read.
-                    if let Some(pause) = handle_read(session, &mut input, Instant::now()) {
-                        flow_paused = Some(Box::pin(flow_resumed(pause)));
+                () = armed(&mut takeover_wait), if takeover_wait.is_some() && session.takeover_applies() => {
+                    takeover_wait = None;
+                    session.taken_over();
+                }
+                () = sleep_until(timer) => {
+                    let now = Instant::now();
+                    if paused {
+                        activity.last_read = now;
                     }
+                    session.deadline(now, &activity);
+                }
+                () = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    session.shutdown();
                 }
             }
-            (rx, changed) = armed(&mut synced_wait), if synced_wait.is_some() && session.awaits_sync() => {
-                synced_wait = None;
-                if changed {
-                    synced = Some(rx);
-                    session.synced();
-                }
-                // Else the store is gone (shutting down): nothing more will sync.
-            }
-            (rx, changed) = armed(&mut alarm_wait), if alarm_wait.is_some() => {
-                alarm_wait = None;
-                if !changed {
-                    // The broker dropped its alarm: it is gone.
-                    break End::BrokerGone;
-                }
-                // Seen; the next turn reads it and tells the session if it
-                // blocks it.
-                alarm_rx = Some(rx);
-            }
-            () = armed(&mut takeover_wait), if takeover_wait.is_some() && session.takeover_applies() => {
-                takeover_wait = None;
-                session.taken_over();
-            }
-            () = sleep_until(timer) => {
-                let now = Instant::now();
-                if paused {
-                    activity.last_read = now;
-                }
-                session.deadline(now, &activity);
-            }
-            () = shutdown.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                session.shutdown();
-            }
-        }
-    };
-    session.finish(end);
-    let _ = writer.shutdown().await;
+        };
+        session.finish(end);
+        let _ = writer.shutdown().await;
+    }
 }
 
 /// Reads into `input`. Without a buffer (an idle connection's), the read goes

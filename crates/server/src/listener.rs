@@ -4,6 +4,8 @@
 //! connection to its adapter, inside the [`ACCEPTED`] scope that tells the
 //! session how it was accepted (TLS, WebSocket, certificate login).
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use switchyard_amqp::AmqpSettings;
@@ -11,7 +13,7 @@ use switchyard_core::connections::{Accepted, ACCEPTED};
 use switchyard_core::Broker;
 use switchyard_mqtt::{MqttSettings, MqttState};
 use switchyard_stomp::StompSettings;
-use switchyard_transport::{cert_login_name, AcceptLoop, CertLoginFrom, Connection};
+use switchyard_transport::{cert_login_name, AcceptLoop, CertLoginFrom, Connection, Stream};
 use tokio_util::sync::CancellationToken;
 
 /// What a listener serves; one variant per protocol adapter. The transport
@@ -35,10 +37,79 @@ pub(crate) async fn serve(
     broker: Arc<Broker>,
     cert_login: Option<CertLoginFrom>,
 ) {
+    // One handler per protocol, so each connection's future is stored inline
+    // in its task at that protocol's own size: a handler shared by every
+    // protocol returns one type, which must be boxed (a second allocation,
+    // and a wrapper keeping room for what it moved into the box) or sized for
+    // the largest protocol.
+    match protocol {
+        Protocol::Amqp(settings) => {
+            run(
+                accept,
+                broker,
+                cert_login,
+                move |stream, peer, broker, token| {
+                    switchyard_amqp::serve(stream, peer, broker, settings.clone(), token)
+                },
+            )
+            .await
+        }
+        Protocol::Mqtt(settings, state) => {
+            run(
+                accept,
+                broker,
+                cert_login,
+                move |stream, peer, broker, token| {
+                    switchyard_mqtt::serve(
+                        stream,
+                        peer,
+                        broker,
+                        state.clone(),
+                        settings.clone(),
+                        token,
+                    )
+                },
+            )
+            .await
+        }
+        Protocol::Stomp(settings) => {
+            run(
+                accept,
+                broker,
+                cert_login,
+                move |stream, peer, broker, token| {
+                    switchyard_stomp::serve(stream, peer, broker, settings.clone(), token)
+                },
+            )
+            .await
+        }
+        Protocol::Stream(settings) => {
+            run(
+                accept,
+                broker,
+                cert_login,
+                move |stream, peer, broker, token| {
+                    switchyard_stream::serve(stream, peer, broker, settings.clone(), token)
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// Runs `accept`, serving each connection with `serve` inside the
+/// [`ACCEPTED`] scope.
+async fn run<H, F>(
+    accept: AcceptLoop,
+    broker: Arc<Broker>,
+    cert_login: Option<CertLoginFrom>,
+    serve: H,
+) where
+    H: Fn(Stream, SocketAddr, Arc<Broker>, CancellationToken) -> F + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     accept
         .run(move |conn: Connection, token: CancellationToken| {
-            let protocol = protocol.clone();
-            let broker = broker.clone();
             let cert_login = cert_login
                 .zip(conn.peer_certificate.as_ref())
                 .and_then(|(from, der)| cert_login_name(der, from))
@@ -49,39 +120,7 @@ pub(crate) async fn serve(
                 websocket: conn.websocket,
                 cert_login,
             };
-            let (stream, peer) = (conn.stream, conn.peer);
-            // Each protocol's connection future is boxed on its own: inline,
-            // this future would be as large as the largest of them (a match
-            // is sized by its biggest arm), and every idle MQTT connection
-            // would pay for an AMQP session's state.
-            ACCEPTED.scope(facts, async move {
-                match protocol {
-                    Protocol::Amqp(settings) => {
-                        Box::pin(switchyard_amqp::serve(
-                            stream, peer, broker, settings, token,
-                        ))
-                        .await;
-                    }
-                    Protocol::Mqtt(settings, state) => {
-                        Box::pin(switchyard_mqtt::serve(
-                            stream, peer, broker, state, settings, token,
-                        ))
-                        .await;
-                    }
-                    Protocol::Stomp(settings) => {
-                        Box::pin(switchyard_stomp::serve(
-                            stream, peer, broker, settings, token,
-                        ))
-                        .await;
-                    }
-                    Protocol::Stream(settings) => {
-                        Box::pin(switchyard_stream::serve(
-                            stream, peer, broker, settings, token,
-                        ))
-                        .await;
-                    }
-                }
-            })
+            ACCEPTED.scope(facts, serve(conn.stream, conn.peer, broker.clone(), token))
         })
         .await;
 }

@@ -254,8 +254,8 @@ where
 ///   kernel's backlog would make the client hang instead of failing fast.
 /// - An accept error (EMFILE, ENOBUFS, a connection reset before accept) backs off
 ///   exponentially from 1 ms to 1 s and tries again; it never ends the listener.
-/// - Each connection runs in its own task, handshakes included, with a child
-///   cancellation token; whatever happens to it stays in that task.
+/// - Each connection runs in its own task, handshakes included, with a clone
+///   of the shutdown token; whatever happens to it stays in that task.
 pub struct AcceptLoop {
     /// For logs: `amqp`, `mqtts`, `management`, ...
     pub name: &'static str,
@@ -270,7 +270,7 @@ pub struct AcceptLoop {
 impl AcceptLoop {
     /// Accepts until `shutdown` is cancelled; `handler` serves each established
     /// connection (in the connection's task) until it ends. The handler gets the
-    /// connection's own shutdown token.
+    /// shutdown token (a clone).
     pub async fn run<H, F>(self, handler: H)
     where
         H: Fn(Connection, CancellationToken) -> F + Send + Sync + 'static,
@@ -319,7 +319,10 @@ impl AcceptLoop {
                 continue;
             };
             debug!(listener = name, %peer, "connection accepted");
-            let token = self.shutdown.child_token();
+            // A clone, not a child token: nothing cancels one connection's
+            // token alone, and a child costs every connection a tree node
+            // (about 110 bytes) and an entry in the parent's list.
+            let token = self.shutdown.clone();
             let transport = self.transport.clone();
             let deadlines = self.deadlines;
             let handler = handler.clone();
@@ -330,26 +333,33 @@ impl AcceptLoop {
             // name their peer themselves; with debug logging on, every line
             // of the connection carries this span too.
             let span = tracing::debug_span!("conn", listener = name, %peer);
-            self.tasks.spawn(
-                async move {
-                    let established = tokio::select! {
-                        () = token.cancelled() => None,
-                        // Boxed: the handshake's state (TLS, WebSocket upgrade) is
-                        // freed once done instead of sizing the task for its life.
-                        r = Box::pin(establish(socket, peer, local, &transport, deadlines)) => Some(r),
-                    };
-                    match established {
-                        Some(Ok(conn)) => handler(conn, token).await,
-                        Some(Err(e)) => {
-                            debug!(error = %e, "connection closed before its protocol started")
+            // The handshake owns what it needs (the socket, the addresses,
+            // the transport) and is boxed: the task, which lives as long as
+            // the connection, keeps only the box, the handler, the permit and
+            // the token, not room for the handshake's inputs and result.
+            let handshake =
+                Box::pin(
+                    async move { establish(socket, peer, local, &transport, deadlines).await },
+                );
+            let task = async move {
+                let conn = tokio::select! {
+                    () = token.cancelled() => None,
+                    r = handshake => match r {
+                        Ok(conn) => Some(conn),
+                        Err(e) => {
+                            debug!(error = %e, "connection closed before its protocol started");
+                            None
                         }
-                        None => {}
-                    }
-                    drop(permit);
-                    debug!("connection ended");
+                    },
+                };
+                if let Some(conn) = conn {
+                    handler(conn, token).await;
                 }
-                .instrument(span),
-            );
+                drop(permit);
+                debug!("connection ended");
+            }
+            .instrument(span);
+            self.tasks.spawn(task);
         }
         info!(listener = name, "listener stopped");
     }
