@@ -333,18 +333,12 @@ impl AcceptLoop {
             // name their peer themselves; with debug logging on, every line
             // of the connection carries this span too.
             let span = tracing::debug_span!("conn", listener = name, %peer);
-            // The handshake owns what it needs (the socket, the addresses,
-            // the transport) and is boxed: the task, which lives as long as
-            // the connection, keeps only the box, the handler, the permit and
-            // the token, not room for the handshake's inputs and result.
-            let handshake =
-                Box::pin(
-                    async move { establish(socket, peer, local, &transport, deadlines).await },
-                );
             let task = async move {
+                // Boxed: the handshake's state (TLS, WebSocket upgrade) is
+                // freed once done instead of sizing the task for its life.
                 let conn = tokio::select! {
                     () = token.cancelled() => None,
-                    r = handshake => match r {
+                    r = Box::pin(establish(socket, peer, local, &transport, deadlines)) => match r {
                         Ok(conn) => Some(conn),
                         Err(e) => {
                             debug!(error = %e, "connection closed before its protocol started");
