@@ -70,6 +70,9 @@ pub struct Settings {
     pub election_max: Duration,
     /// How long a metadata write may wait for a commit before it fails.
     pub write_timeout: Duration,
+    /// How long a quorum group's member may go without answering before the
+    /// group's leader marks it down (`quorum::detector`).
+    pub node_down_after: Duration,
     /// Mutual TLS between nodes (`[tls]` set); `None`: plain TCP.
     pub tls: Option<Arc<NodeTls>>,
     /// The cluster's shared secret (`[cluster] cookie`).
@@ -88,6 +91,7 @@ impl Settings {
             election_min: Duration::from_millis(500),
             election_max: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(10),
+            node_down_after: Duration::from_secs(5),
             tls: None,
             cookie: None,
         }
@@ -264,6 +268,7 @@ impl Cluster {
         );
         qs.own_listener = false;
         qs.incarnation = incarnation;
+        qs.down_after = settings.node_down_after;
         let deliver: Arc<dyn Deliver> = Arc::new(BrokerDeliver(Arc::downgrade(&broker)));
         let groups = Arc::new(QuorumGroups::open(qs, link.clone(), Some(deliver)).await?);
         sm.attach_groups(groups.clone()).await;

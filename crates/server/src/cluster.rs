@@ -35,6 +35,12 @@ pub struct ClusterConfig {
     /// commit before it fails.
     #[serde(default = "default_write_timeout_ms")]
     pub write_timeout_ms: u64,
+    /// Milliseconds a quorum queue group's member may go without answering
+    /// its leader before the leader marks it down, giving what it had checked
+    /// out to consumers on other nodes (RabbitMQ: at once on a lost
+    /// connection, else after `net_ticktime`, 60 s).
+    #[serde(default = "default_node_down_after_ms")]
+    pub node_down_after_ms: u64,
     /// The cluster's shared secret (RabbitMQ's Erlang cookie): when set, a
     /// node only talks to peers (and `ctl cluster --config`) that prove they
     /// know it. Give every node the same one. `[tls]` authenticates nodes by
@@ -45,6 +51,10 @@ pub struct ClusterConfig {
 
 fn default_write_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_node_down_after_ms() -> u64 {
+    5_000
 }
 
 impl ClusterConfig {
@@ -66,6 +76,13 @@ impl ClusterConfig {
             return Err(
                 "invalid value 0 for key cluster.write_timeout_ms: must be at least 1".into(),
             );
+        }
+        if self.node_down_after_ms < 1000 {
+            return Err(format!(
+                "invalid value {} for key cluster.node_down_after_ms: must be at least 1000 \
+                 (members answer heartbeats every 100 ms; less would mark busy nodes down)",
+                self.node_down_after_ms
+            ));
         }
         if self.cookie.as_deref().is_some_and(|c| c.len() < 16) {
             return Err(
@@ -111,6 +128,7 @@ impl ClusterConfig {
             data_dir.join("cluster"),
         );
         settings.write_timeout = Duration::from_millis(self.write_timeout_ms);
+        settings.node_down_after = Duration::from_millis(self.node_down_after_ms);
         settings.tls = tls;
         settings.cookie = self.cookie.as_deref().map(Cookie::new);
         Cluster::start(settings, broker).await
@@ -127,6 +145,7 @@ mod tests {
             listen: "127.0.0.1:25672".into(),
             seeds: seeds.iter().map(|s| s.to_string()).collect(),
             write_timeout_ms: 10_000,
+            node_down_after_ms: 5_000,
             cookie: None,
         }
     }
@@ -143,6 +162,19 @@ mod tests {
         assert_eq!(seeds.len(), 3);
         assert_eq!(seeds[1].name, "n2");
         assert_eq!(seeds[1].addr, "127.0.0.1:25673");
+        assert_eq!(c.node_down_after_ms, 5000);
+    }
+
+    #[test]
+    fn node_down_after_is_at_least_a_second() {
+        let mut c = cfg(&[]);
+        c.node_down_after_ms = 999;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("cluster.node_down_after_ms"));
+        c.node_down_after_ms = 1000;
+        assert!(c.validate().is_ok());
     }
 
     #[test]
