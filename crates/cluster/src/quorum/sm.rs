@@ -295,8 +295,9 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
         // What the snapshot has checked out to this node's current
         // incarnation is not handed over again: some of it may sit in the local
         // queue already (delivered, unacked), and the core queue cannot tell.
-        // It stays checked out here until this node's next `NodeUp` (restart)
-        // returns it; a follower so far behind that it needs a snapshot is rare.
+        // It stays checked out here until this node's next `NodeUp` (restart,
+        // or rejoining after a `NodeDown`) returns it; a follower so far
+        // behind that it needs a snapshot is rare.
         // A snapshot that has this node marked down is told like an applied
         // `NodeDown` (the link rejoins; it ignores an incarnation not its own).
         let down = new_state.is_down(&self.owner.node);
