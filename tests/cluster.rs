@@ -764,6 +764,41 @@ mod quorum_queues {
         let l = quorum_leader(&c, &[0, 1, 2], "orders");
         let g = group(&c, l, "orders").unwrap();
         assert_eq!(g.members.len(), 3);
+        // The management API names its leader and members on any node, and
+        // per-object Prometheus has its Raft figures.
+        let leader_name = g.leader.clone().unwrap();
+        for i in 0..3 {
+            let q: serde_json::Value = http()
+                .get(format!(
+                    "http://{}/api/queues/%2F/orders",
+                    c.addr(i, "management")
+                ))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            assert_eq!(q["type"], "quorum", "{q}");
+            assert_eq!(q["leader"], leader_name.as_str(), "{q}");
+            assert_eq!(q["members"].as_array().map(Vec::len), Some(3), "{q}");
+        }
+        let metrics = http()
+            .get(format!(
+                "http://{}/metrics/per-object",
+                c.addr(l, "prometheus")
+            ))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        for family in [
+            "rabbitmq_raft_term",
+            "rabbitmq_raft_commit_index",
+            "rabbitmq_raft_commit_latency_seconds",
+        ] {
+            let sample = format!("{family}{{vhost=\"/\",queue=\"orders\"}}");
+            assert!(metrics.contains(&sample), "{sample} in {metrics}");
+        }
         // The consumer left: its node's credit is given back before the kill
         // (nothing is checked out to a node that then dies).
         eventually(10, "the consumer's credit returned", || {

@@ -164,6 +164,18 @@ pub struct GroupStatus {
     pub checked_out: usize,
     /// Credit the members' consumers hold (0: no consumer takes messages).
     pub credit: u64,
+    /// The group's Raft term, last log index written here and last snapshot
+    /// index (0: none), as this member sees them.
+    #[serde(default)]
+    pub term: u64,
+    #[serde(default)]
+    pub last_log_index: u64,
+    #[serde(default)]
+    pub snapshot_index: u64,
+    /// How long the last entry written through this member, while it led, took
+    /// to commit, in microseconds (0: none yet).
+    #[serde(default)]
+    pub commit_latency_us: u64,
 }
 
 impl Status {
@@ -397,25 +409,41 @@ impl Inner {
         self.groups
             .placements()
             .into_iter()
-            .filter_map(|p| {
-                let h = self.groups.get(p.gid)?;
-                let (ready, checked_out, credit) = h.with_state(|m| {
-                    let credit = p.members.values().map(|n| m.credit_of(&n.name)).sum();
-                    (m.ready_count(), m.checked_out_count(), credit)
-                });
-                Some(GroupStatus {
-                    vhost: p.vhost,
-                    queue: p.queue,
-                    group: p.gid,
-                    members: p.members.values().map(|m| m.name.clone()).collect(),
-                    leader: h.leader_member().map(|m| m.name),
-                    applied: *h.applied().borrow(),
-                    ready,
-                    checked_out,
-                    credit,
-                })
-            })
+            .filter_map(|p| self.group_status_of(p))
             .collect()
+    }
+
+    /// One quorum queue's group as this node sees it (None: not a member).
+    fn group_status_of(&self, p: quorum::group::Placement) -> Option<GroupStatus> {
+        let h = self.groups.get(p.gid)?;
+        let (ready, checked_out, credit) = h.with_state(|m| {
+            let credit = p.members.values().map(|n| m.credit_of(&n.name)).sum();
+            (m.ready_count(), m.checked_out_count(), credit)
+        });
+        let (term, last_log_index, snapshot_index) = {
+            let m = h.metrics();
+            let m = m.borrow();
+            (
+                m.current_term,
+                m.last_log_index.unwrap_or(0),
+                m.snapshot.map_or(0, |s| s.index),
+            )
+        };
+        Some(GroupStatus {
+            vhost: p.vhost,
+            queue: p.queue,
+            group: p.gid,
+            members: p.members.values().map(|m| m.name.clone()).collect(),
+            leader: h.leader_member().map(|m| m.name),
+            applied: *h.applied().borrow(),
+            ready,
+            checked_out,
+            credit,
+            term,
+            last_log_index,
+            snapshot_index,
+            commit_latency_us: h.commit_latency_us(),
+        })
     }
 
     fn inner_metrics(&self) -> openraft::RaftMetrics<NodeId, Member> {
@@ -628,6 +656,13 @@ impl ClusterView {
 
     pub fn status(&self) -> Status {
         self.inner.status()
+    }
+
+    /// A clustered quorum queue's group as this node sees it (None: not a
+    /// quorum queue here, or this node is not one of its members).
+    pub fn quorum_group(&self, vhost: &str, queue: &str) -> Option<GroupStatus> {
+        let p = self.inner.groups.placement(vhost, queue)?;
+        self.inner.group_status_of(p)
     }
 
     /// Every member (by name) with its own status, asked over the inter-node port

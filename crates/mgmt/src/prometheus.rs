@@ -52,57 +52,66 @@ async fn per_object(
 fn respond(m: &Management, per_object: bool) -> impl IntoResponse {
     let mut body = render(&m.broker, per_object, &Identity::of_node());
     if let Some(cluster) = &m.node.cluster {
-        body = raft_series(body, &cluster.status());
+        body = raft_series(body, &cluster.status(), per_object);
     }
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], body)
 }
 
 /// The metadata group's Raft figures, under RabbitMQ's `rabbitmq_raft_*`
 /// names with the label RabbitMQ gives its own metadata store's Ra cluster
-/// (`raft_cluster="rabbitmq_metadata"`, Khepri).
-fn raft_series(body: String, status: &switchyard_cluster::Status) -> String {
+/// (`raft_cluster="rabbitmq_metadata"`, Khepri); in per-object mode also each
+/// quorum queue's group this node is a member of, labelled `vhost` and `queue`
+/// as rabbitmq_prometheus labels a quorum queue's Ra figures.
+fn raft_series(body: String, status: &switchyard_cluster::Status, per_object: bool) -> String {
     let mut out = Out { s: body };
-    let labels = [("raft_cluster", "rabbitmq_metadata")];
-    let series: [(&str, &str, &str, u64); 4] = [
+    let metadata = [("raft_cluster", "rabbitmq_metadata")];
+    let groups: &[switchyard_cluster::GroupStatus] = if per_object { &status.quorum } else { &[] };
+    type Figure = fn(&switchyard_cluster::GroupStatus) -> u64;
+    let series: [(&str, &str, u64, Figure); 4] = [
         (
             "rabbitmq_raft_term",
-            "gauge",
             "Current Raft term number",
             status.term,
+            |g| g.term,
         ),
         (
             "rabbitmq_raft_commit_index",
-            "gauge",
             "Raft commit index (the last entry applied on this node)",
             status.last_applied,
+            |g| g.applied,
         ),
         (
             "rabbitmq_raft_last_written_index",
-            "gauge",
             "Last fully written and fsynced Raft log index",
             status.last_log_index,
+            |g| g.last_log_index,
         ),
         (
             "rabbitmq_raft_snapshot_index",
-            "gauge",
             "Raft snapshot index",
             status.snapshot_index,
+            |g| g.snapshot_index,
         ),
     ];
-    for (name, kind, help, value) in series {
-        out.family(name, kind, help);
-        out.sample(name, &labels, value);
+    for (name, help, value, of_group) in series {
+        out.family(name, "gauge", help);
+        out.sample(name, &metadata, value);
+        for g in groups {
+            let labels = [("vhost", g.vhost.as_str()), ("queue", g.queue.as_str())];
+            out.sample(name, &labels, of_group(g));
+        }
     }
+    let name = "rabbitmq_raft_commit_latency_seconds";
     out.family(
-        "rabbitmq_raft_commit_latency_seconds",
+        name,
         "gauge",
-        "Time taken by the last metadata write proposed on this node to be committed and applied",
+        "Time taken by the last write proposed through this node to be committed and applied",
     );
-    out.sample(
-        "rabbitmq_raft_commit_latency_seconds",
-        &labels,
-        Micros(status.commit_latency_us),
-    );
+    out.sample(name, &metadata, Micros(status.commit_latency_us));
+    for g in groups {
+        let labels = [("vhost", g.vhost.as_str()), ("queue", g.queue.as_str())];
+        out.sample(name, &labels, Micros(g.commit_latency_us));
+    }
     out.s
 }
 

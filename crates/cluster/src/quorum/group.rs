@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -146,6 +147,9 @@ struct GroupInner {
     applied: watch::Receiver<u64>,
     log: GroupLog,
     members: BTreeMap<NodeId, Member>,
+    /// How long the last entry written through this replica took to commit,
+    /// in microseconds (0: none yet): the per-queue commit latency.
+    commit_latency_us: AtomicU64,
 }
 
 /// One quorum queue's group on this node (cheap to clone).
@@ -168,13 +172,24 @@ impl GroupHandle {
     /// committed (on a majority's disks, this node's included) and applied
     /// here, with its index and outcome.
     pub async fn propose(&self, cmd: Batch) -> Result<(u64, Outcome), ProposeError> {
+        let started = std::time::Instant::now();
         match self.inner.raft.client_write(cmd).await {
-            Ok(r) => Ok((r.log_id.index, r.data)),
+            Ok(r) => {
+                let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.inner.commit_latency_us.store(took, Ordering::Relaxed);
+                Ok((r.log_id.index, r.data))
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
                 ProposeError::NotLeader(f.leader_node.or_else(|| self.leader_member())),
             ),
             Err(e) => Err(ProposeError::Failed(e.to_string())),
         }
+    }
+
+    /// How long the last entry this replica wrote (as leader) took to be
+    /// committed and applied, in microseconds; 0 before the first.
+    pub fn commit_latency_us(&self) -> u64 {
+        self.inner.commit_latency_us.load(Ordering::Relaxed)
     }
 
     /// The leader this node knows of.
@@ -528,6 +543,7 @@ impl QuorumGroups {
                 applied,
                 log,
                 members: record.members,
+                commit_latency_us: AtomicU64::new(0),
             }),
         };
         self.registry.write().insert(gid, handle.clone());

@@ -93,6 +93,12 @@ fn ready_count(q: &Queue) -> usize {
     }
 }
 
+/// A clustered quorum queue's group as this node sees it.
+fn quorum_group(m: &Management, q: &Queue) -> Option<switchyard_cluster::GroupStatus> {
+    q.quorum_link()?;
+    m.node.cluster.as_ref()?.quorum_group(&q.vhost, &q.name)
+}
+
 pub(crate) fn render(m: &Management, q: &Queue, ranges: Ranges) -> Value {
     let ready = ready_count(q);
     let unacked = q.unacked_count();
@@ -122,6 +128,15 @@ pub(crate) fn render(m: &Management, q: &Queue, ranges: Ranges) -> Value {
         "effective_policy_definition": {},
         "exclusive_consumer_tag": null,
     });
+    if let (Some(g), Some(obj)) = (quorum_group(m, q), v.as_object_mut()) {
+        // A clustered quorum queue: its group's members and leader by node
+        // name, as RabbitMQ lists a quorum queue's (`node` is the leader there).
+        if let Some(leader) = &g.leader {
+            obj.insert("leader".into(), json!(leader));
+            obj.insert("node".into(), json!(leader));
+        }
+        obj.insert("members".into(), json!(g.members));
+    }
     if let (Some(s), Some(obj)) = (q.stream(), v.as_object_mut()) {
         // A stream's extent and where each consumer reads (beyond RabbitMQ,
         // which shows these only in its stream plugin's pages).
