@@ -192,8 +192,8 @@ class Switchyard(Cluster):
                 return self.index_of(node.get("name"))
         return None
 
-    def queue_leader(self, q):
-        for i in range(len(self.nodes)):
+    def queue_leader(self, q, avoid=()):
+        for i in sorted(range(len(self.nodes)), key=lambda i: i in avoid):
             if not self.running(i) or self.nodes[i].paused:
                 continue
             try:
@@ -214,6 +214,10 @@ RABBIT_BIN = "/usr/lib/rabbitmq/bin"
 
 class RabbitMQ(Cluster):
     name = "rabbitmq"
+
+    def __init__(self, net, workdir, log, mqtt=False):
+        super().__init__(net, workdir, log)
+        self.plugins = ["rabbitmq_management"] + (["rabbitmq_mqtt"] if mqtt else [])
 
     def env(self, i):
         n = self.nodes[i]
@@ -248,7 +252,7 @@ class RabbitMQ(Cluster):
                 "management.tcp.port = 15672\n"
                 # RabbitMQ's recommendation for 3 nodes (docs/partitions.md).
                 "cluster_partition_handling = pause_minority\n")
-            open(os.path.join(d, "enabled_plugins"), "w").write("[rabbitmq_management].\n")
+            open(os.path.join(d, "enabled_plugins"), "w").write(f"[{','.join(self.plugins)}].\n")
             self.nodes.append(Node(i, f"rabbit@{ip}", ip, d))
         self.start_nodes(range(len(self.nodes)))
         for i in range(1, len(self.nodes)):
@@ -289,10 +293,10 @@ class RabbitMQ(Cluster):
                 raise RuntimeError("rabbitmq cluster: not all nodes running")
             time.sleep(0.5)
 
-    def queue_leader(self, q):
+    def queue_leader(self, q, avoid=()):
         # rabbitmq-queues quorum_status asks Ra itself (the management API's
         # `leader` comes from the queue record, which can lag).
-        for i in range(len(self.nodes)):
+        for i in sorted(range(len(self.nodes)), key=lambda i: i in avoid):
             if not self.running(i) or self.nodes[i].paused:
                 continue
             try:

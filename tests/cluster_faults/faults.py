@@ -89,7 +89,7 @@ def one_run(args, n, kind, target, net, outdir):
     if target == "switchyard":
         cluster = brokers.Switchyard(net, run_dir, say, args.binary, REPO)
     else:
-        cluster = brokers.RabbitMQ(net, run_dir, say)
+        cluster = brokers.RabbitMQ(net, run_dir, say, mqtt=args.mqtt)
     q = f"cf-{n}-{kind}"
     pubs, cons, deliveries = [], [], []
     res = {"run": n, "target": target, "fault": kind, "victim": "", "error": None}
@@ -119,6 +119,15 @@ def one_run(args, n, kind, target, net, outdir):
         res["victim"] = victim
         say(f"run {n}: injected {kind} on {victim} (queue leader {res['leader']})")
         hold = args.pause_hold if kind == "pause-leader" else (2 if kind == "kill-all" else args.hold)
+        # Who leads the queue while the fault lasts (as the reachable nodes say).
+        seen = []
+        while time.monotonic() < t_fault + hold - 1:
+            time.sleep(min(args.leader_poll, max(0, t_fault + hold - 1 - time.monotonic())))
+            ld = cluster.queue_leader(q, avoid=(leader,))
+            name = cluster.nodes[ld].name if ld is not None else "?"
+            if not seen or seen[-1][1] != name:
+                seen.append((round(time.monotonic() - t_fault, 1), name))
+        res["leaders_during_fault"] = seen
         time.sleep(max(0, t_fault + hold - time.monotonic()))
         heal()
         t_heal = time.monotonic()
@@ -231,6 +240,7 @@ def main():
     ap.add_argument("--window", type=int, default=10, help="unconfirmed messages per publisher")
     ap.add_argument("--confirm-timeout", type=float, default=5, help="s without a confirm before moving node")
     ap.add_argument("--mqtt", action="store_true", help="add a paho-mqtt QoS 1 publisher")
+    ap.add_argument("--leader-poll", type=float, default=4, help="s between leader look-ups during a fault")
     ap.add_argument("--drain-timeout", type=float, default=60)
     ap.add_argument("--redrain", type=float, default=75, help="s of further draining when messages are missing")
     ap.add_argument("--no-redrain", action="store_true")
