@@ -124,9 +124,10 @@ class Cluster:
 class Switchyard(Cluster):
     name = "switchyard"
 
-    def __init__(self, net, workdir, log, binary, repo):
+    def __init__(self, net, workdir, log, binary, repo, cluster_extra=""):
         super().__init__(net, workdir, log)
         self.binary, self.repo = binary, repo
+        self.cluster_extra = cluster_extra  # more [cluster] keys, e.g. "write_timeout_ms = 3000"
 
     def start(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -141,6 +142,8 @@ class Switchyard(Cluster):
             text = text.replace('"0.0.0.0:', f'"{ip}:')
             text = text.replace("loopback_only = true", "loopback_only = false")
             text += f'\n[cluster]\nnode = "{name}"\nlisten = "{ip}:25672"\nseeds = [{seeds}]\n'
+            if self.cluster_extra:
+                text += self.cluster_extra.replace(";", "\n") + "\n"
             open(os.path.join(d, "config.toml"), "w").write(text)
             self.nodes.append(Node(i, name, ip, d))
         self.start_nodes(range(len(self.nodes)))

@@ -87,7 +87,7 @@ def inject(kind, cluster, net, leader):
 def one_run(args, n, kind, target, net, outdir):
     run_dir = os.path.join(outdir, f"run{n:02d}-{target}-{kind}")
     if target == "switchyard":
-        cluster = brokers.Switchyard(net, run_dir, say, args.binary, REPO)
+        cluster = brokers.Switchyard(net, run_dir, say, args.binary, REPO, args.sy_cluster)
     else:
         cluster = brokers.RabbitMQ(net, run_dir, say, mqtt=args.mqtt)
     q = f"cf-{n}-{kind}"
@@ -245,6 +245,7 @@ def main():
     ap.add_argument("--redrain", type=float, default=75, help="s of further draining when messages are missing")
     ap.add_argument("--no-redrain", action="store_true")
     ap.add_argument("--binary", default=os.environ.get("SWITCHYARD_BIN", os.path.join(REPO, "target/debug/switchyard")))
+    ap.add_argument("--sy-cluster", default="", help='extra [cluster] keys for Switchyard, ";"-separated, e.g. "write_timeout_ms = 3000"')
     ap.add_argument("--out", default=None, help="results and logs of runs that were not clean")
     ap.add_argument("--keep", action="store_true", help="keep every run's logs and data")
     args = ap.parse_args()
