@@ -165,6 +165,7 @@ def one_run(args, n, kind, target, net, outdir):
         res["heal_after"] = round(t_heal - t_fault, 1)
         res["pub_events"] = [f"{e[0] - t_fault:+.1f} {e[1]}" for p in pubs for e in getattr(p, "events", [])][-40:]
         res["nacks"] = sum(getattr(p, "nacks", 0) for p in pubs)
+        res["per_producer"] = {p.pid: [len(p.attempted), len(p.confirmed)] for p in pubs}
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
