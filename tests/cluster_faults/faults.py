@@ -54,9 +54,13 @@ def declare(cluster, q, timeout=60):
     raise RuntimeError(f"cannot declare {q}: {last}")
 
 
+def others_of(leader):
+    return [i for i in range(3) if i != leader]
+
+
 def inject(kind, cluster, net, leader):
     """Applies the fault; returns (victim description, heal function)."""
-    others = [i for i in range(3) if i != leader]
+    others = others_of(leader)
     f1, f2 = others
     name = lambda i: cluster.nodes[i].name  # noqa: E731
     if kind == "kill-leader":
@@ -142,11 +146,16 @@ def one_run(args, n, kind, target, net, outdir):
             th.stop()
         for th in cons:
             th.join(10)
+        producers = {p.pid: (p.attempted, p.confirmed) for p in pubs}
+        pre = checker.check(producers, [], t_fault, t_end)
+        res["failover"] = pre["failover"]  # kept even if the heal or the drain fails
+        res["pub_events"] = [f"{e[0] - t_fault:+.1f} {e[1]}" for p in pubs for e in getattr(p, "events", [])][-40:]
         # Heal everything, then drain through any node.
         net.heal()
-        cluster.ensure_up()
+        suspects = {"kill-leader": [leader], "pause-leader": [leader], "partition-leader": [leader],
+                    "partition-follower": [others_of(leader)[0]], "partition-bridge": [leader]}.get(kind, [])
+        cluster.ensure_up(suspects=suspects)
         ok, left, notes = workload.drain(addrs, q, deliveries, timeout=args.drain_timeout)
-        producers = {p.pid: (p.attempted, p.confirmed) for p in pubs}
         r = checker.check(producers, deliveries, t_fault, t_end)
         if r["lost"] and not args.no_redrain:
             # Messages checked out to a consumer that vanished come back late
