@@ -36,15 +36,18 @@ def say(*a):
     print(f"[{time.monotonic() - T0:7.1f}s]", *a, flush=True)
 
 
-def declare(cluster, q, timeout=60):
+def declare(cluster, q, timeout=60, control=False):
     deadline = time.time() + timeout
     last = None
     while time.time() < deadline:
-        for i in range(3):
+        for i in ([0] if control else range(3)):
             try:
                 conn = pika.BlockingConnection(workload.params(cluster.amqp(i)))
                 ch = conn.channel()
-                ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
+                if control:  # the negative control: a transient classic queue on node 1 only
+                    ch.queue_declare(q, durable=False)
+                else:
+                    ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
                 ch.queue_bind(q, "amq.topic", routing_key="cf." + q)
                 conn.close()
                 return i
@@ -101,7 +104,7 @@ def one_run(args, n, kind, target, net, outdir):
         t = time.monotonic()
         cluster.start()
         say(f"run {n}: {target} cluster up in {time.monotonic() - t:.1f} s; fault {kind}")
-        declare(cluster, q)
+        declare(cluster, q, control=args.control)
         addrs = [cluster.amqp(i) for i in range(3)]
         for c in range(args.consumers):
             cons.append(workload.Consumer(c, addrs, q, deliveries, start_node=c + 1))
@@ -114,7 +117,7 @@ def one_run(args, n, kind, target, net, outdir):
             th.start()
         t_start = time.monotonic()
         time.sleep(args.warmup)
-        leader = cluster.queue_leader(q)
+        leader = 0 if args.control else cluster.queue_leader(q)
         res["leader"] = cluster.nodes[leader].name if leader is not None else "?"
         if leader is None:
             leader = 0
@@ -255,6 +258,9 @@ def main():
     ap.add_argument("--redrain", type=float, default=75, help="s of further draining when messages are missing")
     ap.add_argument("--no-redrain", action="store_true")
     ap.add_argument("--binary", default=os.environ.get("SWITCHYARD_BIN", os.path.join(REPO, "target/debug/switchyard")))
+    ap.add_argument("--control", action="store_true",
+                    help="negative control: a transient classic queue on node 1, the 'leader' is node 1; "
+                         "kill-leader must then show lost > 0 (the checker can fail)")
     ap.add_argument("--sy-cluster", default="", help='extra [cluster] keys for Switchyard, ";"-separated, e.g. "write_timeout_ms = 3000"')
     ap.add_argument("--out", default=None, help="results and logs of runs that were not clean")
     ap.add_argument("--keep", action="store_true", help="keep every run's logs and data")
@@ -286,6 +292,8 @@ def main():
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Started in the background by a shell, SIGINT arrives ignored: take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit.register(net.teardown)
     results = []
     try:
