@@ -293,7 +293,17 @@ class RabbitMQ(Cluster):
                                       env=self.env(i), stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         for i in idxs:
-            self.ctl(i, "wait", os.path.join(self.nodes[i].dir, "pid"), "--timeout", "300", timeout=320)
+            try:
+                self.ctl(i, "wait", os.path.join(self.nodes[i].dir, "pid"), "--timeout", "120", timeout=130)
+            except RuntimeError:
+                if self.nodes[i].alive() or getattr(self, "restarted_after_failure", 0) >= 2:
+                    raise
+                # Seen once after kill-all (3.10.8): a node booting while its peers boot
+                # dies in the feature-flag sync (incompatible_feature_flags, badmap).
+                # Start it once more, now that the others are up; the run records it.
+                self.log(f"rabbitmq: {self.nodes[i].name} died while starting; starting it again")
+                self.restarted_after_failure = getattr(self, "restarted_after_failure", 0) + 1
+                self.start_nodes([i])
 
     def wait_serving(self, timeout):
         deadline = time.time() + timeout
