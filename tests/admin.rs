@@ -135,7 +135,10 @@ async fn a_user_created_at_runtime_logs_in_over_amqp_mqtt_and_stomp() {
         .find(|c| c.info.protocol == protocol::AMQP_091)
         .unwrap();
     assert_eq!(amqp.info.local, b.amqp_addr());
-    assert!(amqp.info.name.ends_with(&format!(" -> {}", b.amqp_addr())));
+    assert!(amqp
+        .info
+        .name()
+        .ends_with(&format!(" -> {}", b.amqp_addr())));
     assert_eq!(amqp.channel_count(), 1);
     assert!(amqp.info.client_properties.get("product").is_some());
     m4.disconnect().await;

@@ -69,8 +69,6 @@ pub fn accepted() -> Option<Accepted> {
 /// What an adapter tells the registry about a connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
-    /// RabbitMQ's name: `"127.0.0.1:54321 -> 127.0.0.1:5672"`.
-    pub name: String,
     /// One of [`protocol`]'s strings.
     pub protocol: &'static str,
     pub user: String,
@@ -111,7 +109,6 @@ impl ConnectionInfo {
             .as_ref()
             .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |a| a.local);
         ConnectionInfo {
-            name: Self::name_for(peer, local),
             protocol,
             user: user.to_owned(),
             vhost: vhost.to_owned(),
@@ -126,6 +123,31 @@ impl ConnectionInfo {
             timeout: 0,
             auth_mechanism: "PLAIN",
         }
+    }
+
+    /// RabbitMQ's name: `"127.0.0.1:54321 -> 127.0.0.1:5672"`. Built when
+    /// asked (listing, closing by name), not kept: an idle connection saves
+    /// the string.
+    pub fn name(&self) -> String {
+        Self::name_for(self.peer, self.local)
+    }
+
+    /// Whether [`Self::name`] is `name`, without building it.
+    pub fn is_named(&self, name: &str) -> bool {
+        use std::fmt::Write;
+        struct Cmp<'a>(&'a str, bool);
+        impl Write for Cmp<'_> {
+            fn write_str(&mut self, s: &str) -> std::fmt::Result {
+                match self.0.strip_prefix(s) {
+                    Some(rest) => self.0 = rest,
+                    None => self.1 = false,
+                }
+                Ok(())
+            }
+        }
+        let mut c = Cmp(name, true);
+        let _ = write!(c, "{} -> {}", self.peer, self.local);
+        c.1 && c.0.is_empty()
     }
 
     /// RabbitMQ's connection name for a peer and a local address.
@@ -319,7 +341,7 @@ impl Registry {
         self.connections
             .read()
             .values()
-            .find(|c| c.info.name == name)
+            .find(|c| c.info.is_named(name))
             .cloned()
     }
 
@@ -368,7 +390,6 @@ mod tests {
         let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:5672".parse().unwrap();
         ConnectionInfo {
-            name: ConnectionInfo::name_for(peer, local),
             local,
             ..ConnectionInfo::new(protocol::AMQP_091, user, vhost, peer, 1)
         }
@@ -382,9 +403,14 @@ mod tests {
             .register(1, info("bob", "/"), outbox.clone(), |_| Ok(()))
             .unwrap();
         assert_eq!(
-            g.connection().info.name,
+            g.connection().info.name(),
             "127.0.0.1:50000 -> 127.0.0.1:5672"
         );
+        let i = &g.connection().info;
+        assert!(i.is_named("127.0.0.1:50000 -> 127.0.0.1:5672"));
+        assert!(!i.is_named("127.0.0.1:50000 -> 127.0.0.1:567"));
+        assert!(!i.is_named("127.0.0.1:50000 -> 127.0.0.1:56720"));
+        assert!(!i.is_named(""));
         assert_eq!(r.len(), 1);
         assert!(g.take_close_request().is_none());
         assert_eq!(r.close_where(|c| c.info.user == "bob", "user deleted"), 1);

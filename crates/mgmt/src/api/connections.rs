@@ -33,13 +33,22 @@ pub(super) fn routes() -> Router<Management> {
         .route("/consumers/{vhost}", get(consumers_vhost))
 }
 
-struct ConnectionRow(Arc<Connection>);
+/// A listed connection and its name, built for the listing (the registry
+/// keeps none).
+struct ConnectionRow(Arc<Connection>, String);
+
+impl ConnectionRow {
+    fn new(c: Arc<Connection>) -> Self {
+        let name = c.info.name();
+        ConnectionRow(c, name)
+    }
+}
 
 fn render_connection(m: &Management, c: &Connection) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let i = &c.info;
     json!({
-        "name": i.name,
+        "name": i.name(),
         "node": m.node.name,
         "protocol": i.protocol,
         "user": i.user,
@@ -69,12 +78,12 @@ fn render_connection(m: &Management, c: &Connection) -> Value {
 
 impl Row for ConnectionRow {
     fn name(&self) -> &str {
-        &self.0.info.name
+        &self.1
     }
     fn key(&self, field: &str) -> Option<Key> {
         let i = &self.0.info;
         Some(match field {
-            "name" => Key::Str(i.name.clone()),
+            "name" => Key::Str(self.1.clone()),
             "vhost" => Key::Str(i.vhost.clone()),
             "user" => Key::Str(i.user.clone()),
             "protocol" => Key::Str(i.protocol.to_owned()),
@@ -105,7 +114,7 @@ async fn list(
 ) -> ApiResult {
     let rows = visible(&m, &caller)
         .into_iter()
-        .map(ConnectionRow)
+        .map(ConnectionRow::new)
         .collect();
     list_response(&m, rows, &ListQuery::parse(&q)?, &["name"])
 }
@@ -120,7 +129,7 @@ async fn list_vhost(
     let rows = visible(&m, &caller)
         .into_iter()
         .filter(|c| c.info.vhost == vhost)
-        .map(ConnectionRow)
+        .map(ConnectionRow::new)
         .collect();
     list_response(&m, rows, &ListQuery::parse(&q)?, &["name"])
 }
@@ -172,6 +181,8 @@ async fn close(
 struct ChannelRow {
     source: Arc<Source>,
     connection: Arc<Connection>,
+    /// The connection's name, built for the listing.
+    connection_name: String,
     ranges: Ranges,
 }
 
@@ -193,13 +204,13 @@ fn display_number(c: &Connection, channel: u16) -> u16 {
 }
 
 fn channel_name(c: &Connection, number: u16) -> String {
-    format!("{} ({number})", c.info.name)
+    format!("{} ({number})", c.info.name())
 }
 
 /// RabbitMQ's `connection_details` of a channel.
 fn connection_details(c: &Connection) -> Value {
     json!({
-        "name": c.info.name,
+        "name": c.info.name(),
         "peer_host": c.info.peer.ip().to_string(),
         "peer_port": c.info.peer.port(),
     })
@@ -211,7 +222,7 @@ fn channel_details(m: &Management, c: &Connection, number: u16) -> Value {
         "name": channel_name(c, number),
         "number": number,
         "node": m.node.name,
-        "connection_name": c.info.name,
+        "connection_name": c.info.name(),
         "peer_host": c.info.peer.ip().to_string(),
         "peer_port": c.info.peer.port(),
         "user": c.info.user,
@@ -247,7 +258,7 @@ fn render_channel(m: &Management, r: &ChannelRow) -> Value {
 
 impl Row for ChannelRow {
     fn name(&self) -> &str {
-        &self.connection.info.name
+        &self.connection_name
     }
     fn key(&self, field: &str) -> Option<Key> {
         let num = |n: u64| Key::Num(n as f64);
@@ -287,6 +298,7 @@ fn channel_rows(m: &Management, caller: &Caller, q: &HashMap<String, String>) ->
             let connection = connections.get(&source.connection)?.clone();
             Some(ChannelRow {
                 source,
+                connection_name: connection.info.name(),
                 connection,
                 ranges,
             })
@@ -326,7 +338,7 @@ async fn channels_of(
     find(&m, &caller, &name)?;
     let rows = channel_rows(&m, &caller, &q)
         .into_iter()
-        .filter(|r| r.connection.info.name == name)
+        .filter(|r| r.connection_name == name)
         .collect();
     list_response(&m, rows, &ListQuery::parse(&q)?, &["name"])
 }
