@@ -120,7 +120,14 @@ async fn run<H, F>(
                 websocket: conn.websocket,
                 cert_login,
             };
-            ACCEPTED.scope(facts, serve(conn.stream, conn.peer, broker.clone(), token))
+            // `serve` builds the session before returning its future, and a
+            // session may read the facts as it is built (the Stream protocol
+            // takes its advertised address from them): build it inside the
+            // scope too, then run it inside.
+            let connection = ACCEPTED.sync_scope(facts.clone(), || {
+                serve(conn.stream, conn.peer, broker.clone(), token)
+            });
+            ACCEPTED.scope(facts, connection)
         })
         .await;
 }
