@@ -74,11 +74,8 @@ pub enum Response {
     Status(crate::Status),
 }
 
-/// Writes one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
-    w: &mut W,
-    value: &T,
-) -> io::Result<()> {
+/// One frame's bytes: a big-endian u32 length, then the postcard body.
+pub fn encode_frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let body = postcard::to_stdvec(value).map_err(io::Error::other)?;
     if body.len() > MAX_FRAME {
         return Err(io::Error::new(
@@ -90,7 +87,15 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     let mut buf = Vec::with_capacity(body.len() + 4);
     buf.extend_from_slice(&len.to_be_bytes());
     buf.extend_from_slice(&body);
-    w.write_all(&buf).await?;
+    Ok(buf)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    value: &T,
+) -> io::Result<()> {
+    w.write_all(&encode_frame(value)?).await?;
     w.flush().await
 }
 

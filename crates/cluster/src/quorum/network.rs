@@ -49,7 +49,7 @@ use tokio::task::JoinHandle;
 
 use super::group::{ProposeError, Registry};
 use super::{Batch, Outcome, QueueTypeConfig};
-use crate::transport::{read_frame, write_frame, Link, NodeStream, Request, MAX_FRAME};
+use crate::transport::{encode_frame, read_frame, write_frame, Link, NodeStream, Request};
 use crate::types::{Member, NodeId};
 
 /// A request to one group on a peer.
@@ -86,21 +86,6 @@ struct RequestFrame {
 struct ReplyFrame {
     id: u64,
     reply: GroupReply,
-}
-
-fn frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
-    let body = postcard::to_stdvec(value).map_err(io::Error::other)?;
-    if body.len() > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "frame too large",
-        ));
-    }
-    let len = u32::try_from(body.len()).map_err(io::Error::other)?;
-    let mut buf = Vec::with_capacity(body.len() + 4);
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
-    Ok(buf)
 }
 
 /// Writes every queued frame, coalescing what is queued into one write.
@@ -256,7 +241,7 @@ impl MuxPeer {
     ) -> Result<GroupReply, CallError> {
         let not_sent = |error| CallError { sent: false, error };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = frame(&RequestFrame { id, group, rpc }).map_err(not_sent)?;
+        let bytes = encode_frame(&RequestFrame { id, group, rpc }).map_err(not_sent)?;
         let conn = tokio::time::timeout(timeout, self.conn())
             .await
             .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "dial timed out")))
@@ -334,7 +319,7 @@ pub async fn serve(stream: NodeStream, registry: Weak<Registry>) {
         tokio::spawn(async move {
             let reply = reg.handle(req.group, req.rpc).await;
             drop(reg);
-            match frame(&ReplyFrame { id: req.id, reply }) {
+            match encode_frame(&ReplyFrame { id: req.id, reply }) {
                 Ok(bytes) => {
                     let _ = tx.send(bytes);
                 }
