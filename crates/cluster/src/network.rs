@@ -36,10 +36,10 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-type Rpc<T, E = openraft::error::Infallible> =
+pub(crate) type Rpc<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, Member, RaftError<NodeId, E>>>;
 
-fn transport_err<E: std::error::Error>(
+pub(crate) fn transport_err<E: std::error::Error>(
     e: CallError,
 ) -> RPCError<NodeId, Member, RaftError<NodeId, E>> {
     if e.sent {

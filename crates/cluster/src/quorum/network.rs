@@ -35,9 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -49,7 +47,10 @@ use tokio::task::JoinHandle;
 
 use super::group::{ProposeError, Registry};
 use super::{Batch, Outcome, QueueTypeConfig};
-use crate::transport::{encode_frame, read_frame, write_frame, Link, NodeStream, Request};
+use crate::network::{transport_err, Rpc};
+use crate::transport::{
+    encode_frame, read_frame, write_frame, CallError, Link, NodeStream, Request,
+};
 use crate::types::{Member, NodeId};
 
 /// A request to one group on a peer.
@@ -176,13 +177,6 @@ impl Conn {
             tasks: [writer, reader],
         }
     }
-}
-
-/// Whether a failed call certainly had no effect (`sent` false).
-#[derive(Debug)]
-pub struct CallError {
-    pub sent: bool,
-    pub error: io::Error,
 }
 
 /// The multiplexed connection to one peer.
@@ -353,19 +347,6 @@ impl RaftNetworkFactory<QueueTypeConfig> for GroupNetwork {
             target,
             peer: self.peers.get(&node.addr),
         }
-    }
-}
-
-type Rpc<T, E = openraft::error::Infallible> =
-    Result<T, RPCError<NodeId, Member, RaftError<NodeId, E>>>;
-
-fn transport_err<E: std::error::Error>(
-    e: CallError,
-) -> RPCError<NodeId, Member, RaftError<NodeId, E>> {
-    if e.sent {
-        RPCError::Network(NetworkError::new(&e.error))
-    } else {
-        RPCError::Unreachable(Unreachable::new(&e.error))
     }
 }
 
