@@ -13,13 +13,13 @@
 //! refuses to vote for anyone else, so a node that comes back with a higher
 //! term cannot depose a healthy leader.
 //!
-//! Idle cost: each group runs openraft's core, state-machine and tick tasks,
-//! plus a replication task per follower on its leader, and its leader sends a
-//! heartbeat per follower every 100 ms. See the README (Clustering) for what
-//! that measured and the plan to quiesce idle groups. The node's one failure
-//! detector (`detector.rs`, the `detect` task below) adds a tick a second that
-//! reads a timestamp per follower of the groups led here. (Quiescing idle
-//! groups would take its signal away: it would then need a ping of its own.)
+//! Idle cost: a group in use runs openraft's timers (a tick every 150 ms on
+//! every replica, a heartbeat per follower every 100 ms on the leader). A
+//! group idle for `quiet_after` is quiesced (`quiesce.rs`): no timer, no
+//! heartbeat, woken by its next use or by a node event, with liveness watched
+//! per node (pings) instead of per group. The node's one failure detector
+//! (`detector.rs`, the `detect` task below) adds a tick a second that reads
+//! a timestamp per follower of the groups led here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use switchyard_core::quorum::QueueMachine;
 
 use super::network::{serve, GroupNetwork, GroupReply, GroupRpc, MuxPeers};
+use super::quiesce::Quiet;
 use super::sm::{lock, Deliver, Owner, QueueSm, Shared};
 use super::wal::{encode, GroupLog, RecoveredGroup, Wal, WalStats};
 use super::{Batch, Outcome, QMetrics, QRaft};
@@ -86,6 +87,16 @@ pub struct QuorumSettings {
     /// A member that has not answered this node for this long is proposed
     /// `NodeDown` in the groups this node leads (see [`super::detector`]).
     pub down_after: Duration,
+    /// A group unused for this long goes quiet (`None`: never; see
+    /// [`super::quiesce`]).
+    pub quiet_after: Option<Duration>,
+    /// A peer that has not answered pings for this long (or whose connection
+    /// was lost: at once) counts as gone for quiet groups: the followers of a
+    /// quiet leader on it wake and elect. Longer than a busy group's election
+    /// timeout, since the followers of a quiet leader have no lease to protect
+    /// it from a false alarm: a loaded node that answers late would otherwise
+    /// lose its quiet groups' leadership.
+    pub silent_after: Duration,
 }
 
 impl QuorumSettings {
@@ -104,6 +115,8 @@ impl QuorumSettings {
             keep_logs: 512,
             forward_timeout: Duration::from_secs(5),
             down_after: Duration::from_secs(5),
+            quiet_after: Some(Duration::from_secs(2)),
+            silent_after: Duration::from_millis(1500),
         }
     }
 
@@ -150,6 +163,7 @@ struct GroupInner {
     /// How long the last entry written through this replica took to commit,
     /// in microseconds (0: none yet): the per-queue commit latency.
     commit_latency_us: AtomicU64,
+    quiet: Quiet,
 }
 
 /// One quorum queue's group on this node (cheap to clone).
@@ -173,7 +187,11 @@ impl GroupHandle {
     /// here, with its index and outcome.
     pub async fn propose(&self, cmd: Batch) -> Result<(u64, Outcome), ProposeError> {
         let started = std::time::Instant::now();
-        match self.inner.raft.client_write(cmd).await {
+        self.wake();
+        let written = self.inner.raft.client_write(cmd).await;
+        // The idle clock starts when the write is done, not when it began.
+        self.wake();
+        match written {
             Ok(r) => {
                 let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 self.inner.commit_latency_us.store(took, Ordering::Relaxed);
@@ -239,6 +257,7 @@ impl GroupHandle {
     /// majority), waits until everything committed before is applied here, and
     /// returns the applied index and the machine.
     pub async fn leader_view(&self) -> Result<(u64, QueueMachine), ProposeError> {
+        self.wake();
         match self.inner.raft.ensure_linearizable().await {
             Ok(_) => {
                 let state = lock(&self.inner.state);
@@ -260,14 +279,82 @@ impl GroupHandle {
     pub fn raft(&self) -> &QRaft {
         &self.inner.raft
     }
+
+    /// Whether the group is quiet on this node (see [`super::quiesce`]).
+    pub fn is_quiet(&self) -> bool {
+        self.inner.quiet.is_quiet()
+    }
+
+    /// Wakes the group if quiet and restarts its idle clock.
+    pub fn wake(&self) {
+        self.inner.quiet.wake(&self.inner.raft);
+    }
+
+    /// Milliseconds since the group was last used or woken.
+    pub(crate) fn idle_ms(&self, now: u64) -> u64 {
+        self.inner.quiet.idle_ms(now)
+    }
+
+    /// As leader: asks `followers` (the live ones) to go quiet, and goes
+    /// quiet itself if all of them did and nothing used the group meanwhile.
+    pub(crate) async fn quiesce(&self, peers: MuxPeers, followers: Vec<Member>) {
+        let Some(epoch) = self.inner.quiet.begin() else {
+            return;
+        };
+        let term = self.inner.raft.metrics().borrow().current_term;
+        let rpc = || GroupRpc::Quiesce {
+            leader: self.inner.me,
+            term,
+        };
+        let mut agreed = true;
+        for m in &followers {
+            let reply = peers
+                .get(&m.addr)
+                .call(self.inner.id, rpc(), Duration::from_secs(1))
+                .await;
+            agreed &= matches!(reply, Ok(GroupReply::Quiesce(true)));
+        }
+        let m = self.inner.raft.metrics().borrow().clone();
+        agreed &= m.current_leader == Some(self.inner.me) && m.current_term == term;
+        self.inner
+            .quiet
+            .finish_leader(&self.inner.raft, epoch, agreed);
+    }
+
+    /// As follower: goes quiet if it follows `leader` in `term`.
+    fn quiesce_follower(&self, leader: NodeId, term: u64) -> bool {
+        let ok = {
+            let m = self.inner.raft.metrics();
+            let m = m.borrow();
+            m.current_leader == Some(leader)
+                && leader != self.inner.me
+                && m.current_term == term
+                && m.vote.is_committed()
+                && m.state == openraft::ServerState::Follower
+        };
+        if ok {
+            self.inner.quiet.quiesce_follower(&self.inner.raft);
+        }
+        ok
+    }
 }
 
 /// The groups of a node, shared with the connections it serves.
 pub struct Registry {
     groups: RwLock<HashMap<u64, GroupHandle>>,
+    /// This process's incarnation, what its pongs say.
+    incarnation: u64,
 }
 
 impl Registry {
+    /// Every group on this node.
+    pub(crate) fn handles(&self) -> Vec<GroupHandle> {
+        match self.groups.read() {
+            Ok(g) => g.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+
     fn get(&self, group: u64) -> Option<GroupHandle> {
         match self.groups.read() {
             Ok(g) => g.get(&group).cloned(),
@@ -283,17 +370,37 @@ impl Registry {
     }
 
     pub(crate) async fn handle(&self, group: u64, rpc: GroupRpc) -> GroupReply {
+        if let GroupRpc::Ping = rpc {
+            return GroupReply::Pong {
+                incarnation: self.incarnation,
+            };
+        }
         let Some(h) = self.get(group) else {
             return GroupReply::NoGroup;
         };
         let raft = &h.inner.raft;
+        // What wakes a quiet replica: entries (the leader is writing), a vote
+        // request, a snapshot. Empty AppendEntries do not (`quiesce.rs`).
         match rpc {
-            GroupRpc::AppendEntries(r) => GroupReply::AppendEntries(raft.append_entries(r).await),
-            GroupRpc::Vote(r) => GroupReply::Vote(raft.vote(r).await),
+            GroupRpc::AppendEntries(r) => {
+                if !r.entries.is_empty() {
+                    h.wake();
+                }
+                GroupReply::AppendEntries(raft.append_entries(r).await)
+            }
+            GroupRpc::Vote(r) => {
+                h.wake();
+                GroupReply::Vote(raft.vote(r).await)
+            }
             GroupRpc::InstallSnapshot(r) => {
+                h.wake();
                 GroupReply::InstallSnapshot(raft.install_snapshot(r).await)
             }
             GroupRpc::Propose(cmd) => GroupReply::Propose(h.propose(cmd).await),
+            GroupRpc::Quiesce { leader, term } => {
+                GroupReply::Quiesce(h.quiesce_follower(leader, term))
+            }
+            GroupRpc::Ping => GroupReply::NoGroup,
         }
     }
 }
@@ -319,6 +426,7 @@ pub struct QuorumGroups {
     stop: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
     detector: JoinHandle<()>,
+    quiescer: JoinHandle<()>,
 }
 
 impl QuorumGroups {
@@ -338,6 +446,7 @@ impl QuorumGroups {
         let (wal, recovered) = Wal::open(&settings.dir.join("quorum.redb"))?;
         let registry = Arc::new(Registry {
             groups: RwLock::new(HashMap::new()),
+            incarnation: settings.incarnation,
         });
         let (stop, stop_rx) = watch::channel(false);
         let (addr, accept) = if settings.own_listener {
@@ -365,6 +474,15 @@ impl QuorumGroups {
             settings.down_after,
             stop.subscribe(),
         ));
+        let quiescer = tokio::spawn(super::quiesce::run(
+            Arc::downgrade(&registry),
+            MuxPeers::clone(&peers),
+            node_id(&settings.node),
+            settings.heartbeat,
+            settings.silent_after,
+            settings.quiet_after,
+            stop.subscribe(),
+        ));
         let groups = QuorumGroups {
             id: node_id(&settings.node),
             me,
@@ -381,6 +499,7 @@ impl QuorumGroups {
             stop,
             accept,
             detector,
+            quiescer,
         };
         let n = recovered.len();
         for (gid, mut rec) in recovered {
@@ -544,6 +663,7 @@ impl QuorumGroups {
                 log,
                 members: record.members,
                 commit_latency_us: AtomicU64::new(0),
+                quiet: Quiet::new(),
             }),
         };
         self.registry.write().insert(gid, handle.clone());
@@ -710,6 +830,7 @@ impl QuorumGroups {
             a.abort();
         }
         self.detector.abort();
+        self.quiescer.abort();
         let handles: Vec<GroupHandle> = self.registry.write().drain().map(|(_, h)| h).collect();
         for h in handles {
             if let Err(e) = h.inner.raft.shutdown().await {
@@ -725,6 +846,7 @@ impl Drop for QuorumGroups {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         self.detector.abort();
+        self.quiescer.abort();
         if let Some(a) = &self.accept {
             a.abort();
         }

@@ -8,6 +8,8 @@
 //! - [`network`]: the groups' RPCs between two nodes, multiplexed over one
 //!   pipelined connection per peer, dialled through the node's authenticated
 //!   `Link` and accepted on the cluster port.
+//! - [`quiesce`]: idle groups go quiet (no timer, no heartbeat) and wake on
+//!   use or on a node event; liveness is then watched per node, by pings.
 //! - [`detector`]: the per-node failure detector that proposes `NodeDown`
 //!   for members silent too long in the groups the node leads.
 //! - [`group`]: the per-node manager ([`QuorumGroups`]) and the per-queue
@@ -20,6 +22,7 @@
 pub mod detector;
 pub mod group;
 pub mod network;
+pub mod quiesce;
 pub mod sm;
 pub mod wal;
 

@@ -62,6 +62,14 @@ pub enum GroupRpc {
     InstallSnapshot(InstallSnapshotRequest<QueueTypeConfig>),
     /// Commands proposed elsewhere, for the leader to write as one entry.
     Propose(Batch),
+    /// Node liveness (group 0): answered with the node's incarnation.
+    Ping,
+    /// The group's leader in `term` asks its follower to stop its election
+    /// timer until woken (see `quiesce.rs`).
+    Quiesce {
+        leader: NodeId,
+        term: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,6 +82,11 @@ pub enum GroupReply {
     Propose(Result<(u64, Outcome), ProposeError>),
     /// The peer has no such group (not created yet, or deleted).
     NoGroup,
+    Pong {
+        incarnation: u64,
+    },
+    /// Whether the follower went quiet (it follows that leader in that term).
+    Quiesce(bool),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,7 +165,7 @@ pub fn now_ms() -> u64 {
 }
 
 impl Conn {
-    fn start(stream: NodeStream, last_reply: Arc<AtomicU64>) -> Conn {
+    fn start(stream: NodeStream, last_reply: Arc<AtomicU64>, lost: Arc<AtomicBool>) -> Conn {
         let (mut r, w) = tokio::io::split(stream);
         let (tx, rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::default();
@@ -167,6 +180,7 @@ impl Conn {
                 }
             }
             c.store(true, Ordering::Relaxed);
+            lost.store(true, Ordering::Relaxed);
             // Fail everything pending: their senders drop.
             pending_map(&p).clear();
         });
@@ -186,9 +200,16 @@ pub struct MuxPeer {
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
     /// When the peer last answered anything ([`now_ms`]; 0: never): the
-    /// failure detector's signal. A leader sends each follower a heartbeat
-    /// every 100 ms, so a live follower answers all the time.
+    /// failure detector's and the quiescer's signal. Pings (`quiesce.rs`)
+    /// keep it fresh when no group has anything to say.
     last_reply: Arc<AtomicU64>,
+    /// The last connection ended, or the last dial failed: the peer is gone
+    /// without waiting for its silence to last.
+    lost: Arc<AtomicBool>,
+    /// The incarnation its last pong gave (0: none yet).
+    incarnation: AtomicU64,
+    /// A ping is in flight.
+    pinging: AtomicBool,
 }
 
 impl MuxPeer {
@@ -199,7 +220,50 @@ impl MuxPeer {
             conn: tokio::sync::Mutex::new(None),
             next_id: AtomicU64::new(1),
             last_reply: Arc::new(AtomicU64::new(0)),
+            lost: Arc::new(AtomicBool::new(false)),
+            incarnation: AtomicU64::new(0),
+            pinging: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the peer answered within `silent_after_ms` of `now` on a
+    /// connection that is still up.
+    pub fn alive(&self, now: u64, silent_after_ms: u64) -> bool {
+        !self.lost.load(Ordering::Relaxed)
+            && self
+                .last_reply_ms()
+                .is_some_and(|t| now.saturating_sub(t) < silent_after_ms)
+    }
+
+    /// The incarnation the peer's last pong gave.
+    pub fn incarnation(&self) -> Option<u64> {
+        match self.incarnation.load(Ordering::Relaxed) {
+            0 => None,
+            i => Some(i),
+        }
+    }
+
+    /// Pings the peer unless it answered within `every_ms` of `now` or a ping
+    /// is in flight; the answer lands in `last_reply` and `incarnation`.
+    pub fn ping_if_quiet(self: &Arc<Self>, now: u64, every_ms: u64, timeout: Duration) {
+        let fresh = self
+            .last_reply_ms()
+            .is_some_and(|t| now.saturating_sub(t) < every_ms);
+        if (fresh && !self.lost.load(Ordering::Relaxed))
+            || self.pinging.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let peer = self.clone();
+        tokio::spawn(async move {
+            if let Ok(GroupReply::Pong { incarnation }) =
+                peer.call(0, GroupRpc::Ping, timeout).await
+            {
+                peer.incarnation
+                    .store(incarnation.max(1), Ordering::Relaxed);
+            }
+            peer.pinging.store(false, Ordering::Relaxed);
+        });
     }
 
     /// When the peer last answered ([`now_ms`]), if ever.
@@ -218,10 +282,25 @@ impl MuxPeer {
             }
         }
         *guard = None;
-        let mut stream = self.link.dial(&self.addr).await?;
-        // The hello: the peer's cluster port serves quorum groups from here on.
-        write_frame(&mut stream, &Request::QuorumMux).await?;
-        let c = Arc::new(Conn::start(stream, self.last_reply.clone()));
+        let dialled = async {
+            let mut stream = self.link.dial(&self.addr).await?;
+            // The hello: the peer's cluster port serves quorum groups from here on.
+            write_frame(&mut stream, &Request::QuorumMux).await?;
+            Ok::<_, io::Error>(stream)
+        };
+        let stream = match dialled.await {
+            Ok(s) => s,
+            Err(e) => {
+                self.lost.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.lost.store(false, Ordering::Relaxed);
+        let c = Arc::new(Conn::start(
+            stream,
+            self.last_reply.clone(),
+            self.lost.clone(),
+        ));
         *guard = Some(c.clone());
         Ok(c)
     }

@@ -486,21 +486,40 @@ async fn idle_groups_cpu() {
         "{groups} groups x 3 nodes created and led in {:?}",
         started.elapsed()
     );
-    // QQ_IDLE_QUIET=heartbeat|tick: what quiescing would save (no failover
-    // without heartbeats: a measurement only).
-    let quiet = std::env::var("QQ_IDLE_QUIET").unwrap_or_default();
-    for n in &nodes {
-        for gid in 1..=groups {
-            let h = n.get(gid).unwrap();
-            if quiet.contains("heartbeat") {
-                h.raft().runtime_config().heartbeat(false);
-                h.raft().runtime_config().elect(false);
-            }
-            if quiet.contains("tick") {
-                h.raft().runtime_config().tick(false);
-            }
+    // Idle groups go quiet after `quiet_after` (2 s) and a quiesce round.
+    // QQ_IDLE_NO_QUIESCE=1 measures them awake instead (for comparison).
+    if std::env::var("QQ_IDLE_NO_QUIESCE").is_err() {
+        let all_quiet = || {
+            nodes
+                .iter()
+                .all(|n| (1..=groups).all(|g| n.get(g).unwrap().is_quiet()))
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !all_quiet() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "groups never went quiet"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        eprintln!("all quiet {:?} after creation", started.elapsed());
     }
+    let terms = |nodes: &[Arc<QuorumGroups>]| -> (Vec<usize>, u64) {
+        let leaders = nodes
+            .iter()
+            .map(|n| {
+                (1..=groups)
+                    .filter(|g| n.get(*g).unwrap().is_leader())
+                    .count()
+            })
+            .collect();
+        let terms = (1..=groups)
+            .map(|g| nodes[0].get(g).unwrap().metrics().borrow().current_term)
+            .sum();
+        (leaders, terms)
+    };
+    eprintln!("(leaders per node, sum of terms): {:?}", terms(&nodes));
+    {}
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (cpu0, t0) = (cpu_time(), std::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -519,6 +538,81 @@ async fn idle_groups_cpu() {
         cpu.as_secs_f64() * 100.0 / wall.as_secs_f64()
     );
     for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+/// Idle groups go quiet on every replica; a write wakes them and reaches
+/// every replica; quiet again, they still fail over when the leader's node
+/// goes away (its followers wake on the node event and elect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_go_quiet_wake_on_use_and_still_fail_over() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let recorders: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::default()).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in ["z1", "z2", "z3"].iter().enumerate() {
+        let mut s = settings(name, "127.0.0.1:0", dirs[i].path(), 1 + i as u64);
+        s.quiet_after = Some(Duration::from_millis(500));
+        let groups = QuorumGroups::open(s, link(), Some(recorders[i].clone()))
+            .await
+            .unwrap();
+        nodes.push(Some(groups));
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .flatten()
+        .map(|n| (n.node_id(), n.member()))
+        .collect();
+    let ids: Vec<NodeId> = nodes.iter().flatten().map(|n| n.node_id()).collect();
+    let gids = [11u64, 12, 13];
+    for (k, gid) in gids.iter().enumerate() {
+        let p = placement(*gid, &members, ids[k % 3]);
+        for n in nodes.iter().flatten() {
+            n.create(&p).await.unwrap();
+        }
+    }
+    async fn quiet_everywhere(nodes: &[Option<QuorumGroups>], gid: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let live: Vec<&QuorumGroups> = nodes.iter().flatten().collect();
+            if live
+                .iter()
+                .all(|n| n.get(gid).is_some_and(|h| h.is_quiet()))
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "group {gid} did not go quiet everywhere"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for gid in gids {
+        quiet_everywhere(&nodes, gid).await;
+    }
+    // A quiet leader and quiet followers: a write wakes them, commits, and
+    // every replica applies it (the commit index reaches the followers).
+    let gid = gids[0];
+    let l = leader_of(&view(&nodes), gid).await;
+    let h = nodes[l].as_ref().unwrap().get(gid).unwrap();
+    let (index, _) = h.propose(enqueue(1, 1)).await.unwrap();
+    for n in nodes.iter().flatten() {
+        wait_applied(&n.get(gid).unwrap(), index).await;
+    }
+    quiet_everywhere(&nodes, gid).await;
+    // The quiet leader's node goes away: the others elect and serve writes.
+    let old = nodes[l].take().unwrap();
+    old.shutdown().await;
+    drop(old);
+    let started = std::time::Instant::now();
+    let l2 = leader_of(&view(&nodes), gid).await;
+    assert_ne!(l2, l);
+    let h2 = nodes[l2].as_ref().unwrap().get(gid).unwrap();
+    let (index2, _) = h2.propose(enqueue(1, 2)).await.unwrap();
+    assert!(index2 > index);
+    eprintln!("quiet group failed over in {:?}", started.elapsed());
+    for n in nodes.iter().flatten() {
         n.shutdown().await;
     }
 }
