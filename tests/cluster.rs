@@ -1094,4 +1094,119 @@ mod quorum_queues {
         let l = quorum_leader_over(&c, "tls-orders", &certs);
         assert!(l < 3);
     }
+
+    /// Issue 14: "a minority side stalls, then nacks or errors: never a silent
+    /// loss". With the two other nodes killed, a publisher with confirms on
+    /// the remaining node gets basic.nack once the commit timeout (2 s here,
+    /// `[cluster] quorum_commit_timeout_ms`) passes, never an ack; while the
+    /// queue stays without a majority, publishes are refused at once (AMQP
+    /// nack, STOMP ERROR for a SEND with a receipt); once the nodes are back,
+    /// publishes are confirmed again.
+    #[test]
+    fn without_a_majority_a_quorum_publish_is_nacked_after_the_commit_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let tmp = tempfile::tempdir().unwrap();
+        // Appended to each node's `[cluster]` section (the last one).
+        let mut c = LocalCluster::start_with(
+            Path::new(EXE),
+            tmp.path(),
+            3,
+            "quorum_commit_timeout_ms = 2000\n",
+        );
+        leader(&c, &[0, 1, 2]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (conn, ch) = rt.block_on(async {
+            let (conn, ch) = channel(&c, 0).await;
+            declare(&ch, "alone", false).await;
+            (conn, ch)
+        });
+        known_everywhere(&c, "alone");
+        quorum_leader(&c, &[0, 1, 2], "alone");
+        let publish_one = |body: &'static str| {
+            let ch = ch.clone();
+            async move {
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        "alone".into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::timeout(WAIT, confirm).await.unwrap().unwrap()
+            }
+        };
+        rt.block_on(async {
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            assert!(publish_one("with a majority").await.is_ack());
+        });
+        c.kill9(1);
+        c.kill9(2);
+        rt.block_on(async {
+            // Stalls, then fails: a nack, not an ack, after the timeout and
+            // well within it plus a margin for a loaded machine.
+            let started = Instant::now();
+            let answer = publish_one("in the minority").await;
+            let waited = started.elapsed();
+            assert!(answer.is_nack(), "confirmed without a majority: {answer:?}");
+            assert!(waited >= TIMEOUT - Duration::from_millis(100), "{waited:?}");
+            assert!(waited < TIMEOUT + Duration::from_secs(10), "{waited:?}");
+            // Still no majority: refused at once, not queued.
+            let started = Instant::now();
+            assert!(publish_one("refused").await.is_nack());
+            assert!(started.elapsed() < TIMEOUT, "{:?}", started.elapsed());
+            // STOMP: an ERROR naming the SEND's receipt, never a RECEIPT.
+            let mut s = tokio::net::TcpStream::connect(c.addr(0, "stomp"))
+                .await
+                .unwrap();
+            s.write_all(
+                b"CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n\n\0\
+                  SEND\ndestination:/amq/queue/alone\nreceipt:r1\n\nstomp body\0",
+            )
+            .await
+            .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains("ERROR") {
+                let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(
+                    n > 0,
+                    "closed without an ERROR: {}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&buf[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).into_owned();
+            let error = &text[text.find("ERROR").unwrap()..];
+            assert!(error.contains("receipt-id:r1"), "{text}");
+            assert!(!text.contains("RECEIPT"), "{text}");
+        });
+        // The majority is back: publishes are confirmed again (the first may
+        // still be refused while the stalled batch waits for a leader).
+        c.restart(1);
+        c.restart(2);
+        rt.block_on(async {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if publish_one("majority again").await.is_ack() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "never confirmed again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            conn.close(200, "bye".into()).await.unwrap();
+        });
+    }
 }

@@ -73,6 +73,9 @@ pub struct Settings {
     /// How long a quorum group's member may go without answering before the
     /// group's leader marks it down (`quorum::detector`).
     pub node_down_after: Duration,
+    /// How long a publish to a quorum queue may wait for its commit before it
+    /// fails (`QuorumLog::commit_timeout`).
+    pub quorum_commit_timeout: Duration,
     /// Mutual TLS between nodes (`[tls]` set); `None`: plain TCP.
     pub tls: Option<Arc<NodeTls>>,
     /// The cluster's shared secret (`[cluster] cookie`).
@@ -92,6 +95,7 @@ impl Settings {
             election_max: Duration::from_millis(1000),
             write_timeout: Duration::from_secs(10),
             node_down_after: Duration::from_secs(5),
+            quorum_commit_timeout: switchyard_core::quorum_link::DEFAULT_COMMIT_TIMEOUT,
             tls: None,
             cookie: None,
         }
@@ -323,6 +327,7 @@ impl Cluster {
             groups,
             incarnation,
             nudge: broker.confirm_nudger(),
+            commit_timeout: settings.quorum_commit_timeout,
         });
         broker.set_meta_log(Arc::new(Replicator {
             inner: inner.clone(),
@@ -707,6 +712,7 @@ struct GroupProposer {
     groups: Arc<QuorumGroups>,
     incarnation: u64,
     nudge: Arc<watch::Sender<u64>>,
+    commit_timeout: Duration,
 }
 
 impl std::fmt::Debug for GroupProposer {
@@ -763,6 +769,10 @@ impl QuorumLog for GroupProposer {
 
     fn nudge(&self) {
         self.nudge.send_modify(|_| ());
+    }
+
+    fn commit_timeout(&self) -> Duration {
+        self.commit_timeout
     }
 
     fn message_count(&self, vhost: &str, queue: &str) -> Option<usize> {
@@ -900,6 +910,7 @@ mod tests {
             groups: outside.clone(),
             incarnation: 1,
             nudge: Arc::new(watch::channel(0).0),
+            commit_timeout: Duration::from_secs(30),
         };
         // Credit alone: nothing to propose.
         let credit = QueueCommand::Checkout {

@@ -78,16 +78,110 @@ pub struct ExchangeDeclare {
     pub options: ExchangeOptions,
 }
 
-/// A stream a publish reached: durable once its log committed `after`.
+/// A replicated log a publish reached (a stream, or a clustered quorum
+/// queue's Raft group): durable once the log committed `after`. A quorum
+/// queue's wait can also fail: its link gave up waiting for a commit
+/// (`[cluster] quorum_commit_timeout_ms`, see quorum_link.rs), and the
+/// publisher gets a negative answer (AMQP basic.nack, MQTT 5 reason code,
+/// STOMP ERROR) instead of waiting forever. One mechanism for every
+/// protocol: the adapters ask [`StreamWait::state`].
 #[derive(Debug, Clone)]
 pub struct StreamWait {
-    pub committed: tokio::sync::watch::Receiver<u64>,
-    pub after: u64,
+    committed: tokio::sync::watch::Receiver<u64>,
+    after: u64,
+    fail: Fail,
+}
+
+#[derive(Debug, Clone)]
+enum Fail {
+    /// A stream: it only ever commits.
+    Never,
+    /// A quorum queue link's failure mark: sequences up to it that are not
+    /// committed failed.
+    UpTo(tokio::sync::watch::Receiver<u64>),
+    /// Refused at once (the link was stalled when the publish came).
+    Refused,
+}
+
+/// Where a [`StreamWait`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitState {
+    Pending,
+    /// Committed: the publisher may be told it is safe.
+    Done,
+    /// Not committed in time: the publisher must be told it failed (it may
+    /// still commit later, a duplicate if republished; never a confirm).
+    Failed,
 }
 
 impl StreamWait {
+    /// Done once `committed` reaches `after`; never fails (a stream).
+    pub fn new(committed: tokio::sync::watch::Receiver<u64>, after: u64) -> Self {
+        StreamWait {
+            committed,
+            after,
+            fail: Fail::Never,
+        }
+    }
+
+    /// Done once `committed` reaches `after`, failed once `failed` reaches it
+    /// first (a quorum queue link: both marks only grow, and every sequence
+    /// at or below `committed` is committed).
+    pub fn quorum(
+        committed: tokio::sync::watch::Receiver<u64>,
+        failed: tokio::sync::watch::Receiver<u64>,
+        after: u64,
+    ) -> Self {
+        StreamWait {
+            committed,
+            after,
+            fail: Fail::UpTo(failed),
+        }
+    }
+
+    /// Failed from the start: the publish was refused and never proposed.
+    pub fn refused(committed: tokio::sync::watch::Receiver<u64>) -> Self {
+        StreamWait {
+            committed,
+            after: u64::MAX,
+            fail: Fail::Refused,
+        }
+    }
+
+    /// Committed (a refused publish never is).
     pub fn done(&self) -> bool {
-        *self.committed.borrow() >= self.after
+        self.state() == WaitState::Done
+    }
+
+    /// Given up on: the publisher gets a negative answer.
+    pub fn failed(&self) -> bool {
+        self.state() == WaitState::Failed
+    }
+
+    pub fn state(&self) -> WaitState {
+        match &self.fail {
+            Fail::Refused => WaitState::Failed,
+            // Committed wins: a message that made it is confirmed even if
+            // the link gave up on later ones at the same time.
+            _ if *self.committed.borrow() >= self.after => WaitState::Done,
+            Fail::UpTo(failed) if *failed.borrow() >= self.after => WaitState::Failed,
+            _ => WaitState::Pending,
+        }
+    }
+
+    /// The state of a publish that reached all of `waits`: failed as soon as
+    /// one failed (RabbitMQ nacks a publish any of its queues rejected),
+    /// done once all are done.
+    pub fn state_of_all<'a>(waits: impl IntoIterator<Item = &'a StreamWait>) -> WaitState {
+        let mut out = WaitState::Done;
+        for w in waits {
+            match w.state() {
+                WaitState::Failed => return WaitState::Failed,
+                WaitState::Pending => out = WaitState::Pending,
+                WaitState::Done => {}
+            }
+        }
+        out
     }
 }
 
@@ -1502,10 +1596,9 @@ impl VHost {
             if let Some(s) = q.stream() {
                 // Every message in a stream is durable, persistent or not.
                 match s.append(&message, now) {
-                    Some(offset) => streams.push(StreamWait {
-                        committed: s.log.committed(),
-                        after: offset.saturating_add(1),
-                    }),
+                    Some(offset) => {
+                        streams.push(StreamWait::new(s.log.committed(), offset.saturating_add(1)))
+                    }
                     None => rejected += 1,
                 }
                 continue;
@@ -1513,11 +1606,8 @@ impl VHost {
             if let Some(link) = q.quorum_link() {
                 // A clustered quorum queue: through its log, confirmed once
                 // committed (delivered by the node the log assigns it to).
-                let seq = link.enqueue(&message);
-                streams.push(StreamWait {
-                    committed: link.committed(),
-                    after: seq,
-                });
+                // A link stalled past its commit timeout refuses it at once.
+                streams.push(link.enqueue(&message));
                 continue;
             }
             let stored = stored.filter(|_| q.store_id().is_some());

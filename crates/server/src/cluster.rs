@@ -41,6 +41,14 @@ pub struct ClusterConfig {
     /// connection, else after `net_ticktime`, 60 s).
     #[serde(default = "default_node_down_after_ms")]
     pub node_down_after_ms: u64,
+    /// Milliseconds a publish to a clustered quorum queue may wait for its
+    /// commit (a majority of the queue's members) before it fails: AMQP
+    /// basic.nack, an MQTT 5 error reason code (MQTT 3.1.1: the connection
+    /// closes), a STOMP ERROR. While a queue is past it, publishes to it are
+    /// refused at once. Above the time a leader failover takes, so a failover
+    /// only delays confirms.
+    #[serde(default = "default_quorum_commit_timeout_ms")]
+    pub quorum_commit_timeout_ms: u64,
     /// The cluster's shared secret (RabbitMQ's Erlang cookie): when set, a
     /// node only talks to peers (and `ctl cluster --config`) that prove they
     /// know it. Give every node the same one. `[tls]` authenticates nodes by
@@ -55,6 +63,10 @@ fn default_write_timeout_ms() -> u64 {
 
 fn default_node_down_after_ms() -> u64 {
     5_000
+}
+
+fn default_quorum_commit_timeout_ms() -> u64 {
+    30_000
 }
 
 impl ClusterConfig {
@@ -82,6 +94,13 @@ impl ClusterConfig {
                 "invalid value {} for key cluster.node_down_after_ms: must be at least 1000 \
                  (members answer heartbeats every 100 ms; less would mark busy nodes down)",
                 self.node_down_after_ms
+            ));
+        }
+        if self.quorum_commit_timeout_ms < 1000 {
+            return Err(format!(
+                "invalid value {} for key cluster.quorum_commit_timeout_ms: must be at least 1000 \
+                 (an election alone takes up to a second; less would fail publishes on every failover)",
+                self.quorum_commit_timeout_ms
             ));
         }
         if self.cookie.as_deref().is_some_and(|c| c.len() < 16) {
@@ -129,6 +148,7 @@ impl ClusterConfig {
         );
         settings.write_timeout = Duration::from_millis(self.write_timeout_ms);
         settings.node_down_after = Duration::from_millis(self.node_down_after_ms);
+        settings.quorum_commit_timeout = Duration::from_millis(self.quorum_commit_timeout_ms);
         settings.tls = tls;
         settings.cookie = self.cookie.as_deref().map(Cookie::new);
         Cluster::start(settings, broker).await
@@ -146,6 +166,7 @@ mod tests {
             seeds: seeds.iter().map(|s| s.to_string()).collect(),
             write_timeout_ms: 10_000,
             node_down_after_ms: 5_000,
+            quorum_commit_timeout_ms: 30_000,
             cookie: None,
         }
     }
@@ -163,6 +184,19 @@ mod tests {
         assert_eq!(seeds[1].name, "n2");
         assert_eq!(seeds[1].addr, "127.0.0.1:25673");
         assert_eq!(c.node_down_after_ms, 5000);
+        assert_eq!(c.quorum_commit_timeout_ms, 30_000);
+    }
+
+    #[test]
+    fn quorum_commit_timeout_is_at_least_a_second() {
+        let mut c = cfg(&[]);
+        c.quorum_commit_timeout_ms = 999;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("cluster.quorum_commit_timeout_ms"));
+        c.quorum_commit_timeout_ms = 1000;
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -954,10 +954,7 @@ impl Session {
                         self.confirms.push_back(PendingConfirm {
                             publisher: publisher_id,
                             ids,
-                            wait: Some(StreamWait {
-                                committed: p.stream.log.committed(),
-                                after,
-                            }),
+                            wait: Some(StreamWait::new(p.stream.log.committed(), after)),
                         });
                     }
                     Err(e) => {

@@ -16,7 +16,9 @@ use switchyard_core::deadletter::DeathReason;
 use switchyard_core::exchange::ExchangeOptions;
 use switchyard_core::queue::{Queue, QueueOptions, QueuedMessage};
 use switchyard_core::stats::{ChannelState, SourceGuard, Stat};
-use switchyard_core::vhost::{ExchangeDeclare, QueueDeclare, Routed, VHost, DIRECT_REPLY_TO};
+use switchyard_core::vhost::{
+    ExchangeDeclare, QueueDeclare, Routed, StreamWait, VHost, WaitState, DIRECT_REPLY_TO,
+};
 use switchyard_core::{Broker, Message, Properties};
 
 use super::{ConnError, MethodError};
@@ -155,9 +157,10 @@ pub(crate) struct Channel {
     awaiting_sync: VecDeque<(u64, u64)>,
     /// Publishes that reached stream queues (sequence number, the streams'
     /// commits they wait for), in order.
-    awaiting_streams: VecDeque<(u64, Vec<switchyard_core::vhost::StreamWait>)>,
+    awaiting_streams: VecDeque<(u64, Vec<StreamWait>)>,
     /// Sequence numbers to nack rather than ack (a queue refused the message:
-    /// `x-overflow` reject-publish), in order; sent in sequence with the acks.
+    /// `x-overflow` reject-publish, or a quorum queue's commit timed out), in
+    /// order; sent in sequence with the acks.
     nacks: VecDeque<u64>,
     /// tx.commit-ok replies held until the store has synced this position.
     commits_awaiting_sync: VecDeque<u64>,
@@ -497,11 +500,22 @@ impl Channel {
         {
             self.awaiting_sync.pop_front();
         }
-        while self
-            .awaiting_streams
-            .front()
-            .is_some_and(|(_, waits)| waits.iter().all(|w| w.done()))
-        {
+        // In order: a publish is settled once every log it reached committed
+        // it, or failed once one of them gave up on it (a clustered quorum
+        // queue without a majority past `[cluster] quorum_commit_timeout_ms`):
+        // then it is nacked, never acked.
+        while let Some((seq, waits)) = self.awaiting_streams.front() {
+            match StreamWait::state_of_all(waits) {
+                WaitState::Pending => break,
+                WaitState::Done => {}
+                WaitState::Failed => {
+                    let seq = *seq;
+                    let at = self.nacks.partition_point(|&s| s < seq);
+                    if self.nacks.get(at) != Some(&seq) {
+                        self.nacks.insert(at, seq);
+                    }
+                }
+            }
             self.awaiting_streams.pop_front();
         }
         let confirmable = match self.awaiting_sync.front() {

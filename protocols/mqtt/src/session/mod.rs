@@ -34,7 +34,7 @@ use switchyard_core::queue::QueueOptions;
 use switchyard_core::stats::{
     ChannelState, ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat,
 };
-use switchyard_core::vhost::{QueueDeclare, StreamWait, VHost};
+use switchyard_core::vhost::{QueueDeclare, StreamWait, VHost, WaitState};
 use switchyard_core::{Broker, FieldTable};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -275,12 +275,15 @@ impl Session {
             return;
         }
         let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
-        while self
-            .pending_acks
-            .front()
-            .is_some_and(|(at, streams, _)| *at <= synced && streams.iter().all(StreamWait::done))
-        {
-            if let Some((_, _, p)) = self.pending_acks.pop_front() {
+        while let Some((at, streams, _)) = self.pending_acks.front() {
+            let state = StreamWait::state_of_all(streams);
+            if *at > synced || state == WaitState::Pending {
+                break;
+            }
+            if let Some((_, _, mut p)) = self.pending_acks.pop_front() {
+                if state == WaitState::Failed && !self.publish_failed(&mut p) {
+                    return;
+                }
                 match &p {
                     Packet::PubAck(_) => {
                         self.unacked_qos1 = self.unacked_qos1.saturating_sub(1);
@@ -292,6 +295,37 @@ impl Session {
             }
         }
         self.publish_state();
+    }
+
+    /// A quorum queue the PUBLISH reached did not commit it in time (`[cluster]
+    /// quorum_commit_timeout_ms`): never a success. MQTT 5 gets the PUBACK or
+    /// PUBREC with reason 0x83 (implementation specific error), as RabbitMQ
+    /// sends for a publish a queue rejected. MQTT 3.1.1 has no negative ack,
+    /// and acking would claim it is safe; RabbitMQ leaves it unacknowledged,
+    /// which leaves the client waiting on it, so this closes the connection:
+    /// the client sees the failure and re-sends what was not acknowledged
+    /// when it reconnects. Returns false when the connection was closed.
+    fn publish_failed(&mut self, p: &mut Packet) -> bool {
+        const TEXT: &str = "a quorum queue did not commit the message in time (no majority)";
+        if let (Packet::PubRec(a), Some(session)) = (&*p, &self.session) {
+            // Not routed for good: a re-sent PUBLISH with this id is routed
+            // again rather than answered as a duplicate.
+            session.lock().incoming_qos2.remove(&a.packet_id);
+        }
+        if !self.v5() {
+            self.close(Close::new(reason::IMPLEMENTATION_SPECIFIC_ERROR, TEXT));
+            self.pending_acks.clear();
+            self.unacked_qos1 = 0;
+            return false;
+        }
+        let problem_info = self.client.problem_info;
+        if let Packet::PubAck(a) | Packet::PubRec(a) = p {
+            a.reason = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+            if problem_info {
+                a.properties.reason_string = Some(TEXT.into());
+            }
+        }
+        true
     }
 
     /// A QoS 2 PUBREC is about to go out and its message is on disk: the

@@ -33,8 +33,8 @@ use switchyard_core::queue::{Queue, QueuedMessage};
 use switchyard_core::stats::{
     ChannelState, ConnectionGuard as CountedConnection, Protocol, SourceGuard, Stat,
 };
-use switchyard_core::vhost::StreamWait;
 use switchyard_core::vhost::VHost;
+use switchyard_core::vhost::{StreamWait, WaitState};
 use switchyard_core::{Broker, Message};
 use tokio::sync::watch;
 
@@ -253,14 +253,32 @@ impl Session {
             return;
         }
         let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
-        while self
-            .pending_receipts
-            .front()
-            .is_some_and(|(at, streams, _)| *at <= synced && streams.iter().all(StreamWait::done))
-        {
-            if let Some((_, _, id)) = self.pending_receipts.pop_front() {
-                self.write_receipt(&id);
+        while let Some((at, streams, _)) = self.pending_receipts.front() {
+            let state = StreamWait::state_of_all(streams);
+            if *at > synced || state == WaitState::Pending {
+                break;
             }
+            let Some((_, _, id)) = self.pending_receipts.pop_front() else {
+                break;
+            };
+            if state == WaitState::Failed {
+                // A quorum queue did not commit a SEND in time (`[cluster]
+                // quorum_commit_timeout_ms`): never a RECEIPT for it. STOMP's
+                // only negative answer is ERROR, which ends the connection
+                // (spec 1.2 "ERROR"); it names the frame by its receipt.
+                // Without a receipt header there is nothing to answer.
+                self.pending_receipts.clear();
+                self.fail(
+                    FrameError::new(
+                        "publish failed",
+                        "a quorum queue did not commit the message in time (no majority); \
+                         it may or may not be enqueued",
+                    ),
+                    Some(&id),
+                );
+                return;
+            }
+            self.write_receipt(&id);
         }
         if self.disconnecting && self.pending_receipts.is_empty() {
             self.finish("client sent DISCONNECT".into());

@@ -33,6 +33,24 @@ function features(q) {
 
 const msgRate = (q, k) => rate(pick(q, `message_stats.${k}_details.rate`) ?? 0);
 
+// Where a queue lives. A clustered quorum queue (the API gives `members`) shows
+// its leader and "+N" for its other members, as RabbitMQ's queue list does; the
+// full member list is the badge's tooltip. No leader (no majority): said so.
+export function nodeCell(q) {
+  if (!Array.isArray(q.members)) return q.node || '';
+  const others = q.members.filter((m) => m !== q.leader);
+  return h('span', { class: 'queue-node', dataset: { leader: q.leader || '', members: q.members.join(',') } },
+    q.leader ? q.leader : h('span', { class: 'tag warn', title: 'No leader: fewer than a majority of its members answer' }, 'no leader'),
+    others.length ? [' ', h('span', { class: 'tag', title: `Members: ${q.members.join(', ')}` }, `+${others.length}`)] : null);
+}
+
+// The queue page: every member, the leader marked.
+function membersCell(q) {
+  return h('span', { class: 'queue-members' },
+    q.members.map((m) => h('span', { class: m === q.leader ? 'tag ok' : 'tag', title: m === q.leader ? 'leader' : 'follower' },
+      m === q.leader ? `${m} (leader)` : m)));
+}
+
 export async function list(main, { vhost }) {
   const l = pagedList({
     id: 'queues-list',
@@ -43,6 +61,7 @@ export async function list(main, { vhost }) {
       { label: 'Name', sort: 'name', render: (q) => link(route('queues', q.vhost, q.name), q.name) },
       { label: 'Type', key: 'type', sort: 'type' },
       { label: 'Features', render: features },
+      { label: 'Node', render: nodeCell },
       { label: 'State', render: (q) => h('span', { class: `state ${q.state || ''}` }, q.state || '') },
       { label: 'Ready', value: (q) => num(q.messages_ready ?? 0), sort: 'messages_ready', num: true, cls: 'ready' },
       { label: 'Unacked', value: (q) => num(q.messages_unacknowledged ?? 0), sort: 'messages_unacknowledged', num: true, cls: 'unacked' },
@@ -214,7 +233,11 @@ export async function detail(main, vhost, name) {
         ['Bytes', bytes(q.message_bytes)], ['Consumers', num(q.consumers ?? 0)],
         ['Consumer utilisation', q.consumer_utilisation !== undefined && q.consumer_utilisation !== null ? `${Math.round(q.consumer_utilisation * 100)}%` : '']]),
       facts([['Durable', q.durable ? 'yes' : 'no'], ['Auto delete', q.auto_delete ? 'yes' : 'no'], ['Exclusive', q.exclusive ? 'yes' : 'no'],
-        ['Arguments', args(q.arguments)], ['Node', q.node], ['Memory', bytes(q.memory)]])));
+        ['Arguments', args(q.arguments)],
+        ...(Array.isArray(q.members)
+          ? [['Leader', nodeCell({ ...q, members: [] })], ['Members', membersCell(q)]]
+          : [['Node', q.node]]),
+        ['Memory', bytes(q.memory)]])));
     const cs = q.consumer_details || [];
     fill(consumers, table([
       { label: 'Consumer tag', render: (c) => h('code', {}, c.consumer_tag) },
