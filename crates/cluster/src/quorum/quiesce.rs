@@ -223,26 +223,39 @@ pub(crate) async fn run(
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut liveness = Liveness::default();
+    // The peers this node shares a group with, refreshed every second (and
+    // whenever the groups are listed anyway): a tick with nothing to do
+    // touches only them.
+    let mut shared: Vec<(String, Arc<MuxPeer>)> = Vec::new();
     for n in 0u64.. {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let Some(reg) = registry.upgrade() else {
-            return;
-        };
-        let handles = reg.handles();
-        drop(reg);
-        let now = now_ms();
-        // The peers this node shares a group with.
-        let mut shared: HashMap<&str, Arc<MuxPeer>> = HashMap::new();
-        for h in &handles {
-            for (id, m) in h.members() {
-                if *id != me && !shared.contains_key(m.addr.as_str()) {
-                    shared.insert(&m.addr, peers.get(&m.addr));
-                }
-            }
+        let quiesce_now = quiet_after.is_some() && n % 5 == 4;
+        let mut handles = None;
+        if n % 10 == 0 || quiesce_now {
+            let Some(reg) = registry.upgrade() else {
+                return;
+            };
+            let hs = reg.handles();
+            drop(reg);
+            let mut addrs: Vec<&str> = hs
+                .iter()
+                .flat_map(|h| h.members().iter())
+                .filter(|(id, _)| **id != me)
+                .map(|(_, m)| m.addr.as_str())
+                .collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            shared = addrs
+                .into_iter()
+                .map(|a| (a.to_owned(), peers.get(a)))
+                .collect();
+            liveness.retain(|a| shared.iter().any(|(s, _)| s == a));
+            handles = Some(hs);
         }
+        let now = now_ms();
         let mut events: HashMap<&str, PeerEvent> = HashMap::new();
         let mut alive: HashMap<&str, bool> = HashMap::new();
         for (addr, peer) in &shared {
@@ -254,7 +267,15 @@ pub(crate) async fn run(
                 events.insert(addr, e);
             }
         }
-        liveness.retain(|a| shared.contains_key(a));
+        if !events.is_empty() && handles.is_none() {
+            let Some(reg) = registry.upgrade() else {
+                return;
+            };
+            handles = Some(reg.handles());
+        }
+        let Some(handles) = handles else {
+            continue;
+        };
         if !events.is_empty() {
             for h in handles.iter().filter(|h| h.is_quiet()) {
                 let wake = if h.is_leader() {
@@ -273,7 +294,7 @@ pub(crate) async fn run(
                 }
             }
         }
-        let Some(quiet_after) = quiet_after.filter(|_| n % 5 == 4) else {
+        let Some(quiet_after) = quiet_after.filter(|_| quiesce_now) else {
             continue;
         };
         for h in &handles {
