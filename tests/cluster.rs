@@ -607,7 +607,7 @@ mod quorum_queues {
     use futures_util::StreamExt;
     use lapin::options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-        QueueDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions,
     };
     use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -621,6 +621,60 @@ mod quorum_queues {
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
         (conn, ch)
+    }
+
+    /// Connects to `addr` as guest with MQTT `level` (4: 3.1.1, 5: 5.0),
+    /// publishes one QoS 1 message (packet id 1) to `alone/t`, and reads for
+    /// 3 s: the packets the broker sent (type byte, body) and whether it
+    /// closed the connection.
+    async fn mqtt_qos1_publish(addr: String, level: u8) -> (Vec<(u8, Vec<u8>)>, bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let props: &[u8] = if level == 5 { &[0] } else { &[] };
+        let field = |s: &str| [&(s.len() as u16).to_be_bytes()[..], s.as_bytes()].concat();
+        let packet = |first: u8, body: Vec<u8>| [vec![first, body.len() as u8], body].concat();
+        let connect = [
+            field("MQTT"),
+            vec![level, 0xC2, 0, 60],
+            props.to_vec(),
+            field(&format!("nack-{level}")),
+            field("guest"),
+            field("guest"),
+        ]
+        .concat();
+        let publish = [
+            field("alone/t"),
+            vec![0, 1],
+            props.to_vec(),
+            b"mqtt body".to_vec(),
+        ]
+        .concat();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&[packet(0x10, connect), packet(0x32, publish)].concat())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let closed = loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        // Packets of this test are short: one-byte remaining lengths.
+        let mut packets = Vec::new();
+        let mut rest = &got[..];
+        while let [first, len, tail @ ..] = rest {
+            let len = usize::from(*len).min(tail.len());
+            packets.push((*first, tail[..len].to_vec()));
+            rest = &tail[len..];
+        }
+        assert!(
+            matches!(packets.first(), Some((0x20, b)) if b.get(1) == Some(&0)),
+            "not connected: {packets:?}"
+        );
+        (packets, closed)
     }
 
     async fn declare(ch: &Channel, queue: &str, passive: bool) -> u32 {
@@ -1123,6 +1177,16 @@ mod quorum_queues {
         let (conn, ch) = rt.block_on(async {
             let (conn, ch) = channel(&c, 0).await;
             declare(&ch, "alone", false).await;
+            // MQTT publishes to `alone/t` reach it through amq.topic.
+            ch.queue_bind(
+                "alone".into(),
+                "amq.topic".into(),
+                "alone.t".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
             (conn, ch)
         });
         known_everywhere(&c, "alone");
@@ -1192,6 +1256,19 @@ mod quorum_queues {
             let error = &text[text.find("ERROR").unwrap()..];
             assert!(error.contains("receipt-id:r1"), "{text}");
             assert!(!text.contains("RECEIPT"), "{text}");
+            // MQTT 5: a PUBACK with reason 0x83. MQTT 3.1.1 has no negative
+            // ack: the connection is closed, and no PUBACK comes.
+            let (packets, closed) = mqtt_qos1_publish(c.addr(0, "mqtt"), 5).await;
+            let puback = packets.iter().find(|(t, _)| *t == 0x40).map(|(_, b)| b);
+            assert_eq!(
+                puback.map(|b| &b[..3]),
+                Some(&[0, 1, 0x83][..]),
+                "{packets:?}"
+            );
+            assert!(!closed, "MQTT 5 connection closed: {packets:?}");
+            let (packets, closed) = mqtt_qos1_publish(c.addr(0, "mqtt"), 4).await;
+            assert!(closed, "MQTT 3.1.1 connection left open: {packets:?}");
+            assert!(packets.iter().all(|(t, _)| *t != 0x40), "{packets:?}");
         });
         // The majority is back: publishes are confirmed again (the first may
         // still be refused while the stalled batch waits for a leader).
