@@ -180,6 +180,10 @@ pub struct GroupStatus {
     /// to commit, in microseconds (0: none yet).
     #[serde(default)]
     pub commit_latency_us: u64,
+    /// Idle and quiesced on this member: no timer, no heartbeat until used
+    /// (`quorum/quiesce.rs`).
+    #[serde(default)]
+    pub quiet: bool,
 }
 
 impl Status {
@@ -205,14 +209,15 @@ impl Status {
         }
         for g in &self.quorum {
             out.push_str(&format!(
-                "  quorum queue {}/{}: group {:016x} on {}, leader {}, {} ready, {} checked out\n",
+                "  quorum queue {}/{}: group {:016x} on {}, leader {}, {} ready, {} checked out{}\n",
                 g.vhost,
                 g.queue,
                 g.group,
                 g.members.join(","),
                 g.leader.as_deref().unwrap_or("none"),
                 g.ready,
-                g.checked_out
+                g.checked_out,
+                if g.quiet { ", quiet" } else { "" }
             ));
         }
         out
@@ -448,6 +453,7 @@ impl Inner {
             last_log_index,
             snapshot_index,
             commit_latency_us: h.commit_latency_us(),
+            quiet: h.is_quiet(),
         })
     }
 
