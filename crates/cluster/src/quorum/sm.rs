@@ -293,21 +293,45 @@ impl RaftStateMachine<QueueTypeConfig> for QueueSm {
             .await
             .map_err(write_err)?;
         // What the snapshot has checked out to this node's current
-        // incarnation is not handed over again: some of it may sit in the local
-        // queue already (delivered, unacked), and the core queue cannot tell.
-        // It stays checked out here until this node's next `NodeUp` (restart,
-        // or rejoining after a `NodeDown`) returns it; a follower so far
-        // behind that it needs a snapshot is rare.
+        // incarnation that the state it replaces had not: assigned in the
+        // entries the snapshot skips, so never handed to the broker. What
+        // both have was handed when it was applied (it may sit in the local
+        // queue, delivered and unacked) and is not handed again.
         // A snapshot that has this node marked down is told like an applied
         // `NodeDown` (the link rejoins; it ignores an incarnation not its own).
-        let down = new_state.is_down(&self.owner.node);
-        let told = (down && !self.down_told && self.ours(&new_state))
-            .then(|| new_state.incarnation_of(&self.owner.node))
+        let node = &self.owner.node;
+        let down = new_state.is_down(node);
+        let ours = self.ours(&new_state);
+        let told = (down && !self.down_told && ours)
+            .then(|| new_state.incarnation_of(node))
             .flatten();
         self.down_told = down;
-        *lock(&self.state) = new_state;
-        if let (Some(incarnation), Some(d)) = (told, &self.owner.deliver) {
-            d.marked_down(&self.owner.vhost, &self.owner.queue, incarnation);
+        let skipped: Vec<Assigned> = {
+            let mut state = lock(&self.state);
+            let handed: std::collections::HashSet<u64> = if self.ours(&state) {
+                state.checked_out_to(node).iter().map(|a| a.index).collect()
+            } else {
+                Default::default()
+            };
+            let skipped = if ours && !down {
+                new_state
+                    .checked_out_to(node)
+                    .into_iter()
+                    .filter(|a| !handed.contains(&a.index))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            *state = new_state;
+            skipped
+        };
+        if let Some(d) = &self.owner.deliver {
+            if let Some(incarnation) = told {
+                d.marked_down(&self.owner.vhost, &self.owner.queue, incarnation);
+            }
+            if !skipped.is_empty() {
+                d.assigned(&self.owner.vhost, &self.owner.queue, skipped);
+            }
         }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

@@ -542,6 +542,104 @@ async fn idle_groups_cpu() {
     }
 }
 
+/// A member that was away while messages were checked out to it (its
+/// incarnation announced, its credit granted) and that catches up through a
+/// snapshot gets those messages handed over: no log entry assigns them to it
+/// any more, only the snapshot has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restored_from_a_snapshot_gets_what_was_checked_out_to_it() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let names = ["s1", "s2", "s3"];
+    let recorders: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::default()).collect();
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        nodes.push(Some(
+            open(name, "127.0.0.1:0", dirs[i].path(), 1, recorders[i].clone()).await,
+        ));
+    }
+    let members: BTreeMap<NodeId, Member> = nodes
+        .iter()
+        .flatten()
+        .map(|n| (n.node_id(), n.member()))
+        .collect();
+    let gid = 21;
+    let p = placement(gid, &members, nodes[0].as_ref().unwrap().node_id());
+    for n in nodes.iter().flatten() {
+        n.create(&p).await.unwrap();
+    }
+    let l = leader_of(&view(&nodes), gid).await;
+    let away = (l + 1) % 3;
+    let away_addr = nodes[away].as_ref().unwrap().local_addr().to_string();
+    nodes[away].take().unwrap().shutdown().await;
+    // While it is away: its next incarnation and its consumers' credit are
+    // written (as its link would on restart), then enough messages for
+    // snapshots and purges past all of it.
+    let h = nodes[l].as_ref().unwrap().get(gid).unwrap();
+    let (checkout_at, _) = h
+        .propose(vec![
+            QueueCommand::NodeUp {
+                node: names[away].into(),
+                incarnation: 2,
+            },
+            QueueCommand::Checkout {
+                node: names[away].into(),
+                incarnation: 2,
+                credit: 5,
+            },
+        ])
+        .await
+        .unwrap();
+    let mut index = 0;
+    for seq in 1..=40 {
+        index = h.propose(enqueue(1, seq)).await.unwrap().0;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.log_bounds().0.unwrap_or(u64::MAX) <= checkout_at + 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "log not purged: {:?}",
+            h.log_bounds()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let expected: Vec<u64> = machine(&h)
+        .checked_out_to(names[away])
+        .iter()
+        .map(|a| a.index)
+        .collect();
+    assert_eq!(expected.len(), 5);
+    // Back under that incarnation: caught up by a snapshot, and handed what
+    // it holds.
+    let again = open(
+        names[away],
+        &away_addr,
+        dirs[away].path(),
+        2,
+        recorders[away].clone(),
+    )
+    .await;
+    nodes[away] = Some(again);
+    let back = nodes[away].as_ref().unwrap().get(gid).unwrap();
+    wait_applied(&back, index).await;
+    assert!(back
+        .metrics()
+        .borrow()
+        .snapshot
+        .is_some_and(|s| s.index > checkout_at));
+    let handed: Vec<u64> = recorders[away]
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(q, _, _)| q == "q21")
+        .map(|(_, i, _)| *i)
+        .collect();
+    assert_eq!(handed, expected);
+    for n in nodes.iter().flatten() {
+        n.shutdown().await;
+    }
+}
+
 /// Idle groups go quiet on every replica; a write wakes them and reaches
 /// every replica; quiet again, they still fail over when the leader's node
 /// goes away (its followers wake on the node event and elect).
