@@ -99,6 +99,13 @@ class Cluster:
                     os.kill(int(p), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
+        # Until they are gone: a dying beam.smp still holds its ports (25672 is
+        # also Switchyard's peer port), and the next cluster binds them at once.
+        deadline = time.time() + 15
+        while time.time() < deadline and any(
+                subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+                for ns in self.net.ns):
+            time.sleep(0.2)
 
     def ensure_up(self, timeout=120, suspects=()):
         for i, n in enumerate(self.nodes):

@@ -316,6 +316,8 @@ def main():
     ap.add_argument("--idle-window", type=float, default=30, help="s of idle CPU measured")
     ap.add_argument("--idle-settle", type=float, default=10, help="s to wait after every queue has a leader")
     ap.add_argument("--idle-leader-timeout", type=float, default=900)
+    ap.add_argument("--idle-baseline", type=float, default=15,
+                    help="s of CPU measured on the cluster before any queue (0: skip)")
     ap.add_argument("--out", default=None, help="results and logs of runs that were not clean")
     ap.add_argument("--keep", action="store_true", help="keep every run's logs and data")
     args = ap.parse_args()
@@ -369,7 +371,9 @@ def main():
         net.setup()
         say(f"namespaces {net.ns} on {net.ips}, partitions by {net.mode}; results in {outdir}")
         n = 0
-        for target in targets:
+        for ti, target in enumerate(targets):
+            if ti > 0:
+                net.reset()  # RabbitMQ's dead sockets on 25672 would keep Switchyard's peer port
             for rep in range(args.repeat):
                 for kind in faults:
                     n += 1

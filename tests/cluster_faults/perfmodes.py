@@ -124,6 +124,7 @@ def bench(args, net, outdir, say, repo):
     for rnd in range(args.bench_rounds):
         kinds = order if rnd % 2 == 0 else list(reversed(order))
         for kind in kinds:
+            net.reset()
             cluster = make_cluster(kind, net, os.path.join(outdir, f"bench-r{rnd + 1}-{kind}"), say, args, repo)
             try:
                 t = time.monotonic()
@@ -134,13 +135,14 @@ def bench(args, net, outdir, say, repo):
                     declare_quorum(cluster, q, via=0)
                     leader = wait_leader(cluster, q)
                     via = next(i for i in range(3) if i != leader)
+                    load = os.getloadavg()[0]
                     rep = run_perf(cluster, net, perf, via, q, extra, args.bench_duration, say)
                     row = {"round": rnd + 1, "broker": kind, "case": case,
                            "leader": cluster.nodes[leader].name, "via": cluster.nodes[via].name,
                            "confirm_rate": rep.get("confirm_rate"), "recv_rate": rep.get("recv_rate"),
                            "send_rate": rep.get("send_rate"), "nacked": rep.get("nacked"),
                            "errors": rep.get("errors"), "p50_ms": (rep.get("latency") or {}).get("p50_us"),
-                           "other_cpu_secs": rep.get("other_cpu_secs")}
+                           "other_cpu_secs": rep.get("other_cpu_secs"), "load1_before": round(load, 1)}
                     rows.append(row)
                     say(f"bench round {rnd + 1} {kind} {case}: confirmed {row['confirm_rate']:.0f} msg/s, "
                         f"received {row['recv_rate']:.0f} msg/s (leader {row['leader']}, via {row['via']})")
@@ -180,7 +182,7 @@ def bench_table(rows, rounds, duration):
     out.append("")
     for r in rows:
         out.append(f"- round {r['round']} {r['broker']:10} {r['case']:18} {r['confirm_rate']:>9,.0f} / "
-                   f"{r['recv_rate']:>9,.0f}  leader {r['leader']}, via {r['via']}"
+                   f"{r['recv_rate']:>9,.0f}  leader {r['leader']}, via {r['via']}, load {r['load1_before']}"
                    + (f", errors {r['errors']}" if r.get("errors") else ""))
     return "\n".join(out)
 
@@ -206,6 +208,18 @@ def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def measure(pids, window):
+    """CPU of `pids` over `window` s: (% of one core, CPU-s, % per process)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    before = {p: cpu_ticks(p) for p in pids}
+    t0 = time.monotonic()
+    time.sleep(window)
+    after = {p: cpu_ticks(p) for p in pids}
+    secs = time.monotonic() - t0
+    used = sum(after[p] - before[p] for p in pids) / tck
+    return round(100 * used / secs, 1), used, [round(100 * (after[p] - before[p]) / tck / secs, 1) for p in pids]
 
 
 def list_queues(cluster, i):
@@ -247,15 +261,21 @@ def declare_many(cluster, names, say):
 def idle(args, net, outdir, say, repo):
     args.bench_binary, _ = release_binaries(repo, say, args.bench_binary, args.perf_binary)
     kinds = {"both": ["rabbitmq", "switchyard"], "rabbitmq": ["rabbitmq"], "switchyard": ["switchyard"]}[args.target]
-    tck = os.sysconf("SC_CLK_TCK")
     results = []
     for kind in kinds:
+        net.reset()
         cluster = make_cluster(kind, net, os.path.join(outdir, f"idle-{kind}"), say, args, repo)
         res = {"broker": kind, "queues": args.idle_queues, "window_s": args.idle_window}
         try:
             t = time.monotonic()
             cluster.start()
             say(f"idle: {kind} cluster up in {time.monotonic() - t:.1f} s")
+            if args.idle_baseline > 0:
+                # The same cluster without queues: what the queues add is the difference.
+                time.sleep(args.idle_settle)
+                pct, _, _ = measure(cluster_pids(cluster, net, kind), args.idle_baseline)
+                res["baseline_pct"] = pct
+                say(f"idle: {kind}: no queues: {pct}% of one core over {args.idle_baseline:.0f} s")
             names = [f"idle-{i:05d}" for i in range(args.idle_queues)]
             t = time.monotonic()
             errs = declare_many(cluster, names, say)
@@ -289,16 +309,11 @@ def idle(args, net, outdir, say, repo):
             res["leaders_per_node"] = leaders
             say(f"idle: {kind}: every queue has a leader ({leaders}); settling {args.idle_settle} s")
             time.sleep(args.idle_settle)
+            res["load1_before"] = round(os.getloadavg()[0], 1)
             pids = cluster_pids(cluster, net, kind)
-            before = {p: cpu_ticks(p) for p in pids}
-            t0 = time.monotonic()
-            time.sleep(args.idle_window)
-            after = {p: cpu_ticks(p) for p in pids}
-            secs = time.monotonic() - t0
-            used = sum(after[p] - before[p] for p in pids) / tck
-            res.update(pids=len(pids), cpu_s=round(used, 2), cpu_pct_one_core=round(100 * used / secs, 1),
-                       per_node=[round(100 * (after[p] - before[p]) / tck / secs, 1) for p in pids])
-            say(f"idle: {kind}: {args.idle_queues} idle quorum queues: {used:.2f} CPU-s in {secs:.1f} s = "
+            pct, used, per = measure(pids, args.idle_window)
+            res.update(pids=len(pids), cpu_s=round(used, 2), cpu_pct_one_core=pct, per_node=per)
+            say(f"idle: {kind}: {args.idle_queues} idle quorum queues: {used:.2f} CPU-s in {args.idle_window:.0f} s = "
                 f"{res['cpu_pct_one_core']}% of one core ({len(pids)} processes: {res['per_node']})")
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
@@ -310,14 +325,17 @@ def idle(args, net, outdir, say, repo):
 
 
 def idle_table(results):
-    out = ["| broker | quorum queues | CPU over the window, % of one core | per process | declare | all leaders |",
-           "|---|---|---|---|---|---|"]
+    out = ["| broker | quorum queues | CPU over the window, % of one core | per process | no queues (baseline) "
+           "| declare | all leaders | load avg before |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("error"):
-            out.append(f"| {r['broker']} | {r['queues']} | error: {r['error']} | | | |")
+            out.append(f"| {r['broker']} | {r['queues']} | error: {r['error']} | | | | | |")
             continue
         out.append(f"| {r['broker']} | {r['queues']} | {r['cpu_pct_one_core']}% ({r['cpu_s']} CPU-s in "
-                   f"{r['window_s']} s) | {r['per_node']} | {r['declare_s']} s | {r['leaders_after_s']} s |")
+                   f"{r['window_s']:.0f} s) | {r['per_node']} | "
+                   + (f"{r['baseline_pct']}%" if "baseline_pct" in r else "-")
+                   + f" | {r['declare_s']} s | {r['leaders_after_s']} s | {r.get('load1_before', '-')} |")
     return "\n".join(out)
 
 
