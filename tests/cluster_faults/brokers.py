@@ -99,6 +99,13 @@ class Cluster:
                     os.kill(int(p), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
+        # Until they are gone: a dying beam.smp still holds its ports (25672 is
+        # also Switchyard's peer port), and the next cluster binds them at once.
+        deadline = time.time() + 15
+        while time.time() < deadline and any(
+                subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+                for ns in self.net.ns):
+            time.sleep(0.2)
 
     def ensure_up(self, timeout=120, suspects=()):
         for i, n in enumerate(self.nodes):
@@ -139,10 +146,13 @@ class Cluster:
 class Switchyard(Cluster):
     name = "switchyard"
 
-    def __init__(self, net, workdir, log, binary, repo, cluster_extra=""):
+    def __init__(self, net, workdir, log, binary, repo, cluster_extra="", bind_any=False):
         super().__init__(net, workdir, log)
         self.binary, self.repo = binary, repo
         self.cluster_extra = cluster_extra  # more [cluster] keys, e.g. "write_timeout_ms = 3000"
+        # Listeners on 0.0.0.0 of the namespace (also 127.0.0.1, for loopback-only
+        # tools such as switchyard-perf run inside it) instead of the node's address.
+        self.bind_any = bind_any
 
     def start(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -154,7 +164,8 @@ class Switchyard(Cluster):
             d = os.path.join(self.workdir, name)
             os.makedirs(d)
             text = re.sub(r'^data_dir = .*$', f'data_dir = "{d}/data"', base, flags=re.M)
-            text = text.replace('"0.0.0.0:', f'"{ip}:')
+            if not self.bind_any:
+                text = text.replace('"0.0.0.0:', f'"{ip}:')
             text = text.replace("loopback_only = true", "loopback_only = false")
             text += f'\n[cluster]\nnode = "{name}"\nlisten = "{ip}:25672"\nseeds = [{seeds}]\n'
             if self.cluster_extra:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ import pika  # noqa: E402
 import brokers  # noqa: E402
 import checker  # noqa: E402
 import net as netmod  # noqa: E402
+import perfmodes  # noqa: E402
 import workload  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -91,6 +93,34 @@ def inject(kind, cluster, net, leader):
     raise ValueError(kind)
 
 
+LAPIN_EXAMPLE = "fault_publisher_lapin"
+
+
+def lapin_publisher(given, sy_binary):
+    """The lapin publisher example: `given`, else next to the Switchyard binary (a
+    `cargo build --all-targets` puts it in <target>/debug/examples), else in
+    $CARGO_TARGET_DIR / <repo>/target. Built (cargo build --example) when missing or
+    older than its source."""
+    if given:
+        if not os.access(given, os.X_OK):
+            raise RuntimeError(f"no lapin publisher {given}")
+        return given
+    src = os.path.join(REPO, "examples", LAPIN_EXAMPLE + ".rs")
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(sy_binary)), "examples", LAPIN_EXAMPLE),
+                  os.path.join(os.path.abspath(target), "debug", "examples", LAPIN_EXAMPLE)]
+    for c in candidates:
+        if os.access(c, os.X_OK) and os.path.getmtime(c) >= os.path.getmtime(src):
+            return c
+    say(f"building the lapin publisher: cargo build --example {LAPIN_EXAMPLE} (target {target})")
+    r = subprocess.run(["cargo", "build", "-p", "switchyard", "--example", LAPIN_EXAMPLE], cwd=REPO,
+                       env=dict(os.environ, CARGO_TARGET_DIR=target))
+    built = os.path.join(os.path.abspath(target), "debug", "examples", LAPIN_EXAMPLE)
+    if r.returncode != 0 or not os.access(built, os.X_OK):
+        raise RuntimeError(f"cargo build --example {LAPIN_EXAMPLE} failed")
+    return built
+
+
 def one_run(args, n, kind, target, net, outdir):
     run_dir = os.path.join(outdir, f"run{n:02d}-{target}-{kind}")
     if target == "switchyard":
@@ -113,6 +143,9 @@ def one_run(args, n, kind, target, net, outdir):
                                            confirm_timeout=args.confirm_timeout, start_node=p))
         if args.mqtt:
             pubs.append(workload.MqttPublisher(100, addrs, "cf/" + q, args.rate, start_node=2))
+        if args.lapin:
+            pubs.append(workload.LapinPublisher(200, addrs, q, args.rate, args.lapin_binary, window=args.window,
+                                                confirm_timeout=args.confirm_timeout, start_node=1))
         for th in cons + pubs:
             th.start()
         t_start = time.monotonic()
@@ -238,7 +271,8 @@ def summary(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", choices=["switchyard", "rabbitmq", "both"], default="switchyard")
+    ap.add_argument("--target", choices=["switchyard", "rabbitmq", "both"], default=None,
+                    help="default: switchyard for the fault matrix, both for --bench and --idle-queues")
     ap.add_argument("--short", action="store_true",
                     help="a few ~25 s Switchyard runs (for scripts/test): " + ", ".join(SHORT))
     ap.add_argument("--faults", default=",".join(FAULTS), help="comma-separated, from: " + ", ".join(FAULTS))
@@ -252,7 +286,14 @@ def main():
     ap.add_argument("--rate", type=float, default=30, help="messages/s per publisher")
     ap.add_argument("--window", type=int, default=10, help="unconfirmed messages per publisher")
     ap.add_argument("--confirm-timeout", type=float, default=5, help="s without a confirm before moving node")
-    ap.add_argument("--mqtt", action="store_true", help="add a paho-mqtt QoS 1 publisher")
+    ap.add_argument("--mqtt", action=argparse.BooleanOptionalAction, default=None,
+                    help="add a paho-mqtt QoS 1 publisher (default: on, also in --short)")
+    ap.add_argument("--lapin", action=argparse.BooleanOptionalAction, default=None,
+                    help="add a Rust lapin 4 publisher with confirms, examples/fault_publisher_lapin.rs "
+                         "(default: on, also in --short; built with cargo when missing)")
+    ap.add_argument("--lapin-binary", default=os.environ.get("LAPIN_PUBLISHER_BIN"),
+                    help="the built example (default: examples/ next to --binary, else "
+                         "$CARGO_TARGET_DIR or <repo>/target /debug/examples/fault_publisher_lapin)")
     ap.add_argument("--leader-poll", type=float, default=4, help="s between leader look-ups during a fault")
     ap.add_argument("--drain-timeout", type=float, default=60)
     ap.add_argument("--redrain", type=float, default=75, help="s of further draining when messages are missing")
@@ -262,17 +303,45 @@ def main():
                     help="negative control: a transient classic queue on node 1, the 'leader' is node 1; "
                          "kill-leader must then show lost > 0 (the checker can fail)")
     ap.add_argument("--sy-cluster", default="", help='extra [cluster] keys for Switchyard, ";"-separated, e.g. "write_timeout_ms = 3000"')
+    ap.add_argument("--bench", action="store_true",
+                    help="instead of the matrix: throughput of one quorum queue through a non-leader node, "
+                         "switchyard-perf, both brokers alternated (release builds)")
+    ap.add_argument("--bench-rounds", type=int, default=3)
+    ap.add_argument("--bench-duration", type=float, default=10, help="s per switchyard-perf run")
+    ap.add_argument("--bench-binary", default=None,
+                    help="Switchyard for --bench/--idle-queues (default: <target>/release/switchyard, built if missing)")
+    ap.add_argument("--perf-binary", default=None, help="default: <target>/release/switchyard-perf")
+    ap.add_argument("--idle-queues", type=int, default=0, metavar="N",
+                    help="instead of the matrix: CPU of each 3-node cluster with N idle quorum queues")
+    ap.add_argument("--idle-window", type=float, default=30, help="s of idle CPU measured")
+    ap.add_argument("--idle-settle", type=float, default=10, help="s to wait after every queue has a leader")
+    ap.add_argument("--idle-leader-timeout", type=float, default=900)
+    ap.add_argument("--idle-baseline", type=float, default=15,
+                    help="s of CPU measured on the cluster before any queue (0: skip)")
     ap.add_argument("--out", default=None, help="results and logs of runs that were not clean")
     ap.add_argument("--keep", action="store_true", help="keep every run's logs and data")
     args = ap.parse_args()
     if args.short:
         args.target, args.faults, args.repeat = "switchyard", ",".join(SHORT), 1
         args.duration, args.warmup, args.hold, args.pause_hold = 25, 6, 8, 8
+    perf_mode = args.bench or args.idle_queues > 0
+    if args.target is None:
+        args.target = "both" if perf_mode else "switchyard"
+    if args.mqtt is None:
+        args.mqtt = not args.control
+    if args.lapin is None:
+        args.lapin = not args.control
     if os.geteuid() != 0:
         print("cluster_faults: needs root (network namespaces)", file=sys.stderr)
         return 2
+    if args.lapin and not perf_mode:
+        try:
+            args.lapin_binary = lapin_publisher(args.lapin_binary, args.binary)
+        except RuntimeError as e:
+            print(f"cluster_faults: {e}", file=sys.stderr)
+            return 2
     targets = ["rabbitmq", "switchyard"] if args.target == "both" else [args.target]
-    if "switchyard" in targets and not os.access(args.binary, os.X_OK):
+    if "switchyard" in targets and not perf_mode and not os.access(args.binary, os.X_OK):
         print(f"cluster_faults: no binary {args.binary} (cargo build -p switchyard)", file=sys.stderr)
         return 2
     if "rabbitmq" in targets and not os.access(os.path.join(brokers.RABBIT_BIN, "rabbitmq-server"), os.X_OK):
@@ -295,12 +364,16 @@ def main():
     # Started in the background by a shell, SIGINT arrives ignored: take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit.register(net.teardown)
+    if perf_mode:
+        return perf_main(args, net, outdir)
     results = []
     try:
         net.setup()
         say(f"namespaces {net.ns} on {net.ips}, partitions by {net.mode}; results in {outdir}")
         n = 0
-        for target in targets:
+        for ti, target in enumerate(targets):
+            if ti > 0:
+                net.reset()  # RabbitMQ's dead sockets on 25672 would keep Switchyard's peer port
             for rep in range(args.repeat):
                 for kind in faults:
                     n += 1
@@ -330,6 +403,48 @@ def main():
     if any(r["error"] for r in results) or not results:
         return 2
     return 0
+
+
+def perf_main(args, net, outdir):
+    """--bench and --idle-queues: same namespaces, no faults."""
+    status = 0
+    try:
+        net.setup()
+        say(f"namespaces {net.ns} on {net.ips}; results in {outdir}")
+        if args.bench:
+            rows = perfmodes.bench(args, net, outdir, say, REPO)
+            table = perfmodes.bench_table(rows, args.bench_rounds, args.bench_duration)
+            cmd = "tests/cluster_faults/run " + " ".join(sys.argv[1:])
+            text = f"# Quorum queue throughput, {perfmodes.stamp()}\n\n`{cmd}`\n\n{table}\n"
+            print("\n" + text, flush=True)
+            open(os.path.join(outdir, "bench.md"), "w").write(text)
+            with open(os.path.join(outdir, "bench.jsonl"), "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        if args.idle_queues > 0:
+            res = perfmodes.idle(args, net, outdir, say, REPO)
+            table = perfmodes.idle_table(res)
+            cmd = "tests/cluster_faults/run " + " ".join(sys.argv[1:])
+            text = (f"# Idle quorum queues, {perfmodes.stamp()}\n\n`{cmd}`\n\n"
+                    f"utime+stime of the broker processes (Switchyard: switchyard; RabbitMQ: beam.smp) of all "
+                    f"3 nodes over {args.idle_window:.0f} s, after every queue had a leader and "
+                    f"{args.idle_settle:.0f} s more.\n\n{table}\n")
+            print("\n" + text, flush=True)
+            open(os.path.join(outdir, "idle.md"), "w").write(text)
+            with open(os.path.join(outdir, "idle.jsonl"), "a") as f:
+                for r in res:
+                    f.write(json.dumps(r) + "\n")
+            if any(r.get("error") for r in res):
+                status = 2
+    except KeyboardInterrupt:
+        say("interrupted: cleaning up")
+        status = 2
+    except Exception:
+        traceback.print_exc()
+        status = 2
+    finally:
+        net.teardown()
+    return status
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ class Net:
             sh("ip", "netns", "exec", ns, "iptables", "-I", "INPUT", "-j", "CFAULT")
             sh("ip", "netns", "exec", ns, "iptables", "-I", "OUTPUT", "-j", "CFAULT")
 
+    def reset(self):
+        """Fresh namespaces: a killed cluster's sockets (FIN_WAIT2 on 25672, which
+        SO_REUSEADDR does not get past) go with the old ones."""
+        self.setup()
+
     def teardown(self):
         for i, ns in enumerate(self.ns):
             # Whatever still runs in a namespace of ours is ours (RabbitMQ's epmd

@@ -3,7 +3,8 @@ of unconfirmed messages, each message carrying its producer id and sequence
 number; on a lost connection, a nack or a confirm that takes too long the
 publisher moves to the next node and resends everything unconfirmed), consumers
 that ack (pika; reconnect to the next node on failure), an optional MQTT QoS 1
-publisher (paho), and the final drain. Every thread records what it saw with
+publisher (paho), a Rust lapin publisher (a child process, same rules as the
+pika ones), and the final drain. Every thread records what it saw with
 time.monotonic() timestamps; the checker (checker.py) reads those records."""
 
 import collections
@@ -257,6 +258,77 @@ class MqttPublisher(threading.Thread):
                 break
             self.node = (self.node + 1) % len(self.addrs)
             time.sleep(0.5)
+
+
+class LapinPublisher(threading.Thread):
+    """The Rust lapin 4 publisher (examples/fault_publisher_lapin.rs) as a child process:
+    the same confirms, window, body and resend-on-the-next-node rules as Publisher. It
+    reports one line per event on stdout (`A seq` published, `C seq` acked, `N seq`
+    nacked, `E text`); a confirm's time is when its line is read here. Closing its
+    stdin stops it."""
+
+    def __init__(self, pid, addrs, queue, rate, binary, window=10, confirm_timeout=5.0, start_node=0):
+        super().__init__(daemon=True, name=f"lapin-{pid}")
+        self.pid, self.addrs, self.queue, self.binary = pid, addrs, queue, binary
+        self.rate, self.window, self.confirm_timeout = rate, window, confirm_timeout
+        self.start_node = start_node % len(addrs)
+        self.attempted = set()
+        self.confirmed = {}
+        self.nacks = 0
+        self.events = []
+        self.stopping = threading.Event()
+        self.proc = None
+        self.lock = threading.Lock()
+
+    def stop(self):
+        self.stopping.set()
+        with self.lock:
+            if self.proc is not None and self.proc.stdin and not self.proc.stdin.closed:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+
+    def run(self):
+        import subprocess
+        cmd = [self.binary, "--pid", str(self.pid), "--queue", self.queue, "--rate", str(self.rate),
+               "--window", str(self.window), "--confirm-timeout", str(self.confirm_timeout),
+               "--start-node", str(self.start_node),
+               "--addrs", ",".join(f"{h}:{p}" for h, p in self.addrs)]
+        with self.lock:
+            if self.stopping.is_set():
+                return
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, bufsize=1)
+        threading.Thread(target=self.read_stderr, daemon=True).start()
+        for line in iter(self.proc.stdout.readline, ""):
+            now = time.monotonic()
+            kind, _, rest = line.rstrip("\n").partition(" ")
+            if kind == "C":
+                self.confirmed.setdefault(int(rest), now)
+            elif kind == "A":
+                self.attempted.add(int(rest))
+            elif kind == "N":
+                self.nacks += 1
+            elif kind == "E":
+                self.events.append((now, "lapin: " + rest))
+        try:
+            rc = self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if rc != 0 or not self.stopping.is_set():
+            self.events.append((time.monotonic(), f"lapin publisher exited with status {rc}"))
+
+    def read_stderr(self):
+        for line in iter(self.proc.stderr.readline, ""):
+            self.events.append((time.monotonic(), "lapin stderr: " + line.rstrip()[:200]))
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        if self.is_alive() and self.proc is not None:
+            self.proc.kill()
+            super().join(5)
 
 
 def drain(addrs, queue, deliveries, quiet=2.0, timeout=60.0):
