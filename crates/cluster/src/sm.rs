@@ -76,6 +76,19 @@ fn is_quorum(options: &QueueOptions) -> bool {
 /// hash of (group id, node) (rendezvous hashing: queues spread evenly over
 /// nodes); the first of them initialises the group and so normally leads it
 /// first, which spreads leaders too.
+/// A node's rendezvous score for a group. FNV alone (`node_id`) ranks names
+/// that differ in their last byte (n1, n2, n3) in correlated orders, which
+/// piled half the leaders of 1,000 queues on one node; a 64-bit finaliser
+/// (MurmurHash3's fmix64) decorrelates them.
+fn score(gid: u64, node: &str) -> u64 {
+    let mut h = node_id(&format!("{gid}/{node}"));
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 pub fn place(
     vhost: &str,
     queue: &str,
@@ -88,7 +101,7 @@ pub fn place(
         .filter_map(|id| {
             membership
                 .get_node(&id)
-                .map(|m| (node_id(&format!("{gid}/{}", m.name)), id, m.clone()))
+                .map(|m| (score(gid, &m.name), id, m.clone()))
         })
         .collect();
     voters.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -794,7 +807,7 @@ mod tests {
             })
             .collect();
         let voters: BTreeSet<u64> = nodes.keys().copied().collect();
-        let membership = Membership::new(vec![voters], nodes);
+        let membership = Membership::new(vec![voters], nodes.clone());
         let a = place("/", "orders", 12, &membership).unwrap();
         assert_eq!(place("/", "orders", 12, &membership), Some(a.clone()));
         assert_eq!(a.members.len(), GROUP_SIZE);
@@ -810,6 +823,24 @@ mod tests {
             })
             .collect();
         assert!(leaders.len() >= 4, "{leaders:?}");
+        // Evenly, for names that differ only in their last character: 3,000
+        // groups over n1..n3, each node initialises 1,000 +- 10%.
+        let three: BTreeMap<u64, Member> = nodes
+            .values()
+            .filter(|m| ["n1", "n2", "n3"].contains(&m.name.as_str()))
+            .map(|m| (crate::types::node_id(&m.name), m.clone()))
+            .collect();
+        let voters: BTreeSet<u64> = three.keys().copied().collect();
+        let membership = Membership::new(vec![voters], three);
+        let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+        for i in 0..3000 {
+            let p = place("/", &format!("q{i}"), i, &membership).unwrap();
+            *per_node.entry(p.initializer).or_default() += 1;
+        }
+        assert!(
+            per_node.values().all(|&n| (900..=1100).contains(&n)),
+            "{per_node:?}"
+        );
         // No membership yet: no group.
         assert!(place("/", "x", 1, &Membership::new(vec![], BTreeMap::new())).is_none());
     }

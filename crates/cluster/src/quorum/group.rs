@@ -643,10 +643,32 @@ impl QuorumGroups {
             // then the other members initialise too, after a while without a
             // leader. Initialising several members with the same membership is
             // safe in Raft (openraft's `initialize` docs); one of them wins.
+            // Not while the initializer's node answers: it is only slower to
+            // apply the declare (many declares at once on a busy node), and
+            // initialising here would make this node the leader instead, which
+            // piles leaders up on the fastest node.
             let (raft, members) = (raft.clone(), record.members.clone());
             let wait = self.settings.election_max * 8;
+            let initializer = record
+                .members
+                .get(&record.initializer)
+                .map(|m| self.peers.get(&m.addr));
+            let silent_ms =
+                u64::try_from(self.settings.silent_after.as_millis()).unwrap_or(u64::MAX);
             tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
+                // At most a minute of waiting for a live but slow initializer.
+                for _ in 0..(Duration::from_secs(60).as_millis() / wait.as_millis().max(1)).max(1) {
+                    tokio::time::sleep(wait).await;
+                    if !matches!(raft.is_initialized().await, Ok(false)) {
+                        return;
+                    }
+                    let alive = initializer
+                        .as_ref()
+                        .is_some_and(|p| p.alive(super::network::now_ms(), silent_ms));
+                    if !alive {
+                        break;
+                    }
+                }
                 if matches!(raft.is_initialized().await, Ok(false)) {
                     tracing::info!(group = gid, "quorum group initialised by a non-initializer");
                     let _ = raft.initialize(members).await;
