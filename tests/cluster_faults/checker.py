@@ -42,9 +42,13 @@ def check(producers, deliveries, t_fault, t_end):
 
     times = sorted(t for _, (_, conf) in producers.items() for t in conf.values() if t_fault <= t <= t_end)
     failover = None
+    failover_at = None
     if t_fault is not None:
         marks = [t_fault] + times + [t_end]
-        failover = max(b - a for a, b in zip(marks, marks[1:]))
+        # Where the longest stretch began, after the fault: at 0 it is the
+        # fault itself; near the heal it is the healing (a restart, a rejoin).
+        failover, start = max((b - a, a) for a, b in zip(marks, marks[1:]))
+        failover_at = start - t_fault
     # Lost messages "from the middle": a lost seq below the producer's highest received seq.
     top = {}
     for p, s in received:
@@ -65,6 +69,7 @@ def check(producers, deliveries, t_fault, t_end):
         "unknown_missing": unknown_missing,
         "order": order,
         "failover": failover,
+        "failover_at": failover_at,
         "confirms_after_fault": len(times),
     }
 

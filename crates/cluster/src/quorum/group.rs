@@ -97,6 +97,9 @@ pub struct QuorumSettings {
     /// it from a false alarm: a loaded node that answers late would otherwise
     /// lose its quiet groups' leadership.
     pub silent_after: Duration,
+    /// How long a group restarted from the WAL waits before it may start an
+    /// election (see `start`).
+    pub rejoin_grace: Duration,
 }
 
 impl QuorumSettings {
@@ -117,6 +120,7 @@ impl QuorumSettings {
             down_after: Duration::from_secs(5),
             quiet_after: Some(Duration::from_secs(2)),
             silent_after: Duration::from_millis(1500),
+            rejoin_grace: Duration::from_secs(2),
         }
     }
 
@@ -612,6 +616,7 @@ impl QuorumGroups {
         fresh: bool,
     ) -> io::Result<GroupHandle> {
         let gid = record.gid;
+        let rejoining = recovered.is_some();
         let snapshot = recovered.as_mut().and_then(|r| r.snapshot.take());
         let log = GroupLog::new(gid, self.wal.clone(), recovered);
         let owner = Owner {
@@ -688,6 +693,24 @@ impl QuorumGroups {
                 quiet: Quiet::new(),
             }),
         };
+        if rejoining {
+            // A restarted member stands for election only after a grace:
+            // openraft 0.9 has no pre-vote, so a member that times out before
+            // the leader reaches it (the leader's retries to a dead follower
+            // back off 500 ms) would raise the term, and the healthy leader
+            // would step down when it next hears from it, an election for
+            // nothing. Within the grace the leader reaches it; if none does
+            // (all restarted), it elects after it.
+            let rc = handle.raft().runtime_config();
+            rc.elect(false);
+            let (h, grace) = (handle.clone(), self.settings.rejoin_grace);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if !h.is_quiet() {
+                    h.raft().runtime_config().elect(true);
+                }
+            });
+        }
         self.registry.write().insert(gid, handle.clone());
         Ok(handle)
     }

@@ -32,6 +32,11 @@
 //!   AppendEntries (heartbeats, a leadership check) do not wake a follower:
 //!   they come from a leader that is awake, or from one whose check is over.
 //!
+//! Busy groups keep openraft's own timers, with one shortcut from the same
+//! node watch: when the leader's node is lost (its connection dropped, as a
+//! killed process's does), the first live follower in id order stands at
+//! once instead of waiting out its lease and election timeout.
+//!
 //! Races are harmless by construction: a follower that agreed to a quiesce
 //! the leader then abandoned (a write came in between) is woken by that
 //! write's entries; a leader's quiesce completes only if no wake happened
@@ -277,20 +282,40 @@ pub(crate) async fn run(
             continue;
         };
         if !events.is_empty() {
-            for h in handles.iter().filter(|h| h.is_quiet()) {
-                let wake = if h.is_leader() {
+            for h in &handles {
+                if h.is_leader() {
                     // A member back or restarted must hear heartbeats before
                     // its own election timer fires.
-                    h.members()
+                    let back = h
+                        .members()
                         .values()
-                        .any(|m| events.get(m.addr.as_str()) == Some(&PeerEvent::Back))
-                } else {
+                        .any(|m| events.get(m.addr.as_str()) == Some(&PeerEvent::Back));
+                    if back && h.is_quiet() {
+                        h.wake();
+                    }
+                    continue;
+                }
+                let leader = h.leader_member();
+                let event = leader
+                    .as_ref()
+                    .and_then(|l| events.get(l.addr.as_str()).copied());
+                if h.is_quiet() {
                     // The leader's node lost or restarted: elect.
-                    h.leader_member()
-                        .is_none_or(|l| events.contains_key(l.addr.as_str()))
-                };
-                if wake {
-                    h.wake();
+                    if leader.is_none() || event.is_some() {
+                        h.wake();
+                    }
+                } else if event == Some(PeerEvent::Lost) && first_to_elect(h, me, &alive) {
+                    // A busy group's leader is gone too (its connection
+                    // dropped: a killed process): one follower, the first
+                    // live one in id order so that the followers do not
+                    // split the vote, stands now instead of after its
+                    // election timer (lease plus timeout, 0.55-0.7 s). The
+                    // other follower still grants only once its lease of
+                    // the old leader ran out.
+                    let raft = h.raft().clone();
+                    tokio::spawn(async move {
+                        let _ = raft.trigger().elect().await;
+                    });
                 }
             }
         }
@@ -333,6 +358,20 @@ pub(crate) async fn run(
             }
         }
     }
+}
+
+/// Whether this node is the follower that stands first when `h`'s leader is
+/// lost: the live member with the lowest id other than the leader.
+fn first_to_elect(h: &super::GroupHandle, me: NodeId, alive: &HashMap<&str, bool>) -> bool {
+    let leader = h.leader();
+    h.members()
+        .iter()
+        .filter(|(id, m)| {
+            Some(**id) != leader && (**id == me || alive.get(m.addr.as_str()) == Some(&true))
+        })
+        .map(|(id, _)| *id)
+        .next()
+        == Some(me)
 }
 
 #[cfg(test)]
