@@ -99,7 +99,7 @@ fn synced_messages_come_back_in_order_and_acked_ones_do_not() {
             .iter()
             .map(|m| {
                 (
-                    String::from_utf8(m.message.body.to_vec()).unwrap(),
+                    String::from_utf8(m.message.as_ref().unwrap().body.to_vec()).unwrap(),
                     m.redelivered,
                 )
             })
@@ -202,7 +202,7 @@ fn corrupted_record_is_never_returned_as_a_message() {
     let (_, recovered, _) = DiskStore::open(dir.path()).unwrap();
     let bodies: Vec<_> = recovered.messages[&q]
         .iter()
-        .map(|m| m.message.body.clone())
+        .map(|m| m.message.as_ref().unwrap().body.clone())
         .collect();
     assert_eq!(bodies, [Bytes::from("message-0"), Bytes::from("message-1")]);
 }
@@ -311,7 +311,7 @@ fn stored_messages_read_back_by_reference_before_and_after_reopen() {
     drop(store);
     let (store, recovered, _) = DiskStore::open_with_segment_size(dir.path(), 4096).unwrap();
     for m in &recovered.messages[&q] {
-        assert_eq!(store.read_message(m.stored).unwrap().body, m.message.body);
+        assert_eq!(store.read_message(m.stored).unwrap().body, m.message.as_ref().unwrap().body);
     }
     let wrong = switchyard_core::persist::StoredRef {
         offset: refs[3].offset + 1,
@@ -378,4 +378,63 @@ fn closing_a_log_that_cannot_be_written_returns() {
         "an unwritten message was reported synced"
     );
     assert!(!dir.path().join("messages/clean-shutdown").exists());
+}
+
+/// Past the resident budget, recovery hands a queue compact entries (issue 11):
+/// a message the queue reads nothing of while it waits keeps no decoded copy at
+/// all, only where it is, its body's length and when it was received; one whose
+/// priority, TTL or delay the queue needs keeps a copy without its body. Either
+/// way the whole message comes back from the store by reference.
+#[test]
+fn messages_past_the_budget_are_recovered_as_compact_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let q;
+    let with = |f: &dyn Fn(&mut Properties)| {
+        let mut m = msg("needs properties");
+        f(&mut m.properties);
+        m
+    };
+    let needing = [
+        with(&|p| p.priority = Some(3)),
+        with(&|p| p.expiration = Some("60000".into())),
+        with(&|p| {
+            let mut h = FieldTable::new();
+            h.insert("x-delay", switchyard_core::FieldValue::I64(60_000));
+            p.headers = Some(h);
+        }),
+    ];
+    {
+        let (store, _, _) = DiskStore::open(dir.path()).unwrap();
+        q = store.new_queue_id().unwrap();
+        store.save_queue(&queue(q, "q")).unwrap();
+        let mut p = 0;
+        for i in 0..100 {
+            let mut m = msg(&format!("plain-{i}"));
+            m.received_ms = Some(1_000 + i);
+            p = store.append_message(&[q], &m).1;
+        }
+        for m in &needing {
+            p = store.append_message(&[q], m).1;
+        }
+        wait_synced(&store, p);
+        store.close();
+    }
+    // No budget: every body stays on disk.
+    let (store, recovered, _) =
+        DiskStore::open_with(dir.path(), switchyard_store::SEGMENT_SIZE, 0).unwrap();
+    let list = &recovered.messages[&q];
+    assert_eq!(list.len(), 103);
+    for (i, m) in list.iter().take(100).enumerate() {
+        assert!(m.message.is_none(), "message {i} kept a decoded copy");
+        assert_eq!(m.on_disk, Some(format!("plain-{i}").len() as u32));
+        assert_eq!(m.received_ms, Some(1_000 + i as u64));
+        let full = store.read_message(m.stored).unwrap();
+        assert_eq!(full.body, Bytes::from(format!("plain-{i}")));
+    }
+    for (m, original) in list.iter().skip(100).zip(&needing) {
+        let kept = m.message.as_ref().expect("a copy with its properties");
+        assert!(kept.body.is_empty(), "the body stays on disk");
+        assert_eq!(kept.properties, original.properties);
+        assert_eq!(m.on_disk, Some(original.body.len() as u32));
+    }
 }
