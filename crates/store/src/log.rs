@@ -234,17 +234,17 @@ fn read_segment(path: &Path, mut each: impl FnMut(Record, u64)) -> io::Result<(u
 }
 
 /// What recovery keeps in memory of a message it found, and the length of the
-/// body it leaves on disk. Whole messages are kept while their cost (what the
-/// memory alarm charges, not only the body: 16-byte bodies would otherwise keep
-/// millions resident) fits `budget`; past it, a body-less copy only if the
-/// queue reads its properties while the message waits, otherwise nothing.
+/// body it leaves on disk. Whole messages are kept while their cost (all that
+/// a resident message holds, not only the body: 16-byte bodies would otherwise
+/// keep millions resident) fits `budget`; past it, a body-less copy only if
+/// the queue reads its properties while the message waits, otherwise nothing.
 fn keep(
     mut message: Message,
     resident: &mut usize,
     budget: usize,
 ) -> (Option<Arc<Message>>, Option<u32>) {
     let len = message.body.len();
-    let cost = switchyard_core::memory::cost(len);
+    let cost = switchyard_core::memory::message_cost(&message);
     if resident.saturating_add(cost) <= budget {
         *resident += cost;
         return (Some(Arc::new(message)), None);
