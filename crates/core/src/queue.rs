@@ -962,7 +962,7 @@ impl Queue {
         while let Some(m) = messages.pop() {
             next = next.saturating_sub(1);
             taken += 1;
-            if taken % SHRINK_EVERY == 0 {
+            if taken.is_multiple_of(SHRINK_EVERY) {
                 messages.shrink_to_fit();
             }
             // A compact entry (no message kept) waits on the placeholder as it is.

@@ -311,7 +311,10 @@ fn stored_messages_read_back_by_reference_before_and_after_reopen() {
     drop(store);
     let (store, recovered, _) = DiskStore::open_with_segment_size(dir.path(), 4096).unwrap();
     for m in &recovered.messages[&q] {
-        assert_eq!(store.read_message(m.stored).unwrap().body, m.message.as_ref().unwrap().body);
+        assert_eq!(
+            store.read_message(m.stored).unwrap().body,
+            m.message.as_ref().unwrap().body
+        );
     }
     let wrong = switchyard_core::persist::StoredRef {
         offset: refs[3].offset + 1,
