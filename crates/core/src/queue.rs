@@ -441,7 +441,7 @@ fn placeholder() -> Arc<Message> {
 }
 
 /// Whether a queue reads this message's properties while it waits on disk
-/// (what [`paged`] keeps a body-less copy for): its priority (the level it
+/// (what `paged` keeps a body-less copy for): its priority (the level it
 /// waits in), its per-message TTL (`expiration`, read again when a policy
 /// changes the queue's TTL) or its `x-delay`. Recovery asks this before it
 /// knows the queue's settings, so it looks at the message alone: a message
@@ -939,7 +939,7 @@ impl Queue {
     /// A message recovery left on disk enters as a paged-out one does at run
     /// time: its entry points at the shared placeholder (or at the body-less
     /// copy recovery kept when [`read_while_paged`]) and it is read from the
-    /// store when it is handed out ([`Queue::load`]). The list is taken from
+    /// store when it is handed out (`Queue::load`). The list is taken from
     /// its back and put at the front of the queue, and given back to the
     /// allocator as it shrinks: a recovered backlog of millions of messages
     /// then never holds both the recovered list and the queue's entries in
