@@ -62,15 +62,31 @@ pub struct StoredRef {
 }
 
 /// A message recovered for one queue, in queue order.
+///
+/// Recovery keeps whole messages in memory only up to a budget of body bytes
+/// (`DiskStore::open_with`); every further message is handed to its queue as a
+/// compact entry, what a message paged out at run time is: where it is in the
+/// store and the few facts the queue needs while it waits. It is read (decoded)
+/// from the store only when it is about to be delivered, peeked at or
+/// dead-lettered (issue 11: a recovered backlog of millions of messages must
+/// not cost a decoded message each).
 #[derive(Debug, Clone)]
 pub struct RecoveredMessage {
     pub stored: StoredRef,
-    pub message: Arc<Message>,
+    /// What recovery kept of the message: all of it while the budget lasts
+    /// (`on_disk` is `None`); for a message left on disk, a copy without its
+    /// body only if the queue reads its properties while it waits (see
+    /// [`crate::queue::read_while_paged`]: a per-message TTL, a priority, an
+    /// `x-delay`), and otherwise nothing.
+    pub message: Option<Arc<Message>>,
+    /// When the broker received it (ms since the Unix epoch), where a queue's
+    /// TTL and a delay count from after a restart; kept apart from `message`
+    /// because a compact entry has none.
+    pub received_ms: Option<u64>,
     /// It had been delivered before the restart (and not acknowledged).
     pub redelivered: bool,
-    /// The body was left on disk (recovery keeps only so much in memory): this
-    /// is its length, and `message` has no body.
-    pub on_disk: Option<usize>,
+    /// The body was left on disk: this is its length.
+    pub on_disk: Option<u32>,
 }
 
 /// Everything a store recovered at start.

@@ -171,6 +171,15 @@ impl Ready {
             .saturating_sub(usize::from(m.expires_at.is_some()));
     }
 
+    fn push_front(&mut self, m: QueuedMessage) {
+        self.added(&m);
+        let level = self.level_of(&m.message);
+        match self.levels.get_mut(level) {
+            Some(q) => q.push_front(m),
+            None => self.levels.push(VecDeque::from([m])),
+        }
+    }
+
     fn push_back(&mut self, m: QueuedMessage) {
         self.added(&m);
         let level = self.level_of(&m.message);
@@ -410,6 +419,16 @@ fn without_body(message: &Message) -> Arc<Message> {
 /// (delivery, peeking, dead-lettering) reads the whole message back from the
 /// store first (`Queue::load`).
 fn paged(message: &Message, prioritised: bool, delayed: bool) -> Arc<Message> {
+    if prioritised || delayed || message.properties.expiration.is_some() {
+        without_body(message)
+    } else {
+        placeholder()
+    }
+}
+
+/// The one empty message every paged-out entry that needs no properties of
+/// its own points at.
+fn placeholder() -> Arc<Message> {
     static PLACEHOLDER: std::sync::LazyLock<Arc<Message>> = std::sync::LazyLock::new(|| {
         Message::new(
             "",
@@ -418,11 +437,20 @@ fn paged(message: &Message, prioritised: bool, delayed: bool) -> Arc<Message> {
             bytes::Bytes::new(),
         )
     });
-    if prioritised || delayed || message.properties.expiration.is_some() {
-        without_body(message)
-    } else {
-        PLACEHOLDER.clone()
-    }
+    PLACEHOLDER.clone()
+}
+
+/// Whether a queue reads this message's properties while it waits on disk
+/// (what `paged` keeps a body-less copy for): its priority (the level it
+/// waits in), its per-message TTL (`expiration`, read again when a policy
+/// changes the queue's TTL) or its `x-delay`. Recovery asks this before it
+/// knows the queue's settings, so it looks at the message alone: a message
+/// without a `priority` waits at level 0 of a priority queue, which is what
+/// the placeholder gives it too.
+pub fn read_while_paged(message: &Message) -> bool {
+    message.properties.priority.is_some()
+        || message.properties.expiration.is_some()
+        || delay_of(message).is_some()
 }
 
 fn with_delivery_count(message: &Message, count: u32) -> Arc<Message> {
@@ -907,28 +935,55 @@ impl Queue {
     }
 
     /// Puts messages recovered from the store back, in order, before any new one.
-    pub fn restore(self: &Arc<Self>, messages: Vec<RecoveredMessage>) {
+    ///
+    /// A message recovery left on disk enters as a paged-out one does at run
+    /// time: its entry points at the shared placeholder (or at the body-less
+    /// copy recovery kept when [`read_while_paged`]) and it is read from the
+    /// store when it is handed out (`Queue::load`). The list is taken from
+    /// its back and put at the front of the queue, and given back to the
+    /// allocator as it shrinks: a recovered backlog of millions of messages
+    /// then never holds both the recovered list and the queue's entries in
+    /// full (issue 11).
+    pub fn restore(self: &Arc<Self>, mut messages: Vec<RecoveredMessage>) {
+        /// Entries taken between two returns of the list's unused room.
+        const SHRINK_EVERY: usize = 1 << 16;
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
-        for m in messages {
-            if m.on_disk.is_none() {
-                self.memory.add(crate::memory::cost(m.message.body_size()));
+        let prioritised = st.settings.max_priority.is_some();
+        if !prioritised {
+            if let Some(level) = st.ready.levels.first_mut() {
+                level.reserve(messages.len());
             }
-            let id = st.next_id;
-            st.next_id += 1;
+        }
+        // Queue order is id order: the last message gets the highest id.
+        let mut next = st.next_id.saturating_add(messages.len() as u64);
+        st.next_id = next;
+        let mut taken = 0usize;
+        while let Some(m) = messages.pop() {
+            next = next.saturating_sub(1);
+            taken += 1;
+            if taken.is_multiple_of(SHRINK_EVERY) {
+                messages.shrink_to_fit();
+            }
+            // A compact entry (no message kept) waits on the placeholder as it is.
+            let compact = m.message.is_none();
+            let message = m.message.unwrap_or_else(placeholder);
+            if m.on_disk.is_none() {
+                self.memory.add(crate::memory::cost(message.body_size()));
+            }
             // The receive time is stored with the message: due times and TTLs
             // continue from it rather than restarting at boot.
-            let received = m.message.received_ms.unwrap_or(now);
-            let due = delay_of(&m.message).map(|d| received.saturating_add(d));
+            let received = m.received_ms.unwrap_or(now);
+            let due = delay_of(&message).map(|d| received.saturating_add(d));
             let mut qm = QueuedMessage {
-                id,
-                message: m.message,
+                id: next,
+                message,
                 redelivered: m.redelivered,
                 stored: Some(m.stored),
                 expires_at: None,
                 // Not stored: a quorum queue's delivery count restarts at boot.
                 delivery_count: 0,
-                on_disk: m.on_disk.map(|len| u32::try_from(len).unwrap_or(u32::MAX)),
+                on_disk: m.on_disk,
             };
             match due {
                 Some(due) if due > now => {
@@ -941,12 +996,11 @@ impl Queue {
                         &qm.message,
                         due.unwrap_or(received),
                     );
-                    if qm.on_disk.is_some() {
+                    if qm.on_disk.is_some() && !compact {
                         // Recovery gave the properties; nothing reads them now.
-                        let prioritised = st.settings.max_priority.is_some();
                         qm.message = paged(&qm.message, prioritised, false);
                     }
-                    st.ready.push_back(qm);
+                    st.ready.push_front(qm);
                 }
             }
         }

@@ -233,6 +233,31 @@ fn read_segment(path: &Path, mut each: impl FnMut(Record, u64)) -> io::Result<(u
     Ok((count, false))
 }
 
+/// What recovery keeps in memory of a message it found, and the length of the
+/// body it leaves on disk. Whole messages are kept while their cost (all that
+/// a resident message holds, not only the body: 16-byte bodies would otherwise
+/// keep millions resident) fits `budget`; past it, a body-less copy only if
+/// the queue reads its properties while the message waits, otherwise nothing.
+fn keep(
+    mut message: Message,
+    resident: &mut usize,
+    budget: usize,
+) -> (Option<Arc<Message>>, Option<u32>) {
+    let len = message.body.len();
+    let cost = switchyard_core::memory::message_cost(&message);
+    if resident.saturating_add(cost) <= budget {
+        *resident += cost;
+        return (Some(Arc::new(message)), None);
+    }
+    let on_disk = Some(u32::try_from(len).unwrap_or(u32::MAX));
+    if switchyard_core::queue::read_while_paged(&message) {
+        message.body = bytes::Bytes::new();
+        (Some(Arc::new(message)), on_disk)
+    } else {
+        (None, on_disk)
+    }
+}
+
 impl MessageLog {
     /// Opens the log in `dir`, recovering the messages of the queues in `queues`
     /// (records of any other queue id belong to deleted queues and are dropped).
@@ -258,10 +283,13 @@ impl MessageLog {
             fs::remove_file(&marker)?;
         }
         let segments = list_segments(dir)?;
-        // id -> (segment, offset, message, body length if the body stays on disk)
-        let mut messages: HashMap<u64, (u32, u64, Arc<Message>, Option<usize>)> = HashMap::new();
+        // Each queue's messages in log order, as compact entries (issue 11): a
+        // message beyond the resident budget keeps no decoded copy, so the scan
+        // costs one entry per message and queue, not a `Message` each. Acks and
+        // delivered marks always come after the message they name (they are
+        // appended once its append returned), so they are applied at the end.
+        let mut lists: HashMap<u64, Vec<RecoveredMessage>> = HashMap::new();
         let mut resident = 0usize;
-        let mut order: HashMap<u64, Vec<u64>> = HashMap::new();
         let mut gone: HashSet<(u64, u64)> = HashSet::new();
         let mut delivered: HashSet<(u64, u64)> = HashSet::new();
         let mut next_id = 1;
@@ -275,26 +303,24 @@ impl MessageLog {
                     message,
                 } => {
                     next_id = next_id.max(id.saturating_add(1));
-                    let mut wanted = false;
-                    for q in qs.into_iter().filter(|q| queues.contains(q)) {
-                        order.entry(q).or_default().push(id);
-                        wanted = true;
+                    if !qs.iter().any(|q| queues.contains(q)) {
+                        return;
                     }
-                    if wanted {
-                        let mut message = *message;
-                        let len = message.body.len();
-                        // The budget counts what a resident message costs, not
-                        // only its body: 16-byte bodies would otherwise keep
-                        // millions of messages resident.
-                        let cost = switchyard_core::memory::cost(len);
-                        let on_disk = if resident.saturating_add(cost) > resident_budget {
-                            message.body = bytes::Bytes::new();
-                            Some(len)
-                        } else {
-                            resident += cost;
-                            None
-                        };
-                        messages.insert(id, (segment, offset, Arc::new(message), on_disk));
+                    let received_ms = message.received_ms;
+                    let (kept, on_disk) = keep(*message, &mut resident, resident_budget);
+                    let stored = StoredRef {
+                        id,
+                        segment,
+                        offset: record_offset(offset),
+                    };
+                    for q in qs.into_iter().filter(|q| queues.contains(q)) {
+                        lists.entry(q).or_default().push(RecoveredMessage {
+                            stored,
+                            message: kept.clone(),
+                            received_ms,
+                            redelivered: false,
+                            on_disk,
+                        });
                     }
                 }
                 Record::Ack { queue, id } => {
@@ -308,29 +334,20 @@ impl MessageLog {
             truncated += usize::from(torn);
         }
         let mut live: BTreeMap<u32, i64> = BTreeMap::new();
-        let mut recovered: HashMap<u64, Vec<RecoveredMessage>> = HashMap::new();
-        for (queue, ids) in order {
-            let list = recovered.entry(queue).or_default();
-            for id in ids {
-                if gone.contains(&(queue, id)) {
-                    continue;
+        for (queue, list) in &mut lists {
+            list.retain_mut(|m| {
+                let key = (*queue, m.stored.id);
+                if gone.contains(&key) {
+                    return false;
                 }
-                let Some((segment, offset, message, on_disk)) = messages.get(&id) else {
-                    continue;
-                };
-                *live.entry(*segment).or_default() += 1;
-                list.push(RecoveredMessage {
-                    stored: StoredRef {
-                        id,
-                        segment: *segment,
-                        offset: record_offset(*offset),
-                    },
-                    message: message.clone(),
-                    redelivered: !clean || delivered.contains(&(queue, id)),
-                    on_disk: *on_disk,
-                });
-            }
+                m.redelivered = !clean || delivered.contains(&key);
+                *live.entry(m.stored.segment).or_default() += 1;
+                true
+            });
+            list.shrink_to_fit();
         }
+        drop((gone, delivered));
+        let recovered = lists;
         // Start a fresh segment: never append behind a tail that was truncated.
         let current = segments.last().map_or(0, |s| s.saturating_add(1));
         let (synced, _) = watch::channel(0);

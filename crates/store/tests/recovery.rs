@@ -99,7 +99,7 @@ fn synced_messages_come_back_in_order_and_acked_ones_do_not() {
             .iter()
             .map(|m| {
                 (
-                    String::from_utf8(m.message.body.to_vec()).unwrap(),
+                    String::from_utf8(m.message.as_ref().unwrap().body.to_vec()).unwrap(),
                     m.redelivered,
                 )
             })
@@ -202,7 +202,7 @@ fn corrupted_record_is_never_returned_as_a_message() {
     let (_, recovered, _) = DiskStore::open(dir.path()).unwrap();
     let bodies: Vec<_> = recovered.messages[&q]
         .iter()
-        .map(|m| m.message.body.clone())
+        .map(|m| m.message.as_ref().unwrap().body.clone())
         .collect();
     assert_eq!(bodies, [Bytes::from("message-0"), Bytes::from("message-1")]);
 }
@@ -311,7 +311,10 @@ fn stored_messages_read_back_by_reference_before_and_after_reopen() {
     drop(store);
     let (store, recovered, _) = DiskStore::open_with_segment_size(dir.path(), 4096).unwrap();
     for m in &recovered.messages[&q] {
-        assert_eq!(store.read_message(m.stored).unwrap().body, m.message.body);
+        assert_eq!(
+            store.read_message(m.stored).unwrap().body,
+            m.message.as_ref().unwrap().body
+        );
     }
     let wrong = switchyard_core::persist::StoredRef {
         offset: refs[3].offset + 1,
@@ -378,4 +381,157 @@ fn closing_a_log_that_cannot_be_written_returns() {
         "an unwritten message was reported synced"
     );
     assert!(!dir.path().join("messages/clean-shutdown").exists());
+}
+
+/// Past the resident budget, recovery hands a queue compact entries (issue 11):
+/// a message the queue reads nothing of while it waits keeps no decoded copy at
+/// all, only where it is, its body's length and when it was received; one whose
+/// priority, TTL or delay the queue needs keeps a copy without its body. Either
+/// way the whole message comes back from the store by reference.
+#[test]
+fn messages_past_the_budget_are_recovered_as_compact_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let q;
+    let with = |f: &dyn Fn(&mut Properties)| {
+        let mut m = msg("needs properties");
+        f(&mut m.properties);
+        m
+    };
+    let needing = [
+        with(&|p| p.priority = Some(3)),
+        with(&|p| p.expiration = Some("60000".into())),
+        with(&|p| {
+            let mut h = FieldTable::new();
+            h.insert("x-delay", switchyard_core::FieldValue::I64(60_000));
+            p.headers = Some(h);
+        }),
+    ];
+    {
+        let (store, _, _) = DiskStore::open(dir.path()).unwrap();
+        q = store.new_queue_id().unwrap();
+        store.save_queue(&queue(q, "q")).unwrap();
+        let mut p = 0;
+        for i in 0..100 {
+            let mut m = msg(&format!("plain-{i}"));
+            m.received_ms = Some(1_000 + i);
+            p = store.append_message(&[q], &m).1;
+        }
+        for m in &needing {
+            p = store.append_message(&[q], m).1;
+        }
+        wait_synced(&store, p);
+        store.close();
+    }
+    // No budget: every body stays on disk.
+    let (store, recovered, _) =
+        DiskStore::open_with(dir.path(), switchyard_store::SEGMENT_SIZE, 0).unwrap();
+    let list = &recovered.messages[&q];
+    assert_eq!(list.len(), 103);
+    for (i, m) in list.iter().take(100).enumerate() {
+        assert!(m.message.is_none(), "message {i} kept a decoded copy");
+        assert_eq!(m.on_disk, Some(format!("plain-{i}").len() as u32));
+        assert_eq!(m.received_ms, Some(1_000 + i as u64));
+        let full = store.read_message(m.stored).unwrap();
+        assert_eq!(full.body, Bytes::from(format!("plain-{i}")));
+    }
+    for (m, original) in list.iter().skip(100).zip(&needing) {
+        let kept = m.message.as_ref().expect("a copy with its properties");
+        assert!(kept.body.is_empty(), "the body stays on disk");
+        assert_eq!(kept.properties, original.properties);
+        assert_eq!(m.on_disk, Some(original.body.len() as u32));
+    }
+}
+
+/// Compact recovered entries keep what the queue needs of them before they are
+/// read back: a priority queue still serves the higher priority first, a queue
+/// TTL still counts from when the message was received (an old one expires
+/// unseen), and a message delivered before the restart comes back redelivered.
+#[test]
+fn compact_recovered_entries_keep_priority_ttl_and_redelivery() {
+    use switchyard_core::admin::MetaCommand;
+    use switchyard_core::timer::Clock;
+    use switchyard_core::vhost::QueueDeclare;
+    use switchyard_core::{Broker, FieldValue};
+
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    {
+        let (store, recovered, _) = DiskStore::open(dir.path()).unwrap();
+        let broker = Broker::open(store.clone(), recovered, 0, Clock::System).unwrap();
+        broker
+            .apply(MetaCommand::PutVhost {
+                name: "/".into(),
+                description: String::new(),
+                tags: Vec::new(),
+                default_queue_type: None,
+            })
+            .unwrap();
+        let mut arguments = FieldTable::new();
+        arguments.insert("x-max-priority", FieldValue::I64(5));
+        arguments.insert("x-message-ttl", FieldValue::I64(60_000));
+        broker
+            .vhost("/")
+            .unwrap()
+            .declare_queue(QueueDeclare {
+                name: "q".into(),
+                options: QueueOptions {
+                    durable: true,
+                    arguments,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .unwrap();
+        let id = broker
+            .vhost("/")
+            .unwrap()
+            .queue("q")
+            .unwrap()
+            .store_id()
+            .unwrap();
+        let append = |body: &str, received: u64, priority: Option<u8>| {
+            let mut m = msg(body);
+            m.received_ms = Some(received);
+            m.properties.priority = priority;
+            store.append_message(&[id], &m)
+        };
+        append("stale", now - 120_000, None);
+        let (delivered, _) = append("fresh", now, None);
+        append("fresh-2", now, None);
+        append("urgent", now, Some(4));
+        store.append_delivered(id, delivered);
+        // Closing writes and syncs everything appended.
+        store.close();
+    }
+    let (store, recovered, _) =
+        DiskStore::open_with(dir.path(), switchyard_store::SEGMENT_SIZE, 0).unwrap();
+    assert!(
+        recovered
+            .messages
+            .values()
+            .flatten()
+            .all(|m| m.on_disk.is_some()),
+        "no budget: every body on disk"
+    );
+    let broker = Broker::open(store.clone(), recovered, 0, Clock::System).unwrap();
+    let queue = broker.vhost("/").unwrap().queue("q").unwrap();
+    let mut got = Vec::new();
+    while let Some(g) = queue.get(true) {
+        got.push((
+            String::from_utf8(g.message.message.body.to_vec()).unwrap(),
+            g.message.redelivered,
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            ("urgent".to_owned(), false),
+            ("fresh".to_owned(), true),
+            ("fresh-2".to_owned(), false),
+        ],
+        "the stale message expired by its receive time"
+    );
 }
