@@ -265,6 +265,61 @@ fn metadata_survives_kill_9_of_a_follower_and_of_the_leader() {
     assert_eq!(s.leader.as_deref(), Some(c.nodes[new_leader].name.as_str()));
 }
 
+/// `switchyard ctl cluster <args>`; its stdout, after asserting success.
+fn ctl_cluster(args: &[&str]) -> String {
+    let out = std::process::Command::new(EXE)
+        .args(["ctl", "cluster"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether node `i` lists `name` as a voter.
+fn voter_in(c: &LocalCluster, i: usize, name: &str) -> bool {
+    status(c, i).is_some_and(|s| s.members.iter().any(|m| m.name == name && m.voter))
+}
+
+#[test]
+fn ctl_cluster_join_adds_a_node_that_gets_the_metadata_and_leave_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = start(tmp.path());
+    leader(&c, &[0, 1, 2]);
+    assert!(put_vhost(&c, 1, "before-join").status().is_success());
+    // A fourth node, not among the seeds: running, but no member.
+    let n4 = c.add_node();
+    let me = format!("n4@{}", c.nodes[n4].cluster_addr);
+    assert!(!voter_in(&c, 0, "n4"));
+    let out = ctl_cluster(&["join", &me, "--via", &c.nodes[2].cluster_addr]);
+    assert!(out.contains("n4@") && out.contains("joined"), "{out}");
+    eventually(30, "n4 a voter as every node sees it", || {
+        (0..4).all(|i| voter_in(&c, i, "n4"))
+    });
+    // It has the metadata from before it joined, and takes part in new writes.
+    eventually(20, "the earlier vhost on n4", || {
+        has_vhost(&c, n4, "before-join")
+    });
+    assert!(put_vhost(&c, n4, "made-on-n4").status().is_success());
+    eventually(20, "n4's vhost on n1", || has_vhost(&c, 0, "made-on-n4"));
+    // Removed again (through another member): three voters, none of them n4.
+    let out = ctl_cluster(&["leave", "n4", "--via", &c.nodes[0].cluster_addr]);
+    assert!(out.contains("n4 left"), "{out}");
+    eventually(30, "n4 out of the membership", || {
+        (0..3).all(|i| {
+            status(&c, i).is_some_and(|s| {
+                !s.members.iter().any(|m| m.name == "n4")
+                    && s.members.iter().filter(|m| m.voter).count() == 3
+            })
+        })
+    });
+    assert!(put_vhost(&c, 0, "after-leave").status().is_success());
+}
+
 #[test]
 fn a_node_without_a_majority_refuses_metadata_writes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -29,6 +29,11 @@ pub struct ClusterNode {
 pub struct LocalCluster {
     exe: PathBuf,
     pub nodes: Vec<ClusterNode>,
+    /// The `seeds` list every node's config names (the first nodes).
+    seeds: String,
+    /// Appended to every node's config.
+    extra: String,
+    dir: PathBuf,
 }
 
 /// A port free now for a node's `[cluster] listen`, which must be known
@@ -107,38 +112,56 @@ impl LocalCluster {
             .zip(&addrs)
             .map(|(n, a)| format!("\"{n}@{a}\""))
             .collect();
-        let mut nodes = Vec::new();
-        for (name, addr) in names.iter().zip(&addrs) {
-            let node_dir = dir.join(name);
-            std::fs::create_dir_all(&node_dir).expect("testkit: cannot create node dir");
-            let mut text = crate::child_config_toml(&node_dir.join("data"), &[]);
-            text.push_str(&format!(
-                "\n[cluster]\nnode = \"{name}\"\nlisten = \"{addr}\"\nseeds = [{}]\nwrite_timeout_ms = 5000\n",
-                seeds.join(", ")
-            ));
-            text.push_str(extra);
-            let config = node_dir.join("config.toml");
-            std::fs::write(&config, text).expect("testkit: cannot write config");
-            nodes.push(ClusterNode {
-                name: name.clone(),
-                cluster_addr: addr.clone(),
-                dir: node_dir,
-                config,
-                broker: None,
-                addrs: BTreeMap::new(),
-                runs: 0,
-            });
-        }
         let mut cluster = LocalCluster {
             exe: exe.to_owned(),
-            nodes,
+            nodes: Vec::new(),
+            seeds: seeds.join(", "),
+            extra: extra.to_owned(),
+            dir: dir.to_owned(),
         };
+        for (name, addr) in names.iter().zip(&addrs) {
+            cluster.configure(name, addr);
+        }
         // Start them all first, then wait: a node's start does not wait for
         // the others, but starting them together forms the cluster at once.
         for i in 0..n {
             cluster.restart(i);
         }
         cluster
+    }
+
+    /// Writes the config of a node named `name` with its `[cluster] listen`
+    /// on `addr` and the cluster's seeds, and lists it (not started).
+    fn configure(&mut self, name: &str, addr: &str) {
+        let node_dir = self.dir.join(name);
+        std::fs::create_dir_all(&node_dir).expect("testkit: cannot create node dir");
+        let mut text = crate::child_config_toml(&node_dir.join("data"), &[]);
+        text.push_str(&format!(
+            "\n[cluster]\nnode = \"{name}\"\nlisten = \"{addr}\"\nseeds = [{}]\nwrite_timeout_ms = 5000\n",
+            self.seeds
+        ));
+        text.push_str(&self.extra);
+        let config = node_dir.join("config.toml");
+        std::fs::write(&config, text).expect("testkit: cannot write config");
+        self.nodes.push(ClusterNode {
+            name: name.to_owned(),
+            cluster_addr: addr.to_owned(),
+            dir: node_dir,
+            config,
+            broker: None,
+            addrs: BTreeMap::new(),
+            runs: 0,
+        });
+    }
+
+    /// Starts one more node, not among the seeds: not a member until
+    /// `switchyard ctl cluster join` adds it. Returns its index.
+    pub fn add_node(&mut self) -> usize {
+        let i = self.nodes.len();
+        let (name, addr) = (format!("n{}", i + 1), format!("127.0.0.1:{}", free_port()));
+        self.configure(&name, &addr);
+        self.restart(i);
+        i
     }
 
     /// Starts node `i` (again) and waits until its listeners are bound.
