@@ -182,8 +182,10 @@ pub struct Liveness {
 
 impl Liveness {
     /// Records what a tick saw of `peer`: the event, if its state changed. A
-    /// peer seen for the first time alive is not an event (nothing of it can
-    /// be quiet yet); seen first dead, it is `Lost`.
+    /// peer seen for the first time is no event, alive or not: nothing of it
+    /// can be quiet yet, and right after this node starts no peer has
+    /// answered yet (taking that for a loss would make a restarted member
+    /// stand against a healthy leader).
     pub fn observe(
         &mut self,
         peer: &str,
@@ -192,7 +194,7 @@ impl Liveness {
     ) -> Option<PeerEvent> {
         let Some((was_alive, was_inc)) = self.peers.get(peer).copied() else {
             self.peers.insert(peer.to_owned(), (alive, incarnation));
-            return (!alive).then_some(PeerEvent::Lost);
+            return None;
         };
         let restarted = matches!((was_inc, incarnation), (Some(a), Some(b)) if a != b);
         self.peers
@@ -427,8 +429,10 @@ mod tests {
         // Restarted between two ticks: a new incarnation while alive.
         assert_eq!(l.observe("a", true, Some(2)), Some(PeerEvent::Back));
         assert_eq!(l.observe("a", true, None), None, "no pong yet: no news");
-        // First seen dead.
-        assert_eq!(l.observe("b", false, None), Some(PeerEvent::Lost));
+        // First seen dead: no event (a node that just started has heard no
+        // peer yet); then alive is `Back`.
+        assert_eq!(l.observe("b", false, None), None);
+        assert_eq!(l.observe("b", true, Some(5)), Some(PeerEvent::Back));
         l.retain(|p| p == "b");
         assert_eq!(l.observe("a", true, Some(2)), None, "forgotten, then new");
     }
