@@ -24,6 +24,23 @@ fn start(dir: &Path) -> LocalCluster {
     LocalCluster::start(Path::new(EXE), dir, 3)
 }
 
+/// A runtime for one blocking call from a test (a status, a remote call).
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A runtime for a test's clients (lapin needs more than one thread).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn http() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(20))
@@ -32,10 +49,7 @@ fn http() -> Client {
 }
 
 fn status(c: &LocalCluster, i: usize) -> Option<switchyard_cluster::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     rt.block_on(switchyard_cluster::remote_status(
         &c.nodes[i].cluster_addr,
         &switchyard_cluster::Link::default(),
@@ -507,10 +521,7 @@ fn with_tls_nodes_talk_mutual_tls_and_refuse_who_has_no_cluster_certificate() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let c = LocalCluster::start_with(Path::new(EXE), tmp.path(), 3, &tls);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let ask = |link: &Link, i: usize| {
         rt.block_on(switchyard_cluster::remote_status(
             &c.nodes[i].cluster_addr,
@@ -560,10 +571,7 @@ fn with_a_cookie_only_who_knows_it_reaches_the_cluster_port() {
         3,
         &format!("cookie = {COOKIE:?}\n"),
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let ask = |link: &Link| {
         rt.block_on(switchyard_cluster::remote_status(
             &c.nodes[2].cluster_addr,
@@ -602,10 +610,7 @@ fn quorum_leader_over(
         fail_if_no_peer_cert: true,
     };
     let link = Link::client(Some(NodeTls::load(&settings).unwrap()), None);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let mut found = None;
     eventually(20, "every member applied the queue's group", || {
         let groups: Vec<switchyard_cluster::GroupStatus> = (0..3)
@@ -864,11 +869,7 @@ mod quorum_queues {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = start(tmp.path());
         leader(&c, &[0, 1, 2]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let (conn, ch) = channel(&c, 0).await;
             for q in 0..QUEUES {
@@ -925,11 +926,7 @@ mod quorum_queues {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = start(tmp.path());
         leader(&c, &[0, 1, 2]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
 
         // Declared on n1, published on n2 with confirms, consumed on n3.
         rt.block_on(async {
@@ -1098,11 +1095,7 @@ mod quorum_queues {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = start(tmp.path());
         leader(&c, &[0, 1, 2]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let (c1, ch1) = channel(&c, 0).await;
             declare(&ch1, "stuck", false).await;
@@ -1169,11 +1162,7 @@ mod quorum_queues {
         let tmp = tempfile::tempdir().unwrap();
         let c = start(tmp.path());
         leader(&c, &[0, 1, 2]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let (c1, ch1) = channel(&c, 0).await;
             declare(&ch1, "paused", false).await;
@@ -1252,11 +1241,7 @@ mod quorum_queues {
         );
         let tmp = tempfile::tempdir().unwrap();
         let c = LocalCluster::start_with(Path::new(EXE), tmp.path(), 3, &tls);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let c1 = rt.block_on(async {
             let (c1, ch1) = channel(&c, 0).await;
             declare(&ch1, "tls-orders", false).await;
@@ -1304,11 +1289,7 @@ mod quorum_queues {
             "quorum_commit_timeout_ms = 2000\n",
         );
         leader(&c, &[0, 1, 2]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let (conn, ch) = rt.block_on(async {
             let (conn, ch) = channel(&c, 0).await;
             declare(&ch, "alone", false).await;
