@@ -82,6 +82,19 @@ fn enqueued(outcome: &Outcome) -> Option<(u64, bool)> {
     }
 }
 
+/// Three data directories, one per node.
+fn tempdirs() -> Vec<tempfile::TempDir> {
+    (0..3).map(|_| tempfile::tempdir().unwrap()).collect()
+}
+
+/// The members a placement names: every node given, by id.
+fn members_of<'a>(nodes: impl IntoIterator<Item = &'a QuorumGroups>) -> BTreeMap<NodeId, Member> {
+    nodes
+        .into_iter()
+        .map(|n| (n.node_id(), n.member()))
+        .collect()
+}
+
 fn view(nodes: &[Option<QuorumGroups>]) -> Vec<Option<&QuorumGroups>> {
     nodes.iter().map(|n| n.as_ref()).collect()
 }
@@ -119,7 +132,7 @@ fn machine(h: &GroupHandle) -> QueueMachine {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_fail_over_dedup_and_recover() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs = tempdirs();
     let names = ["q1", "q2", "q3"];
     let recorders: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::default()).collect();
     let mut nodes = Vec::new();
@@ -128,13 +141,7 @@ async fn three_nodes_replicate_fail_over_dedup_and_recover() {
             open(name, "127.0.0.1:0", dirs[i].path(), 7, recorders[i].clone()).await,
         ));
     }
-    let members: BTreeMap<NodeId, Member> = nodes
-        .iter()
-        .map(|n| {
-            let n = n.as_ref().unwrap();
-            (n.node_id(), n.member())
-        })
-        .collect();
+    let members = members_of(nodes.iter().flatten());
     let ids: Vec<NodeId> = nodes
         .iter()
         .map(|n| n.as_ref().unwrap().node_id())
@@ -446,7 +453,7 @@ async fn idle_groups_cpu() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs = tempdirs();
     let mut nodes = Vec::new();
     for (i, name) in ["i1", "i2", "i3"].iter().enumerate() {
         let s = QuorumSettings::new(
@@ -458,8 +465,7 @@ async fn idle_groups_cpu() {
             QuorumGroups::open(s, Link::default(), None).await.unwrap(),
         ));
     }
-    let members: BTreeMap<NodeId, Member> =
-        nodes.iter().map(|n| (n.node_id(), n.member())).collect();
+    let members = members_of(nodes.iter().map(|n| &**n));
     let ids: Vec<NodeId> = nodes.iter().map(|n| n.node_id()).collect();
     let started = std::time::Instant::now();
     let mut tasks = Vec::new();
@@ -548,7 +554,7 @@ async fn idle_groups_cpu() {
 /// any more, only the snapshot has them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_restored_from_a_snapshot_gets_what_was_checked_out_to_it() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs = tempdirs();
     let names = ["s1", "s2", "s3"];
     let recorders: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::default()).collect();
     let mut nodes = Vec::new();
@@ -557,11 +563,7 @@ async fn a_member_restored_from_a_snapshot_gets_what_was_checked_out_to_it() {
             open(name, "127.0.0.1:0", dirs[i].path(), 1, recorders[i].clone()).await,
         ));
     }
-    let members: BTreeMap<NodeId, Member> = nodes
-        .iter()
-        .flatten()
-        .map(|n| (n.node_id(), n.member()))
-        .collect();
+    let members = members_of(nodes.iter().flatten());
     let gid = 21;
     let p = placement(gid, &members, nodes[0].as_ref().unwrap().node_id());
     for n in nodes.iter().flatten() {
@@ -645,7 +647,7 @@ async fn a_member_restored_from_a_snapshot_gets_what_was_checked_out_to_it() {
 /// goes away (its followers wake on the node event and elect).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_go_quiet_wake_on_use_and_still_fail_over() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs = tempdirs();
     let recorders: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::default()).collect();
     let mut nodes = Vec::new();
     for (i, name) in ["z1", "z2", "z3"].iter().enumerate() {
@@ -656,11 +658,7 @@ async fn idle_groups_go_quiet_wake_on_use_and_still_fail_over() {
             .unwrap();
         nodes.push(Some(groups));
     }
-    let members: BTreeMap<NodeId, Member> = nodes
-        .iter()
-        .flatten()
-        .map(|n| (n.node_id(), n.member()))
-        .collect();
+    let members = members_of(nodes.iter().flatten());
     let ids: Vec<NodeId> = nodes.iter().flatten().map(|n| n.node_id()).collect();
     let gids = [11u64, 12, 13];
     for (k, gid) in gids.iter().enumerate() {
@@ -728,7 +726,7 @@ impl Deliver for DownRecorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_marks_a_silent_member_down_once_and_its_messages_go_back() {
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs = tempdirs();
     let downs: Vec<Arc<DownRecorder>> = (0..3).map(|_| Arc::default()).collect();
     let mut nodes = Vec::new();
     for (i, name) in ["d1", "d2", "d3"].iter().enumerate() {
@@ -739,11 +737,7 @@ async fn the_leader_marks_a_silent_member_down_once_and_its_messages_go_back() {
             QuorumGroups::open(s, link(), Some(deliver)).await.unwrap(),
         ));
     }
-    let members: BTreeMap<NodeId, Member> = nodes
-        .iter()
-        .flatten()
-        .map(|n| (n.node_id(), n.member()))
-        .collect();
+    let members = members_of(nodes.iter().flatten());
     let first = nodes[0].as_ref().unwrap().node_id();
     for n in nodes.iter().flatten() {
         n.create(&placement(5, &members, first)).await.unwrap();
