@@ -63,30 +63,133 @@ mod consumers;
 mod peek;
 pub use peek::Peeked;
 /// A message in a queue, with what the queue knows of its history.
-#[derive(Debug, Clone)]
+///
+/// One of these exists per message per queue, so a backlog of millions costs
+/// millions of them (issue 11): the fields are packed into 48 bytes (72 as
+/// plain `Option`s) and read through accessors. The store reference is kept
+/// as its raw parts, the expiry with a sentinel, and the flags (redelivered,
+/// stored, body on disk) in the top bits of the delivery count.
+#[derive(Clone)]
 pub struct QueuedMessage {
     /// Position in the queue's arrival order; requeued messages go back there.
     pub id: u64,
     pub message: Arc<Message>,
-    /// Delivered before (and not acknowledged).
-    pub redelivered: bool,
-    /// Where the message sits in the store, when it is persistent and the queue
-    /// durable.
-    pub stored: Option<StoredRef>,
-    /// When it expires (the lower of queue and message TTL), in ms since the epoch.
-    pub expires_at: Option<u64>,
-    /// How often it came back to the queue (a quorum queue's delivery count).
-    pub delivery_count: u32,
-    /// The body is only on disk (paged out under memory pressure): `message` is
-    /// a copy without it and this is the body's length. Loaded back from the
-    /// store when the message is handed out.
-    pub on_disk: Option<u32>,
+    /// [`StoredRef::id`], when [`STORED`] is set.
+    stored_id: u64,
+    /// [`StoredRef::segment`] (high half) and [`StoredRef::offset`] (low half).
+    stored_at: u64,
+    /// When it expires (the lower of queue and message TTL), in ms since the
+    /// epoch; [`NO_EXPIRY`] for never.
+    expires_at: u64,
+    /// How often it came back to the queue (a quorum queue's delivery count,
+    /// below [`FLAGS`]), and the flags.
+    count_and_flags: u32,
+    /// The body's length while the body is only on disk ([`ON_DISK`]).
+    disk_len: u32,
 }
 
+/// [`QueuedMessage::expires_at`]'s "never".
+const NO_EXPIRY: u64 = u64::MAX;
+/// Delivered before (and not acknowledged).
+const REDELIVERED: u32 = 1 << 31;
+/// The message sits in the store (persistent, in a durable queue).
+const STORED: u32 = 1 << 30;
+/// The body is only on disk (paged out under memory pressure): `message` is
+/// a copy without it, and it is read back from the store when handed out.
+const ON_DISK: u32 = 1 << 29;
+const FLAGS: u32 = REDELIVERED | STORED | ON_DISK;
+
 impl QueuedMessage {
+    /// A message new to the queue: never delivered, not stored, no expiry.
+    pub fn new(id: u64, message: Arc<Message>) -> Self {
+        QueuedMessage {
+            id,
+            message,
+            stored_id: 0,
+            stored_at: 0,
+            expires_at: NO_EXPIRY,
+            count_and_flags: 0,
+            disk_len: 0,
+        }
+    }
+
+    fn flag(&self, flag: u32) -> bool {
+        self.count_and_flags & flag != 0
+    }
+
+    fn set_flag(&mut self, flag: u32, on: bool) {
+        if on {
+            self.count_and_flags |= flag;
+        } else {
+            self.count_and_flags &= !flag;
+        }
+    }
+
+    /// Delivered before (and not acknowledged).
+    pub fn redelivered(&self) -> bool {
+        self.flag(REDELIVERED)
+    }
+
+    pub fn set_redelivered(&mut self, redelivered: bool) {
+        self.set_flag(REDELIVERED, redelivered);
+    }
+
+    /// How often it came back to the queue (a quorum queue's delivery count).
+    pub fn delivery_count(&self) -> u32 {
+        self.count_and_flags & !FLAGS
+    }
+
+    /// Sets the delivery count, saturating below the flag bits (half a
+    /// billion returns of one message).
+    pub fn set_delivery_count(&mut self, count: u32) {
+        self.count_and_flags = (self.count_and_flags & FLAGS) | count.min(!FLAGS);
+    }
+
+    /// Where the message sits in the store, when it is persistent and the
+    /// queue durable.
+    pub fn stored(&self) -> Option<StoredRef> {
+        self.flag(STORED).then(|| StoredRef {
+            id: self.stored_id,
+            segment: (self.stored_at >> 32) as u32,
+            offset: self.stored_at as u32,
+        })
+    }
+
+    pub fn set_stored(&mut self, stored: Option<StoredRef>) {
+        let s = stored.unwrap_or(StoredRef {
+            id: 0,
+            segment: 0,
+            offset: 0,
+        });
+        self.stored_id = s.id;
+        self.stored_at = (u64::from(s.segment) << 32) | u64::from(s.offset);
+        self.set_flag(STORED, stored.is_some());
+    }
+
+    /// When it expires, in ms since the epoch.
+    pub fn expires_at(&self) -> Option<u64> {
+        (self.expires_at != NO_EXPIRY).then_some(self.expires_at)
+    }
+
+    /// Sets the expiry (a deadline of `u64::MAX` is as good as none).
+    pub fn set_expires_at(&mut self, at: Option<u64>) {
+        self.expires_at = at.unwrap_or(NO_EXPIRY);
+    }
+
+    /// The body's length when the body is only on disk (paged out): `message`
+    /// is then a copy without it.
+    pub fn on_disk(&self) -> Option<u32> {
+        self.flag(ON_DISK).then_some(self.disk_len)
+    }
+
+    pub fn set_on_disk(&mut self, len: Option<u32>) {
+        self.disk_len = len.unwrap_or(0);
+        self.set_flag(ON_DISK, len.is_some());
+    }
+
     /// The body's length, wherever the body is (what length limits count).
     pub fn body_len(&self) -> usize {
-        self.on_disk
+        self.on_disk()
             .map_or_else(|| self.message.body_size(), |len| len as usize)
     }
 
@@ -94,11 +197,25 @@ impl QueuedMessage {
     /// per-message overhead while in memory (issue 6: bodies alone let 16-byte
     /// messages grow the broker to gigabytes unnoticed), nothing once paged out.
     pub fn resident(&self) -> usize {
-        if self.on_disk.is_some() {
+        if self.flag(ON_DISK) {
             0
         } else {
             crate::memory::cost(self.message.body_size())
         }
+    }
+}
+
+impl std::fmt::Debug for QueuedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedMessage")
+            .field("id", &self.id)
+            .field("message", &self.message)
+            .field("redelivered", &self.redelivered())
+            .field("stored", &self.stored())
+            .field("expires_at", &self.expires_at())
+            .field("delivery_count", &self.delivery_count())
+            .field("on_disk", &self.on_disk())
+            .finish()
     }
 }
 
@@ -160,7 +277,7 @@ impl Ready {
     fn added(&mut self, m: &QueuedMessage) {
         self.len += 1;
         self.bytes += m.body_len();
-        self.expiring += usize::from(m.expires_at.is_some());
+        self.expiring += usize::from(m.expires_at().is_some());
     }
 
     fn removed(&mut self, m: &QueuedMessage) {
@@ -168,7 +285,7 @@ impl Ready {
         self.bytes = self.bytes.saturating_sub(m.body_len());
         self.expiring = self
             .expiring
-            .saturating_sub(usize::from(m.expires_at.is_some()));
+            .saturating_sub(usize::from(m.expires_at().is_some()));
     }
 
     fn push_front(&mut self, m: QueuedMessage) {
@@ -213,7 +330,7 @@ impl Ready {
     /// or `< now` when `strict` (a TTL of 0 may still be delivered at publish).
     fn pop_expired(&mut self, now: u64, strict: bool, out: &mut Vec<QueuedMessage>) {
         let expired = |m: &QueuedMessage| {
-            m.expires_at
+            m.expires_at()
                 .is_some_and(|at| if strict { at < now } else { at <= now })
         };
         let mut taken = Vec::new();
@@ -235,7 +352,7 @@ impl Ready {
         }
         self.levels
             .iter()
-            .filter_map(|q| q.front().and_then(|m| m.expires_at))
+            .filter_map(|q| q.front().and_then(QueuedMessage::expires_at))
             .min()
             .unwrap_or(NEVER)
     }
@@ -246,8 +363,9 @@ impl Ready {
         let mut expiring = 0;
         for q in &mut self.levels {
             for m in q.iter_mut() {
-                m.expires_at = f(&m.message, m.expires_at);
-                expiring += usize::from(m.expires_at.is_some());
+                let at = f(&m.message, m.expires_at());
+                m.set_expires_at(at);
+                expiring += usize::from(at.is_some());
             }
         }
         self.expiring = expiring;
@@ -743,15 +861,11 @@ impl Queue {
         }
         st.counts.bump(Stat::Publish);
         let expires_at = Self::expiry_of(st.settings.message_ttl, &message, now);
-        st.ready.insert_by_id(QueuedMessage {
-            id: index,
-            message,
-            redelivered: delivery_count > 0,
-            stored: None,
-            expires_at,
-            delivery_count,
-            on_disk: None,
-        });
+        let mut qm = QueuedMessage::new(index, message);
+        qm.set_redelivered(delivery_count > 0);
+        qm.set_delivery_count(delivery_count);
+        qm.set_expires_at(expires_at);
+        st.ready.insert_by_id(qm);
         self.dispatch_locked(&mut st, now);
         self.finish(st, now);
     }
@@ -840,21 +954,15 @@ impl Queue {
             if on_disk.is_none() {
                 self.memory.sub(crate::memory::cost(message.body_size()));
             }
-            self.forget_stored(stored.iter());
+            self.forget_stored(stored);
             return Enqueued::Accepted;
         }
         st.counts.bump(Stat::Publish);
         let id = st.next_id;
         st.next_id += 1;
-        let qm = QueuedMessage {
-            id,
-            message,
-            redelivered: false,
-            stored,
-            expires_at: None,
-            delivery_count: 0,
-            on_disk,
-        };
+        let mut qm = QueuedMessage::new(id, message);
+        qm.set_stored(stored);
+        qm.set_on_disk(on_disk);
         let outcome = match due.filter(|due| *due > now) {
             Some(due) => {
                 st.delayed.push(Reverse(Delayed { due, message: qm }));
@@ -911,7 +1019,7 @@ impl Queue {
                 return Enqueued::Rejected;
             }
         }
-        qm.expires_at = Self::expiry_of(st.settings.message_ttl, &qm.message, base);
+        qm.set_expires_at(Self::expiry_of(st.settings.message_ttl, &qm.message, base));
         st.ready.push_back(qm);
         self.dispatch_locked(st, now);
         if st.ready.expiring > 0 {
@@ -975,28 +1083,23 @@ impl Queue {
             // continue from it rather than restarting at boot.
             let received = m.received_ms.unwrap_or(now);
             let due = delay_of(&message).map(|d| received.saturating_add(d));
-            let mut qm = QueuedMessage {
-                id: next,
-                message,
-                redelivered: m.redelivered,
-                stored: Some(m.stored),
-                expires_at: None,
-                // Not stored: a quorum queue's delivery count restarts at boot.
-                delivery_count: 0,
-                on_disk: m.on_disk,
-            };
+            // The delivery count is not stored: a quorum queue's restarts at boot.
+            let mut qm = QueuedMessage::new(next, message);
+            qm.set_redelivered(m.redelivered);
+            qm.set_stored(Some(m.stored));
+            qm.set_on_disk(m.on_disk);
             match due {
                 Some(due) if due > now => {
                     st.delayed.push(Reverse(Delayed { due, message: qm }));
                 }
                 _ => {
                     qm.message = released(&qm.message);
-                    qm.expires_at = Self::expiry_of(
+                    qm.set_expires_at(Self::expiry_of(
                         st.settings.message_ttl,
                         &qm.message,
                         due.unwrap_or(received),
-                    );
-                    if qm.on_disk.is_some() && !compact {
+                    ));
+                    if qm.on_disk().is_some() && !compact {
                         // Recovery gave the properties; nothing reads them now.
                         qm.message = paged(&qm.message, prioritised, false);
                     }
@@ -1011,8 +1114,10 @@ impl Queue {
     /// (the disk lost it) drops the message, loudly: handing out an empty or
     /// wrong body would be worse.
     fn load(&self, mut m: QueuedMessage) -> Option<QueuedMessage> {
-        let Some(len) = m.on_disk else { return Some(m) };
-        let read = match (&self.durable, m.stored) {
+        let Some(len) = m.on_disk() else {
+            return Some(m);
+        };
+        let read = match (&self.durable, m.stored()) {
             (Some((store, _)), Some(stored)) => store.read_message(stored),
             _ => Err(std::io::Error::other("no store reference")),
         };
@@ -1021,23 +1126,23 @@ impl Queue {
                 // Ready messages are released ones: a stored x-delay must not
                 // delay the copy read back.
                 m.message = released(&Arc::new(full));
-                m.on_disk = None;
+                m.set_on_disk(None);
                 self.memory.add(crate::memory::cost(len as usize));
                 Some(m)
             }
             Err(e) => {
                 tracing::error!(queue = %self.name, vhost = %self.vhost, error = %e, "cannot read a paged-out message back; dropping it");
-                self.forget_stored(m.stored.iter());
+                self.forget_stored(m.stored());
                 None
             }
         }
     }
 
     /// Tells the store these messages left the queue for good.
-    fn forget_stored<'a>(&self, stored: impl Iterator<Item = &'a StoredRef>) {
+    fn forget_stored(&self, stored: impl IntoIterator<Item = StoredRef>) {
         if let Some((store, queue_id)) = &self.durable {
             for s in stored {
-                store.append_ack(*queue_id, *s);
+                store.append_ack(*queue_id, s);
             }
         }
     }
@@ -1045,7 +1150,7 @@ impl Queue {
     /// Tells the store a message was handed out, so a restart marks it redelivered.
     fn note_delivered(&self, message: &QueuedMessage) {
         if let (Some((store, queue_id)), Some(stored), false) =
-            (&self.durable, message.stored, message.redelivered)
+            (&self.durable, message.stored(), message.redelivered())
         {
             store.append_delivered(*queue_id, stored);
         }
@@ -1112,7 +1217,7 @@ impl Queue {
             if let Some(vhost) = self.home.upgrade() {
                 for (m, reason) in &dead {
                     if let Some(reason) = reason {
-                        let full = match (m.on_disk, &self.durable, m.stored) {
+                        let full = match (m.on_disk(), &self.durable, m.stored()) {
                             (Some(_), Some((store, _)), Some(stored)) => {
                                 match store.read_message(stored) {
                                     Ok(full) => Arc::new(full),
@@ -1129,7 +1234,7 @@ impl Queue {
                 }
             }
         }
-        self.forget_stored(dead.iter().filter_map(|(m, _)| m.stored.as_ref()));
+        self.forget_stored(dead.iter().filter_map(|(m, _)| m.stored()));
         if let Some(link) = self.quorum.get() {
             link.discard(dead.iter().map(|(m, _)| m.id).collect());
         }
@@ -1186,13 +1291,13 @@ impl Queue {
                 consumer.release(1);
                 continue;
             };
-            if message.redelivered {
+            if message.redelivered() {
                 st.counts.bump(Stat::Redeliver);
             }
             if consumer.no_ack() {
                 st.counts.bump(Stat::DeliverNoAck);
                 self.memory.sub(message.resident());
-                self.forget_stored(message.stored.iter());
+                self.forget_stored(message.stored());
                 if let Some(link) = self.quorum.get() {
                     link.settle(vec![message.id]);
                 }
@@ -1323,14 +1428,14 @@ impl Queue {
             st.counts.bump(Stat::GetEmpty);
         }
         let got = next.map(|message| {
-            if message.redelivered {
+            if message.redelivered() {
                 st.counts.bump(Stat::Redeliver);
             }
             st.counts
                 .bump(if no_ack { Stat::GetNoAck } else { Stat::Get });
             if no_ack {
                 self.memory.sub(message.resident());
-                self.forget_stored(message.stored.iter());
+                self.forget_stored(message.stored());
             } else {
                 st.unacked += 1;
                 self.note_delivered(&message);
@@ -1385,7 +1490,7 @@ impl Queue {
             std::mem::take(&mut st.handover_pending)
         };
         self.memory.sub(bytes);
-        self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
+        self.forget_stored(messages.iter().filter_map(QueuedMessage::stored));
         if resume {
             if let Some(me) = self.me.upgrade() {
                 me.dispatch();
@@ -1435,22 +1540,22 @@ impl Queue {
             drop(st);
             self.memory
                 .sub(messages.iter().map(QueuedMessage::resident).sum());
-            self.forget_stored(messages.iter().filter_map(|m| m.stored.as_ref()));
+            self.forget_stored(messages.iter().filter_map(QueuedMessage::stored));
             return;
         }
         let settings = st.settings.clone();
         for mut m in messages {
-            m.redelivered = true;
+            m.set_redelivered(true);
             if settings.quorum {
-                m.delivery_count = m.delivery_count.saturating_add(1);
+                m.set_delivery_count(m.delivery_count().saturating_add(1));
                 if settings
                     .delivery_limit
-                    .is_some_and(|limit| u64::from(m.delivery_count) > limit)
+                    .is_some_and(|limit| u64::from(m.delivery_count()) > limit)
                 {
                     st.dead.push((m, Some(DeathReason::DeliveryLimit)));
                     continue;
                 }
-                m.message = with_delivery_count(&m.message, m.delivery_count);
+                m.message = with_delivery_count(&m.message, m.delivery_count());
             }
             st.ready.insert_by_id(m);
         }
@@ -1504,7 +1609,7 @@ impl Queue {
         self.finish(st, now);
         self.memory
             .sub(dropped.iter().map(QueuedMessage::resident).sum());
-        self.forget_stored(dropped.iter().filter_map(|m| m.stored.as_ref()));
+        self.forget_stored(dropped.iter().filter_map(QueuedMessage::stored));
         dropped.len()
     }
 
@@ -1580,7 +1685,7 @@ impl Queue {
             dropped
                 .iter()
                 .chain(&delayed)
-                .filter_map(|m| m.stored.as_ref()),
+                .filter_map(QueuedMessage::stored),
         );
         for c in &consumers {
             c.notify_cancelled();
@@ -1590,10 +1695,61 @@ impl Queue {
 }
 
 #[cfg(test)]
-mod size_tests {
+mod entry_tests {
+    use super::*;
+    use crate::message::Properties;
+
     /// A queue's index costs this per message (issue 11): keep it small.
     #[test]
     fn queued_message_stays_small() {
-        assert!(std::mem::size_of::<super::QueuedMessage>() <= 72);
+        assert_eq!(std::mem::size_of::<QueuedMessage>(), 48);
+    }
+
+    /// The packed fields read back what was set, independently of each other.
+    #[test]
+    fn packed_fields_round_trip() {
+        let mut m = QueuedMessage::new(7, Message::new("", "k", Properties::default(), "b".into()));
+        assert_eq!(
+            (
+                m.redelivered(),
+                m.stored(),
+                m.expires_at(),
+                m.delivery_count(),
+                m.on_disk()
+            ),
+            (false, None, None, 0, None)
+        );
+        let at = StoredRef {
+            id: u64::MAX - 1,
+            segment: u32::MAX,
+            offset: 0x8000_0001,
+        };
+        m.set_stored(Some(at));
+        m.set_on_disk(Some(u32::MAX));
+        m.set_delivery_count(u32::MAX);
+        m.set_expires_at(Some(0));
+        assert_eq!(m.stored(), Some(at));
+        assert_eq!(m.on_disk(), Some(u32::MAX));
+        assert_eq!(m.delivery_count(), !FLAGS, "saturates below the flags");
+        assert!(!m.redelivered(), "the count does not spill into the flags");
+        assert_eq!(m.expires_at(), Some(0));
+        assert_eq!(m.body_len(), u32::MAX as usize);
+        assert_eq!(m.resident(), 0);
+        m.set_redelivered(true);
+        m.set_delivery_count(3);
+        m.set_on_disk(None);
+        m.set_stored(None);
+        m.set_expires_at(None);
+        assert_eq!(
+            (
+                m.redelivered(),
+                m.stored(),
+                m.expires_at(),
+                m.delivery_count(),
+                m.on_disk()
+            ),
+            (true, None, None, 3, None)
+        );
+        assert_eq!(m.body_len(), 1);
     }
 }

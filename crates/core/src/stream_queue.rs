@@ -564,15 +564,7 @@ impl StreamQueue {
             consumer.deliver(Delivery {
                 consumer: consumer.clone(),
                 queue: queue.clone(),
-                message: QueuedMessage {
-                    id: offset,
-                    message,
-                    redelivered: false,
-                    stored: None,
-                    expires_at: None,
-                    delivery_count: 0,
-                    on_disk: None,
-                },
+                message: QueuedMessage::new(offset, message),
             });
         }
     }

@@ -559,7 +559,7 @@ fn quorum_delivery_limit_dead_letters_after_limit_returns() {
     assert!(first.message.message.properties.headers.is_none());
     q.requeue(vec![first.message]);
     let second = q.get(false).unwrap();
-    assert!(second.message.redelivered);
+    assert!(second.message.redelivered());
     let h2 = second.message.message.properties.headers.clone().unwrap();
     assert_eq!(h2.get_i64("x-delivery-count"), Some(1));
     q.requeue(vec![second.message]);

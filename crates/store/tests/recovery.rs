@@ -522,7 +522,7 @@ fn compact_recovered_entries_keep_priority_ttl_and_redelivery() {
     while let Some(g) = queue.get(true) {
         got.push((
             String::from_utf8(g.message.message.body.to_vec()).unwrap(),
-            g.message.redelivered,
+            g.message.redelivered(),
         ));
     }
     assert_eq!(

@@ -39,7 +39,8 @@ impl Queue {
         };
         head.into_iter()
             .filter_map(|m| {
-                let message = match (m.on_disk, &self.durable, m.stored) {
+                let (redelivered, delivery_count) = (m.redelivered(), m.delivery_count());
+                let message = match (m.on_disk(), &self.durable, m.stored()) {
                     (None, _, _) => m.message,
                     (Some(_), Some((store, _)), Some(stored)) => {
                         released(&Arc::new(store.read_message(stored).ok()?))
@@ -48,8 +49,8 @@ impl Queue {
                 };
                 Some(Peeked {
                     message,
-                    redelivered: m.redelivered,
-                    delivery_count: m.delivery_count,
+                    redelivered,
+                    delivery_count,
                 })
             })
             .collect()

@@ -399,7 +399,7 @@ async fn get_messages(
         let Some(got) = q.get(false) else { break };
         out.push(message_json(
             &got.message.message,
-            got.message.redelivered,
+            got.message.redelivered(),
             got.remaining,
             auto,
             truncate,

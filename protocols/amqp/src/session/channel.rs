@@ -571,7 +571,7 @@ impl Channel {
         let tag = self.next_tag;
         self.next_tag += 1;
         let qt = d.queue.queue_type();
-        if d.message.redelivered {
+        if d.message.redelivered() {
             self.stats.add_for(qt, Stat::Redeliver, 1);
         }
         let kind = if d.consumer.no_ack() {
@@ -584,7 +584,7 @@ impl Channel {
         let deliver = codec::BasicDeliver {
             consumer_tag: d.consumer.tag().to_owned(),
             delivery_tag: tag,
-            redelivered: d.message.redelivered,
+            redelivered: d.message.redelivered(),
             exchange: msg.exchange.clone(),
             routing_key: msg.routing_key.clone(),
         };
@@ -1149,7 +1149,7 @@ impl Channel {
         };
         let tag = self.next_tag;
         self.next_tag += 1;
-        if got.message.redelivered {
+        if got.message.redelivered() {
             self.stats.add_for(qt, Stat::Redeliver, 1);
         }
         self.stats
@@ -1157,7 +1157,7 @@ impl Channel {
         let msg = &got.message.message;
         let ok = codec::BasicGetOk {
             delivery_tag: tag,
-            redelivered: got.message.redelivered,
+            redelivered: got.message.redelivered(),
             exchange: msg.exchange.clone(),
             routing_key: msg.routing_key.clone(),
             message_count: count(got.remaining),

@@ -1541,7 +1541,7 @@ impl Session {
         };
         let qos = mapping::published_qos(&msg).min(sub_qos);
         let mut p = Publish {
-            dup: d.message.redelivered && qos != QoS::AtMostOnce,
+            dup: d.message.redelivered() && qos != QoS::AtMostOnce,
             qos,
             retain: rap && mapping::published_retain(&msg),
             topic,
@@ -1551,7 +1551,7 @@ impl Session {
         };
         if let Some(stats) = &self.stats {
             let qt = d.queue.queue_type();
-            if d.message.redelivered {
+            if d.message.redelivered() {
                 stats.add_for(qt, Stat::Redeliver, 1);
             }
             let kind = if qos == QoS::AtMostOnce {

@@ -1034,7 +1034,7 @@ impl Session {
                     self.next_message_id += 1;
                     if let Some(stats) = &self.stats {
                         let qt = d.queue.queue_type();
-                        if d.message.redelivered {
+                        if d.message.redelivered() {
                             stats.add_for(qt, Stat::Redeliver, 1);
                         }
                         let kind = if d.consumer.no_ack() {
@@ -1094,7 +1094,7 @@ impl Session {
         if self.version == Version::V1_2 {
             w.header("ack", &id_text);
         }
-        if queued.redelivered {
+        if queued.redelivered() {
             w.header("redelivered", "true");
         }
         mapping::write_property_headers(&mut w, &msg.properties);
