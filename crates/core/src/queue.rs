@@ -148,7 +148,7 @@ impl QueuedMessage {
     /// Where the message sits in the store, when it is persistent and the
     /// queue durable.
     pub fn stored(&self) -> Option<StoredRef> {
-        self.flag(STORED).then(|| StoredRef {
+        self.flag(STORED).then_some(StoredRef {
             id: self.stored_id,
             segment: (self.stored_at >> 32) as u32,
             offset: self.stored_at as u32,
