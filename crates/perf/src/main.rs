@@ -318,6 +318,9 @@ async fn run_cli(cli: Cli) -> Result<()> {
         );
     }
 
+    if let Some(pid) = cli.broker_pid {
+        procstat::reset_peak(pid);
+    }
     let broker_start = cli.broker_pid.map(procstat::sample).transpose()?;
     let client_start = procstat::sample_self()?;
     let machine_start = procstat::machine_busy_secs()?;

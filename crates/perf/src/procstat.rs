@@ -26,6 +26,14 @@ pub fn sample(pid: u32) -> Result<Sample> {
     read(&format!("/proc/{pid}"))
 }
 
+/// Resets the process's VmHWM to its current resident set (`clear_refs` 5),
+/// so that the peak a run reports is that run's own, not the largest since the
+/// broker started (one broker serves many cases in a row). Best effort: where
+/// it cannot be written (another user's process) the peak stays cumulative.
+pub fn reset_peak(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
 pub fn sample_self() -> Result<Sample> {
     read("/proc/self")
 }
