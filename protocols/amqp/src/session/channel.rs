@@ -393,8 +393,14 @@ impl Channel {
         let mut message = Message::new(publish.exchange, publish.routing_key, properties, body);
         // The receive time is stored with a persistent message: TTLs and delays
         // continue from it after a restart. Only this task holds the Arc yet.
+        // The small body is copied out of the read buffer here, not only when
+        // the vhost routes it: this channel keeps a clone of the Arc while it
+        // routes (for a mandatory return), so the vhost's copy would find it
+        // shared and skip, and each queued 16-byte message kept its 64 KiB
+        // read buffer alive (issue 11).
         if let Some(m) = Arc::get_mut(&mut message) {
             m.received_ms = Some(unix_now_ms());
+            m.own_small_body();
         }
         if let Some(ops) = self.tx.as_mut() {
             // The exchange must exist now, though the routing happens at commit.
