@@ -394,7 +394,7 @@ impl Channel {
         // The receive time is stored with a persistent message: TTLs and delays
         // continue from it after a restart. Only this task holds the Arc yet.
         if let Some(m) = Arc::get_mut(&mut message) {
-            m.received_ms = Some(unix_now_ms());
+            m.received_ms = Some(unix_now_ms()).into();
         }
         if let Some(ops) = self.tx.as_mut() {
             // The exchange must exist now, though the routing happens at commit.
@@ -435,7 +435,7 @@ impl Channel {
         message: Arc<Message>,
         mandatory: bool,
     ) -> Result<Routed, MethodError> {
-        let now = message.received_ms.unwrap_or_else(unix_now_ms);
+        let now = message.received_ms.get().unwrap_or_else(unix_now_ms);
         let routed = ctx
             .vhost
             .publish_at(message.clone(), now)
