@@ -20,7 +20,7 @@
 //! values of unexpected types are skipped.
 
 use crate::field::{FieldTable, FieldValue};
-use crate::message::{Message, Properties, DELIVERY_MODE_PERSISTENT};
+use crate::message::{Message, Properties, Stamp, DELIVERY_MODE_PERSISTENT};
 use bytes::{BufMut, Bytes};
 
 /// Section descriptors (AMQP 1.0 §3.2).
@@ -429,8 +429,8 @@ pub fn decode(data: &Bytes, routing_key: &str) -> Result<Message, DecodeError> {
         routing_key: key.unwrap_or_else(|| routing_key.to_owned()),
         properties: properties.into(),
         body,
-        origin: None,
-        received_ms: None,
+        origin: Stamp::NONE,
+        received_ms: Stamp::NONE,
         topic: None,
     })
 }
@@ -705,8 +705,8 @@ mod tests {
             }
             .into(),
             body: Bytes::from_static(b"hello"),
-            origin: None,
-            received_ms: None,
+            origin: Stamp::NONE,
+            received_ms: Stamp::NONE,
             topic: None,
         }
     }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use crate::field::{FieldTable, FieldValue};
-use crate::message::Message;
+use crate::message::{Message, Stamp};
 use crate::queue::Queue;
 
 /// Why a message was dead-lettered (RabbitMQ's reason names).
@@ -135,8 +135,8 @@ pub fn dead_lettered(
         routing_key: key.to_owned(),
         properties,
         body: message.body.clone(),
-        origin: None,
-        received_ms: None,
+        origin: Stamp::NONE,
+        received_ms: Stamp::NONE,
         topic: message.topic.clone(),
     })
 }

@@ -38,4 +38,4 @@ pub mod vhost;
 pub use broker::{Broker, MetaLog, MetaLogCell};
 pub use error::{CoreError, CoreResult, ErrorKind};
 pub use field::{FieldTable, FieldValue};
-pub use message::{Message, Properties, Props};
+pub use message::{Message, Properties, Props, Stamp};

@@ -621,7 +621,7 @@ impl StreamQueue {
                                         .get_or_insert_with(FieldTable::new)
                                         .insert(FILTER_VALUE_HEADER, FieldValue::string(f));
                                 }
-                                m.received_ms = u64::try_from(chunk.timestamp).ok();
+                                m.received_ms = u64::try_from(chunk.timestamp).ok().into();
                                 m
                             }
                             Err(e) => {

@@ -1553,9 +1553,10 @@ impl VHost {
                 // The receive time is stored with the message: a restart re-derives
                 // the due time from it and the header.
                 if message.received_ms.is_none() {
-                    Arc::make_mut(&mut message).received_ms = Some(now);
+                    Arc::make_mut(&mut message).received_ms = Some(now).into();
                 }
-                Some(message.received_ms.unwrap_or(now).saturating_add(delay))
+                let received = message.received_ms.get().unwrap_or(now);
+                Some(received.saturating_add(delay))
             }
             None => None,
         };

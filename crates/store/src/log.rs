@@ -306,7 +306,7 @@ impl MessageLog {
                     if !qs.iter().any(|q| queues.contains(q)) {
                         return;
                     }
-                    let received_ms = message.received_ms;
+                    let received_ms = message.received_ms.get();
                     let (kept, on_disk) = keep(*message, &mut resident, resident_budget);
                     let stored = StoredRef {
                         id,
@@ -703,7 +703,7 @@ mod tests {
             panic!("old record not read");
         };
         assert_eq!(
-            (id, &message.routing_key[..], message.origin),
+            (id, &message.routing_key[..], message.origin.get()),
             (7, "a.b", Some(5))
         );
         assert_eq!(message.topic, None);

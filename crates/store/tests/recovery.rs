@@ -413,7 +413,7 @@ fn messages_past_the_budget_are_recovered_as_compact_entries() {
         let mut p = 0;
         for i in 0..100 {
             let mut m = msg(&format!("plain-{i}"));
-            m.received_ms = Some(1_000 + i);
+            m.received_ms = Some(1_000 + i).into();
             p = store.append_message(&[q], &m).1;
         }
         for m in &needing {
@@ -494,7 +494,7 @@ fn compact_recovered_entries_keep_priority_ttl_and_redelivery() {
             .unwrap();
         let append = |body: &str, received: u64, priority: Option<u8>| {
             let mut m = msg(body);
-            m.received_ms = Some(received);
+            m.received_ms = Some(received).into();
             m.properties.priority = priority;
             store.append_message(&[id], &m)
         };

@@ -313,14 +313,14 @@ pub fn to_core(
     } else {
         m.topic.contains('.')
     };
-    let topic = loses_topic.then_some(m.topic);
+    let topic = loses_topic.then(|| m.topic.into_boxed_str());
     Arc::new(Message {
         exchange: exchange.to_owned(),
         routing_key,
         properties: properties.into(),
         body: m.payload,
-        origin: Some(origin),
-        received_ms: Some(now_ms),
+        origin: Some(origin).into(),
+        received_ms: Some(now_ms).into(),
         topic,
     })
 }
@@ -375,7 +375,7 @@ fn header_text(v: &FieldValue) -> Option<String> {
 pub fn from_core(m: &Message, lossless: bool, now_ms: u64) -> Option<(String, Properties)> {
     let mut p = Properties::default();
     if let Some(ms) = m.properties.expiration_ms() {
-        let elapsed = m.received_ms.map_or(0, |r| now_ms.saturating_sub(r));
+        let elapsed = m.received_ms.get().map_or(0, |r| now_ms.saturating_sub(r));
         let left = ms.checked_sub(elapsed).filter(|l| *l > 0)?;
         p.message_expiry_interval = Some(u32::try_from(left.div_ceil(1000)).unwrap_or(u32::MAX));
     }
@@ -423,7 +423,7 @@ pub fn from_core(m: &Message, lossless: bool, now_ms: u64) -> Option<(String, Pr
 /// key (`.` -> `/`).
 pub fn topic_of(m: &Message, lossless: bool) -> String {
     match &m.topic {
-        Some(t) if topic_to_key(t, lossless) == m.routing_key => t.clone(),
+        Some(t) if topic_to_key(t, lossless) == m.routing_key => String::from(&**t),
         _ => key_to_topic(&m.routing_key, lossless),
     }
 }

@@ -701,8 +701,10 @@ impl MqttState {
         // A random origin rather than `broker.next_id()`: origins are stamped
         // on messages that outlive a restart in durable queues, and ids restart
         // from 1, so a counter would let a new session take an old one's origin
-        // and have no-local drop messages that are not its own.
-        let mut data = SessionData::new(key.clone(), rand::random::<u64>());
+        // and have no-local drop messages that are not its own. Below
+        // `u64::MAX`, which a message's origin stamp reserves for "none".
+        let origin = rand::random::<u64>().min(u64::MAX - 1);
+        let mut data = SessionData::new(key.clone(), origin);
         data.owner = Some(conn);
         data.kick = Some(kick);
         let session = Arc::new(Mutex::new(data));

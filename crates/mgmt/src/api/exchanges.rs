@@ -260,7 +260,7 @@ async fn publish(
     let mut message = Message::new(name, routing_key, properties, payload);
     let now = super::now_ms();
     if let Some(msg) = Arc::get_mut(&mut message) {
-        msg.received_ms = Some(now);
+        msg.received_ms = Some(now).into();
     }
     let routed = v.publish_at(message, now)?;
     Ok(super::json(json!({"routed": routed.queues > 0})))

@@ -399,7 +399,7 @@ impl Channel {
         // shared and skip, and each queued 16-byte message kept its 64 KiB
         // read buffer alive (issue 11).
         if let Some(m) = Arc::get_mut(&mut message) {
-            m.received_ms = Some(unix_now_ms());
+            m.received_ms = Some(unix_now_ms()).into();
             m.own_small_body();
         }
         if let Some(ops) = self.tx.as_mut() {
@@ -441,7 +441,7 @@ impl Channel {
         message: Arc<Message>,
         mandatory: bool,
     ) -> Result<Routed, MethodError> {
-        let now = message.received_ms.unwrap_or_else(unix_now_ms);
+        let now = message.received_ms.get().unwrap_or_else(unix_now_ms);
         let routed = ctx
             .vhost
             .publish_at(message.clone(), now)

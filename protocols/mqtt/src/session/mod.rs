@@ -1517,7 +1517,7 @@ impl Session {
                 continue;
             }
             if (topic.starts_with('$') && s.filter.starts_with(['+', '#']))
-                || (s.options.no_local && msg.origin == Some(data.origin))
+                || (s.options.no_local && msg.origin.get() == Some(data.origin))
             {
                 excluded = true;
                 continue;
