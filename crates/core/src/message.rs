@@ -217,7 +217,7 @@ pub struct Message {
     /// subscribers exactly what was published; no converter shows it to AMQP or
     /// STOMP clients. It is stored with the message and kept by dead-lettering.
     /// Last in the struct so that records written before it existed still
-    /// decode ([`Message::decode_stored`]). A `Box<str>`, not a `String`:
+    /// decode (as [`MessageV1`]). A `Box<str>`, not a `String`:
     /// 8 bytes less, and serialised the same.
     pub topic: Option<Box<str>>,
 }

@@ -423,7 +423,7 @@ impl QueueSettings {
     }
 
     /// Merges queue arguments with the policy and the operator policy that
-    /// apply: the two policies first (see [`merge_operator`]), then the result
+    /// apply: the two policies first (see `merge_operator`), then the result
     /// with the arguments (see the module comment).
     pub fn resolve_with(
         arguments: &FieldTable,

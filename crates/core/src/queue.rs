@@ -12,7 +12,7 @@
 //!
 //! Messages that leave the queue for good while the lock is held (expired,
 //! dropped by a length limit, over the delivery limit) are collected in the state
-//! and dead-lettered only after the lock is released ([`Queue::bury`]): the
+//! and dead-lettered only after the lock is released (`Queue::bury`): the
 //! dead-letter exchange may route them back into this very queue.
 //!
 //! Expiry follows RabbitMQ: only messages at the head of the queue expire (of

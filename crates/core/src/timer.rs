@@ -79,7 +79,7 @@ impl Timers {
         self.earliest.fetch_min(deadline, Ordering::AcqRel);
     }
 
-    /// The earliest deadline scheduled since the last [`Timers::reset`].
+    /// The earliest deadline scheduled since the last `Timers::reset`.
     pub fn earliest(&self) -> u64 {
         self.earliest.load(Ordering::Acquire)
     }
