@@ -1708,17 +1708,19 @@ mod entry_tests {
     /// The packed fields read back what was set, independently of each other.
     #[test]
     fn packed_fields_round_trip() {
-        let mut m = QueuedMessage::new(7, Message::new("", "k", Properties::default(), "b".into()));
-        assert_eq!(
+        /// Every packed field, as it reads back.
+        type Fields = (bool, Option<StoredRef>, Option<u64>, u32, Option<u32>);
+        let fields = |m: &QueuedMessage| -> Fields {
             (
                 m.redelivered(),
                 m.stored(),
                 m.expires_at(),
                 m.delivery_count(),
-                m.on_disk()
-            ),
-            (false, None, None, 0, None)
-        );
+                m.on_disk(),
+            )
+        };
+        let mut m = QueuedMessage::new(7, Message::new("", "k", Properties::default(), "b".into()));
+        assert_eq!(fields(&m), (false, None, None, 0, None));
         let at = StoredRef {
             id: u64::MAX - 1,
             segment: u32::MAX,
@@ -1740,16 +1742,7 @@ mod entry_tests {
         m.set_on_disk(None);
         m.set_stored(None);
         m.set_expires_at(None);
-        assert_eq!(
-            (
-                m.redelivered(),
-                m.stored(),
-                m.expires_at(),
-                m.delivery_count(),
-                m.on_disk()
-            ),
-            (true, None, None, 3, None)
-        );
+        assert_eq!(fields(&m), (true, None, None, 3, None));
         assert_eq!(m.body_len(), 1);
     }
 }
