@@ -18,6 +18,10 @@
 //!   it published into that are behind their consumers are recorded; the driver
 //!   then stops reading (and only reading) until they catch up, or at most
 //!   [`FLOW_MAX_PAUSE`] per read. This is the one hook of it here.
+//! - A connection that reads a full chunk (its client streams) yields to the
+//!   runtime after handling it, so the consumers its messages woke run before
+//!   its next chunk, even when the queue between them never falls behind
+//!   (an MQTT subscription queue that drops its oldest at a limit).
 //! - Everything produced while handling one read (replies, confirms,
 //!   deliveries) goes out with one `write` when the stream accepts it.
 //! - When the session closes, what it produced last (a close, an ERROR, a
@@ -378,6 +382,15 @@ where
                                 input.reserve(READ_CHUNK);
                             }
                         }
+                        if n >= SMALL_IO {
+                            // A streaming publisher gives the tasks it just woke
+                            // (its queues' consumers) a turn after each chunk.
+                            // Without it they wait in this worker's LIFO slot,
+                            // which other workers cannot steal from, until the
+                            // runtime's budget (128 reads here: a quarter of a
+                            // million messages) makes this task yield.
+                            tokio::task::yield_now().await;
+                        }
                     }
                 },
                 () = armed(&mut flow_paused), if flow_paused.is_some() => flow_paused = None,
@@ -588,12 +601,16 @@ mod tests {
         /// The input buffer's allocation at each `handle_input`, and the
         /// output buffer's at each deadline (what an idle connection holds).
         seen: Arc<std::sync::Mutex<Seen>>,
+        /// Counted by another task each time it runs (see `Seen`).
+        other_task: Option<Arc<std::sync::atomic::AtomicUsize>>,
     }
 
     #[derive(Default)]
     struct Seen {
         input_capacity: Vec<usize>,
         output_capacity: Vec<usize>,
+        /// `other_task`'s count at each `handle_input`, when set.
+        other_task_at_input: Vec<usize>,
     }
 
     impl Session for Echo {
@@ -603,6 +620,10 @@ mod tests {
         fn handle_input(&mut self, input: &mut BytesMut) {
             if let Ok(mut seen) = self.seen.lock() {
                 seen.input_capacity.push(input.capacity());
+                if let Some(count) = &self.other_task {
+                    seen.other_task_at_input
+                        .push(count.load(std::sync::atomic::Ordering::Relaxed));
+                }
             }
             while let Some(n) = input.iter().position(|b| *b == b'\n') {
                 let line = input.split_to(n + 1);
@@ -916,6 +937,88 @@ mod tests {
         );
         // After small writes, the session's output buffer was given back.
         assert_eq!(seen.output_capacity.first(), Some(&0));
+    }
+
+    /// A client that always has another chunk of lines ready (a publisher
+    /// streaming faster than the broker reads), `chunks` times, and takes
+    /// whatever is written to it. Its reads never return `Pending`, so they
+    /// never make the reading task yield by themselves.
+    struct Flood {
+        chunks: usize,
+    }
+
+    impl AsyncRead for Flood {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.chunks > 0 {
+                self.chunks -= 1;
+                let line = b"0123456789abcde\n";
+                while buf.remaining() >= line.len() {
+                    buf.put_slice(line);
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Flood {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The MQTT S5 collapse: a publisher's task that always had input handled
+    /// it for hundreds of thousands of messages before the subscriber's task
+    /// (woken by those very messages) got a turn. On one thread, so the order
+    /// of turns is deterministic.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_streaming_connection_lets_other_tasks_run_between_chunks() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let count = Arc::new(AtomicUsize::new(0));
+        let other = tokio::spawn({
+            let count = count.clone();
+            async move {
+                loop {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+        let session = Echo {
+            seen: seen.clone(),
+            other_task: Some(count.clone()),
+            ..Default::default()
+        };
+        let (signals, _alarm) = signals(&CancellationToken::new());
+        drive(Flood { chunks: 50 }, session, signals).await;
+        other.abort();
+        let seen = seen.lock().unwrap();
+        let at = &seen.other_task_at_input;
+        assert!(at.len() >= 50, "{} reads", at.len());
+        // Every big read after the first found the other task had run since
+        // the one before.
+        let starved = at.windows(2).filter(|w| w[1] == w[0]).count();
+        assert_eq!(starved, 0, "{at:?}");
     }
 
     #[tokio::test]
