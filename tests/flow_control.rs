@@ -252,3 +252,91 @@ async fn a_draining_consumer_is_not_blocked_by_the_alarm() {
     assert!(consumer.status().connected(), "the consumer was not closed");
     memory.set_high_watermark(usize::MAX / 2);
 }
+
+/// Small bodies get an allocation of their own where each adapter makes them
+/// a message (issue 11): two messages read with one read do not share, and so
+/// do not keep alive, the connection's read buffer, whatever the protocol.
+#[tokio::test]
+async fn small_bodies_do_not_keep_their_read_buffer_alive_in_any_protocol() {
+    use switchyard_amqp::codec as amqp;
+    use switchyard_core::vhost::QueueDeclare;
+    use switchyard_testkit::amqp::AmqpRaw;
+    use switchyard_testkit::RawClient;
+
+    let b = start_broker().await;
+    let vhost = b.broker().vhost("/").unwrap();
+    for q in ["small-amqp", "small-stomp", "small-mqtt"] {
+        vhost
+            .declare_queue(QueueDeclare {
+                name: q.into(),
+                ..QueueDeclare::default()
+            })
+            .unwrap();
+    }
+    vhost
+        .bind_queue("small-mqtt", "amq.topic", "small", Default::default(), 0)
+        .unwrap();
+    let body = [b'x'; 16];
+
+    // AMQP: two basic.publish with their header and body frames, one write.
+    let mut amqp_client = AmqpRaw::open(b.amqp_addr(), "guest", "guest", "/")
+        .await
+        .unwrap();
+    amqp_client.open_channel(1).await.unwrap();
+    let mut frames = bytes::BytesMut::new();
+    for _ in 0..2 {
+        let publish = amqp::Method::from(amqp::BasicPublish {
+            routing_key: "small-amqp".into(),
+            ..Default::default()
+        });
+        let props = switchyard_core::Properties::default();
+        amqp::encode_content(
+            &mut frames,
+            1,
+            &publish,
+            &props,
+            &bytes::Bytes::copy_from_slice(&body),
+            131_072,
+        );
+    }
+    amqp_client.send_raw(&frames).await;
+
+    // STOMP: two SENDs, one write.
+    let mut stomp = RawClient::connect(b.stomp_addr()).await;
+    stomp
+        .send(b"CONNECT\naccept-version:1.2\nhost:/\n\n\0")
+        .await;
+    let connected = stomp.read_available(Duration::from_secs(5)).await;
+    assert!(connected.starts_with(b"CONNECTED"), "{connected:?}");
+    let send = [
+        &b"SEND\ndestination:/queue/small-stomp\ncontent-length:16\n\n"[..],
+        &body,
+        b"\0",
+    ]
+    .concat();
+    stomp.send(&[send.clone(), send].concat()).await;
+
+    // MQTT 3.1.1: CONNECT, then two QoS 0 PUBLISHes to `small`, one write.
+    let mut mqtt = RawClient::connect(b.mqtt_addr()).await;
+    mqtt.send(b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01c")
+        .await;
+    assert_eq!(mqtt.read_exact(4).await, b"\x20\x02\x00\x00");
+    let publish = [&b"\x30\x17\x00\x05small"[..], &body].concat();
+    mqtt.send(&[publish.clone(), publish].concat()).await;
+
+    for q in ["small-amqp", "small-stomp", "small-mqtt"] {
+        let queue = vhost.queue(q).unwrap();
+        eventually(&format!("two messages in {q}"), || {
+            queue.message_count() == 2
+        })
+        .await;
+        for peeked in queue.peek(2) {
+            assert_eq!(&peeked.message.body[..], &body[..], "{q}");
+            // Only this message holds its body: no read buffer behind it.
+            assert!(
+                peeked.message.body.is_unique(),
+                "{q}: a slice of a shared buffer"
+            );
+        }
+    }
+}

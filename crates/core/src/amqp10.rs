@@ -425,8 +425,8 @@ pub fn decode(data: &Bytes, routing_key: &str) -> Result<Message, DecodeError> {
         _ => Bytes::from(body.concat()),
     };
     Ok(Message {
-        exchange,
-        routing_key: key.unwrap_or_else(|| routing_key.to_owned()),
+        exchange: exchange.into(),
+        routing_key: key.map_or_else(|| routing_key.into(), Into::into),
         properties: properties.into(),
         body,
         origin: Stamp::NONE,

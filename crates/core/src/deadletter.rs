@@ -131,8 +131,8 @@ pub fn dead_lettered(
     // dead-letter queue sees what was published); the adapter that reads it
     // checks it still fits the routing key, which a dead-letter key replaces.
     Arc::new(Message {
-        exchange: exchange.to_owned(),
-        routing_key: key.to_owned(),
+        exchange: exchange.into(),
+        routing_key: key.into(),
         properties,
         body: message.body.clone(),
         origin: Stamp::NONE,

@@ -12,13 +12,36 @@ use bytes::Bytes;
 
 use crate::field::FieldTable;
 
+/// The exchange name and routing key of a message: a string kept inline up to
+/// 24 bytes (the size of a `String`), so the usual names cost no allocation
+/// of their own per message (an MQTT message's `amq.topic` and topic key, a
+/// queue name as key). Serialised as a string, exactly as `String` was.
+pub type ShortStr = compact_str::CompactString;
+
 /// AMQP `delivery-mode` 2: the message should survive a broker restart when it
 /// sits in a durable queue.
 pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
 
-/// Bodies up to this size are copied out of the read buffer before they are
-/// queued ([`Message::own_small_body`]).
+/// Bodies up to this size are copied out of the read buffer when an adapter
+/// makes them a message ([`own_if_small`]).
 pub const OWN_BODY_MAX: usize = 1024;
+
+/// A body cut from a connection's read buffer, given an allocation of its own
+/// if it is small. The slice shares the whole buffer (up to 64 KiB, read with
+/// many frames), so one small message left in a queue, a retained store or a
+/// mandatory-return clone would keep that buffer alive: copying up to
+/// [`OWN_BODY_MAX`] bytes is cheaper, and a backlog of small messages then
+/// costs what their bodies are, not what their frames were. Larger bodies stay
+/// shared (a copy would cost more than the part of the buffer they pin).
+/// Each adapter calls it once, where it turns a frame's body into a
+/// [`Message`]'s (AMQP content assembly, MQTT PUBLISH, STOMP SEND).
+pub fn own_if_small(body: Bytes) -> Bytes {
+    if !body.is_empty() && body.len() <= OWN_BODY_MAX {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body
+    }
+}
 
 /// The basic properties of a message, all optional.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -197,8 +220,8 @@ impl<'de> serde::Deserialize<'de> for Stamp {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
     /// The exchange it was published to (`""` is the default exchange).
-    pub exchange: String,
-    pub routing_key: String,
+    pub exchange: ShortStr,
+    pub routing_key: ShortStr,
     pub properties: Props,
     pub body: Bytes,
     /// An adapter-defined id of the session that published it (MQTT's no-local
@@ -239,8 +262,8 @@ pub struct MessageV1 {
 impl From<MessageV1> for Message {
     fn from(m: MessageV1) -> Self {
         Message {
-            exchange: m.exchange,
-            routing_key: m.routing_key,
+            exchange: m.exchange.into(),
+            routing_key: m.routing_key.into(),
             properties: m.properties,
             body: m.body,
             origin: m.origin,
@@ -252,8 +275,8 @@ impl From<MessageV1> for Message {
 
 impl Message {
     pub fn new(
-        exchange: impl Into<String>,
-        routing_key: impl Into<String>,
+        exchange: impl Into<ShortStr>,
+        routing_key: impl Into<ShortStr>,
         properties: Properties,
         body: Bytes,
     ) -> Arc<Self> {
@@ -281,19 +304,6 @@ impl Message {
                 .zip(self.routing_key.bytes())
                 .all(|(t, k)| t == k || (t == b'/' && k == b'.'));
         same.then_some(topic)
-    }
-
-    /// Gives a small body an allocation of its own. An adapter's body is a
-    /// slice of the connection's read buffer (up to 64 KiB, shared by every
-    /// frame read with it), so one small message left in a queue would keep
-    /// the whole buffer alive: copying up to [`OWN_BODY_MAX`] bytes is cheaper
-    /// than that, and a backlog of small messages then costs what their bodies
-    /// are, not what their frames were. Larger bodies stay shared (a copy
-    /// would cost more than the part of the buffer they pin).
-    pub fn own_small_body(&mut self) {
-        if !self.body.is_empty() && self.body.len() <= OWN_BODY_MAX {
-            self.body = Bytes::from(self.body.to_vec());
-        }
     }
 
     /// Bytes this message accounts for in queue length limits and memory: the body
@@ -439,15 +449,13 @@ mod tests {
     #[test]
     fn small_bodies_get_their_own_allocation() {
         let frame = Bytes::from(vec![7u8; 4096]);
-        let mut m = Message::clone(&Message::new(
-            "",
-            "k",
-            Properties::default(),
-            frame.slice(10..26),
-        ));
-        m.own_small_body();
-        assert_eq!(&m.body[..], &[7u8; 16]);
+        let body = own_if_small(frame.slice(10..26));
+        assert_eq!(&body[..], &[7u8; 16]);
         // The frame's buffer is no longer shared by the body.
         assert!(frame.is_unique());
+        // A large body stays a slice of it.
+        let large = own_if_small(frame.slice(..OWN_BODY_MAX + 1));
+        assert!(!frame.is_unique());
+        drop(large);
     }
 }

@@ -1543,11 +1543,6 @@ impl VHost {
     /// an `x-delay` count from.
     pub fn publish_at(&self, mut message: Arc<Message>, now: u64) -> CoreResult<Routed> {
         let queues = self.route(&message)?;
-        if !queues.is_empty() {
-            if let Some(m) = Arc::get_mut(&mut message) {
-                m.own_small_body();
-            }
-        }
         let due = match delay_of(&message) {
             Some(delay) => {
                 // The receive time is stored with the message: a restart re-derives
@@ -1628,7 +1623,7 @@ impl VHost {
     pub fn route(&self, message: &Message) -> CoreResult<SmallVec<[Arc<Queue>; 4]>> {
         let mut out: SmallVec<[Arc<Queue>; 4]> = SmallVec::new();
         if message.exchange.is_empty() {
-            let key = &message.routing_key;
+            let key = message.routing_key.as_str();
             let found = if key.starts_with(DIRECT_REPLY_TO) {
                 self.reply_to.lock().get(key).cloned()
             } else {

@@ -100,6 +100,12 @@ impl AmqpRaw {
             .unwrap_or_else(|e| panic!("testkit: write failed: {e}"));
     }
 
+    /// Sends bytes as they are (frames encoded by the test, e.g. several in one
+    /// write).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.write(bytes).await;
+    }
+
     /// Sends one method frame.
     pub async fn send(&mut self, channel: u16, method: Method) {
         let mut out = BytesMut::new();

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use switchyard_core::message::DELIVERY_MODE_PERSISTENT;
+use switchyard_core::message::{self, DELIVERY_MODE_PERSISTENT};
 use switchyard_core::{FieldTable, FieldValue, Message, Properties as AmqpProperties};
 
 use crate::codec::{Properties, QoS};
@@ -315,10 +315,10 @@ pub fn to_core(
     };
     let topic = loses_topic.then(|| m.topic.into_boxed_str());
     Arc::new(Message {
-        exchange: exchange.to_owned(),
-        routing_key,
+        exchange: exchange.into(),
+        routing_key: routing_key.into(),
         properties: properties.into(),
-        body: m.payload,
+        body: message::own_if_small(m.payload),
         origin: Some(origin).into(),
         received_ms: Some(now_ms).into(),
         topic,

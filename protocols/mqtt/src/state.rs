@@ -587,16 +587,10 @@ impl MqttState {
         &self,
         vhost: &VHost,
         topic: &str,
-        mut message: Arc<Message>,
+        message: Arc<Message>,
         retain: bool,
     ) -> CoreResult<Routed> {
         if retain {
-            // Kept for as long as the topic's retained message: not as a slice
-            // of the connection's read buffer (the vhost's own copy would find
-            // the Arc shared with the retained store and skip).
-            if let Some(m) = Arc::get_mut(&mut message) {
-                m.own_small_body();
-            }
             self.retained
                 .set(&vhost.name, topic, message.clone())
                 .map_err(|e| {

@@ -19,7 +19,7 @@ use switchyard_core::stats::{ChannelState, SourceGuard, Stat};
 use switchyard_core::vhost::{
     ExchangeDeclare, QueueDeclare, Routed, StreamWait, VHost, WaitState, DIRECT_REPLY_TO,
 };
-use switchyard_core::{Broker, Message, Properties};
+use switchyard_core::{message, Broker, Message, Properties};
 
 use super::{ConnError, MethodError};
 use crate::codec::{self, reply_code, Method};
@@ -355,7 +355,12 @@ impl Channel {
     fn take_content(&mut self) -> Option<Published> {
         let c = *self.content.take()?;
         let (_, properties) = c.header?;
-        let body = c.single.unwrap_or_else(|| c.body.freeze());
+        // A body in one frame is a slice of the read buffer; one assembled
+        // from several frames has its own allocation already.
+        let body = match c.single {
+            Some(single) => message::own_if_small(single),
+            None => c.body.freeze(),
+        };
         Some((c.publish, properties, body))
     }
 
@@ -393,14 +398,8 @@ impl Channel {
         let mut message = Message::new(publish.exchange, publish.routing_key, properties, body);
         // The receive time is stored with a persistent message: TTLs and delays
         // continue from it after a restart. Only this task holds the Arc yet.
-        // The small body is copied out of the read buffer here, not only when
-        // the vhost routes it: this channel keeps a clone of the Arc while it
-        // routes (for a mandatory return), so the vhost's copy would find it
-        // shared and skip, and each queued 16-byte message kept its 64 KiB
-        // read buffer alive (issue 11).
         if let Some(m) = Arc::get_mut(&mut message) {
             m.received_ms = Some(unix_now_ms()).into();
-            m.own_small_body();
         }
         if let Some(ops) = self.tx.as_mut() {
             // The exchange must exist now, though the routing happens at commit.
@@ -464,8 +463,8 @@ impl Channel {
             let ret = codec::BasicReturn {
                 reply_code: reply_code::NO_ROUTE,
                 reply_text: "NO_ROUTE".into(),
-                exchange: message.exchange.clone(),
-                routing_key: message.routing_key.clone(),
+                exchange: message.exchange.as_str().to_owned(),
+                routing_key: message.routing_key.as_str().to_owned(),
             };
             codec::encode_content(
                 ctx.out,
@@ -591,8 +590,8 @@ impl Channel {
             consumer_tag: d.consumer.tag().to_owned(),
             delivery_tag: tag,
             redelivered: d.message.redelivered(),
-            exchange: msg.exchange.clone(),
-            routing_key: msg.routing_key.clone(),
+            exchange: msg.exchange.as_str().to_owned(),
+            routing_key: msg.routing_key.as_str().to_owned(),
         };
         codec::encode_content(
             out,
@@ -1164,8 +1163,8 @@ impl Channel {
         let ok = codec::BasicGetOk {
             delivery_tag: tag,
             redelivered: got.message.redelivered(),
-            exchange: msg.exchange.clone(),
-            routing_key: msg.routing_key.clone(),
+            exchange: msg.exchange.as_str().to_owned(),
+            routing_key: msg.routing_key.as_str().to_owned(),
             message_count: count(got.remaining),
         };
         codec::encode_content(

@@ -35,7 +35,7 @@ use switchyard_core::stats::{
 };
 use switchyard_core::vhost::VHost;
 use switchyard_core::vhost::{StreamWait, WaitState};
-use switchyard_core::{Broker, Message};
+use switchyard_core::{message, Broker, Message};
 use tokio::sync::watch;
 
 use crate::codec::{Command, Decoder, Frame, FrameWriter, Version};
@@ -811,7 +811,7 @@ impl Session {
         self.check_topic(&exchange, Access::Write, &key)?;
         self.has_published = true;
         let tx = frame.get("transaction").map(str::to_owned);
-        let message = Message::new(exchange, key, properties, frame.body);
+        let message = Message::new(exchange, key, properties, message::own_if_small(frame.body));
         if let Some(tx) = tx.as_deref() {
             // The exchange must exist now, though the routing happens at COMMIT.
             self.vhost()?.exchange(&message.exchange)?;
