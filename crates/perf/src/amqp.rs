@@ -119,7 +119,7 @@ impl Conn {
         c.push(
             0,
             codec::ConnectionOpen {
-                virtual_host: s.vhost.clone(),
+                virtual_host: s.vhost.clone().into(),
                 ..Default::default()
             }
             .into(),
@@ -256,7 +256,7 @@ pub async fn setup(run: &Shared) -> Result<()> {
         c.push(
             1,
             codec::ExchangeDeclare {
-                exchange: n0.exchange.clone(),
+                exchange: n0.exchange.clone().into(),
                 kind: kind.into(),
                 durable,
                 arguments: FieldTable::new(),
@@ -275,7 +275,7 @@ pub async fn setup(run: &Shared) -> Result<()> {
         .iter()
         .map(|q| {
             codec::QueueDeclare {
-                queue: q.clone(),
+                queue: q.clone().into(),
                 durable,
                 arguments: queue_args.clone(),
                 ..Default::default()
@@ -289,9 +289,9 @@ pub async fn setup(run: &Shared) -> Result<()> {
         let binds = (0..s.topic_bindings)
             .map(|i| {
                 codec::QueueBind {
-                    queue: n0.queue.clone(),
-                    exchange: n0.exchange.clone(),
-                    routing_key: format!("perf.{i}.*"),
+                    queue: n0.queue.clone().into(),
+                    exchange: n0.exchange.clone().into(),
+                    routing_key: format!("perf.{i}.*").into(),
                     arguments: FieldTable::new(),
                     ..Default::default()
                 }
@@ -304,8 +304,8 @@ pub async fn setup(run: &Shared) -> Result<()> {
             .iter()
             .map(|q| {
                 codec::QueueBind {
-                    queue: q.clone(),
-                    exchange: n0.exchange.clone(),
+                    queue: q.clone().into(),
+                    exchange: n0.exchange.clone().into(),
                     arguments: FieldTable::new(),
                     ..Default::default()
                 }
@@ -335,7 +335,7 @@ pub async fn teardown(run: &Shared) -> Result<()> {
         .into_iter()
         .map(|queue| {
             codec::QueueDelete {
-                queue,
+                queue: queue.into(),
                 ..Default::default()
             }
             .into()
@@ -345,7 +345,7 @@ pub async fn teardown(run: &Shared) -> Result<()> {
     if !n0.exchange.is_empty() {
         c.pipelined(
             vec![codec::ExchangeDelete {
-                exchange: n0.exchange,
+                exchange: n0.exchange.into(),
                 ..Default::default()
             }
             .into()],
@@ -390,8 +390,8 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
     let batch = batch_limit(s.size);
     let mut published = 0u64;
     let mut publish = codec::BasicPublish {
-        exchange: n.exchange.clone(),
-        routing_key: n.queue.clone(),
+        exchange: n.exchange.clone().into(),
+        routing_key: n.queue.clone().into(),
         ..Default::default()
     };
     let publish_key_base = n.topic;
@@ -423,7 +423,7 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
         }
         for k in 0..due {
             if publish_key_base {
-                publish.routing_key = format!(
+                publish.routing_key = compact_str::format_compact!(
                     "perf.{}.x",
                     (published + k) as usize % s.topic_bindings.max(1)
                 );
@@ -550,8 +550,8 @@ pub async fn consumer(
     c.push(
         1,
         codec::BasicConsume {
-            queue: n.queue.clone(),
-            consumer_tag: format!("perf-{i}"),
+            queue: n.queue.clone().into(),
+            consumer_tag: format!("perf-{i}").into(),
             no_ack: autoack,
             arguments: consume_args,
             ..Default::default()

@@ -123,7 +123,7 @@ fn encode(c: &mut Criterion) {
     let deliver = Method::BasicDeliver(codec::BasicDeliver {
         consumer_tag: "amq.ctag-Kx8b1".into(),
         delivery_tag: 1,
-        exchange: String::new(),
+        exchange: Default::default(),
         routing_key: "q".into(),
         redelivered: false,
     });

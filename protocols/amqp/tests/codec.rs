@@ -236,7 +236,7 @@ fn basic_deliver_known_bytes() {
             consumer_tag: "ctag".into(),
             delivery_tag: 1,
             redelivered: true,
-            exchange: String::new(),
+            exchange: Default::default(),
             routing_key: "q".into(),
         }
         .into(),
@@ -589,7 +589,7 @@ prop_compose! {
         mandatory in any::<bool>(),
         immediate in any::<bool>(),
     ) -> BasicPublish {
-        BasicPublish { ticket, exchange, routing_key, mandatory, immediate }
+        BasicPublish { ticket, exchange: exchange.into(), routing_key: routing_key.into(), mandatory, immediate }
     }
 }
 

@@ -28,6 +28,7 @@
 
 use bytes::{Bytes, BytesMut};
 use switchyard_core::field::FieldTable;
+use switchyard_core::message::ShortStr;
 
 use super::types::{Reader, Writer};
 use super::{CodecError, FRAME_METHOD};
@@ -53,7 +54,7 @@ macro_rules! amqp_type {
         bool
     };
     (shortstr) => {
-        String
+        ShortStr
     };
     (longstr) => {
         Bytes
@@ -203,6 +204,7 @@ impl Method {
 mod sample {
     use bytes::Bytes;
     use switchyard_core::field::{FieldTable, FieldValue};
+    use switchyard_core::message::ShortStr;
 
     pub(crate) trait Sample {
         fn sample(i: u32) -> Self;
@@ -233,9 +235,16 @@ mod sample {
             i % 2 == 1
         }
     }
-    impl Sample for String {
+    impl Sample for ShortStr {
         fn sample(i: u32) -> Self {
-            format!("s{i}-é")
+            // Past the 24 bytes kept inline every few samples, so both forms
+            // round-trip.
+            let long = if i.is_multiple_of(3) {
+                "-a-name-longer-than-inline"
+            } else {
+                ""
+            };
+            compact_str::format_compact!("s{i}-é{long}")
         }
     }
     impl Sample for Bytes {

@@ -75,10 +75,10 @@ pub(crate) fn decode_properties(r: &mut Reader<'_>) -> Result<Properties, CodecE
     let mut p = Properties::default();
     // The order of these reads is the wire order; do not sort them.
     if has(CONTENT_TYPE) {
-        p.content_type = Some(r.shortstr()?);
+        p.content_type = Some(r.shortstr_string()?);
     }
     if has(CONTENT_ENCODING) {
-        p.content_encoding = Some(r.shortstr()?);
+        p.content_encoding = Some(r.shortstr_string()?);
     }
     if has(HEADERS) {
         p.headers = Some(r.table()?);
@@ -90,31 +90,31 @@ pub(crate) fn decode_properties(r: &mut Reader<'_>) -> Result<Properties, CodecE
         p.priority = Some(r.octet()?);
     }
     if has(CORRELATION_ID) {
-        p.correlation_id = Some(r.shortstr()?);
+        p.correlation_id = Some(r.shortstr_string()?);
     }
     if has(REPLY_TO) {
-        p.reply_to = Some(r.shortstr()?);
+        p.reply_to = Some(r.shortstr_string()?);
     }
     if has(EXPIRATION) {
-        p.expiration = Some(r.shortstr()?);
+        p.expiration = Some(r.shortstr_string()?);
     }
     if has(MESSAGE_ID) {
-        p.message_id = Some(r.shortstr()?);
+        p.message_id = Some(r.shortstr_string()?);
     }
     if has(TIMESTAMP) {
         p.timestamp = Some(r.timestamp()?);
     }
     if has(KIND) {
-        p.kind = Some(r.shortstr()?);
+        p.kind = Some(r.shortstr_string()?);
     }
     if has(USER_ID) {
-        p.user_id = Some(r.shortstr()?);
+        p.user_id = Some(r.shortstr_string()?);
     }
     if has(APP_ID) {
-        p.app_id = Some(r.shortstr()?);
+        p.app_id = Some(r.shortstr_string()?);
     }
     if has(CLUSTER_ID) {
-        p.cluster_id = Some(r.shortstr()?);
+        p.cluster_id = Some(r.shortstr_string()?);
     }
     Ok(p)
 }

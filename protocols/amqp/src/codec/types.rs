@@ -37,6 +37,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use switchyard_core::field::{FieldTable, FieldValue};
+use switchyard_core::message::ShortStr;
 
 use super::CodecError;
 
@@ -169,12 +170,22 @@ impl<'a> Reader<'a> {
         Ok(value)
     }
 
-    pub(crate) fn shortstr(&mut self) -> Result<String, CodecError> {
+    /// A method argument: inline when it fits (names and keys usually do).
+    pub(crate) fn shortstr(&mut self) -> Result<ShortStr, CodecError> {
+        self.short_str().map(ShortStr::from)
+    }
+
+    /// A property or a table's field name (the core's types hold `String`s).
+    pub(crate) fn shortstr_string(&mut self) -> Result<String, CodecError> {
+        self.short_str().map(str::to_owned)
+    }
+
+    fn short_str(&mut self) -> Result<&'a str, CodecError> {
         let len = self.octet()?;
         let at = self.pos;
         let raw = self.take(usize::from(len), "short string longer than the payload")?;
         match std::str::from_utf8(raw) {
-            Ok(s) => Ok(s.to_owned()),
+            Ok(s) => Ok(s),
             Err(_) => Err(CodecError::Syntax {
                 offset: at,
                 what: "short string is not UTF-8",
@@ -205,7 +216,7 @@ impl<'a> Reader<'a> {
         // No capacity from the wire: entries are pushed as they are proven present.
         let mut entries = Vec::new();
         while inner.remaining() > 0 {
-            let name = inner.shortstr()?;
+            let name = inner.shortstr_string()?;
             let value = inner.field_value(depth)?;
             entries.push((name, value));
         }

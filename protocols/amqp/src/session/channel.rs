@@ -463,8 +463,8 @@ impl Channel {
             let ret = codec::BasicReturn {
                 reply_code: reply_code::NO_ROUTE,
                 reply_text: "NO_ROUTE".into(),
-                exchange: message.exchange.as_str().to_owned(),
-                routing_key: message.routing_key.as_str().to_owned(),
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
             };
             codec::encode_content(
                 ctx.out,
@@ -587,11 +587,11 @@ impl Channel {
         self.stats.add_for(qt, kind, 1);
         let msg = &d.message.message;
         let deliver = codec::BasicDeliver {
-            consumer_tag: d.consumer.tag().to_owned(),
+            consumer_tag: d.consumer.tag().into(),
             delivery_tag: tag,
             redelivered: d.message.redelivered(),
-            exchange: msg.exchange.as_str().to_owned(),
-            routing_key: msg.routing_key.as_str().to_owned(),
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
         };
         codec::encode_content(
             out,
@@ -729,7 +729,7 @@ impl Channel {
             }
             Method::BasicConsume(m) => self.consume(ctx, m),
             Method::BasicCancel(m) => {
-                let removed = self.consumers.remove(&m.consumer_tag);
+                let removed = self.consumers.remove(m.consumer_tag.as_str());
                 self.stats.set_consumers(self.consumers.len());
                 if let Some(e) = removed {
                     e.consumer.deactivate();
@@ -991,8 +991,8 @@ impl Channel {
             ctx.check(Access::Write, Resource::Exchange, ae)?;
         }
         ctx.vhost.declare_exchange(ExchangeDeclare {
-            name: m.exchange,
-            kind: m.kind,
+            name: m.exchange.into(),
+            kind: m.kind.into(),
             passive: m.passive,
             options: ExchangeOptions {
                 durable: m.durable,
@@ -1025,7 +1025,7 @@ impl Channel {
             return Ok(());
         }
         let mut req = QueueDeclare {
-            name: m.queue,
+            name: m.queue.into(),
             passive: m.passive,
             options: QueueOptions {
                 durable: m.durable,
@@ -1057,7 +1057,7 @@ impl Channel {
             ctx.send(
                 self.id,
                 codec::QueueDeclareOk {
-                    queue: queue.name.clone(),
+                    queue: queue.name.as_str().into(),
                     message_count: count(declared.message_count),
                     consumer_count: count(declared.consumer_count),
                 },
@@ -1070,7 +1070,7 @@ impl Channel {
         let tag = if m.consumer_tag.is_empty() {
             VHost::generate_name("amq.ctag-")
         } else {
-            m.consumer_tag.clone()
+            m.consumer_tag.to_string()
         };
         if self.consumers.contains_key(&tag) {
             return Err(
@@ -1126,7 +1126,12 @@ impl Channel {
         self.consumers.insert(tag.clone(), entry);
         self.stats.set_consumers(self.consumers.len());
         if !m.no_wait {
-            ctx.send(self.id, codec::BasicConsumeOk { consumer_tag: tag });
+            ctx.send(
+                self.id,
+                codec::BasicConsumeOk {
+                    consumer_tag: tag.into(),
+                },
+            );
         }
         Ok(())
     }
@@ -1147,7 +1152,7 @@ impl Channel {
             ctx.send(
                 self.id,
                 codec::BasicGetEmpty {
-                    cluster_id: String::new(),
+                    cluster_id: Default::default(),
                 },
             );
             return Ok(());
@@ -1163,8 +1168,8 @@ impl Channel {
         let ok = codec::BasicGetOk {
             delivery_tag: tag,
             redelivered: got.message.redelivered(),
-            exchange: msg.exchange.as_str().to_owned(),
-            routing_key: msg.routing_key.as_str().to_owned(),
+            exchange: msg.exchange.clone(),
+            routing_key: msg.routing_key.clone(),
             message_count: count(got.remaining),
         };
         codec::encode_content(

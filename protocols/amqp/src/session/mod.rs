@@ -470,7 +470,7 @@ impl Session {
         tracing::warn!(peer = %self.peer, user = %self.user, code = e.code, text = %e.text, "closing AMQP connection");
         let close = codec::ConnectionClose {
             reply_code: e.code,
-            reply_text: e.text.clone(),
+            reply_text: e.text.as_str().into(),
             class_id: e.class_id,
             method_id: e.method_id,
         };
@@ -787,7 +787,9 @@ impl Session {
         };
         match self.begin_login(username, password) {
             LoginStart::Done(result) => self.login_decided(login_result(result), &m.mechanism),
-            LoginStart::Pending(pending) => self.pending_login = Some((pending, m.mechanism)),
+            LoginStart::Pending(pending) => {
+                self.pending_login = Some((pending, m.mechanism.into()))
+            }
         }
         Ok(())
     }
@@ -961,7 +963,7 @@ impl Session {
             &mut self.out,
             0,
             &Method::from(codec::ConnectionOpenOk {
-                known_hosts: String::new(),
+                known_hosts: Default::default(),
             }),
         );
         self.state = State::Running;
@@ -1067,7 +1069,7 @@ impl Session {
         }
         let close = codec::ChannelClose {
             reply_code: code,
-            reply_text: text,
+            reply_text: text.into(),
             class_id,
             method_id,
         };
@@ -1149,7 +1151,7 @@ impl Session {
                     if let Some(ch) = self.channels.get_mut(&consumer.options.channel) {
                         if ch.forget_consumer(&consumer) && notify && self.state == State::Running {
                             let cancel = codec::BasicCancel {
-                                consumer_tag: consumer.tag().to_owned(),
+                                consumer_tag: consumer.tag().into(),
                                 no_wait: true,
                             };
                             codec::encode_method(&mut self.out, ch.id(), &Method::from(cancel));
