@@ -30,7 +30,7 @@
 //! header and the receive time it is stored with) without a second store.
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -50,7 +50,6 @@ use crate::stats::{
 };
 use crate::timer::{Timers, NEVER};
 use crate::vhost::VHost;
-use fifo::Fifo;
 
 /// The header holding a message's delay in milliseconds (the name users of
 /// RabbitMQ's delayed-message-exchange plugin know).
@@ -61,7 +60,6 @@ pub const DELAY_HEADER: &str = "x-delay";
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 mod consumers;
-mod fifo;
 mod peek;
 pub use peek::Peeked;
 /// A message in a queue, with what the queue knows of its history.
@@ -247,7 +245,7 @@ pub enum Enqueued {
 /// `x-max-priority`), the highest level served first.
 #[derive(Debug)]
 struct Ready {
-    levels: Vec<Fifo<QueuedMessage>>,
+    levels: Vec<VecDeque<QueuedMessage>>,
     len: usize,
     /// Body bytes, for `x-max-length-bytes`.
     bytes: usize,
@@ -259,7 +257,7 @@ impl Ready {
     fn new(max_priority: Option<u8>) -> Self {
         let levels = usize::from(max_priority.unwrap_or(0)) + 1;
         Ready {
-            levels: (0..levels).map(|_| Fifo::default()).collect(),
+            levels: (0..levels).map(|_| VecDeque::new()).collect(),
             len: 0,
             bytes: 0,
             expiring: 0,
@@ -295,7 +293,7 @@ impl Ready {
         let level = self.level_of(&m.message);
         match self.levels.get_mut(level) {
             Some(q) => q.push_front(m),
-            None => self.levels.push(Fifo::from_one(m)),
+            None => self.levels.push(VecDeque::from([m])),
         }
     }
 
@@ -304,7 +302,7 @@ impl Ready {
         let level = self.level_of(&m.message);
         match self.levels.get_mut(level) {
             Some(q) => q.push_back(m),
-            None => self.levels.push(Fifo::from_one(m)),
+            None => self.levels.push(VecDeque::from([m])),
         }
     }
 
@@ -313,13 +311,17 @@ impl Ready {
         self.added(&m);
         let level = self.level_of(&m.message);
         match self.levels.get_mut(level) {
-            Some(q) => q.insert_by_key(m, |r| r.id),
-            None => self.levels.push(Fifo::from_one(m)),
+            Some(q) => {
+                // Usually older than everything ready: a search from the front is short.
+                let pos = q.partition_point(|r| r.id < m.id);
+                q.insert(pos, m);
+            }
+            None => self.levels.push(VecDeque::from([m])),
         }
     }
 
     fn pop_front(&mut self) -> Option<QueuedMessage> {
-        let m = self.levels.iter_mut().rev().find_map(Fifo::pop_front)?;
+        let m = self.levels.iter_mut().rev().find_map(VecDeque::pop_front)?;
         self.removed(&m);
         Some(m)
     }
@@ -372,7 +374,7 @@ impl Ready {
     fn take_all(&mut self) -> Vec<QueuedMessage> {
         let mut all = Vec::with_capacity(self.len);
         for q in self.levels.iter_mut().rev() {
-            all.extend(q.take_all());
+            all.extend(q.drain(..));
         }
         self.len = 0;
         self.bytes = 0;
@@ -1056,6 +1058,11 @@ impl Queue {
         let now = self.timers.now_ms();
         let mut st = self.state.lock();
         let prioritised = st.settings.max_priority.is_some();
+        if !prioritised {
+            if let Some(level) = st.ready.levels.first_mut() {
+                level.reserve(messages.len());
+            }
+        }
         // Queue order is id order: the last message gets the highest id.
         let mut next = st.next_id.saturating_add(messages.len() as u64);
         st.next_id = next;
