@@ -119,7 +119,7 @@ impl Conn {
         c.push(
             0,
             codec::ConnectionOpen {
-                virtual_host: s.vhost.clone().into(),
+                virtual_host: s.vhost.as_str().into(),
                 ..Default::default()
             }
             .into(),
@@ -256,7 +256,7 @@ pub async fn setup(run: &Shared) -> Result<()> {
         c.push(
             1,
             codec::ExchangeDeclare {
-                exchange: n0.exchange.clone().into(),
+                exchange: n0.exchange.as_str().into(),
                 kind: kind.into(),
                 durable,
                 arguments: FieldTable::new(),
@@ -275,7 +275,7 @@ pub async fn setup(run: &Shared) -> Result<()> {
         .iter()
         .map(|q| {
             codec::QueueDeclare {
-                queue: q.clone().into(),
+                queue: q.as_str().into(),
                 durable,
                 arguments: queue_args.clone(),
                 ..Default::default()
@@ -289,8 +289,8 @@ pub async fn setup(run: &Shared) -> Result<()> {
         let binds = (0..s.topic_bindings)
             .map(|i| {
                 codec::QueueBind {
-                    queue: n0.queue.clone().into(),
-                    exchange: n0.exchange.clone().into(),
+                    queue: n0.queue.as_str().into(),
+                    exchange: n0.exchange.as_str().into(),
                     routing_key: format!("perf.{i}.*").into(),
                     arguments: FieldTable::new(),
                     ..Default::default()
@@ -304,8 +304,8 @@ pub async fn setup(run: &Shared) -> Result<()> {
             .iter()
             .map(|q| {
                 codec::QueueBind {
-                    queue: q.clone().into(),
-                    exchange: n0.exchange.clone().into(),
+                    queue: q.as_str().into(),
+                    exchange: n0.exchange.as_str().into(),
                     arguments: FieldTable::new(),
                     ..Default::default()
                 }
@@ -390,8 +390,8 @@ pub async fn producer(run: Shared, i: usize) -> Result<()> {
     let batch = batch_limit(s.size);
     let mut published = 0u64;
     let mut publish = codec::BasicPublish {
-        exchange: n.exchange.clone().into(),
-        routing_key: n.queue.clone().into(),
+        exchange: n.exchange.as_str().into(),
+        routing_key: n.queue.as_str().into(),
         ..Default::default()
     };
     let publish_key_base = n.topic;
@@ -550,7 +550,7 @@ pub async fn consumer(
     c.push(
         1,
         codec::BasicConsume {
-            queue: n.queue.clone().into(),
+            queue: n.queue.as_str().into(),
             consumer_tag: format!("perf-{i}").into(),
             no_ack: autoack,
             arguments: consume_args,
