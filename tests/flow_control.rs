@@ -340,3 +340,100 @@ async fn small_bodies_do_not_keep_their_read_buffer_alive_in_any_protocol() {
         }
     }
 }
+
+/// A drained backlog gives its memory back to the system (issue 11): the
+/// ready list's room and the allocator's free pages (glibc's `malloc_trim`
+/// once the memory monitor counts enough retained). The broker runs as a child
+/// process, so its resident set is its own.
+#[tokio::test]
+async fn a_purged_backlog_gives_its_memory_back() {
+    use switchyard_amqp::codec as amqp;
+    use switchyard_testkit::amqp::AmqpRaw;
+    use switchyard_testkit::child::ChildBroker;
+
+    const MESSAGES: u32 = 300_000;
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildBroker::start_in(
+        std::path::Path::new(env!("CARGO_BIN_EXE_switchyard")),
+        dir.path(),
+        1,
+        &[],
+    );
+    let rss_kb = || child.memory_bytes("VmRSS") / 1024;
+    let mut c = AmqpRaw::open(child.addr("amqp"), "guest", "guest", "/")
+        .await
+        .unwrap();
+    c.open_channel(1).await.unwrap();
+    /// Declares `backlog` (passively: only asks) and returns its message count.
+    async fn declare(c: &mut AmqpRaw, passive: bool) -> u32 {
+        let method = amqp::Method::from(amqp::QueueDeclare {
+            queue: "backlog".into(),
+            passive,
+            ..Default::default()
+        });
+        c.send(1, method).await;
+        loop {
+            match c.next_method().await {
+                Some((_, amqp::Method::QueueDeclareOk(ok))) => return ok.message_count,
+                Some(_) => continue,
+                None => panic!("the broker closed the connection"),
+            }
+        }
+    }
+    declare(&mut c, false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kb();
+
+    let publish = amqp::Method::from(amqp::BasicPublish {
+        routing_key: "backlog".into(),
+        ..Default::default()
+    });
+    let props = switchyard_core::Properties::default();
+    let body = bytes::Bytes::from_static(&[b'x'; 16]);
+    for _ in 0..MESSAGES / 10_000 {
+        let mut frames = bytes::BytesMut::new();
+        for _ in 0..10_000 {
+            amqp::encode_content(&mut frames, 1, &publish, &props, &body, 131_072);
+        }
+        c.send_raw(&frames).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = declare(&mut c, true).await;
+        if n == MESSAGES {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} of {MESSAGES} queued"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let full = rss_kb();
+    assert!(
+        full > idle + 40_000,
+        "the backlog should be visible: {idle} kB idle, {full} kB with it"
+    );
+
+    c.send(
+        1,
+        amqp::Method::from(amqp::QueuePurge {
+            queue: "backlog".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let goal = idle + (full - idle) / 4;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = rss_kb();
+        if now <= goal {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {now} kB resident after the purge ({idle} kB idle, {full} kB full)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

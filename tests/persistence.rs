@@ -362,14 +362,6 @@ async fn confirmed_messages_survive_kill_9_at_random_moments() {
     broker.kill9();
 }
 
-/// Peak resident memory of a process, from /proc (Linux).
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kb * 1024
-}
-
 /// A queue several times larger than the memory watermark: bodies beyond half
 /// the watermark stay on disk, so the broker's peak memory stays bounded while
 /// publishing, across a restart, and while the queue drains; every body comes
@@ -432,7 +424,7 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
     for c in confirms.drain(..) {
         assert!(c.await.unwrap().is_ack());
     }
-    let peak = peak_rss_bytes(broker.child.id());
+    let peak = broker.memory_bytes("VmHWM");
     eprintln!(
         "peak RSS while publishing {} MB: {} MB",
         (COUNT * SIZE) >> 20,
@@ -472,7 +464,7 @@ async fn queue_larger_than_the_memory_watermark_stays_on_disk() {
         );
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
-    let peak = peak_rss_bytes(broker.child.id());
+    let peak = broker.memory_bytes("VmHWM");
     eprintln!("peak RSS recovering and draining: {} MB", peak >> 20);
     assert!(peak < 3 * WATERMARK, "peak RSS {peak} after restart");
     conn.close(200, "bye".into()).await.unwrap();

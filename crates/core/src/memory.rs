@@ -146,6 +146,17 @@ impl MemoryMonitor {
         self.retained.load(Ordering::Relaxed)
     }
 
+    /// Resident memory the queues' estimate does not explain: the last sample
+    /// less the idle broker (the first sample) and what queues hold. Live
+    /// connections and buffers, and memory the allocator kept after anything
+    /// was freed (what [`Self::retained`] counts of it came from queues).
+    pub fn unexplained(&self) -> usize {
+        self.measured
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.baseline.load(Ordering::Relaxed))
+            .saturating_sub(self.used())
+    }
+
     /// What is compared with the watermark: [`Self::level`] less what is
     /// [`Self::retained`].
     fn effective(&self) -> usize {

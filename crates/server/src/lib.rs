@@ -7,6 +7,7 @@
 //! messages (the core's), or print, parse arguments or install signal handlers (the
 //! binary's): it is a library, so tests can run a broker in-process on port 0.
 
+pub mod allocator;
 mod auth_http;
 mod auth_jwt;
 pub mod cluster;

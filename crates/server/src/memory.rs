@@ -11,7 +11,9 @@ use std::sync::Arc;
 use switchyard_core::memory::MEASURE_INTERVAL;
 use switchyard_core::Broker;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::allocator;
 
 /// The process's resident memory (VmRSS) in bytes.
 pub fn resident_bytes() -> Option<usize> {
@@ -118,13 +120,34 @@ pub async fn watch(broker: Arc<Broker>, shutdown: CancellationToken) {
         MEASURE_INTERVAL,
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = allocator::Trimmer::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Some(rss) = resident_bytes() {
-            broker.memory.measured(rss);
+        let Some(rss) = resident_bytes() else {
+            continue;
+        };
+        broker.memory.measured(rss);
+        let (retained, unexplained) = (broker.memory.retained(), broker.memory.unexplained());
+        let now = std::time::Instant::now();
+        if trimmer.due(now, retained, unexplained) {
+            // The next sample sees what came back, and `retained` falls with it.
+            let returned = tokio::task::spawn_blocking(allocator::give_back)
+                .await
+                .unwrap_or(false);
+            let after = resident_bytes().unwrap_or(rss);
+            trimmer.trimmed(rss, after);
+            debug!(
+                retained,
+                unexplained,
+                before = rss,
+                after,
+                returned,
+                took_us = now.elapsed().as_micros(),
+                "gave freed memory back"
+            );
         }
     }
 }

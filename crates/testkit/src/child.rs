@@ -121,6 +121,19 @@ impl ChildBroker {
         Self::spawn(command, dir, &format!("broker-{run}"), &ready)
     }
 
+    /// A memory figure of the child from `/proc/<pid>/status` (Linux), in
+    /// bytes: `"VmRSS"` (resident now) or `"VmHWM"` (peak resident).
+    pub fn memory_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_else(|e| panic!("testkit: cannot read the child's status: {e}"));
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("testkit: no {field} in the child's status"));
+        kb * 1024
+    }
+
     /// `kill -9`: no shutdown, no flush, no destructor runs.
     pub fn kill9(mut self) {
         // std's `kill` sends SIGKILL on Unix.
