@@ -8,6 +8,8 @@
 
 use bytes::Bytes;
 
+use crate::message::ShortStr;
+
 /// One typed value of a field table or array. The variants are RabbitMQ's type
 /// tags (`t b B s u I i l f d D S A T F V x`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -104,9 +106,13 @@ impl FieldValue {
     }
 }
 
-/// An ordered table of named values. Names are AMQP short strings (at most 255 bytes).
+/// An ordered table of named values. Names are AMQP short strings (at most 255
+/// bytes), kept as [`ShortStr`]: the usual header and argument names (up to 24
+/// bytes, `x-mqtt-publish-qos`, `x-message-ttl`) are inline, not an allocation
+/// per entry of every queued message that has headers. Serialised as strings,
+/// exactly as before.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FieldTable(pub Vec<(String, FieldValue)>);
+pub struct FieldTable(pub Vec<(ShortStr, FieldValue)>);
 
 impl FieldTable {
     pub fn new() -> Self {
@@ -118,7 +124,7 @@ impl FieldTable {
     }
 
     /// Sets `name`, replacing an existing entry in place or appending a new one.
-    pub fn insert(&mut self, name: impl Into<String>, value: FieldValue) {
+    pub fn insert(&mut self, name: impl Into<ShortStr>, value: FieldValue) {
         let name = name.into();
         match self.0.iter_mut().find(|(k, _)| *k == name) {
             Some(entry) => entry.1 = value,
@@ -156,8 +162,30 @@ impl FieldTable {
     }
 }
 
-impl FromIterator<(String, FieldValue)> for FieldTable {
-    fn from_iter<I: IntoIterator<Item = (String, FieldValue)>>(iter: I) -> Self {
-        FieldTable(iter.into_iter().collect())
+impl<K: Into<ShortStr>> FromIterator<(K, FieldValue)> for FieldTable {
+    fn from_iter<I: IntoIterator<Item = (K, FieldValue)>>(iter: I) -> Self {
+        FieldTable(iter.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stored messages carry their headers: inline names must serialise
+    /// exactly as the `String` names did, both ways.
+    #[test]
+    fn stored_tables_are_unchanged_by_inline_names() {
+        let long = "a-header-name-longer-than-twenty-four-bytes".to_owned();
+        let old: Vec<(String, FieldValue)> = vec![
+            ("x-mqtt-publish-qos".into(), FieldValue::U8(1)),
+            (long.clone(), FieldValue::string("v")),
+            (String::new(), FieldValue::Void),
+        ];
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        let table: FieldTable = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(table.get_i64("x-mqtt-publish-qos"), Some(1));
+        assert_eq!(table.get_str(&long), Some("v"));
+        assert_eq!(postcard::to_allocvec(&table).unwrap(), bytes);
     }
 }

@@ -543,13 +543,14 @@ fn field_value() -> impl Strategy<Value = FieldValue> {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..6).prop_map(FieldValue::Array),
             proptest::collection::vec((short_string(), inner), 0..6)
-                .prop_map(|entries| FieldValue::Table(FieldTable(entries))),
+                .prop_map(|entries| FieldValue::Table(entries.into_iter().collect())),
         ]
     })
 }
 
 fn field_table() -> impl Strategy<Value = FieldTable> {
-    proptest::collection::vec((short_string(), field_value()), 0..8).prop_map(FieldTable)
+    proptest::collection::vec((short_string(), field_value()), 0..8)
+        .prop_map(|entries| entries.into_iter().collect())
 }
 
 prop_compose! {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use switchyard_core::message::{self, DELIVERY_MODE_PERSISTENT};
+use switchyard_core::message::{self, ShortStr, DELIVERY_MODE_PERSISTENT};
 use switchyard_core::{FieldTable, FieldValue, Message, Properties as AmqpProperties};
 
 use crate::codec::{Properties, QoS};
@@ -49,7 +49,33 @@ const RESERVED_HEADERS: [&str; 5] = [
 // filters still become `*`/`#`. AMQP publishers to such a vhost write escaped
 // keys (`a%2Eb.c` is MQTT topic `a.b/c`).
 
-fn escape_level(level: &str, out: &mut String) {
+/// What the topic mappings write into: a `String` (binding keys, topics) or
+/// the message's inline [`ShortStr`] routing key (built once per PUBLISH, so
+/// a usual topic costs no allocation).
+trait Text {
+    fn push(&mut self, c: char);
+    fn push_str(&mut self, s: &str);
+}
+
+impl Text for String {
+    fn push(&mut self, c: char) {
+        String::push(self, c);
+    }
+    fn push_str(&mut self, s: &str) {
+        String::push_str(self, s);
+    }
+}
+
+impl Text for ShortStr {
+    fn push(&mut self, c: char) {
+        ShortStr::push(self, c);
+    }
+    fn push_str(&mut self, s: &str) {
+        ShortStr::push_str(self, s);
+    }
+}
+
+fn escape_level(level: &str, out: &mut impl Text) {
     for c in level.chars() {
         match c {
             '%' => out.push_str("%25"),
@@ -88,16 +114,17 @@ fn unescape_level(word: &str, out: &mut String) {
 }
 
 /// The routing key of an MQTT topic name.
-pub fn topic_to_key(topic: &str, lossless: bool) -> String {
-    if !lossless {
-        return topic.replace('/', ".");
-    }
-    let mut out = String::with_capacity(topic.len() + 8);
+pub fn topic_to_key(topic: &str, lossless: bool) -> ShortStr {
+    let mut out = ShortStr::with_capacity(topic.len());
     for (i, level) in topic.split('/').enumerate() {
         if i > 0 {
             out.push('.');
         }
-        escape_level(level, &mut out);
+        if lossless {
+            escape_level(level, &mut out);
+        } else {
+            out.push_str(level);
+        }
     }
     out
 }
@@ -265,7 +292,20 @@ pub fn to_core(
     now_ms: u64,
 ) -> Arc<Message> {
     let p = m.properties;
-    let mut headers = FieldTable::new();
+    // Exactly the room the headers below take: a table grown by pushing has
+    // room for 4, which `Props::from` would then shrink with a realloc on
+    // every PUBLISH.
+    let correlation_header = p
+        .correlation_data
+        .as_ref()
+        .is_some_and(|cd| !std::str::from_utf8(cd).is_ok_and(|s| s.len() < 256));
+    let entries = 1
+        + usize::from(m.retain)
+        + usize::from(p.response_topic.is_some())
+        + usize::from(correlation_header)
+        + usize::from(p.payload_format_indicator.is_some())
+        + p.user_properties.len();
+    let mut headers = FieldTable(Vec::with_capacity(entries));
     headers.insert(HEADER_PUBLISH_QOS, FieldValue::U8(m.qos.as_u8()));
     if m.retain {
         headers.insert(HEADER_RETAIN, FieldValue::Bool(true));
@@ -288,7 +328,7 @@ pub fn to_core(
     }
     for (k, v) in p.user_properties {
         // Pushed, not inserted: MQTT allows a name more than once.
-        headers.0.push((k, FieldValue::string(v)));
+        headers.0.push((k.into(), FieldValue::string(v)));
     }
     let properties = AmqpProperties {
         content_type: p.content_type,
@@ -316,7 +356,7 @@ pub fn to_core(
     let topic = loses_topic.then(|| m.topic.into_boxed_str());
     Arc::new(Message {
         exchange: exchange.into(),
-        routing_key: routing_key.into(),
+        routing_key,
         properties: properties.into(),
         body: message::own_if_small(m.payload),
         origin: Some(origin).into(),

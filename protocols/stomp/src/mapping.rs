@@ -248,9 +248,7 @@ pub fn properties_from_headers(headers: &[(String, String)]) -> Result<Propertie
             "user-id" => p.user_id = v(),
             "app-id" => p.app_id = v(),
             n if FRAME_HEADERS.contains(&n) || QUEUE_HEADERS.contains(&n) => {}
-            n => table
-                .0
-                .push((n.to_owned(), FieldValue::string(value.as_str()))),
+            n => table.0.push((n.into(), FieldValue::string(value.as_str()))),
         }
     }
     if !table.is_empty() {

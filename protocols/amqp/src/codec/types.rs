@@ -175,7 +175,7 @@ impl<'a> Reader<'a> {
         self.short_str().map(ShortStr::from)
     }
 
-    /// A property or a table's field name (the core's types hold `String`s).
+    /// A property (the core's `Properties` hold `String`s).
     pub(crate) fn shortstr_string(&mut self) -> Result<String, CodecError> {
         self.short_str().map(str::to_owned)
     }
@@ -216,7 +216,7 @@ impl<'a> Reader<'a> {
         // No capacity from the wire: entries are pushed as they are proven present.
         let mut entries = Vec::new();
         while inner.remaining() > 0 {
-            let name = inner.shortstr_string()?;
+            let name = inner.shortstr()?;
             let value = inner.field_value(depth)?;
             entries.push((name, value));
         }

@@ -484,7 +484,7 @@ impl Session {
     fn topic_refusal(&self, topic: &str, access: Access) -> Option<String> {
         let (rules, vhost) = self.topic_rules.as_ref().zip(self.vhost.as_ref())?;
         let key = match access {
-            Access::Write => mapping::topic_to_key(topic, self.lossless),
+            Access::Write => String::from(mapping::topic_to_key(topic, self.lossless)),
             _ => mapping::filter_to_key(topic, self.lossless),
         };
         rules
@@ -858,7 +858,7 @@ impl Session {
         // Exactly one entry (a `push` would reserve four: 190 bytes more per
         // connection for as long as it lives).
         info.client_properties = switchyard_core::field::FieldTable(vec![(
-            "client_id".to_owned(),
+            "client_id".into(),
             switchyard_core::FieldValue::string(client_id.as_str()),
         )]);
         match self
