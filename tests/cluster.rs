@@ -1274,7 +1274,10 @@ mod quorum_queues {
     /// the remaining node gets basic.nack once the commit timeout (2 s here,
     /// `[cluster] quorum_commit_timeout_ms`) passes, never an ack; while the
     /// queue stays without a majority, publishes are refused at once (AMQP
-    /// nack, STOMP ERROR for a SEND with a receipt); once the nodes are back,
+    /// nack, STOMP ERROR for a SEND with a receipt); a transaction's
+    /// tx.commit-ok waits for the quorum commit too, and a commit that cannot
+    /// reach a majority closes its channel (406, RabbitMQ's "partial tx
+    /// completion") instead of answering commit-ok; once the nodes are back,
     /// publishes are confirmed again.
     #[test]
     fn without_a_majority_a_quorum_publish_is_nacked_after_the_commit_timeout() {
@@ -1329,17 +1332,56 @@ mod quorum_queues {
                 .unwrap();
             assert!(publish_one("with a majority").await.is_ack());
         });
+        let tx_publish = |body: &'static str| {
+            let conn = &conn;
+            async move {
+                let tx = conn.create_channel().await.unwrap();
+                tx.tx_select().await.unwrap();
+                tx.basic_publish(
+                    "".into(),
+                    "alone".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+                tokio::time::timeout(WAIT, tx.tx_commit()).await.unwrap()
+            }
+        };
+        rt.block_on(async {
+            tx_publish("committed with a majority").await.unwrap();
+        });
         c.kill9(1);
         c.kill9(2);
         rt.block_on(async {
             // Stalls, then fails: a nack, not an ack, after the timeout and
-            // well within it plus a margin for a loaded machine.
-            let started = Instant::now();
-            let answer = publish_one("in the minority").await;
-            let waited = started.elapsed();
+            // well within it plus a margin for a loaded machine. A transaction
+            // committed at the same time gets no commit-ok: its channel is
+            // closed once the timeout passes.
+            let ((answer, waited), (committed, commit_waited)) = tokio::join!(
+                async {
+                    let started = Instant::now();
+                    (publish_one("in the minority").await, started.elapsed())
+                },
+                async {
+                    let started = Instant::now();
+                    (
+                        tx_publish("committed in the minority").await,
+                        started.elapsed(),
+                    )
+                }
+            );
             assert!(answer.is_nack(), "confirmed without a majority: {answer:?}");
-            assert!(waited >= TIMEOUT - Duration::from_millis(100), "{waited:?}");
-            assert!(waited < TIMEOUT + Duration::from_secs(10), "{waited:?}");
+            let error = committed.expect_err("tx.commit-ok without a majority");
+            assert!(
+                format!("{error:?}").contains("partial tx completion"),
+                "{error:?}"
+            );
+            for waited in [waited, commit_waited] {
+                assert!(waited >= TIMEOUT - Duration::from_millis(100), "{waited:?}");
+                assert!(waited < TIMEOUT + Duration::from_secs(10), "{waited:?}");
+            }
             // Still no majority: refused at once, not queued.
             let started = Instant::now();
             assert!(publish_one("refused").await.is_nack());

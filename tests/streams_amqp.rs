@@ -384,6 +384,45 @@ async fn filtering_delivers_only_what_was_asked_for() {
     conn.close(200, "bye".into()).await.unwrap();
 }
 
+/// tx.commit-ok promises the transaction's messages are safe: for a stream
+/// it comes once the stream's log has committed them (as a confirm does),
+/// and they are all there, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_committed_once_the_stream_has_its_messages() {
+    let broker = start_broker().await;
+    let (conn, ch) = connect(&broker.amqp_url()).await;
+    declare_stream(&ch, "ledger", &[]).await;
+    ch.tx_select().await.unwrap();
+    for round in 0..2 {
+        for b in ["debit", "credit"] {
+            ch.basic_publish(
+                "".into(),
+                "ledger".into(),
+                BasicPublishOptions::default(),
+                format!("{b}-{round}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        }
+        timeout(WAIT, ch.tx_commit())
+            .await
+            .expect("commit-ok in time")
+            .unwrap();
+        assert_eq!(stream_count(&ch, "ledger").await, 2 * (round + 1));
+    }
+    let c = conn.create_channel().await.unwrap();
+    c.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let mut reader = consume(&c, "ledger", "reader", &[("x-stream-offset", s("first"))]).await;
+    let bodies: Vec<String> = take(&mut reader, 4)
+        .await
+        .into_iter()
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(bodies, ["debit-0", "credit-0", "debit-1", "credit-1"]);
+    conn.close(200, "bye".into()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_offsets_resume_where_the_consumer_acked() {
     let broker = start_broker().await;

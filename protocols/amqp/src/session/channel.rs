@@ -133,6 +133,14 @@ enum TxOp {
     },
 }
 
+/// A tx.commit whose commit-ok waits: for the store to sync what it
+/// published to durable queues, and for the stream and quorum queue logs it
+/// reached to commit it.
+struct PendingCommit {
+    durable_at: u64,
+    waits: Vec<StreamWait>,
+}
+
 pub(crate) struct Channel {
     id: u16,
     closing: bool,
@@ -162,8 +170,8 @@ pub(crate) struct Channel {
     /// `x-overflow` reject-publish, or a quorum queue's commit timed out), in
     /// order; sent in sequence with the acks.
     nacks: VecDeque<u64>,
-    /// tx.commit-ok replies held until the store has synced this position.
-    commits_awaiting_sync: VecDeque<u64>,
+    /// tx.commit-ok replies held until their messages are safe, in order.
+    commits_awaiting: VecDeque<PendingCommit>,
     tx: Option<Vec<TxOp>>,
     /// The last queue declared: what an empty queue name refers to.
     last_queue: Option<String>,
@@ -196,7 +204,7 @@ impl Channel {
             awaiting_sync: VecDeque::new(),
             awaiting_streams: VecDeque::new(),
             nacks: VecDeque::new(),
-            commits_awaiting_sync: VecDeque::new(),
+            commits_awaiting: VecDeque::new(),
             tx: None,
             last_queue: None,
             reply_to: None,
@@ -481,23 +489,46 @@ impl Channel {
     /// Whether confirms wait for the store to sync.
     pub(crate) fn awaits_sync(&self) -> bool {
         !self.awaiting_sync.is_empty()
-            || !self.commits_awaiting_sync.is_empty()
+            || !self.commits_awaiting.is_empty()
             || !self.awaiting_streams.is_empty()
+    }
+
+    /// Sends the commit-oks earned so far, in order: a commit is answered once
+    /// the store has synced `synced` past what it published to durable
+    /// queues and every stream or quorum queue it reached has committed it.
+    /// Returns the error that closes the channel when a commit failed (a
+    /// quorum queue could not commit it in time).
+    pub(crate) fn flush_commits(
+        &mut self,
+        out: &mut BytesMut,
+        synced: u64,
+    ) -> Result<(), MethodError> {
+        while let Some(commit) = self.commits_awaiting.front() {
+            if commit.durable_at > synced {
+                break;
+            }
+            match StreamWait::state_of_all(&commit.waits) {
+                WaitState::Pending => break,
+                WaitState::Done => {}
+                WaitState::Failed => {
+                    // RabbitMQ's answer when a queue rejects part of a
+                    // committed transaction: some of it may have been
+                    // enqueued, so neither commit-ok nor a silent loss.
+                    self.commits_awaiting.clear();
+                    return Err(MethodError::precondition("partial tx completion"));
+                }
+            }
+            self.commits_awaiting.pop_front();
+            if !self.closing {
+                codec::encode_method(out, self.id, &Method::from(codec::TxCommitOk {}));
+            }
+        }
+        Ok(())
     }
 
     /// Sends the confirms earned so far in one basic.ack: every publish up to the
     /// first one whose store position is beyond `synced`.
     pub(crate) fn flush_confirms(&mut self, out: &mut BytesMut, synced: u64) {
-        while self
-            .commits_awaiting_sync
-            .front()
-            .is_some_and(|&at| at <= synced)
-        {
-            self.commits_awaiting_sync.pop_front();
-            if !self.closing {
-                codec::encode_method(out, self.id, &Method::from(codec::TxCommitOk {}));
-            }
-        }
         while self
             .awaiting_sync
             .front()
@@ -884,12 +915,18 @@ impl Channel {
                     .tx
                     .replace(Vec::new())
                     .ok_or_else(|| MethodError::precondition("channel is not transactional"))?;
-                let mut durable_at = 0;
+                let mut commit = PendingCommit {
+                    durable_at: 0,
+                    waits: Vec::new(),
+                };
                 for op in ops {
                     match op {
                         TxOp::Publish { message, mandatory } => {
                             let routed = self.route(ctx, message, mandatory)?;
-                            durable_at = durable_at.max(routed.durable_at);
+                            commit.durable_at = commit.durable_at.max(routed.durable_at);
+                            if !routed.streams_done() {
+                                commit.waits.extend(routed.streams);
+                            }
                         }
                         TxOp::Settle {
                             tag,
@@ -898,9 +935,14 @@ impl Channel {
                         } => self.settle(ctx.vhost, tag, multiple, requeue)?,
                     }
                 }
-                if durable_at > 0 {
-                    // commit-ok promises the messages are safe: wait for the sync.
-                    self.commits_awaiting_sync.push_back(durable_at);
+                if commit.durable_at > 0
+                    || !commit.waits.is_empty()
+                    || !self.commits_awaiting.is_empty()
+                {
+                    // commit-ok promises the messages are safe: wait for the
+                    // store's sync and the logs' commits (a quorum queue's
+                    // majority), answering commits in order.
+                    self.commits_awaiting.push_back(commit);
                 } else {
                     ctx.send(id, codec::TxCommitOk {});
                 }

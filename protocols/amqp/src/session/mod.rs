@@ -1178,9 +1178,19 @@ impl Session {
             return;
         }
         let synced = self.synced.as_ref().map_or(u64::MAX, |rx| *rx.borrow());
-        for ch in self.channels.values_mut() {
+        let mut failed = Vec::new();
+        for (&id, ch) in &mut self.channels {
             ch.flush_confirms(&mut self.out, synced);
+            if let Err(e) = ch.flush_commits(&mut self.out, synced) {
+                failed.push((id, e));
+            }
             ch.publish_state();
+        }
+        let commit = Method::from(codec::TxCommit {});
+        for (id, e) in failed {
+            if let Err(e) = self.method_result(id, Err(e), commit.class_id(), commit.method_id()) {
+                self.close_connection(e);
+            }
         }
     }
 
