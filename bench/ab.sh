@@ -13,6 +13,8 @@
 # a temporary data directory, and is stopped after its run.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
 a="$1" b="$2" rounds="${3:-3}" duration="${4:-10}" args="${5:--x 1 -y 1}"
 perf="${PERF:-$repo/target/release/switchyard-perf}"
 tmp="$(mktemp -d)"
@@ -24,13 +26,10 @@ port=$((20000 + RANDOM % 20000))
 run() {
     local bin="$1" label="$2" config="$3"
     rm -rf "$tmp/data" "$tmp/ready.json"
-    sed -e "s#^data_dir = .*#data_dir = \"$tmp/data\"#" \
-        -e "s#^amqp = .*#amqp = \"127.0.0.1:$port\"#" \
-        -e "s#^\(mqtt\|mqtt_ws\|stomp\|stomp_ws\|management\|prometheus\) = .*#\1 = \"127.0.0.1:0\"#" \
-        "$config" >"$tmp/sy.toml"
+    sy_config "$config" "$tmp/sy.toml" "$tmp/data" amqp="\"127.0.0.1:$port\""
     "$bin" --config "$tmp/sy.toml" --ready-file "$tmp/ready.json" >"$tmp/sy.log" 2>&1 &
     pid=$!
-    for _ in $(seq 100); do [[ -s "$tmp/ready.json" ]] && break; sleep 0.1; done
+    sy_wait_ready "$tmp/ready.json" "$tmp/sy.log"
     # shellcheck disable=SC2086 # word splitting of the argument list is wanted
     "$perf" --protocol amqp --port "$port" --broker-pid "$pid" $args -z "$duration" --quiet --json \
         --label "$label" >>"$tmp/results.jsonl"

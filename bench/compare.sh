@@ -20,6 +20,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
 
 ROUNDS="${ROUNDS:-3}"
 DURATION="${DURATION:-10}"
@@ -76,20 +78,15 @@ sy_pid="" rb_pid="" mq_pid=""
 
 start_switchyard() {
     rm -rf "$tmp/sy-data"
-    sed -e "s#^data_dir = .*#data_dir = \"$tmp/sy-data\"#" \
-        -e "s#^amqp = .*#amqp = \"127.0.0.1:$SY_AMQP\"#" \
-        -e "s#^mqtt = .*#mqtt = \"127.0.0.1:$SY_MQTT\"#" \
-        -e "s#^mqtt_ws = .*#mqtt_ws = \"127.0.0.1:$SY_MQTT_WS\"#" \
-        -e "s#^stomp = .*#stomp = \"127.0.0.1:$SY_STOMP\"#" \
-        -e "s#^stomp_ws = .*#stomp_ws = \"127.0.0.1:$SY_STOMP_WS\"#" \
-        -e "s#^stream = .*#stream = \"127.0.0.1:$SY_STREAM\"#" \
-        ${WATERMARK:+-e "s#^memory_high_watermark_bytes = .*#memory_high_watermark_bytes = $WATERMARK#"} \
-        config.toml >"$tmp/switchyard.toml"
+    sy_config config.toml "$tmp/switchyard.toml" "$tmp/sy-data" \
+        amqp="\"127.0.0.1:$SY_AMQP\"" mqtt="\"127.0.0.1:$SY_MQTT\"" \
+        mqtt_ws="\"127.0.0.1:$SY_MQTT_WS\"" stomp="\"127.0.0.1:$SY_STOMP\"" \
+        stomp_ws="\"127.0.0.1:$SY_STOMP_WS\"" stream="\"127.0.0.1:$SY_STREAM\"" \
+        ${WATERMARK:+memory_high_watermark_bytes="$WATERMARK"}
     rm -f "$tmp/sy-ready.json"
     "$SY_BIN" --config "$tmp/switchyard.toml" --ready-file "$tmp/sy-ready.json" >"$tmp/switchyard.log" 2>&1 &
     sy_pid=$!
-    for _ in $(seq 100); do [[ -s "$tmp/sy-ready.json" ]] && return 0; sleep 0.1; done
-    log "Switchyard did not start:"; tail "$tmp/switchyard.log" >&2; return 1
+    sy_wait_ready "$tmp/sy-ready.json" "$tmp/switchyard.log"
 }
 stop_switchyard() {
     [[ -n "$sy_pid" ]] || return 0

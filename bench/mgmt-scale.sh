@@ -28,6 +28,8 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
 
 QUEUES="${QUEUES:-10000}"
 ROUNDS="${ROUNDS:-5}"
@@ -73,16 +75,11 @@ cleanup() {
 trap cleanup EXIT
 
 # ---------------------------------------------------------------- Switchyard
-sed -e "s#^data_dir = .*#data_dir = \"$tmp/sy-data\"#" \
-    -e "s#^amqp = .*#amqp = \"127.0.0.1:$SY_AMQP\"#" \
-    -e "s#^management = .*#management = \"127.0.0.1:$SY_MGMT\"#" \
-    -e "s#^prometheus = .*#prometheus = \"127.0.0.1:$SY_PROM\"#" \
-    -e "s#^\(mqtt\|mqtt_ws\|stomp\|stomp_ws\) = .*#\1 = \"127.0.0.1:0\"#" \
-    config.toml >"$tmp/switchyard.toml"
+sy_config config.toml "$tmp/switchyard.toml" "$tmp/sy-data" amqp="\"127.0.0.1:$SY_AMQP\"" \
+    management="\"127.0.0.1:$SY_MGMT\"" prometheus="\"127.0.0.1:$SY_PROM\""
 "$SY_BIN" --config "$tmp/switchyard.toml" --ready-file "$tmp/sy-ready.json" >"$tmp/switchyard.log" 2>&1 &
 sy_pid=$!
-for _ in $(seq 100); do [[ -s "$tmp/sy-ready.json" ]] && break; sleep 0.1; done
-[[ -s "$tmp/sy-ready.json" ]] || { log "Switchyard did not start"; tail "$tmp/switchyard.log" >&2; exit 1; }
+sy_wait_ready "$tmp/sy-ready.json" "$tmp/switchyard.log"
 
 # ---------------------------------------------------------------- RabbitMQ
 mkdir -p "$tmp/rabbit/log" "$tmp/rabbit/mnesia"

@@ -14,6 +14,8 @@
 # buffer).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+source "$repo/bench/lib.sh"
 bin="${1:-$repo/target/release/switchyard}"
 perf="${PERF:-$repo/target/release/switchyard-perf}"
 tmp="$(mktemp -d)"
@@ -33,15 +35,11 @@ kb() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$pid/status"; }
 run() {
     local max_queued="$1"
     rm -rf "$tmp/data" "$tmp/ready.json"
-    sed -e "s#^data_dir = .*#data_dir = \"$tmp/data\"#" \
-        -e "s#^mqtt = .*#mqtt = \"127.0.0.1:$port\"#" \
-        -e "s#^\(amqp\|mqtt_ws\|stomp\|stomp_ws\|stream\|management\|prometheus\) = .*#\1 = \"127.0.0.1:0\"#" \
-        -e "s#^memory_high_watermark_bytes = .*#memory_high_watermark_bytes = $watermark#" \
-        -e "s#^max_queued_messages = .*#max_queued_messages = $max_queued#" \
-        "$repo/config.toml" >"$tmp/sy.toml"
+    sy_config "$repo/config.toml" "$tmp/sy.toml" "$tmp/data" mqtt="\"127.0.0.1:$port\"" \
+        memory_high_watermark_bytes="$watermark" max_queued_messages="$max_queued"
     "$bin" --config "$tmp/sy.toml" --ready-file "$tmp/ready.json" >"$tmp/broker.log" 2>&1 &
     pid=$!
-    for _ in $(seq 100); do [[ -s "$tmp/ready.json" ]] && break; sleep 0.1; done
+    sy_wait_ready "$tmp/ready.json" "$tmp/broker.log"
     sleep 1
     python3 - "$port" <<'PY' &
 import socket, sys, time
