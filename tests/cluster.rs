@@ -1310,19 +1310,22 @@ mod quorum_queues {
         });
         known_everywhere(&c, "alone");
         quorum_leader(&c, &[0, 1, 2], "alone");
+        /// A persistent message to `alone`; its confirm, if the channel has confirms on.
+        async fn publish_alone(ch: &Channel, body: &str) -> lapin::PublisherConfirm {
+            ch.basic_publish(
+                "".into(),
+                "alone".into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+        }
         let publish_one = |body: &'static str| {
             let ch = ch.clone();
             async move {
-                let confirm = ch
-                    .basic_publish(
-                        "".into(),
-                        "alone".into(),
-                        BasicPublishOptions::default(),
-                        body.as_bytes(),
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await
-                    .unwrap();
+                let confirm = publish_alone(&ch, body).await;
                 tokio::time::timeout(WAIT, confirm).await.unwrap().unwrap()
             }
         };
@@ -1337,15 +1340,7 @@ mod quorum_queues {
             async move {
                 let tx = conn.create_channel().await.unwrap();
                 tx.tx_select().await.unwrap();
-                tx.basic_publish(
-                    "".into(),
-                    "alone".into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap();
+                publish_alone(&tx, body).await;
                 tokio::time::timeout(WAIT, tx.tx_commit()).await.unwrap()
             }
         };
