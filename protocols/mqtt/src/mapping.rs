@@ -292,17 +292,22 @@ pub fn to_core(
     now_ms: u64,
 ) -> Arc<Message> {
     let p = m.properties;
+    // Correlation data that is a short UTF-8 string is the correlation-id
+    // property; any other is kept whole in a header.
+    let (correlation_id, correlation_header) = match p.correlation_data {
+        Some(cd) => match std::str::from_utf8(&cd) {
+            Ok(s) if s.len() < 256 => (Some(s.to_owned()), None),
+            _ => (None, Some(cd)),
+        },
+        None => (None, None),
+    };
     // Exactly the room the headers below take: a table grown by pushing has
     // room for 4, which `Props::from` would then shrink with a realloc on
     // every PUBLISH.
-    let correlation_header = p
-        .correlation_data
-        .as_ref()
-        .is_some_and(|cd| !std::str::from_utf8(cd).is_ok_and(|s| s.len() < 256));
     let entries = 1
         + usize::from(m.retain)
         + usize::from(p.response_topic.is_some())
-        + usize::from(correlation_header)
+        + usize::from(correlation_header.is_some())
         + usize::from(p.payload_format_indicator.is_some())
         + p.user_properties.len();
     let mut headers = FieldTable(Vec::with_capacity(entries));
@@ -316,12 +321,8 @@ pub fn to_core(
             FieldValue::string(topic_to_key(rt, lossless)),
         );
     }
-    let mut correlation_id = None;
-    if let Some(cd) = p.correlation_data {
-        match std::str::from_utf8(&cd) {
-            Ok(s) if s.len() < 256 => correlation_id = Some(s.to_owned()),
-            _ => headers.insert(HEADER_CORRELATION_ID, FieldValue::LongStr(cd)),
-        }
+    if let Some(cd) = correlation_header {
+        headers.insert(HEADER_CORRELATION_ID, FieldValue::LongStr(cd));
     }
     if let Some(pfi) = p.payload_format_indicator {
         headers.insert(HEADER_PAYLOAD_FORMAT, FieldValue::U8(pfi));

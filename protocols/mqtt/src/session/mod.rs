@@ -483,14 +483,17 @@ impl Session {
     /// a filter for read) on the MQTT exchange; the refusal text is RabbitMQ's.
     fn topic_refusal(&self, topic: &str, access: Access) -> Option<String> {
         let (rules, vhost) = self.topic_rules.as_ref().zip(self.vhost.as_ref())?;
-        let key = match access {
-            Access::Write => String::from(mapping::topic_to_key(topic, self.lossless)),
-            _ => mapping::filter_to_key(topic, self.lossless),
+        let refusal = |key: &str| {
+            rules
+                .authorize(vhost, &self.settings.exchange, access, key)
+                .err()
+                .map(|e| e.text)
         };
-        rules
-            .authorize(vhost, &self.settings.exchange, access, &key)
-            .err()
-            .map(|e| e.text)
+        match access {
+            // A publish's key is built inline (no allocation per message).
+            Access::Write => refusal(&mapping::topic_to_key(topic, self.lossless)),
+            _ => refusal(&mapping::filter_to_key(topic, self.lossless)),
+        }
     }
 
     /// Decodes and handles every complete packet in `input`.
